@@ -1,0 +1,147 @@
+"""Engine configuration: plain dataclasses that validate themselves on construction."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "half": torch.float16}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
+               "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None, allow_none: bool = False) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an int in [low, high]."""
+    if value is None and allow_none:
+        return
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def parse_size(name: str, value: int | str) -> int:
+    """Bytes from an int or a string like '4GiB', '512 MiB', '2G'."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        check_int(name, value, 1)
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"{name} must be a byte count like 4GiB, 512MiB or 1073741824, got {value!r}")
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    check_int(name, size, 1)
+    return size
+
+
+def resolve_dtype(value: str | torch.dtype) -> torch.dtype | None:
+    """A torch dtype for a user's dtype name; None for 'auto'."""
+    if isinstance(value, torch.dtype):
+        if value not in DTYPES.values():
+            raise ValueError(f"dtype {value} is not supported; allowed: {', '.join(DTYPES)}")
+        return value
+    if value not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}")
+    return DTYPES[value]
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = None            # None: the default model (SmolLM2-135M-Instruct GGUF)
+    tokenizer: str | None = None
+    dtype: str | torch.dtype = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    quantization: str | None = None
+    chat_template: str | None = None
+
+    def __post_init__(self):
+        self.torch_dtype = resolve_dtype(self.dtype)
+        check_int("max_model_len", self.max_model_len, 1, allow_none=True)
+        check_int("seed", self.seed, 0)
+        if self.quantization not in (None, "gguf"):
+            raise ValueError(f"quantization {self.quantization!r} is not supported yet; allowed: None, 'gguf' "
+                             "(GGUF files are dequantized at load)")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int | str | None = None   # None: the platform's default budget
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = False
+
+    def __post_init__(self):
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size!r}")
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_size("kv_cache_memory", self.kv_cache_memory)
+        check_int("num_gpu_blocks_override", self.num_gpu_blocks_override, 1, allow_none=True)
+        if self.enable_prefix_caching:
+            raise ValueError("enable_prefix_caching=True is not supported yet; pass enable_prefix_caching=False")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int | None = None   # None: 2048, or max_model_len without chunked prefill
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self):
+        check_int("max_num_seqs", self.max_num_seqs, 1)
+        check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, allow_none=True)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+    def __post_init__(self):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            check_int(name, getattr(self, name), 1)
+            if getattr(self, name) != 1:
+                raise ValueError(f"{name}={getattr(self, name)} is not supported yet; allowed: 1")
+
+
+@dataclass
+class DeviceConfig:
+    device: str | None = None           # a platform name; None: KVSERVE_PLATFORM or the best available
+    enforce_eager: bool = False
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    speculative_config: dict | None = None
+
+    def __post_init__(self):
+        if self.speculative_config is not None:
+            raise ValueError("speculative_config is not supported yet; pass speculative_config=None")
+
+    def finalize(self, model_max_len: int) -> None:
+        """Fill in limits that depend on the loaded model."""
+        model_cfg, sched = self.model, self.scheduler
+        if model_cfg.max_model_len is None:
+            model_cfg.max_model_len = model_max_len
+        elif model_cfg.max_model_len > model_max_len:
+            raise ValueError(f"max_model_len={model_cfg.max_model_len} exceeds the model's context "
+                             f"length {model_max_len}; allowed: 1..{model_max_len}")
+        if sched.max_num_batched_tokens is None:
+            sched.max_num_batched_tokens = 2048 if sched.enable_chunked_prefill else max(2048, model_cfg.max_model_len)
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < model_cfg.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={sched.max_num_batched_tokens} is smaller than "
+                             f"max_model_len={model_cfg.max_model_len}; without chunked prefill a whole prompt "
+                             "must fit in one step: raise max_num_batched_tokens or enable chunked prefill")
+        if sched.max_num_batched_tokens < sched.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={sched.max_num_batched_tokens} must be >= "
+                             f"max_num_seqs={sched.max_num_seqs}, so every running sequence can decode each step")

@@ -1,0 +1,134 @@
+"""Builds the model and its paged KV cache on the platform's device, and runs one scheduled step."""
+from __future__ import annotations
+
+import torch
+
+from kvserve.core.config import EngineConfig
+from kvserve.core.engine.scheduler import ScheduledBatch
+from kvserve.core.engine.sequence import Sequence
+from kvserve.core.layers.attention import Attention
+from kvserve.core.layers.ops import Ops
+from kvserve.core.layers.sampler import SamplingBatch, sample
+from kvserve.core.loader.model_loader import Checkpoint
+from kvserve.core.loader.weights import load_weights
+from kvserve.plugins.interfaces import AttentionSpec, StepLayout
+from kvserve.plugins.manager import Platform
+
+
+def choose_dtype(config: EngineConfig, checkpoint: Checkpoint, platform: Platform) -> torch.dtype:
+    info = platform.info
+    requested = config.model.torch_dtype
+    if requested is not None:
+        if requested not in info.supported_dtypes:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in info.supported_dtypes)
+            raise ValueError(f"dtype {requested} is not supported by platform {info.name!r}; allowed: {allowed}")
+        return requested
+    native = getattr(checkpoint.hf_config, "torch_dtype", None) if not checkpoint.is_gguf else None
+    return native if native in info.supported_dtypes else info.default_dtype
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, platform: Platform, checkpoint: Checkpoint, model_cls: type):
+        self.config = config
+        self.device = platform.device
+        self.dtype = choose_dtype(config, checkpoint, platform)
+        hf_config = checkpoint.hf_config
+        self.vocab_size = hf_config.vocab_size
+        with torch.device("meta"):   # no time spent initializing weights the checkpoint replaces
+            model = model_cls(hf_config, Ops(platform.ops()))
+        model.to_empty(device=self.device)
+        load_weights(model, checkpoint.weights())
+        self.model = model.to(self.dtype).eval()
+
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        block_size = config.cache.block_size
+        first = layers[0]
+        self.spec = AttentionSpec(first.num_heads, first.num_kv_heads, first.head_size, self.dtype, block_size,
+                                  getattr(self.model, "sliding_window", None))
+        self.backend = platform.attention_backend(self.spec)(self.spec, self.device)
+        self.num_blocks = self._count_blocks(len(layers), platform)
+        shape = self.backend.kv_cache_shape(self.num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_size)
+        self.kv_cache = torch.zeros((len(layers), *shape), dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(layers):
+            layer.backend, layer.kv_cache = self.backend, self.kv_cache[i]
+        self.graph_runner = platform.graph_runner(self.model, self.backend, config)
+        self.generators: dict[int, torch.Generator] = {}
+
+    def _count_blocks(self, num_layers: int, platform: Platform) -> int:
+        cache, spec = self.config.cache, self.spec
+        shape = self.backend.kv_cache_shape(1, spec.block_size, spec.num_kv_heads, spec.head_size)
+        block_bytes = num_layers * torch.Size(shape).numel() * self.dtype.itemsize
+        if cache.num_gpu_blocks_override is not None:
+            num_blocks = cache.num_gpu_blocks_override
+        else:
+            free = platform.memory_info().free_bytes
+            if cache.kv_cache_memory > free:
+                raise ValueError(f"kv_cache_memory={cache.kv_cache_memory} bytes exceeds the {free} bytes free "
+                                 f"on {platform.name}; lower kv_cache_memory")
+            num_blocks = cache.kv_cache_memory // block_bytes
+        self.kv_cache_bytes = num_blocks * block_bytes
+        max_len = self.config.model.max_model_len
+        if num_blocks * spec.block_size < max_len:
+            raise ValueError(f"the KV cache holds {num_blocks * spec.block_size} tokens ({num_blocks} blocks), "
+                             f"fewer than max_model_len={max_len}; raise kv_cache_memory (or "
+                             f"num_gpu_blocks_override) or lower max_model_len")
+        return num_blocks
+
+    def release(self, seq: Sequence) -> None:
+        self.generators.pop(seq.seq_id, None)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
+        """Run one step; returns the new token of every sequence whose step reached its last token."""
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        layout = StepLayout(query_lens=counts,
+                            seq_lens=[s.num_computed_tokens + n for s, n in zip(seqs, counts)],
+                            block_tables=[s.block_table for s in seqs], num_decodes=batch.num_decodes)
+        metadata = self.backend.build_metadata(layout)
+        token_ids = [t for s, n in zip(seqs, counts) for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n]]
+        input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        if self.graph_runner is not None and self.graph_runner.can_run(metadata, len(token_ids)):
+            hidden = self.graph_runner.run(input_ids, metadata.positions, metadata)
+        else:
+            hidden = self.model(input_ids, metadata.positions, metadata)
+
+        rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
+        if not rows:
+            return []
+        sampling_seqs = [seqs[i] for i in rows]
+        last_token = metadata.query_start_loc[1:][torch.tensor(rows, device=self.device)] - 1
+        logits = self.model.compute_logits(hidden[last_token]).float()
+        self._mask_stop_tokens_before_min(logits, sampling_seqs)
+        tokens = sample(logits, self._sampling_batch(sampling_seqs)).tolist()
+        return list(zip(sampling_seqs, tokens))
+
+    def _mask_stop_tokens_before_min(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        rows, cols = [], []
+        for row, seq in enumerate(seqs):
+            if seq.num_output_tokens < seq.params.min_tokens:
+                banned = seq.stop_token_ids
+                rows += [row] * len(banned)
+                cols += banned
+        if rows:
+            logits[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)] = float("-inf")
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        params = [s.params for s in seqs]
+        generators = {}
+        for row, seq in enumerate(seqs):
+            if seq.params.seed is not None and not seq.params.greedy:
+                if seq.seq_id not in self.generators:
+                    self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
+                generators[row] = self.generators[seq.seq_id]
+        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
+        return SamplingBatch(
+            temperatures=as_tensor([p.temperature for p in params], torch.float32),
+            top_k=as_tensor([max(p.top_k, 0) for p in params], torch.int64),
+            top_p=as_tensor([p.top_p for p in params], torch.float32),
+            min_p=as_tensor([p.min_p for p in params], torch.float32),
+            all_greedy=all(p.greedy for p in params),
+            use_top_k=any(p.top_k > 0 for p in params),
+            use_top_p=any(p.top_p < 1.0 for p in params),
+            use_min_p=any(p.min_p > 0.0 for p in params),
+            generators=generators,
+        )

@@ -1,0 +1,64 @@
+"""A request's tokens and progress, as the scheduler and block manager see them (no tensors)."""
+from __future__ import annotations
+
+from enum import Enum, auto
+from itertools import count
+
+from kvserve.core.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    _ids = count()
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int,
+                 eos_token_ids: list[int]):
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.eos_token_ids = [] if params.ignore_eos else list(eos_token_ids)
+        limit = max_model_len if params.max_tokens is None else self.num_prompt_tokens + params.max_tokens
+        self.max_total_tokens = min(limit, max_model_len)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.num_reserved_blocks = 0
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end this sequence: EOS (unless ignored) and the request's stop_token_ids."""
+        return self.eos_token_ids + list(self.params.stop_token_ids or [])
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason

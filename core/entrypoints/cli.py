@@ -1,0 +1,117 @@
+"""The ``kvserve`` command: generate, chat, plugins."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 4GiB (CPU default 4GiB)")
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--device", default=None, help="platform name (see `kvserve plugins`)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--sampling-seed", type=int, default=None)
+
+
+def build_llm(args):
+    from kvserve.core.entrypoints.llm import LLM
+
+    template = args.chat_template
+    if template is not None and not template.lstrip().startswith("{"):
+        with open(template) as f:
+            template = f.read()
+    return LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+               num_gpu_blocks_override=args.num_gpu_blocks_override,
+               enable_chunked_prefill=args.enable_chunked_prefill, device=args.device, seed=args.seed,
+               chat_template=template)
+
+
+def sampling_params(args):
+    from kvserve.core.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.sampling_seed)
+
+
+def cmd_generate(args) -> None:
+    params = sampling_params(args)
+    llm = build_llm(args)
+    for output in llm.generate(args.prompts, params, use_tqdm=len(args.prompts) > 1):
+        print(output.outputs[0].text)
+
+
+def cmd_chat(args) -> None:
+    params = sampling_params(args)
+    llm = build_llm(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("exit", "quit"):
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
+        messages.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+
+
+def cmd_plugins(args) -> None:
+    from kvserve.plugins.manager import PluginManager
+
+    manager = PluginManager()
+    rows = [(r.name, r.group, r.package, r.version, r.status) for r in manager.records]
+    header = ("NAME", "GROUP", "PACKAGE", "VERSION", "STATUS")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + row[4])
+    try:
+        print(f"\nselected platform: {manager.select_platform().name}")
+    except ValueError as exc:
+        print(f"\nno platform selected: {exc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvserve", description="LLM inference and serving engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="generate a completion for each prompt")
+    generate.add_argument("prompts", nargs="+")
+    chat = commands.add_parser("chat", help="chat with the model on stdin/stdout")
+    chat.add_argument("--system", default=None, help="a system message")
+    for sub in (generate, chat):
+        add_engine_args(sub)
+        add_sampling_args(sub)
+    commands.add_parser("plugins", help="list discovered plugins and the platform that would be used")
+    args = parser.parse_args(argv)
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "plugins": cmd_plugins}[args.command]
+    try:
+        handler(args)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

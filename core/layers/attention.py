@@ -1,0 +1,25 @@
+"""The attention layer: projects nothing itself, only hands q/k/v to the platform's backend."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvserve.plugins.interfaces import AttentionBackend, AttentionMetadata
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.scale = scale
+        self.backend: AttentionBackend | None = None   # bound by the model runner with the KV cache
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        out = self.backend.forward(q.view(-1, self.num_heads, self.head_size),
+                                   k.view(-1, self.num_kv_heads, self.head_size),
+                                   v.view(-1, self.num_kv_heads, self.head_size),
+                                   self.kv_cache, metadata, self.scale)
+        return out.reshape(-1, self.num_heads * self.head_size)

@@ -1,0 +1,59 @@
+"""Batched sampling: greedy, temperature, top-k, top-p and min-p, with per-request seeds.
+
+Random rows draw by the exponential-race trick (argmax of p / E with E ~ Exp(1)), which samples
+from p without a host sync; a seeded request draws its noise from its own generator so its
+output does not depend on what else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    temperatures: torch.Tensor          # [rows] float32; 0 means greedy
+    top_k: torch.Tensor                 # [rows] int64; 0 means off
+    top_p: torch.Tensor                 # [rows] float32; 1 means off
+    min_p: torch.Tensor                 # [rows] float32; 0 means off
+    all_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    use_min_p: bool
+    generators: dict[int, torch.Generator]   # row -> the request's own generator
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Token ids [rows] from float32 logits [rows, vocab]."""
+    greedy_tokens = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy_tokens
+    greedy_rows = batch.temperatures == 0
+    logits = logits / torch.where(greedy_rows, 1.0, batch.temperatures)[:, None]
+    if batch.use_top_k or batch.use_top_p:
+        logits = _top_k_top_p(logits, batch)
+    if batch.use_min_p:
+        probs = logits.softmax(dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * batch.min_p[:, None]
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in batch.generators.items():
+        noise[row].exponential_(generator=generator)
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(greedy_rows, greedy_tokens, sampled)
+
+
+def _top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    if batch.use_top_k:
+        k = torch.where(batch.top_k > 0, batch.top_k, vocab).clamp(max=vocab)
+        beyond_k = torch.arange(vocab, device=logits.device)[None, :] >= k[:, None]
+        sorted_logits = sorted_logits.masked_fill(beyond_k, float("-inf"))
+    if batch.use_top_p:
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before > batch.top_p[:, None], float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

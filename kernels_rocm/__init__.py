@@ -1,0 +1,1 @@
+"""Triton and HIP kernels for the ROCm platform."""

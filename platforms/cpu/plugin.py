@@ -1,0 +1,67 @@
+"""The CPU platform plugin."""
+from __future__ import annotations
+
+import torch
+
+from kvserve.plugins.hookspecs import hookimpl
+from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo
+
+DEFAULT_KV_CACHE_BYTES = 4 << 30
+
+def _meminfo() -> MemoryInfo:
+    fields = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            fields[key] = int(value.split()[0]) * 1024
+    return MemoryInfo(total_bytes=fields["MemTotal"], free_bytes=fields["MemAvailable"])
+
+@hookimpl
+def platform_detect() -> PlatformInfo:
+    isa = torch.backends.cpu.get_cpu_capability()
+    return PlatformInfo(name="cpu", device_type="cpu", priority=0, dist_backend="gloo",
+                        supported_dtypes=(torch.float32, torch.bfloat16, torch.float16),
+                        default_dtype=torch.float32,
+                        details={"isa": isa, "threads": str(torch.get_num_threads())})
+
+@hookimpl
+def platform_update_config(config) -> None:
+    cache = config.cache
+    if cache.kv_cache_memory is None:
+        cache.kv_cache_memory = min(DEFAULT_KV_CACHE_BYTES, _meminfo().free_bytes // 4)
+
+@hookimpl
+def platform_memory_info(device: torch.device) -> MemoryInfo:
+    return _meminfo()
+
+@hookimpl
+def platform_attention_backend(spec: AttentionSpec) -> type[AttentionBackend]:
+    from kvserve.platforms.cpu.attention import TorchPagedAttention
+
+    reasons = TorchPagedAttention.unsupported_reasons(spec)
+    if reasons:
+        raise ValueError(f"no CPU attention backend supports this model: {TorchPagedAttention.name}: "
+                         + "; ".join(reasons))
+    return TorchPagedAttention
+
+@hookimpl
+def platform_graph_runner(model, backend, config):
+    return None
+
+@hookimpl
+def platform_communicator(rank: int, world_size: int):
+    from kvserve.plugins.defaults import TorchDistributedCommunicator
+
+    return TorchDistributedCommunicator(rank, world_size, backend="gloo")
+
+@hookimpl
+def platform_ops() -> dict:
+    return {}
+
+@hookimpl
+def platform_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+@hookimpl
+def platform_synchronize(device: torch.device) -> None:
+    return None

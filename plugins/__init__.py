@@ -1,0 +1,4 @@
+"""The kvserve plugin contract: hookspecs, the interfaces they return, and discovery."""
+from kvserve.plugins.hookspecs import CONTRACT_VERSION, hookimpl
+
+__all__ = ["CONTRACT_VERSION", "hookimpl"]

@@ -1,0 +1,134 @@
+"""The kvserve plugin contract.
+
+Platform plugins (entry-point group ``kvserve.platforms``) implement the ``platform_*`` hooks;
+only the selected platform's implementations are called, except ``platform_detect``, which
+every platform answers. General plugins (group ``kvserve.plugins``) add models and
+quantization kernels; their ``register_*`` results are merged with every other plugin's.
+
+Hooks are grouped by phase: detection, configuration, execution resources, registration.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvserve.core.config import EngineConfig
+    from kvserve.plugins.interfaces import (AttentionBackend, AttentionSpec, Communicator, GraphRunner,
+                                            MemoryInfo, PlatformInfo, QuantKernel)
+
+PROJECT = "kvserve"
+CONTRACT_VERSION = 1
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- detection ---------------------------------------------------------------
+
+@hookspec
+def platform_detect() -> PlatformInfo | None:
+    """Say whether this platform's hardware is present, without starting the device.
+
+    Called on every platform plugin when the engine starts. Keep it cheap: import heavy
+    vendor modules inside the body, and report absence through
+    ``PlatformInfo.unavailable_reason`` rather than raising.
+
+    :return: this platform's facts, or None if the plugin is not a platform.
+    """
+
+
+# -- configuration -----------------------------------------------------------
+
+@hookspec(firstresult=True)
+def platform_update_config(config: EngineConfig) -> None:
+    """Validate and adjust the engine configuration for this platform before anything is built.
+
+    Fill in platform defaults (for instance the KV cache memory budget) and raise ValueError
+    naming the field and its allowed values when the platform cannot honour a setting.
+
+    :param config: the engine configuration, modified in place.
+    """
+
+
+@hookspec(firstresult=True)
+def platform_memory_info(device: torch.device) -> MemoryInfo:
+    """Report total and free memory of ``device`` in bytes, used to size the KV cache.
+
+    :param device: the device the engine runs on.
+    """
+
+
+# -- execution resources -----------------------------------------------------
+
+@hookspec(firstresult=True)
+def platform_attention_backend(spec: AttentionSpec) -> type[AttentionBackend]:
+    """Choose the attention backend class for a model's attention shape.
+
+    Raise ValueError listing every candidate backend and why it cannot run ``spec`` when
+    none can.
+
+    :param spec: head counts, head size, dtype, block size and sliding window of the model.
+    """
+
+
+@hookspec(firstresult=True)
+def platform_graph_runner(model: torch.nn.Module, backend: AttentionBackend,
+                          config: EngineConfig) -> GraphRunner | None:
+    """Capture the model into device graphs for replay, or return None to run eagerly.
+
+    :param model: the loaded model.
+    :param backend: the attention backend instance the model uses.
+    :param config: the engine configuration (``enforce_eager`` asks for None).
+    """
+
+
+@hookspec(firstresult=True)
+def platform_communicator(rank: int, world_size: int) -> Communicator:
+    """Build the communicator for collectives between the ranks of one model replica.
+
+    :param rank: this process's rank.
+    :param world_size: the number of ranks.
+    """
+
+
+@hookspec(firstresult=True)
+def platform_ops() -> dict[str, Callable[..., Any]]:
+    """Return fused implementations of named ops that replace the torch references in
+    ``kvserve.core.layers.ops`` (``rms_norm``, ``add_rms_norm``, ``silu_and_mul``,
+    ``rotary_embedding``). Names not returned keep the reference; unknown names are an error.
+    """
+
+
+@hookspec(firstresult=True)
+def platform_seed(seed: int) -> None:
+    """Seed every random generator of this platform's devices.
+
+    :param seed: the engine seed.
+    """
+
+
+@hookspec(firstresult=True)
+def platform_synchronize(device: torch.device) -> None:
+    """Block until all work queued on ``device`` has finished.
+
+    :param device: the device the engine runs on.
+    """
+
+
+# -- registration (merged from every plugin) ---------------------------------
+
+@hookspec
+def register_models() -> dict[str, type[torch.nn.Module]]:
+    """Add model classes, keyed by the Hugging Face ``architectures`` name they implement.
+
+    A name already registered by kvserve or another plugin is an error.
+    """
+
+
+@hookspec
+def register_quant_kernels() -> list[QuantKernel]:
+    """Add quantized matmul kernels, one per checkpoint format this plugin accelerates."""

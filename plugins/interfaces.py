@@ -1,0 +1,187 @@
+"""Types that platform plugins return to the engine.
+
+Static facts are dataclass fields; behaviour is a method. Everything here is
+device-neutral: a platform fills these in with its own tensors and kernels.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class PlatformInfo:
+    """What a platform plugin reports about itself from ``platform_detect``.
+
+    :param name: short name users select with ``KVSERVE_PLATFORM`` / ``--device``.
+    :param device_type: the torch device type its tensors live on (``"cpu"``, ``"cuda"``, ...).
+    :param priority: the highest-priority available platform is chosen by default.
+    :param dist_backend: the torch.distributed backend for its communicator (``"gloo"``, ``"nccl"``, ...).
+    :param supported_dtypes: model dtypes it can run.
+    :param default_dtype: the dtype used when the user asks for ``"auto"`` and the checkpoint says nothing usable.
+    :param unavailable_reason: empty when the hardware is present; otherwise why it cannot be used.
+    :param details: free-form facts shown by ``kvserve plugins`` (device name, optional kernels found, ...).
+    """
+
+    name: str
+    device_type: str
+    priority: int = 0
+    dist_backend: str = "gloo"
+    supported_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    default_dtype: torch.dtype = torch.float32
+    unavailable_reason: str = ""
+    details: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def available(self) -> bool:
+        return not self.unavailable_reason
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    """Device memory in bytes, as the platform sees it now."""
+
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What a model layer asks of an attention backend."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    dtype: torch.dtype
+    block_size: int
+    sliding_window: int | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's batch layout, built once per step by the backend and passed to every layer.
+
+    Sequences are ordered decodes first: the first ``num_decodes`` sequences have one query token.
+    Tensors live on the device; the ``max_*`` and ``num_*`` fields are host integers.
+    """
+
+    positions: torch.Tensor         # [num_tokens] position of each new token in its sequence
+    slot_mapping: torch.Tensor      # [num_tokens] cache slot (block * block_size + offset) of each new token
+    query_start_loc: torch.Tensor   # [num_seqs + 1] offsets of each sequence's tokens in the flat batch
+    seq_lens: torch.Tensor          # [num_seqs] tokens in context after this step, new ones included
+    block_tables: torch.Tensor      # [num_seqs, max_blocks] physical block ids, padded with 0
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+
+
+@dataclass
+class StepLayout:
+    """The host-side description of a step from which a backend builds its metadata."""
+
+    query_lens: list[int]           # new tokens of each sequence this step
+    seq_lens: list[int]             # tokens in context after this step
+    block_tables: list[list[int]]
+    num_decodes: int
+
+
+class AttentionBackend(ABC):
+    """Paged attention for one platform: stores new keys/values in the cache and attends over it."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
+        """Every reason this backend cannot run ``spec``; empty when it can."""
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+        """Shape of one layer's cache tensor; index 0 selects keys (0) or values (1)."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    def __init__(self, spec: AttentionSpec, device: torch.device):
+        self.spec = spec
+        self.device = device
+
+    def build_metadata(self, layout: StepLayout) -> AttentionMetadata:
+        """Turn the host-side layout into device tensors, once per step."""
+        max_blocks = max((len(t) for t in layout.block_tables), default=0)
+        tables = [t + [0] * (max_blocks - len(t)) for t in layout.block_tables]
+        as_tensor = lambda data: torch.tensor(data, dtype=torch.int64, device=self.device)  # noqa: E731
+        query_lens, seq_lens = as_tensor(layout.query_lens), as_tensor(layout.seq_lens)
+        block_tables = as_tensor(tables).view(len(tables), max_blocks)
+        query_start_loc = torch.nn.functional.pad(query_lens.cumsum(0), (1, 0))
+        num_tokens = sum(layout.query_lens)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(tables), device=self.device), query_lens,
+                                               output_size=num_tokens)
+        positions = (torch.arange(num_tokens, device=self.device) - query_start_loc[seq_of_token]
+                     + (seq_lens - query_lens)[seq_of_token])
+        block_size = self.spec.block_size
+        slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        return AttentionMetadata(
+            positions=positions,
+            slot_mapping=slot_mapping,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            num_decodes=layout.num_decodes,
+            max_query_len=max(layout.query_lens, default=0),
+            max_seq_len=max(layout.seq_lens, default=0),
+        )
+
+    @abstractmethod
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Write ``key``/``value`` ([tokens, kv_heads, head]) into ``kv_cache`` at ``metadata.slot_mapping``,
+        then attend causally from ``query`` ([tokens, heads, head]) over each sequence's cached context.
+        Returns [tokens, heads, head]."""
+
+
+class GraphRunner(ABC):
+    """Replays captured device graphs for the shapes it captured; the engine runs eagerly otherwise."""
+
+    @abstractmethod
+    def can_run(self, metadata: AttentionMetadata, num_tokens: int) -> bool:
+        """Whether this step's shape has a captured graph."""
+
+    @abstractmethod
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Run the model for this step through a captured graph; returns hidden states."""
+
+
+class Communicator(ABC):
+    """Collectives between the ranks of one model replica."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank = rank
+        self.world_size = world_size
+
+    @abstractmethod
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all ranks."""
+
+    @abstractmethod
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along ``dim``."""
+
+    @abstractmethod
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Copy rank ``src``'s ``tensor`` to every rank."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+
+@dataclass(frozen=True)
+class QuantKernel:
+    """A quantized matmul a platform provides for one checkpoint format."""
+
+    method: str                         # e.g. "gptq", "awq", "fp8"
+    apply: Callable[..., torch.Tensor]  # (x, packed weights..., bias) -> y
+    supported_bits: tuple[int, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)

