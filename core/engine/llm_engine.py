@@ -33,13 +33,13 @@ class LLMEngine:
         self.config = config
         checkpoint = Checkpoint.open(config.model.model)
         self.plugins = plugins or PluginManager()
+        model_cls = resolve_model_class(checkpoint.hf_config, self.plugins.models())
         self.platform = self.plugins.select_platform(config.device.device)
         self.platform.update_config(config)
         config.finalize(checkpoint.max_model_len)
         self.platform.seed(config.model.seed)
         self.tokenizer = checkpoint.tokenizer(config.model.tokenizer)
         self.eos_token_ids = checkpoint.eos_token_ids or [self.tokenizer.eos_token_id]
-        model_cls = resolve_model_class(checkpoint.hf_config, self.plugins.models())
         self.runner = ModelRunner(config, self.platform, checkpoint, model_cls)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config, self.block_manager)

@@ -1,0 +1,104 @@
+"""Bad input is a clear error naming what is wrong, raised before any work, harming no other request."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvserve import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    return LLM(tiny_model("llama-tied-gqa"), dtype="float32", kv_cache_memory="8MiB", max_model_len=64)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(min_p=1.5), "min_p must be in [0, 1]"),
+    (dict(max_tokens=0), "max_tokens must be >= 1"),
+    (dict(max_tokens=4, min_tokens=5), "min_tokens must be in [0, 4]"),
+    (dict(seed=-1), "seed"),
+    (dict(stop=[""]), "stop"),
+    (dict(stop_token_ids=[-3]), "stop_token_ids"),
+    (dict(n=2), "n=2 is not supported"),
+    (dict(repetition_penalty=1.2), "repetition_penalty is not supported"),
+])
+def test_invalid_sampling_params(kwargs, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("prompt, words", [
+    ("", "prompt is empty"),
+    ([], "prompt is empty"),
+    ([1] * 64, "prompt has 64 tokens, but max_model_len is 64"),
+    ([1, 2, 9999], r"token ids must be integers in \[0, 384\)"),
+])
+def test_invalid_prompts(llm, prompt, words):
+    with pytest.raises(ValueError, match=words):
+        llm.generate([prompt], SamplingParams(max_tokens=4), use_tqdm=False)
+
+
+def test_stop_token_outside_vocabulary(llm):
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate(["hello"], SamplingParams(stop_token_ids=[100000]), use_tqdm=False)
+
+
+def test_bad_prompt_in_a_batch_starts_nothing(llm):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate(["hello", ""], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_bad_request_leaves_running_requests_unharmed(llm):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids
+    engine = llm.llm_engine
+    engine.add_request("good", [5, 6, 7], params)
+    engine.step()
+    for bad in ("", [1] * 100):
+        with pytest.raises(ValueError):
+            engine.add_request("bad", bad, params)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("good", [5], params)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in outputs] == ["good"]
+    assert outputs[0].outputs[0].token_ids == expected
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(enable_prefix_caching=True), "enable_prefix_caching"),
+    (dict(tensor_parallel_size=2), "tensor_parallel_size=2 is not supported"),
+    (dict(pipeline_parallel_size=0), "pipeline_parallel_size must be >= 1"),
+    (dict(speculative_config={"method": "ngram"}), "speculative_config"),
+    (dict(quantization="awq"), "quantization 'awq'"),
+    (dict(dtype="int8"), "dtype must be one of"),
+    (dict(block_size=7), "block_size must be one of"),
+    (dict(kv_cache_memory="lots"), "kv_cache_memory must be a byte count"),
+    (dict(max_num_seqs=0), "max_num_seqs must be >= 1"),
+    (dict(max_model_len=100000), "max_model_len=100000 exceeds the model's context length 512"),
+    (dict(num_gpu_blocks_override=2), "raise kv_cache_memory"),
+    (dict(device="nope"), "platform 'nope' is not installed; found: cpu"),
+])
+def test_invalid_engine_options(tiny_model, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        LLM(tiny_model("llama-tied-gqa"), **{"kv_cache_memory": "8MiB", **kwargs})
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(ValueError, match="neither a Hugging Face model folder nor a .gguf file"):
+        LLM(str(tmp_path / "nowhere"))
+
+
+def test_unknown_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"], "model_type": "llama",
+                                                      "max_position_embeddings": 64}))
+    with pytest.raises(ValueError, match=r"\['FooForCausalLM'\] is not supported; supported: LlamaForCausalLM"):
+        LLM(str(tmp_path), kv_cache_memory="8MiB")

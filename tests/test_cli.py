@@ -1,0 +1,42 @@
+"""The kvserve command, run as a user runs it."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+
+def kvserve(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["kvserve", *args], input=stdin, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def engine_args(tiny_model) -> list[str]:
+    return ["--model", tiny_model("llama-tied-gqa"), "--dtype", "float32", "--kv-cache-memory", "8MiB"]
+
+
+def test_generate_prints_each_completion(engine_args):
+    result = kvserve("generate", "Once upon a time", "The quick brown fox", "--max-tokens", "12", *engine_args)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip("\n").split("\n")) >= 2
+    assert "KV cache" in result.stderr
+
+
+def test_generate_on_default_model():
+    result = kvserve("generate", "The capital of France is", "--max-tokens", "8", "--max-model-len", "256")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_chat_keeps_the_conversation():
+    result = kvserve("chat", "--max-tokens", "24", "--max-model-len", "1024",
+                     stdin="What is the capital of France?\nAnd of Italy?\n")
+    assert result.returncode == 0, result.stderr
+    replies = [line for line in result.stdout.split("\n") if line.strip()]
+    assert "Paris" in replies[0] and any("Rome" in r for r in replies[1:])
+
+
+def test_bad_option_is_a_clear_error(engine_args):
+    result = kvserve("generate", "hi", "--temperature", "-1", *engine_args)
+    assert result.returncode == 2
+    assert "temperature must be a number >= 0" in result.stderr
