@@ -50,7 +50,7 @@ class Platform:
         self.info: PlatformInfo = record.info
         self.name = self.info.name
         self.device = torch.device(self.info.device_type)
-        others = [r.plugin for r in manager.platform_records() if r.plugin is not record.plugin]
+        others = [p for p in manager.pm.get_plugins() if p is not record.plugin]
         self._hooks = {name: manager.pm.subset_hook_caller(name, remove_plugins=others)
                        for name in ("platform_update_config", "platform_memory_info",
                                     "platform_attention_backend", "platform_graph_runner",
@@ -110,7 +110,9 @@ class PluginManager:
         try:
             self.register(ep.load(), ep.name, group, record)
         except Exception as exc:  # a broken plugin is reported, never fatal
-            record.plugin, record.error = None, f"{type(exc).__name__}: {exc}"
+            record.plugin, record.info, record.error = None, None, f"{type(exc).__name__}: {exc}"
+            if self.pm.has_plugin(f"{group}:{ep.name}"):
+                self.pm.unregister(name=f"{group}:{ep.name}")
 
     def register(self, plugin: Any, name: str, group: str = PLATFORM_GROUP,
                  record: PluginRecord | None = None) -> PluginRecord:
@@ -118,11 +120,11 @@ class PluginManager:
         if record is None:
             record = PluginRecord(name, group, "(registered directly)", "")
             self.records.append(record)
+        if group == PLATFORM_GROUP:
+            detect = getattr(plugin, "platform_detect", None)
+            record.info = detect() if detect is not None else None
         self.pm.register(plugin, name=f"{group}:{name}")
         record.plugin = plugin
-        if group == PLATFORM_GROUP:
-            impl = getattr(plugin, "platform_detect", None)
-            record.info = impl() if impl is not None else None
         return record
 
     def platform_records(self) -> list[PluginRecord]:

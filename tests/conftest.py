@@ -24,6 +24,10 @@ ARCHITECTURES = {
     "qwen2": (Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "mistral-sliding": (MistralConfig, dict(num_key_value_heads=2, sliding_window=24, tie_word_embeddings=False)),
 }
+# Kernels with a fixed set of head sizes (IPEX) need a realistic one.
+EXTRA_ARCHITECTURES = {
+    "llama-head64": (LlamaConfig, dict(num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)),
+}
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -44,7 +48,7 @@ def tiny_model(tmp_path_factory):
 
     def make(name: str) -> str:
         if name not in built:
-            config_cls, extra = ARCHITECTURES[name]
+            config_cls, extra = {**ARCHITECTURES, **EXTRA_ARCHITECTURES}[name]
             config = config_cls(**TINY, **extra)
             config.architectures = [config_cls.__name__.replace("Config", "ForCausalLM")]
             from transformers import AutoModelForCausalLM

@@ -86,6 +86,10 @@ def cmd_plugins(args) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + row[4])
+    for record in manager.records:
+        if record.info is not None and record.info.details:
+            facts = ", ".join(f"{k}: {v}" for k, v in record.info.details.items())
+            print(f"  {record.info.name}: {facts}")
     try:
         print(f"\nselected platform: {manager.select_platform().name}")
     except ValueError as exc:

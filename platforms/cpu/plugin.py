@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from kvserve.plugins.backend_choice import choose_backend
 from kvserve.plugins.hookspecs import hookimpl
 from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo
 
@@ -18,11 +19,14 @@ def _meminfo() -> MemoryInfo:
 
 @hookimpl
 def platform_detect() -> PlatformInfo:
-    isa = torch.backends.cpu.get_cpu_capability()
+    from kvserve.platforms.cpu.ipex_attention import ipex_unavailable_reason
+
     return PlatformInfo(name="cpu", device_type="cpu", priority=0, dist_backend="gloo",
                         supported_dtypes=(torch.float32, torch.bfloat16, torch.float16),
                         default_dtype=torch.float32,
-                        details={"isa": isa, "threads": str(torch.get_num_threads())})
+                        details={"isa": torch.backends.cpu.get_cpu_capability(),
+                                 "threads": str(torch.get_num_threads()),
+                                 "ipex": ipex_unavailable_reason() or "available"})
 
 @hookimpl
 def platform_update_config(config) -> None:
@@ -37,12 +41,9 @@ def platform_memory_info(device: torch.device) -> MemoryInfo:
 @hookimpl
 def platform_attention_backend(spec: AttentionSpec) -> type[AttentionBackend]:
     from kvserve.platforms.cpu.attention import TorchPagedAttention
+    from kvserve.platforms.cpu.ipex_attention import IpexPagedAttention
 
-    reasons = TorchPagedAttention.unsupported_reasons(spec)
-    if reasons:
-        raise ValueError(f"no CPU attention backend supports this model: {TorchPagedAttention.name}: "
-                         + "; ".join(reasons))
-    return TorchPagedAttention
+    return choose_backend([IpexPagedAttention, TorchPagedAttention], spec)
 
 @hookimpl
 def platform_graph_runner(model, backend, config):

@@ -1,0 +1,1 @@
+"""A platform plugin whose vendor SDK is missing."""

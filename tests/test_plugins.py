@@ -1,0 +1,260 @@
+"""Platform plugins for real: out-of-tree packages installed with pip, selection, errors, and each CPU hook."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvserve.core.config import CacheConfig, EngineConfig
+from kvserve.core.layers.ops import REFERENCE_OPS, Ops
+from kvserve.plugins import hookimpl
+from kvserve.plugins.interfaces import (AttentionBackend, AttentionSpec, Communicator, MemoryInfo, PlatformInfo,
+                                        StepLayout)
+from kvserve.plugins.manager import PluginManager
+
+PLUGIN_SOURCES = Path(__file__).parent / "plugins"
+PACKAGES = {"toy": "kvserve-toy-platform", "broken": "kvserve-broken-platform", "cpu": "kvserve"}
+
+DISCOVER = """
+import json, os
+from kvserve.plugins.manager import PluginManager
+manager = PluginManager()
+result = {"records": [dict(name=r.name, package=r.package, version=r.version, status=r.status)
+                      for r in manager.records if r.group == "kvserve.platforms"],
+          "default": manager.select_platform().name}
+os.environ["KVSERVE_PLATFORM"] = "nope"
+try:
+    manager.select_platform()
+except ValueError as exc:
+    result["missing"] = str(exc)
+print(json.dumps(result))
+"""
+
+GENERATE = """
+import json, sys
+from kvserve.core.entrypoints.llm import LLM
+from kvserve.core.sampling_params import SamplingParams
+from kvserve_toy_platform.plugin import CALLS
+prompts = ["The quick brown fox", "Once upon a time there was a tiny model that generated tokens one at a time.",
+           "Paged attention stores keys and values in blocks.", "déjà vu, naïve café"]
+params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+results = {}
+for run, extra in [("env", {}), ("device", {"device": "toy"}), ("cpu", {"device": "cpu", "kv_cache_memory": "32MiB"})]:
+    before = dict(CALLS)
+    llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=16,
+              **extra)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    engine = llm.llm_engine
+    results[run] = dict(platform=engine.platform.name, backend=engine.runner.backend.name,
+                        kv_cache_memory=engine.config.cache.kv_cache_memory,
+                        tokens=[o.outputs[0].token_ids for o in outputs],
+                        calls={k: CALLS[k] - before[k] for k in CALLS})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory) -> Path:
+    """The toy and broken platforms installed by pip into their own folder (used through PYTHONPATH)."""
+    tmp = tmp_path_factory.mktemp("plugins")
+    sources = []
+    for name in ("toy_platform", "broken_platform"):
+        sources.append(str(shutil.copytree(PLUGIN_SOURCES / name, tmp / "src" / name,
+                                           ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))))
+    site = tmp / "site"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                             "--quiet", "--target", str(site), *sources], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return site
+
+
+def run_python(site: Path, args: list[str], **env: str) -> str:
+    environment = {k: v for k, v in os.environ.items() if k != "KVSERVE_PLATFORM"}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                            env={**environment, **env})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def discovery(plugin_site) -> dict:
+    return json.loads(run_python(plugin_site, ["-c", DISCOVER]).splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def generations(plugin_site, tiny_model) -> dict:
+    stdout = run_python(plugin_site, ["-c", GENERATE, tiny_model("llama-tied-gqa")], KVSERVE_PLATFORM="toy")
+    return json.loads(stdout.splitlines()[-1])
+
+
+def test_discovery_lists_installed_broken_and_in_tree_platforms(discovery):
+    records = {r["name"]: r for r in discovery["records"]}
+    assert set(records) == {"cpu", "toy", "broken"}
+    assert {name: r["package"] for name, r in records.items()} == PACKAGES
+    assert records["toy"]["version"] == "0.1.0"
+    assert records["cpu"]["status"] == records["toy"]["status"] == "available"
+    assert records["broken"]["status"] == "failed to load: ImportError: vendor SDK missing"
+
+
+def test_broken_plugin_does_not_change_the_default(discovery):
+    assert discovery["default"] == "cpu"
+
+
+def test_unknown_requested_platform_lists_what_was_found(discovery):
+    message = discovery["missing"]
+    assert "'nope' is not installed" in message
+    for expected in ("cpu (available)", "toy (available)", "broken (failed to load: ImportError: vendor SDK missing)"):
+        assert expected in message
+
+
+def test_env_var_selects_toy_and_generation_runs_through_its_hooks(generations):
+    run = generations["env"]
+    assert (run["platform"], run["backend"]) == ("toy", "toy-naive")
+    assert run["kv_cache_memory"] == 32 << 20
+    assert run["calls"]["attention"] > 0 and run["calls"]["rms_norm"] > 0
+    assert [len(tokens) for tokens in run["tokens"]] == [20] * 4
+
+
+def test_device_argument_selects_toy(generations):
+    assert generations["device"]["platform"] == "toy"
+    assert generations["device"]["calls"]["attention"] > 0
+    assert generations["device"]["tokens"] == generations["env"]["tokens"]
+
+
+def test_toy_tokens_equal_cpu_tokens(generations):
+    cpu = generations["cpu"]
+    assert (cpu["platform"], cpu["backend"]) == ("cpu", "torch-paged")
+    assert cpu["calls"] == {"attention": 0, "rms_norm": 0}
+    assert cpu["tokens"] == generations["env"]["tokens"]
+
+
+def test_plugins_cli_prints_each_plugin(plugin_site):
+    stdout = run_python(plugin_site, ["-m", "kvserve.core.entrypoints.cli", "plugins"])
+    lines = stdout.splitlines()
+    for name, status in (("cpu", "available"), ("toy", "available"),
+                         ("broken", "failed to load: ImportError: vendor SDK missing")):
+        line = next((line for line in lines if line.split() and line.split()[0] == name), None)
+        assert line is not None, stdout
+        assert PACKAGES[name] in line.split() and status in line
+    assert "selected platform: cpu" in stdout
+
+
+class DirectPlatform:
+    """A platform object registered without an entry point."""
+
+    def __init__(self, name: str, priority: int = 0, unavailable_reason: str = ""):
+        self.info = PlatformInfo(name=name, device_type="cpu", priority=priority, unavailable_reason=unavailable_reason)
+
+    @hookimpl
+    def platform_detect(self) -> PlatformInfo:
+        return self.info
+
+
+def manager_with(*platforms: DirectPlatform) -> PluginManager:
+    manager = PluginManager(discover=False)
+    for platform in platforms:
+        manager.register(platform, platform.info.name)
+    return manager
+
+
+def test_unavailable_platform_is_skipped_by_default_and_refused_by_name():
+    manager = manager_with(DirectPlatform("npu", priority=50, unavailable_reason="no device"), DirectPlatform("host"))
+    assert manager.select_platform().name == "host"
+    with pytest.raises(ValueError, match=r"'npu' is unavailable: no device"):
+        manager.select_platform("npu")
+
+
+def test_tie_at_top_priority_names_both_and_can_be_resolved_by_name():
+    manager = manager_with(DirectPlatform("alpha", 5), DirectPlatform("beta", 5), DirectPlatform("low", 1))
+    with pytest.raises(ValueError, match=r"platforms alpha, beta tie at priority 5"):
+        manager.select_platform()
+    assert manager.select_platform("beta").name == "beta"
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return PluginManager().select_platform("cpu")
+
+
+SPEC = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=16, dtype=torch.float32, block_size=16)
+
+
+def test_cpu_update_config_fills_kv_cache_memory(cpu):
+    config = EngineConfig()
+    cpu.update_config(config)
+    assert 0 < config.cache.kv_cache_memory <= 4 << 30
+    given = EngineConfig(cache=CacheConfig(kv_cache_memory="64MiB"))
+    cpu.update_config(given)
+    assert given.cache.kv_cache_memory == 64 << 20
+
+
+def test_cpu_memory_info(cpu):
+    info = cpu.memory_info()
+    assert isinstance(info, MemoryInfo)
+    assert 64 << 20 < info.total_bytes and 0 < info.free_bytes <= info.total_bytes
+
+
+def test_cpu_attention_backend_supports_a_normal_spec_and_computes_causal_attention(cpu):
+    backend_cls = cpu.attention_backend(SPEC)
+    assert issubclass(backend_cls, AttentionBackend) and backend_cls.unsupported_reasons(SPEC) == []
+    backend = backend_cls(SPEC, cpu.device)
+    kv_cache = torch.zeros(backend.kv_cache_shape(4, 16, 2, 16))
+    q, k, v = torch.randn(5, 4, 16), torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    metadata = backend.build_metadata(StepLayout(query_lens=[5], seq_lens=[5], block_tables=[[3]], num_decodes=0))
+    out = backend.forward(q, k, v, kv_cache, metadata, scale=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(out, expected.transpose(0, 1))
+    torch.testing.assert_close(kv_cache[0, 3, :5], k)
+
+
+def test_cpu_attention_backend_lists_every_reason_it_cannot_run(cpu):
+    bad = AttentionSpec(num_heads=5, num_kv_heads=2, head_size=16, dtype=torch.int8, block_size=16)
+    backend_cls = cpu.attention_backend(SPEC)
+    assert len(backend_cls.unsupported_reasons(bad)) == 2
+    with pytest.raises(ValueError, match=r"int8.*5 query heads are not a multiple of 2 kv heads"):
+        cpu.attention_backend(bad)
+
+
+def test_cpu_graph_runner_is_eager(cpu):
+    backend = cpu.attention_backend(SPEC)(SPEC, cpu.device)
+    assert cpu.graph_runner(torch.nn.Linear(4, 4), backend, EngineConfig()) is None
+
+
+def test_cpu_communicator_single_rank_is_identity(cpu):
+    comm = cpu.communicator(0, 1)
+    assert isinstance(comm, Communicator) and (comm.rank, comm.world_size) == (0, 1)
+    tensor = torch.arange(6.0).view(2, 3)
+    for result in (comm.all_reduce(tensor.clone()), comm.all_gather(tensor.clone(), dim=0),
+                   comm.broadcast(tensor.clone(), src=0)):
+        torch.testing.assert_close(result, tensor)
+    assert comm.barrier() is None
+    with pytest.raises(ValueError, match="world_size=2 needs an initialized torch.distributed process group"):
+        cpu.communicator(0, 2)
+
+
+def test_cpu_ops_are_known_names(cpu):
+    ops = cpu.ops()
+    assert isinstance(ops, dict) and set(ops) <= set(REFERENCE_OPS)
+    assert Ops(ops).rms_norm is ops.get("rms_norm", REFERENCE_OPS["rms_norm"])
+
+
+def test_cpu_seed_makes_random_numbers_reproducible(cpu):
+    cpu.seed(1234)
+    first = torch.rand(8)
+    cpu.seed(1234)
+    assert torch.equal(torch.rand(8), first)
+    cpu.seed(1235)
+    assert not torch.equal(torch.rand(8), first)
+
+
+def test_cpu_synchronize_returns(cpu):
+    assert cpu.synchronize() is None
+    assert cpu.device == torch.device("cpu") and cpu.info.name == "cpu"
