@@ -23,7 +23,9 @@ def choose_dtype(config: EngineConfig, checkpoint: Checkpoint, platform: Platfor
             allowed = ", ".join(str(d).removeprefix("torch.") for d in info.supported_dtypes)
             raise ValueError(f"dtype {requested} is not supported by platform {info.name!r}; allowed: {allowed}")
         return requested
-    native = getattr(checkpoint.hf_config, "torch_dtype", None) if not checkpoint.is_gguf else None
+    native = None if checkpoint.is_gguf else getattr(checkpoint.hf_config, "dtype", None)
+    if isinstance(native, str):
+        native = getattr(torch, native, None)
     return native if native in info.supported_dtypes else info.default_dtype
 
 
