@@ -29,8 +29,7 @@ class SamplingParams:
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
-        if self.n != 1:
-            raise ValueError(f"n={self.n} is not supported yet (parallel sampling); allowed: 1")
+        check_int("n", self.n, 1)
         _check_float("temperature", self.temperature, 0.0, math.inf, "a number >= 0 (0 means greedy)")
         _check_float("top_p", self.top_p, 0.0, 1.0, "in (0, 1]", low_open=True)
         _check_float("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")

@@ -25,7 +25,7 @@ def llm(tiny_model):
     (dict(seed=-1), "seed"),
     (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-3]), "stop_token_ids"),
-    (dict(n=2), "n=2 is not supported"),
+    (dict(n=0), "n must be >= 1"),
     (dict(repetition_penalty=1.2), "repetition_penalty is not supported"),
 ])
 def test_invalid_sampling_params(kwargs, words):

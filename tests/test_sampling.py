@@ -86,3 +86,25 @@ def test_stop_strings_truncate_text(llm):
 def test_text_matches_tokenizer_decode(llm):
     out = tokens(llm, SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True, seed=0))
     assert out.text == llm.get_tokenizer().decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_parallel_sampling_children_match_seeded_singles(llm):
+    out = llm.generate([PROMPT], SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=10, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    for child in out.outputs:
+        single = tokens(llm, SamplingParams(temperature=1.0, seed=11 + child.index, max_tokens=10, ignore_eos=True))
+        assert child.token_ids == single.token_ids and child.text == single.text
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_running_text_never_shows_a_stop_string_early(llm):
+    full = tokens(llm, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)).text
+    stop = full[12:16]
+    engine = llm.llm_engine
+    engine.add_request("s", PROMPT, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=stop))
+    texts = []
+    while engine.has_unfinished_requests():
+        texts += [o.outputs[0].text for o in engine.step()]
+    assert texts[-1] == full[:full.find(stop)]
+    assert all(texts[-1].startswith(t) and stop not in t for t in texts)

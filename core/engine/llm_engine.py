@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvserve.core.config import EngineConfig
 from kvserve.core.engine.block_manager import BlockManager
 from kvserve.core.engine.detokenizer import IncrementalDetokenizer
+from kvserve.core.engine.input_processor import InputProcessor
 from kvserve.core.engine.model_runner import ModelRunner
 from kvserve.core.engine.scheduler import Scheduler
 from kvserve.core.engine.sequence import Sequence
@@ -22,9 +23,10 @@ logger = logging.getLogger("kvserve")
 
 @dataclass
 class _Request:
-    seq: Sequence
     prompt: str | None
-    detokenizer: IncrementalDetokenizer
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    detokenizers: dict[int, IncrementalDetokenizer]   # by seq_id
 
 
 class LLMEngine:
@@ -45,38 +47,16 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, _Request] = {}
         self.max_model_len = config.model.max_model_len
+        self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
+                                     config.model.chat_template)
         logger.info("loaded %s on %s (%s, %s attention) in %.1fs; KV cache %.2f GiB = %d tokens in %d blocks",
                     checkpoint.path, self.platform.name, str(self.runner.dtype).removeprefix("torch."),
                     self.runner.backend.name, time.perf_counter() - start, self.runner.kv_cache_bytes / 2**30,
                     self.runner.num_blocks * config.cache.block_size, self.runner.num_blocks)
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt, checked against the vocabulary and the context length."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty; give at least one character or token id")
-            ids = self.tokenizer(prompt)["input_ids"]
-        elif isinstance(prompt, (list, tuple)):
-            ids = list(prompt)
-            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.runner.vocab_size for t in ids):
-                raise ValueError(f"prompt token ids must be integers in [0, {self.runner.vocab_size})")
-        else:
-            raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt is empty; give at least one character or token id")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
-                             f"the prompt may have at most {self.max_model_len - 1} tokens")
-        return ids
-
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Check a request without starting it; returns its prompt token ids."""
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        bad = [t for t in params.stop_token_ids or [] if t >= self.runner.vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.runner.vocab_size})")
-        return self.tokenize(prompt)
+        return self.inputs.validate(prompt, params)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     prompt_token_ids: list[int] | None = None) -> None:
@@ -84,44 +64,61 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = prompt_token_ids if prompt_token_ids is not None else self.validate(prompt, params)
-        seq = Sequence(request_id, ids, params, self.max_model_len, self.eos_token_ids)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-        self.requests[request_id] = _Request(seq, prompt if isinstance(prompt, str) else None, detokenizer)
-        self.scheduler.add(seq)
+        # Parallel sampling: n independent sequences; a seeded request gives child i the seed + i.
+        children = [params] if params.n == 1 else [
+            replace(params, n=1, seed=None if params.seed is None else params.seed + i) for i in range(params.n)]
+        seqs = [Sequence(request_id, ids, child, self.max_model_len, self.eos_token_ids, index=i)
+                for i, child in enumerate(children)]
+        detokenizers = {s.seq_id: IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                        for s in seqs}
+        self.requests[request_id] = _Request(prompt if isinstance(prompt, str) else None, ids, seqs, detokenizers)
+        for seq in seqs:
+            self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
-        seq = self.scheduler.abort(request_id)
-        if seq is not None:
-            self._forget(seq)
+        self.scheduler.abort(request_id)
+        self._forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; returns an output for every request that got a new token."""
+        """Run one scheduled step; returns an output for every request that got a new token.
+
+        If the model step fails, the requests in it are aborted (their blocks freed) and
+        EngineStepError names them; the engine itself stays usable.
+        """
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        sampled = self.runner.execute(batch)
-        outputs = []
+        try:
+            sampled = self.runner.execute(batch)
+        except Exception as exc:
+            failed = sorted({s.request_id for s in batch.seqs})
+            for request_id in failed:
+                self.abort_request(request_id)
+            raise EngineStepError(failed, exc) from exc
+        touched: dict[str, _Request] = {}
         for seq, token in sampled:
+            request = self.requests[seq.request_id]
             seq.token_ids.append(token)
-            self._check_stop(seq, self.requests[seq.request_id].detokenizer.add(token))
-            outputs.append(self._output(seq))
+            self._check_stop(seq, request.detokenizers[seq.seq_id])
+            touched[seq.request_id] = request
         self.scheduler.finish_step(batch)
-        for seq, _ in sampled:
-            if seq.is_finished:
-                self._forget(seq)
+        outputs = [self._output(request_id, request) for request_id, request in touched.items()]
+        for output in outputs:
+            if output.finished:
+                self._forget(output.request_id)
         return outputs
 
-    def _check_stop(self, seq: Sequence, delta: str) -> None:
+    def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer) -> None:
+        delta = detok.add(seq.token_ids[-1])
         params, token = seq.params, seq.token_ids[-1]
         if seq.num_output_tokens >= params.min_tokens:
             if token in seq.eos_token_ids:
                 return seq.finish("stop")
             if token in (params.stop_token_ids or ()):
                 return seq.finish("stop", token)
-            detok = self.requests[seq.request_id].detokenizer
             for stop in params.stop_strings:
                 at = detok.text.find(stop, max(0, len(detok.text) - len(delta) - len(stop) + 1))
                 if at >= 0:
@@ -130,13 +127,28 @@ class LLMEngine:
         if seq.num_tokens >= seq.max_total_tokens:
             seq.finish("length")
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        request = self.requests[seq.request_id]
-        completion = CompletionOutput(0, request.detokenizer.text, seq.output_token_ids, seq.finish_reason,
-                                      seq.stop_reason)
-        return RequestOutput(seq.request_id, request.prompt, seq.token_ids[:seq.num_prompt_tokens], [completion],
-                             seq.is_finished)
+    def _output(self, request_id: str, request: _Request) -> RequestOutput:
+        completions = []
+        for seq in request.seqs:
+            text = request.detokenizers[seq.seq_id].text
+            held_back = max((len(s) for s in seq.params.stop_strings), default=1) - 1
+            if held_back and not seq.is_finished:   # a stop string may still complete here: don't emit it yet
+                text = text[:max(0, len(text) - held_back)]
+            completions.append(CompletionOutput(seq.index, text, seq.output_token_ids, seq.finish_reason,
+                                                seq.stop_reason))
+        finished = all(seq.is_finished for seq in request.seqs)
+        return RequestOutput(request_id, request.prompt, request.prompt_token_ids, completions, finished)
 
-    def _forget(self, seq: Sequence) -> None:
-        self.runner.release(seq)
-        self.requests.pop(seq.request_id, None)
+    def _forget(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else []:
+            self.runner.release(seq)
+
+
+class EngineStepError(RuntimeError):
+    """A model step failed; the requests it ran were aborted and the engine goes on."""
+
+    def __init__(self, request_ids: list[str], cause: Exception):
+        super().__init__(f"model step failed for requests {request_ids}: {type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+        self.cause = cause

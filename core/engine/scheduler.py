@@ -75,14 +75,12 @@ class Scheduler:
                 self.block_manager.free(seq)
         self.running = [s for s in self.running if not s.is_finished]
 
-    def abort(self, request_id: str) -> Sequence | None:
-        for seq in list(self.waiting) + self.running:
-            if seq.request_id == request_id:
-                seq.finish("abort")
-                if seq in self.waiting:
-                    self.waiting.remove(seq)
-                else:
-                    self.block_manager.free(seq)
-                    self.running.remove(seq)
-                return seq
-        return None
+    def abort(self, request_id: str) -> None:
+        """Drop every sequence of a request, waiting or running, and free its blocks."""
+        for seq in [s for s in self.waiting if s.request_id == request_id]:
+            seq.finish("abort")
+            self.waiting.remove(seq)
+        for seq in [s for s in self.running if s.request_id == request_id]:
+            seq.finish("abort")
+            self.block_manager.free(seq)
+            self.running.remove(seq)

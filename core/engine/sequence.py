@@ -17,9 +17,10 @@ class Sequence:
     _ids = count()
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int,
-                 eos_token_ids: list[int]):
+                 eos_token_ids: list[int], index: int = 0):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
+        self.index = index              # which of the request's n completions this is
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params

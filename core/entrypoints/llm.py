@@ -76,16 +76,7 @@ class LLM:
 
     def apply_chat_template(self, conversation: list[dict], chat_template: str | None = None,
                             add_generation_prompt: bool = True) -> list[int]:
-        tokenizer = self.llm_engine.tokenizer
-        template = chat_template or self.llm_engine.config.model.chat_template or tokenizer.chat_template
-        if template is None:
-            raise ValueError("this model has no chat template; pass chat_template=... (a Jinja template)")
-        for message in conversation:
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {message!r}")
-        ids = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=True,
-                                            add_generation_prompt=add_generation_prompt)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return self.llm_engine.inputs.render_chat(conversation, chat_template, add_generation_prompt)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

@@ -1,0 +1,53 @@
+"""Turns a prompt and its sampling parameters into checked token ids, before any work starts."""
+from __future__ import annotations
+
+from kvserve.core.sampling_params import SamplingParams
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+
+    def render_chat(self, conversation: list[dict], chat_template: str | None = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation through the chat template (the request's, the engine's, or the model's)."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("this model has no chat template; pass chat_template=... (a Jinja template)")
+        if not isinstance(conversation, list) or not conversation:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        for message in conversation:
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {message!r}")
+        ids = self.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=True,
+                                                 add_generation_prompt=add_generation_prompt)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt, checked against the vocabulary and the context length."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"] if prompt else []
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        else:
+            raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty; give at least one character or token id")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
+                             f"the prompt may have at most {self.max_model_len - 1} tokens")
+        return ids
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Check a request without starting it; returns its prompt token ids."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        bad = [t for t in params.stop_token_ids or [] if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.vocab_size})")
+        return self.tokenize(prompt)
