@@ -145,3 +145,23 @@ class EngineConfig:
         if sched.max_num_batched_tokens < sched.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={sched.max_num_batched_tokens} must be >= "
                              f"max_num_seqs={sched.max_num_seqs}, so every running sequence can decode each step")
+
+
+def build_engine_config(model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
+                        max_model_len: int | None = None, max_num_seqs: int = 128,
+                        max_num_batched_tokens: int | None = None, seed: int = 0,
+                        enable_prefix_caching: bool = False, enable_chunked_prefill: bool = True,
+                        num_gpu_blocks_override: int | None = None, quantization: str | None = None,
+                        tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
+                        speculative_config: dict | None = None, block_size: int = 16,
+                        kv_cache_memory: int | str | None = None, device: str | None = None,
+                        enforce_eager: bool = False, chat_template: str | None = None) -> EngineConfig:
+    """An EngineConfig from the flat keyword arguments that ``LLM(...)`` and the command line take (vLLM's names)."""
+    return EngineConfig(
+        model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template),
+        cache=CacheConfig(block_size, kv_cache_memory, num_gpu_blocks_override, enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
+        parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, data_parallel_size),
+        device=DeviceConfig(device, enforce_eager),
+        speculative_config=speculative_config,
+    )

@@ -1,7 +1,6 @@
 """The engine: validates requests, schedules them step by step, and turns sampled tokens into outputs."""
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, replace
 
@@ -13,13 +12,11 @@ from kvserve.core.engine.model_runner import ModelRunner
 from kvserve.core.engine.scheduler import Scheduler
 from kvserve.core.engine.sequence import Sequence
 from kvserve.core.loader.model_loader import Checkpoint
+from kvserve.core.log import logger
 from kvserve.core.models.registry import resolve_model_class
 from kvserve.core.outputs import CompletionOutput, RequestOutput
 from kvserve.core.sampling_params import SamplingParams
 from kvserve.plugins.manager import PluginManager
-
-logger = logging.getLogger("kvserve")
-
 
 @dataclass
 class _Request:
@@ -46,6 +43,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, _Request] = {}
+        self.prompt_tokens_total = 0        # prompt tokens computed (prefill), for metrics
+        self.generation_tokens_total = 0
         self.max_model_len = config.model.max_model_len
         self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
                                      config.model.chat_template)
@@ -98,6 +97,8 @@ class LLMEngine:
             for request_id in failed:
                 self.abort_request(request_id)
             raise EngineStepError(failed, exc) from exc
+        self.prompt_tokens_total += sum(batch.num_new_tokens[batch.num_decodes:])
+        self.generation_tokens_total += len(sampled)
         touched: dict[str, _Request] = {}
         for seq, token in sampled:
             request = self.requests[seq.request_id]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--tokenizer", default=None)
@@ -29,19 +31,22 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampling-seed", type=int, default=None)
 
 
-def build_llm(args):
-    from kvserve.core.entrypoints.llm import LLM
+ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                  "kv_cache_memory", "num_gpu_blocks_override", "enable_chunked_prefill", "device", "seed")
 
+
+def engine_options(args) -> dict:
     template = args.chat_template
     if template is not None and not template.lstrip().startswith("{"):
         with open(template) as f:
             template = f.read()
-    return LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
-               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-               num_gpu_blocks_override=args.num_gpu_blocks_override,
-               enable_chunked_prefill=args.enable_chunked_prefill, device=args.device, seed=args.seed,
-               chat_template=template)
+    return {**{name: getattr(args, name) for name in ENGINE_OPTIONS}, "chat_template": template}
+
+
+def build_llm(args):
+    from kvserve.core.entrypoints.llm import LLM
+
+    return LLM(args.model, **engine_options(args))
 
 
 def sampling_params(args):
@@ -77,6 +82,21 @@ def cmd_chat(args) -> None:
         print(reply, flush=True)
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from kvserve.core.config import build_engine_config
+    from kvserve.core.entrypoints.openai.api_server import serve
+    from kvserve.core.log import init_logging
+
+    init_logging()
+    model = args.model_tag or args.model
+    config = build_engine_config(model, **engine_options(args))
+    names = args.served_model_name or [model or DEFAULT_SERVED_NAME]
+    api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
+    return serve(config, args.host, args.port, names, api_key)
+
+
 def cmd_plugins(args) -> None:
     from kvserve.plugins.manager import PluginManager
 
@@ -106,15 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (generate, chat):
         add_engine_args(sub)
         add_sampling_args(sub)
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible server")
+    serve.add_argument("model_tag", nargs="?", default=None, help="model to serve (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves the network)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or KVSERVE_API_KEY)")
+    add_engine_args(serve)
     commands.add_parser("plugins", help="list discovered plugins and the platform that would be used")
     args = parser.parse_args(argv)
-    handler = {"generate": cmd_generate, "chat": cmd_chat, "plugins": cmd_plugins}[args.command]
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "plugins": cmd_plugins}[args.command]
     try:
-        handler(args)
+        return handler(args) or 0
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,48 +1,26 @@
 """The offline API, with vLLM's names: ``LLM(...).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
-import logging
 from itertools import count
 from typing import Sequence as Seq
 
 from tqdm import tqdm
 
-from kvserve.core.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from kvserve.core.config import build_engine_config
 from kvserve.core.engine.llm_engine import LLMEngine
+from kvserve.core.log import init_logging
 from kvserve.core.outputs import RequestOutput
 from kvserve.core.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
 
 
-def _init_logging() -> None:
-    logger = logging.getLogger("kvserve")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-
 class LLM:
-    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 128, max_num_batched_tokens: int | None = None,
-                 seed: int = 0, enable_prefix_caching: bool = False, enable_chunked_prefill: bool = True,
-                 num_gpu_blocks_override: int | None = None, quantization: str | None = None,
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
-                 speculative_config: dict | None = None, block_size: int = 16,
-                 kv_cache_memory: int | str | None = None, device: str | None = None, enforce_eager: bool = False,
-                 chat_template: str | None = None):
-        _init_logging()
-        config = EngineConfig(
-            model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template),
-            cache=CacheConfig(block_size, kv_cache_memory, num_gpu_blocks_override, enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
-            parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, data_parallel_size),
-            device=DeviceConfig(device, enforce_eager),
-            speculative_config=speculative_config,
-        )
-        self.llm_engine = LLMEngine(config)
+    def __init__(self, model: str | None = None, **engine_options):
+        """Load ``model`` (a HF folder or .gguf file; None: the default model). ``engine_options`` are
+        ``build_engine_config``'s keywords, named as vLLM names them (dtype, max_model_len, ...)."""
+        init_logging()
+        self.llm_engine = LLMEngine(build_engine_config(model, **engine_options))
         self._request_ids = count()
 
     def get_tokenizer(self):

@@ -1,0 +1,121 @@
+"""Request bodies of the OpenAI-compatible API. Unknown fields are rejected, never silently ignored."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvserve.core.sampling_params import SamplingParams
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(Strict):
+    """Fields shared by completions and chat completions, including vLLM's extensions."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    def unsupported(self) -> list[str]:
+        """Fields set to something the engine cannot honour yet."""
+        return ["logit_bias"] if self.logit_bias else []
+
+    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                        presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                        repetition_penalty=self.repetition_penalty)
+        return SamplingParams(
+            n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
+            ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
+            **{k: v for k, v in optional.items() if v is not None})
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> list[str]:
+        return super().unsupported() + [name for name, bad in (
+            ("logprobs", self.logprobs is not None), ("suffix", bool(self.suffix)),
+            ("best_of", self.best_of not in (None, self.n))) if bad]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    chat_template: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> list[str]:
+        return super().unsupported() + [name for name, bad in (
+            ("logprobs", self.logprobs), ("top_logprobs", self.top_logprobs is not None),
+            ("tools", bool(self.tools)), ("tool_choice", self.tool_choice not in (None, "none")),
+            ("response_format", self.response_format not in (None, {"type": "text"}))) if bad]
+
+    def conversation(self) -> list[dict[str, str]]:
+        """Messages as the chat template takes them: text content only."""
+        conversation = []
+        for i, message in enumerate(self.messages):
+            content = message.content or ""
+            if isinstance(content, list):
+                kinds = {part.get("type") for part in content}
+                if kinds - {"text"}:
+                    raise ValueError(f"messages[{i}].content has parts of type {sorted(map(str, kinds - {'text'}))}; "
+                                     "only 'text' parts are supported")
+                content = "".join(part.get("text", "") for part in content)
+            conversation.append({"role": message.role, "content": content})
+        return conversation
+
+
+class TokenizeRequest(Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,71 @@
+"""POST /v1/chat/completions."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from kvserve.core.entrypoints.openai.errors import APIError
+from kvserve.core.entrypoints.openai.protocol import ChatCompletionRequest
+from kvserve.core.entrypoints.openai.serving_common import DeltaTracker, OpenAIServing, new_id, now, sse, usage
+
+
+class OpenAIServingChat(OpenAIServing):
+    def render(self, request: ChatCompletionRequest) -> list[int]:
+        try:
+            ids = self.inputs.render_chat(request.conversation(), request.chat_template,
+                                          request.add_generation_prompt)
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, str(exc), "messages") from exc
+        return self.tokenize(ids, "messages")
+
+    async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+        model = self.model_name(request.model)
+        ids = self.render(request)
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
+            else request.max_tokens
+        params = self.sampling_params(request, len(ids), max_tokens, explicit=max_tokens is not None)
+        request_id = new_id("chatcmpl")
+        outputs = self.run(request_id, [ids], [ids], [params])
+        if request.stream:
+            return self._stream(request, model, request_id, outputs, len(ids))
+        final = None
+        async for _, output in outputs:
+            final = output
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in final.outputs]
+        generated = sum(len(c.token_ids) for c in final.outputs)
+        return {"id": request_id, "object": "chat.completion", "created": now(), "model": model,
+                "choices": choices, "usage": usage(len(ids), generated)}
+
+    async def _stream(self, request: ChatCompletionRequest, model: str, request_id: str, outputs,
+                      prompt_tokens: int) -> AsyncIterator[str]:
+        include_usage = request.stream_options is not None and request.stream_options.include_usage
+        base = {"id": request_id, "object": "chat.completion.chunk", "created": now(), "model": model}
+
+        def chunk(index: int, delta: dict, finish_reason=None) -> str:
+            body = {**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish_reason}]}
+            return sse({**body, "usage": None} if include_usage else body)
+
+        for index in range(request.n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        tracker, generated = DeltaTracker(), {}
+        try:
+            async for _, output in outputs:
+                for c in output.outputs:
+                    change = tracker.delta(c.index, c.text, c.finish_reason is not None)
+                    if change is None:
+                        continue
+                    text, finishing = change
+                    generated[c.index] = len(c.token_ids)
+                    if text:
+                        yield chunk(c.index, {"content": text})
+                    if finishing:
+                        yield chunk(c.index, {}, c.finish_reason)
+        except APIError as exc:
+            yield sse(exc.body())
+        except Exception as exc:
+            yield sse(APIError(500, f"generation failed: {exc}").body())
+        else:
+            if include_usage:
+                yield sse({**base, "choices": [], "usage": usage(prompt_tokens, sum(generated.values()))})
+        yield sse("[DONE]")

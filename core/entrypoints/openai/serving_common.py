@@ -1,0 +1,123 @@
+"""What completions and chat share: model check, parameter and length validation, streaming helpers."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from kvserve.core.engine.async_engine import AsyncLLMEngine
+from kvserve.core.entrypoints.openai.errors import APIError, bad_request, unsupported
+from kvserve.core.entrypoints.openai.metrics import RequestTimer, ServerMetrics
+from kvserve.core.entrypoints.openai.protocol import SamplingFields
+from kvserve.core.outputs import RequestOutput
+from kvserve.core.sampling_params import SamplingParams
+
+_DONE = object()
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], metrics: ServerMetrics):
+        self.engine = engine
+        self.inputs = engine.inputs
+        self.model_names = served_model_names
+        self.metrics = metrics
+
+    def model_name(self, requested: str | None) -> str:
+        if requested is not None and requested not in self.model_names:
+            raise APIError(404, f"The model `{requested}` does not exist; served: {', '.join(self.model_names)}",
+                           "model")
+        return requested or self.model_names[0]
+
+    def sampling_params(self, request: SamplingFields, prompt_len: int, max_tokens: int | None,
+                        explicit: bool) -> SamplingParams:
+        """Validated params; an explicit max_tokens that does not fit the context is an error, a default is capped."""
+        names = request.unsupported()
+        if names:
+            raise unsupported(names)
+        limit = self.inputs.max_model_len
+        room = limit - prompt_len
+        if max_tokens is not None and max_tokens > room and explicit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                                "completion). Reduce the prompt or max_tokens.", "max_tokens")
+        max_tokens = room if max_tokens is None else min(max_tokens, room)
+        try:
+            return request.sampling_params(max_tokens)
+        except (ValueError, TypeError) as exc:
+            raise bad_request(exc, set(type(request).model_fields)) from exc
+
+    def tokenize(self, prompt: str | list[int], field: str = "prompt") -> list[int]:
+        try:
+            return self.inputs.tokenize(prompt)
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, str(exc), field) from exc
+
+    async def run(self, request_id: str, prompts: list[str | list[int]], token_ids: list[list[int]],
+                  params: list[SamplingParams]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run several engine requests at once; yields (prompt index, output) as outputs arrive."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            timer = RequestTimer(self.metrics)
+            try:
+                async for output in self.engine.generate(f"{request_id}-{i}", prompts[i], params[i], token_ids[i]):
+                    timer.on_output(output)
+                    merged.put_nowait((i, output))
+            except Exception as exc:
+                merged.put_nowait((i, exc))
+            finally:
+                merged.put_nowait((i, _DONE))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await merged.get()
+                if item is _DONE:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:   # a disconnect or an error: abort whatever still runs
+                task.cancel()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class DeltaTracker:
+    """Turns cumulative completion texts into the new text of each choice, once each."""
+
+    def __init__(self):
+        self.sent: dict[int, int] = {}
+        self.finished: set[int] = set()
+
+    def delta(self, choice: int, text: str, finished: bool) -> tuple[str, bool] | None:
+        """(new text, finishes now), or None when this choice has nothing new."""
+        start = self.sent.get(choice, 0)
+        new = text[start:]
+        finishing = finished and choice not in self.finished
+        if not new and not finishing:
+            return None
+        self.sent[choice] = len(text)
+        if finishing:
+            self.finished.add(choice)
+        return new, finishing

@@ -1,0 +1,72 @@
+"""POST /v1/completions."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from kvserve.core.entrypoints.openai.errors import APIError
+from kvserve.core.entrypoints.openai.protocol import CompletionRequest
+from kvserve.core.entrypoints.openai.serving_common import DeltaTracker, OpenAIServing, new_id, now, sse, usage
+
+
+def split_prompts(prompt) -> list[str | list[int]]:
+    """The prompts of a request: a string, a list of strings, token ids, or a list of token-id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty; give a string, a list of strings, token ids or lists of token ids",
+                       "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
+        model = self.model_name(request.model)
+        prompts = split_prompts(request.prompt)
+        token_ids = [self.tokenize(p) for p in prompts]
+        explicit = "max_tokens" in request.model_fields_set
+        params = [self.sampling_params(request, len(ids), request.max_tokens, explicit) for ids in token_ids]
+        echoes = [self.inputs.tokenizer.decode(ids) if request.echo else "" for ids in token_ids]
+        request_id = new_id("cmpl")
+        outputs = self.run(request_id, prompts, token_ids, params)
+        if request.stream:
+            return self._stream(request, model, request_id, outputs, token_ids, echoes)
+        final = {}
+        async for i, output in outputs:
+            final[i] = output
+        choices = [{"index": i * request.n + c.index, "text": echoes[i] + c.text, "logprobs": None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                   for i in sorted(final) for c in final[i].outputs]
+        generated = sum(len(c.token_ids) for o in final.values() for c in o.outputs)
+        return {"id": request_id, "object": "text_completion", "created": now(), "model": model,
+                "choices": choices, "usage": usage(sum(map(len, token_ids)), generated)}
+
+    async def _stream(self, request: CompletionRequest, model: str, request_id: str, outputs,
+                      token_ids: list[list[int]], echoes: list[str]) -> AsyncIterator[str]:
+        include_usage = request.stream_options is not None and request.stream_options.include_usage
+        created, tracker, generated = now(), DeltaTracker(), {}
+        base = {"id": request_id, "object": "text_completion", "created": created, "model": model}
+        try:
+            async for i, output in outputs:
+                for c in output.outputs:
+                    choice = i * request.n + c.index
+                    change = tracker.delta(choice, c.text, c.finish_reason is not None)
+                    if change is None:
+                        continue
+                    text, finishing = change
+                    if choice not in generated:
+                        text = echoes[i] + text
+                    generated[choice] = len(c.token_ids)
+                    chunk = {**base, "choices": [{"index": choice, "text": text, "logprobs": None,
+                                                  "finish_reason": c.finish_reason if finishing else None,
+                                                  "stop_reason": c.stop_reason if finishing else None}]}
+                    yield sse({**chunk, "usage": None} if include_usage else chunk)
+        except APIError as exc:
+            yield sse(exc.body())
+        except Exception as exc:
+            yield sse(APIError(500, f"generation failed: {exc}").body())
+        else:
+            if include_usage:
+                yield sse({**base, "choices": [], "usage": usage(sum(map(len, token_ids)), sum(generated.values()))})
+        yield sse("[DONE]")
