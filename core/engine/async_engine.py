@@ -29,6 +29,7 @@ class AsyncLLMEngine:
         self._stopping = threading.Event()
         self.dead_error: BaseException | None = None
         self.failed_steps = 0
+        self.last_error: EngineStepError | None = None
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
 
@@ -103,6 +104,7 @@ class AsyncLLMEngine:
                     outputs = self.engine.step()
                 except EngineStepError as exc:
                     self.failed_steps += 1
+                    self.last_error = exc
                     logger.exception("model step failed; failing requests %s", exc.request_ids)
                     for request_id in exc.request_ids:
                         self._deliver(request_id, exc)

@@ -1,6 +1,7 @@
 """The engine: validates requests, schedules them step by step, and turns sampled tokens into outputs."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -17,6 +18,9 @@ from kvserve.core.models.registry import resolve_model_class
 from kvserve.core.outputs import CompletionOutput, RequestOutput
 from kvserve.core.sampling_params import SamplingParams
 from kvserve.plugins.manager import PluginManager
+
+FAULT_TOKEN_ENV = "KVSERVE_FAULT_TOKEN"
+
 
 @dataclass
 class _Request:
@@ -45,6 +49,9 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0        # prompt tokens computed (prefill), for metrics
         self.generation_tokens_total = 0
+        # Test-only fault injection: a step whose new tokens include this id raises, as a broken device would.
+        fault = os.environ.get(FAULT_TOKEN_ENV)
+        self.fault_token = int(fault) if fault else None
         self.max_model_len = config.model.max_model_len
         self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
                                      config.model.chat_template)
@@ -91,6 +98,9 @@ class LLMEngine:
         if not batch.seqs:
             return []
         try:
+            if self.fault_token is not None and any(self.fault_token in s.token_ids[s.num_computed_tokens:]
+                                                    for s in batch.seqs):
+                raise RuntimeError(f"injected fault: token {self.fault_token} ({FAULT_TOKEN_ENV})")
             sampled = self.runner.execute(batch)
         except Exception as exc:
             failed = sorted({s.request_id for s in batch.seqs})

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvserve.core.bench import serving as serving_bench
+
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -134,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or KVSERVE_API_KEY)")
     add_engine_args(serve)
     commands.add_parser("plugins", help="list discovered plugins and the platform that would be used")
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
+    serving_bench.add_parser(bench)
     args = parser.parse_args(argv)
-    handler = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "plugins": cmd_plugins}[args.command]
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "plugins": cmd_plugins,
+               "bench": lambda a: a.bench(a)}[args.command]
     try:
         return handler(args) or 0
     except (ValueError, TypeError) as exc:

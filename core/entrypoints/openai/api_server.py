@@ -113,8 +113,9 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        state.ready_engine()
-        return Response(status_code=200)
+        engine = state.ready_engine()
+        return {"status": "ok", "failed_steps": engine.failed_steps,
+                "last_error": None if engine.last_error is None else str(engine.last_error)}
 
     @app.get("/version")
     async def version():
