@@ -5,7 +5,8 @@ from typing import AsyncIterator
 
 from kvserve.core.entrypoints.openai.errors import APIError
 from kvserve.core.entrypoints.openai.protocol import ChatCompletionRequest
-from kvserve.core.entrypoints.openai.serving_common import DeltaTracker, OpenAIServing, new_id, now, sse, usage
+from kvserve.core.entrypoints.openai.serving_common import (DeltaTracker, OpenAIServing, new_id, now, sse, sse_stream,
+                                                            usage, wants_usage)
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -36,20 +37,20 @@ class OpenAIServingChat(OpenAIServing):
         return {"id": request_id, "object": "chat.completion", "created": now(), "model": model,
                 "choices": choices, "usage": usage(len(ids), generated)}
 
-    async def _stream(self, request: ChatCompletionRequest, model: str, request_id: str, outputs,
-                      prompt_tokens: int) -> AsyncIterator[str]:
-        include_usage = request.stream_options is not None and request.stream_options.include_usage
+    def _stream(self, request: ChatCompletionRequest, model: str, request_id: str, outputs,
+                prompt_tokens: int) -> AsyncIterator[str]:
+        include_usage = wants_usage(request)
         base = {"id": request_id, "object": "chat.completion.chunk", "created": now(), "model": model}
+        tracker, generated = DeltaTracker(), {}
 
         def chunk(index: int, delta: dict, finish_reason=None) -> str:
             body = {**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
                                          "finish_reason": finish_reason}]}
             return sse({**body, "usage": None} if include_usage else body)
 
-        for index in range(request.n):
-            yield chunk(index, {"role": "assistant", "content": ""})
-        tracker, generated = DeltaTracker(), {}
-        try:
+        async def events() -> AsyncIterator[str]:
+            for index in range(request.n):
+                yield chunk(index, {"role": "assistant", "content": ""})
             async for _, output in outputs:
                 for c in output.outputs:
                     change = tracker.delta(c.index, c.text, c.finish_reason is not None)
@@ -61,11 +62,10 @@ class OpenAIServingChat(OpenAIServing):
                         yield chunk(c.index, {"content": text})
                     if finishing:
                         yield chunk(c.index, {}, c.finish_reason)
-        except APIError as exc:
-            yield sse(exc.body())
-        except Exception as exc:
-            yield sse(APIError(500, f"generation failed: {exc}").body())
-        else:
-            if include_usage:
-                yield sse({**base, "choices": [], "usage": usage(prompt_tokens, sum(generated.values()))})
-        yield sse("[DONE]")
+
+        def usage_chunk() -> dict | None:
+            if not include_usage:
+                return None
+            return {**base, "choices": [], "usage": usage(prompt_tokens, sum(generated.values()))}
+
+        return sse_stream(events(), usage_chunk)

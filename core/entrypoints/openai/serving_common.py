@@ -5,7 +5,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from kvserve.core.engine.async_engine import AsyncLLMEngine
 from kvserve.core.entrypoints.openai.errors import APIError, bad_request, unsupported
@@ -101,6 +101,27 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def wants_usage(request: SamplingFields) -> bool:
+    return request.stream_options is not None and request.stream_options.include_usage
+
+
+async def sse_stream(events: AsyncIterator[str], usage_chunk: Callable[[], dict | None]) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI ends them: the usage chunk if asked for, then [DONE]; a failure
+    mid-stream becomes an error event, since the status line has already gone out."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as exc:
+        yield sse(exc.body())
+    except Exception as exc:
+        yield sse(APIError(500, f"generation failed: {exc}").body())
+    else:
+        final = usage_chunk()
+        if final is not None:
+            yield sse(final)
+    yield sse("[DONE]")
 
 
 class DeltaTracker:

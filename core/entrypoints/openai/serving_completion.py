@@ -5,7 +5,8 @@ from typing import AsyncIterator
 
 from kvserve.core.entrypoints.openai.errors import APIError
 from kvserve.core.entrypoints.openai.protocol import CompletionRequest
-from kvserve.core.entrypoints.openai.serving_common import DeltaTracker, OpenAIServing, new_id, now, sse, usage
+from kvserve.core.entrypoints.openai.serving_common import (DeltaTracker, OpenAIServing, new_id, now, sse, sse_stream,
+                                                            usage, wants_usage)
 
 
 def split_prompts(prompt) -> list[str | list[int]]:
@@ -42,12 +43,13 @@ class OpenAIServingCompletion(OpenAIServing):
         return {"id": request_id, "object": "text_completion", "created": now(), "model": model,
                 "choices": choices, "usage": usage(sum(map(len, token_ids)), generated)}
 
-    async def _stream(self, request: CompletionRequest, model: str, request_id: str, outputs,
-                      token_ids: list[list[int]], echoes: list[str]) -> AsyncIterator[str]:
-        include_usage = request.stream_options is not None and request.stream_options.include_usage
-        created, tracker, generated = now(), DeltaTracker(), {}
-        base = {"id": request_id, "object": "text_completion", "created": created, "model": model}
-        try:
+    def _stream(self, request: CompletionRequest, model: str, request_id: str, outputs,
+                token_ids: list[list[int]], echoes: list[str]) -> AsyncIterator[str]:
+        include_usage = wants_usage(request)
+        base = {"id": request_id, "object": "text_completion", "created": now(), "model": model}
+        tracker, generated = DeltaTracker(), {}
+
+        async def events() -> AsyncIterator[str]:
             async for i, output in outputs:
                 for c in output.outputs:
                     choice = i * request.n + c.index
@@ -62,11 +64,10 @@ class OpenAIServingCompletion(OpenAIServing):
                                                   "finish_reason": c.finish_reason if finishing else None,
                                                   "stop_reason": c.stop_reason if finishing else None}]}
                     yield sse({**chunk, "usage": None} if include_usage else chunk)
-        except APIError as exc:
-            yield sse(exc.body())
-        except Exception as exc:
-            yield sse(APIError(500, f"generation failed: {exc}").body())
-        else:
-            if include_usage:
-                yield sse({**base, "choices": [], "usage": usage(sum(map(len, token_ids)), sum(generated.values()))})
-        yield sse("[DONE]")
+
+        def usage_chunk() -> dict | None:
+            if not include_usage:
+                return None
+            return {**base, "choices": [], "usage": usage(sum(map(len, token_ids)), sum(generated.values()))}
+
+        return sse_stream(events(), usage_chunk)
