@@ -43,11 +43,15 @@ class InputProcessor:
                              f"the prompt may have at most {self.max_model_len - 1} tokens")
         return ids
 
-    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Check a request without starting it; returns its prompt token ids."""
+    def check_params(self, params: SamplingParams) -> None:
+        """Checks of sampling parameters that need the model (the vocabulary)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         bad = [t for t in params.stop_token_ids or [] if t >= self.vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.vocab_size})")
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Check a request without starting it; returns its prompt token ids."""
+        self.check_params(params)
         return self.tokenize(prompt)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import signal
 import threading
 import time
 from typing import Awaitable
@@ -97,11 +98,12 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        param = next((str(p) for p in first.get("loc", ()) if p != "body"), None)
-        return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param).response()
+        first = (exc.errors() or [{}])[0]
+        if first.get("type") == "json_invalid":
+            return APIError(400, f"invalid JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}").response()
+        fields = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = next((p for p in fields if not p.isdigit()), None)
+        return APIError(400, f"{'.'.join(fields) or 'body'}: {first.get('msg', 'invalid request')}", param).response()
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, exc: EngineDeadError):
@@ -187,7 +189,14 @@ def serve(config: EngineConfig, host: str, port: int, served_model_names: list[s
     state.on_load_failure = lambda: setattr(server, "should_exit", True)
     loader = threading.Thread(target=state.load, name="kvserve-loader", daemon=True)
     loader.start()
-    server.run()
-    if state.engine is not None:
-        state.engine.shutdown()
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal under the handlers it found;
+    # ignoring it here lets the process finish its own shutdown and exit 0.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if state.engine is not None:
+            state.engine.shutdown()
     return 1 if state.load_error is not None else 0

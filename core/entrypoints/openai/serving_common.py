@@ -44,7 +44,9 @@ class OpenAIServing:
                                 "completion). Reduce the prompt or max_tokens.", "max_tokens")
         max_tokens = room if max_tokens is None else min(max_tokens, room)
         try:
-            return request.sampling_params(max_tokens)
+            params = request.sampling_params(max_tokens)
+            self.inputs.check_params(params)
+            return params
         except (ValueError, TypeError) as exc:
             raise bad_request(exc, set(type(request).model_fields)) from exc
 
