@@ -9,6 +9,7 @@ import torch
 
 DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
+PREEMPTION_MODES = ("recompute", "swap")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
                "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
 
@@ -73,7 +74,8 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory: int | str | None = None   # None: the platform's default budget
     num_gpu_blocks_override: int | None = None
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
+    preemption_mode: str = "recompute"     # or "swap", on platforms with device memory
 
     def __post_init__(self):
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -81,8 +83,9 @@ class CacheConfig:
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_size("kv_cache_memory", self.kv_cache_memory)
         check_int("num_gpu_blocks_override", self.num_gpu_blocks_override, 1, allow_none=True)
-        if self.enable_prefix_caching:
-            raise ValueError("enable_prefix_caching=True is not supported yet; pass enable_prefix_caching=False")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
+                             f"got {self.preemption_mode!r}")
 
 
 @dataclass
@@ -150,7 +153,8 @@ class EngineConfig:
 def build_engine_config(model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
                         max_model_len: int | None = None, max_num_seqs: int = 128,
                         max_num_batched_tokens: int | None = None, seed: int = 0,
-                        enable_prefix_caching: bool = False, enable_chunked_prefill: bool = True,
+                        enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                        preemption_mode: str = "recompute",
                         num_gpu_blocks_override: int | None = None, quantization: str | None = None,
                         tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
                         speculative_config: dict | None = None, block_size: int = 16,
@@ -159,7 +163,8 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
     """An EngineConfig from the flat keyword arguments that ``LLM(...)`` and the command line take (vLLM's names)."""
     return EngineConfig(
         model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template),
-        cache=CacheConfig(block_size, kv_cache_memory, num_gpu_blocks_override, enable_prefix_caching),
+        cache=CacheConfig(block_size, kv_cache_memory, num_gpu_blocks_override, enable_prefix_caching,
+                          preemption_mode),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
         parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, data_parallel_size),
         device=DeviceConfig(device, enforce_eager),

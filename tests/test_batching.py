@@ -65,14 +65,13 @@ def test_all_blocks_free_after_mixed_requests(llm):
               for i in range(len(prompts))]
     run_staggered(llm, prompts, params)
     assert manager.num_free_blocks == manager.num_blocks
-    assert manager.num_reserved == 0
-    assert sorted(manager.free_block_ids) == list(range(manager.num_blocks))
+    assert sorted(manager.free_blocks) == list(range(manager.num_blocks))
     assert not any(manager.ref_counts)
     assert not engine.requests and not engine.runner.generators
 
 
 def test_more_requests_than_kv_capacity(tiny_model):
-    # 8 blocks of 16 tokens; each request needs 4 blocks (prompt + max_tokens = 64), so two run at a time.
+    # 8 blocks of 16 tokens and requests of up to 64 tokens: sequences are preempted and recomputed.
     llm = LLM(tiny_model("llama-tied-gqa"), dtype="float32", num_gpu_blocks_override=8, max_model_len=128,
               max_num_batched_tokens=32, max_num_seqs=8)
     prompts = make_prompts(7, seed=3)
@@ -81,14 +80,13 @@ def test_more_requests_than_kv_capacity(tiny_model):
     engine = llm.llm_engine
     for i, (p, sp) in enumerate(zip(prompts, params)):
         engine.add_request(f"r{i}", p, sp)
-    results, admitted, most_running = {}, [], 0
+    results, admitted = {}, []
     while engine.has_unfinished_requests():
         for output in engine.step():
             if output.finished:
                 results[output.request_id] = output.outputs[0].token_ids
         admitted += [s.request_id for s in engine.scheduler.running if s.request_id not in admitted]
-        most_running = max(most_running, len(engine.scheduler.running))
     assert [results[f"r{i}"] for i in range(len(prompts))] == alone
     assert admitted == [f"r{i}" for i in range(len(prompts))]
-    assert most_running == 2
+    assert engine.scheduler.num_preemptions > 0
     assert engine.block_manager.num_free_blocks == 8

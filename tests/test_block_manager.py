@@ -1,56 +1,123 @@
-"""The block manager on its own: reservations, lazy allocation, and every block back after any mix."""
+"""The block manager on its own: lazy allocation, prefix caching, LRU eviction, and its invariants."""
 from __future__ import annotations
 
-import random
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvserve.core.engine.block_manager import BlockManager
 from kvserve.core.engine.sequence import Sequence
 from kvserve.core.sampling_params import SamplingParams
 
-
-def make_seq(prompt_len: int, max_tokens: int, max_model_len: int = 256) -> Sequence:
-    return Sequence("r", [1] * prompt_len, SamplingParams(max_tokens=max_tokens), max_model_len, [2])
+BLOCK = 4
 
 
-def test_admission_reserves_whole_length_and_allocates_lazily():
-    manager = BlockManager(num_blocks=10, block_size=16)
-    seq = make_seq(20, 40)                 # 60 tokens -> 4 blocks promised
-    assert manager.can_admit(seq)
-    manager.admit(seq)
-    assert manager.num_reserved == 4 and manager.num_free_blocks == 10
-    manager.ensure_slots(seq, 20)
-    assert len(seq.block_table) == 2 and manager.num_reserved == 2 and manager.num_free_blocks == 8
-    big = make_seq(60, 60)                 # 120 tokens -> 8 blocks: more than the 6 left unpromised
-    assert not manager.can_admit(big)
-    manager.free(seq)
-    assert manager.can_admit(big) and manager.num_reserved == 0 and manager.num_free_blocks == 10
+def make_seq(tokens: list[int]) -> Sequence:
+    return Sequence("r", tokens, SamplingParams(max_tokens=64), 1024, [2])
 
 
-def test_random_mix_returns_every_block():
-    rng = random.Random(0)
-    manager = BlockManager(num_blocks=64, block_size=16)
-    live: list[tuple[Sequence, int]] = []
-    for _ in range(2000):
-        if live and rng.random() < 0.4:
-            seq, _ = live.pop(rng.randrange(len(live)))
-            manager.free(seq)
-            continue
-        if live and rng.random() < 0.5:
-            i = rng.randrange(len(live))
-            seq, computed = live[i]
-            computed = min(seq.max_total_tokens, computed + rng.randrange(1, 40))
-            manager.ensure_slots(seq, computed)
-            live[i] = (seq, computed)
-        else:
-            seq = make_seq(rng.randrange(1, 100), rng.randrange(1, 100))
-            if manager.can_admit(seq):
-                manager.admit(seq)
-                live.append((seq, 0))
-        held = [b for s, _ in live for b in s.block_table]
-        assert len(held) == len(set(held))
-        assert manager.num_free_blocks + len(held) == 64
-        assert manager.num_reserved <= manager.num_free_blocks
-    for seq, _ in live:
+def compute(manager: BlockManager, seq: Sequence, n: int) -> bool:
+    """What the scheduler and model runner do for n new tokens of a running sequence."""
+    if not manager.allocate_slots(seq, n):
+        return False
+    seq.num_computed_tokens += n
+    manager.commit(seq)
+    return True
+
+
+def check_invariants(manager: BlockManager, live: list[Sequence]) -> None:
+    held = [b for s in live for b in s.block_table]
+    for block in range(manager.num_blocks):
+        assert manager.ref_counts[block] == held.count(block)
+        assert (block in manager.free_blocks) == (manager.ref_counts[block] == 0)
+    for block_hash, block in manager.cached.items():
+        assert manager.block_hash[block] == block_hash
+    for seq in live:
+        assert len(seq.block_table) == manager.blocks_for(seq.num_computed_tokens)
+        parent = None
+        for i, block_hash in enumerate(seq.block_hashes):
+            parent = hash((parent, tuple(seq.token_ids[i * BLOCK:(i + 1) * BLOCK])))
+            assert block_hash == parent
+        assert len(seq.block_hashes) == seq.num_computed_tokens // BLOCK
+
+
+def test_prefix_hit_reuses_blocks_and_leaves_one_token():
+    manager = BlockManager(num_blocks=8, block_size=BLOCK, enable_prefix_caching=True)
+    first = make_seq(list(range(10)))
+    assert manager.try_admit(first, budget=100, allow_partial=True) == 10
+    first.num_computed_tokens = 10
+    manager.commit(first)                              # blocks 0-3, 4-7 are full and named
+    manager.free(first)
+    assert manager.num_free_blocks == 8 and len(manager.cached) == 2
+    second = make_seq(list(range(8)) + [42, 43])
+    assert manager.try_admit(second, budget=100, allow_partial=True) == 2
+    assert second.block_table[:2] == first_blocks(manager, 2) and second.num_computed_tokens == 8
+    whole = make_seq(list(range(8)))                   # fully cached: the last token is computed again
+    assert manager.try_admit(whole, budget=100, allow_partial=True) == 4
+    assert manager.prefix_hits == 8 + 4 and manager.prefix_queries == 10 + 10 + 8
+
+
+def first_blocks(manager: BlockManager, count: int) -> list[int]:
+    return [block for _, block in list(manager.cached.items())[:count]]
+
+
+def test_eviction_is_least_recently_freed_first():
+    manager = BlockManager(num_blocks=4, block_size=BLOCK, enable_prefix_caching=True)
+    a, b = make_seq([1] * 8), make_seq([2] * 8)
+    for seq in (a, b):
+        assert compute_admitted(manager, seq)
+    manager.free(a)
+    manager.free(b)
+    c = make_seq([3] * 5)                              # needs 2 blocks: a's, freed first, are evicted
+    assert manager.try_admit(c, budget=100, allow_partial=True) == 5
+    manager.free(c)
+    for tokens, cached in (([2] * 8 + [9], 8), ([1] * 8 + [9], 0)):
+        probe = make_seq(tokens)
+        assert manager.try_admit(probe, budget=100, allow_partial=True) == 9 - cached
+        assert probe.num_computed_tokens == cached
+        manager.free(probe)
+
+
+def compute_admitted(manager: BlockManager, seq: Sequence) -> bool:
+    n = manager.try_admit(seq, budget=100, allow_partial=True)
+    seq.num_computed_tokens += n
+    manager.commit(seq)
+    return n > 0
+
+
+def test_without_prefix_caching_nothing_is_shared():
+    manager = BlockManager(num_blocks=8, block_size=BLOCK, enable_prefix_caching=False)
+    a = make_seq(list(range(9)))
+    compute_admitted(manager, a)
+    manager.free(a)
+    b = make_seq(list(range(9)))
+    assert manager.try_admit(b, budget=100, allow_partial=True) == 9 and not manager.cached
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["admit", "compute", "free"]), st.integers(0, 1000),
+                          st.lists(st.integers(0, 2), min_size=1, max_size=14)), max_size=60))
+def test_random_operations_keep_invariants(operations):
+    manager = BlockManager(num_blocks=12, block_size=BLOCK, enable_prefix_caching=True)
+    live: list[Sequence] = []
+    for op, pick, tokens in operations:
+        if op == "admit":
+            seq = make_seq(tokens)      # a 3-token alphabet makes shared prefixes common
+            n = manager.try_admit(seq, budget=1 + pick % 16, allow_partial=pick % 2 == 0)
+            if n:
+                seq.num_computed_tokens += n
+                manager.commit(seq)
+                live.append(seq)
+            else:
+                assert not seq.block_table
+        elif op == "compute" and live:
+            seq = live[pick % len(live)]
+            seq.token_ids += tokens[:1 + pick % 3]
+            if seq.num_uncomputed_tokens:
+                compute(manager, seq, seq.num_uncomputed_tokens)
+        elif op == "free" and live:
+            manager.free(live.pop(pick % len(live)))
+        check_invariants(manager, live)
+    for seq in live:
         manager.free(seq)
-    assert sorted(manager.free_block_ids) == list(range(64))
-    assert manager.num_reserved == 0 and not any(manager.ref_counts)
+    check_invariants(manager, [])
+    assert manager.num_free_blocks == manager.num_blocks

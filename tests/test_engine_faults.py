@@ -29,5 +29,4 @@ def test_failed_step_aborts_its_requests_and_engine_recovers(tiny_model, monkeyp
         finished += [o for o in engine.step() if o.finished]
     assert [(o.request_id, o.outputs[0].token_ids) for o in finished] == [("c", alone_c)]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    assert engine.block_manager.num_reserved == 0
     assert llm.generate([[4, 5, 6]], params, use_tqdm=False)[0].outputs[0].token_ids == expected

@@ -1,55 +1,110 @@
-"""Paged KV cache bookkeeping: integer block ids, a free list, reference counts, reservations.
+"""Paged KV cache bookkeeping: integer block ids, an LRU free list, reference counts, and prefix caching.
 
-A sequence is admitted only when blocks for its whole possible length (prompt plus max_tokens,
-capped at max_model_len) can be promised to it. Blocks are handed out lazily as tokens are
-computed, but a running sequence can never run out, so nothing has to be evicted or dropped.
+A full block is named by a hash chain over its tokens and every block before it. With prefix caching,
+a new sequence starts from the longest chain of cached blocks that matches its tokens, and a freed block
+keeps its contents (and its name) until it is evicted, least recently freed first.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 from kvserve.core.engine.sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.prefix_caching = enable_prefix_caching
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))   # oldest first
         self.ref_counts = [0] * num_blocks
-        self.num_reserved = 0      # blocks promised to admitted sequences but not yet handed out
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}          # hash -> block holding that content
+        self.prefix_queries = 0                   # prompt tokens looked up in the cache
+        self.prefix_hits = 0                      # ... and found there
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
+    def try_admit(self, seq: Sequence, budget: int, allow_partial: bool) -> int:
+        """Attach the cached prefix of a new sequence and allocate blocks for its first chunk.
 
-    def can_admit(self, seq: Sequence) -> bool:
-        return self.blocks_for(seq.max_total_tokens) <= self.num_free_blocks - self.num_reserved
+        Returns how many tokens to compute now, or 0 (changing nothing) when the chunk does not fit.
+        """
+        hits = self._cached_prefix(seq) if self.prefix_caching else []
+        cached_tokens = len(hits) * self.block_size
+        todo = seq.num_tokens - cached_tokens
+        n = min(todo, budget)
+        if n < todo and not allow_partial:
+            return 0
+        idle_hits = sum(1 for block, _ in hits if self.ref_counts[block] == 0)
+        if self.blocks_for(cached_tokens + n) - len(hits) > self.num_free_blocks - idle_hits:
+            return 0
+        if self.prefix_caching:
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += cached_tokens
+        for block, block_hash in hits:
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+            seq.block_hashes.append(block_hash)
+        seq.num_computed_tokens = cached_tokens
+        self.allocate_slots(seq, n)
+        return n
 
-    def admit(self, seq: Sequence) -> None:
-        assert self.can_admit(seq) and not seq.block_table
-        seq.num_reserved_blocks = self.blocks_for(seq.max_total_tokens)
-        self.num_reserved += seq.num_reserved_blocks
-
-    def ensure_slots(self, seq: Sequence, num_tokens: int) -> None:
-        """Give ``seq`` enough blocks to hold ``num_tokens`` tokens, out of its reservation."""
-        missing = self.blocks_for(num_tokens) - len(seq.block_table)
-        assert missing <= seq.num_reserved_blocks, "a sequence outgrew its reservation"
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Give ``seq`` blocks for ``num_new_tokens`` more tokens; False (changing nothing) if too few are free."""
+        missing = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if missing > self.num_free_blocks:
+            return False
         for _ in range(missing):
-            block_id = self.free_block_ids.popleft()
-            self.ref_counts[block_id] = 1
-            seq.block_table.append(block_id)
-        seq.num_reserved_blocks -= max(missing, 0)
-        self.num_reserved -= max(missing, 0)
+            seq.block_table.append(self._take_free_block())
+        return True
+
+    def commit(self, seq: Sequence) -> None:
+        """Name the blocks that the last step filled, so later sequences can reuse them."""
+        if not self.prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        for i in range(len(seq.block_hashes), full):
+            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            block_hash = hash((seq.block_hashes[-1] if seq.block_hashes else None, tokens))
+            seq.block_hashes.append(block_hash)
+            block = seq.block_table[i]
+            if block_hash not in self.cached:   # else the same content is already cached in another block
+                self.cached[block_hash] = block
+                self.block_hash[block], self.block_tokens[block] = block_hash, tokens
 
     def free(self, seq: Sequence) -> None:
-        for block_id in reversed(seq.block_table):
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                self.free_block_ids.append(block_id)
-        seq.block_table = []
-        self.num_reserved -= seq.num_reserved_blocks
-        seq.num_reserved_blocks = 0
+        # Tail blocks first: they go to the old end of the free list and are evicted before the prefix.
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+        seq.block_table, seq.block_hashes = [], []
+
+    def _cached_prefix(self, seq: Sequence) -> list[tuple[int, int]]:
+        """(block, hash) of the leading full blocks already cached; the last token is always left to compute."""
+        hits, parent = [], None
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            parent = hash((parent, tokens))
+            block = self.cached.get(parent)
+            if block is None or self.block_tokens[block] != tokens:
+                break
+            hits.append((block, parent))
+        return hits
+
+    def _take_free_block(self) -> int:
+        block, _ = self.free_blocks.popitem(last=False)
+        if self.block_hash[block] is not None:   # evict the cached content it held
+            del self.cached[self.block_hash[block]]
+            self.block_hash[block] = self.block_tokens[block] = None
+        self.ref_counts[block] = 1
+        return block

@@ -44,7 +44,8 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer(config.model.tokenizer)
         self.eos_token_ids = checkpoint.eos_token_ids or [self.tokenizer.eos_token_id]
         self.runner = ModelRunner(config, self.platform, checkpoint, model_cls)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0        # prompt tokens computed (prefill), for metrics

@@ -1,5 +1,10 @@
-"""Continuous batching: each step runs every running sequence's next tokens plus as many waiting
-prompts (or prompt chunks) as the token budget, the sequence limit and the KV cache allow."""
+"""Continuous batching with chunked prefill and preemption.
+
+Each step, running sequences get their next tokens first (oldest first, within the token budget), then
+waiting ones are admitted while the budget, the sequence limit and the KV cache allow. When a running
+sequence needs a block and none is free, the most recently admitted sequence is preempted: its blocks are
+freed and it goes back to the front of the queue, to be recomputed (cheaply, from the prefix cache) later.
+"""
 from __future__ import annotations
 
 from collections import deque
@@ -12,7 +17,7 @@ from kvserve.core.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    """Sequences to run this step, decodes first, and how many new tokens each computes."""
+    """Sequences to run this step, decodes (one new token) first, and how many new tokens each computes."""
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
@@ -26,7 +31,8 @@ class Scheduler:
         self.chunked_prefill = config.scheduler.enable_chunked_prefill
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []      # in admission order
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -36,41 +42,50 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
-        decodes = [s for s in self.running if s.is_decoding]
-        prefills = [s for s in self.running if not s.is_decoding]
-        seqs, counts = [], []
-        for seq in decodes:
-            seqs.append(seq)
-            counts.append(1)
-        budget -= len(decodes)
-        for seq in prefills:
+        scheduled: dict[Sequence, int] = {}
+        preempted = False
+        for seq in list(self.running):
             if budget == 0:
                 break
-            n = min(seq.num_prompt_tokens - seq.num_computed_tokens, budget)
-            seqs.append(seq)
-            counts.append(n)
-            budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if seq.status is not SequenceStatus.RUNNING:   # preempted earlier in this loop
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.allocate_slots(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                scheduled[seq] = n
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            n = min(seq.num_prompt_tokens, budget)
-            if (n < seq.num_prompt_tokens and not self.chunked_prefill) or not self.block_manager.can_admit(seq):
+            n = self.block_manager.try_admit(seq, budget, self.chunked_prefill)
+            if n == 0:
                 break
             self.waiting.popleft()
-            self.block_manager.admit(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            seqs.append(seq)
-            counts.append(n)
+            scheduled[seq] = n
             budget -= n
-        for seq, n in zip(seqs, counts):
-            self.block_manager.ensure_slots(seq, seq.num_computed_tokens + n)
-        return ScheduledBatch(seqs, counts, len(decodes))
+        decodes = [s for s, n in scheduled.items() if n == 1]
+        others = [s for s, n in scheduled.items() if n > 1]
+        order = decodes + others
+        return ScheduledBatch(order, [scheduled[s] for s in order], len(decodes))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def finish_step(self, batch: ScheduledBatch) -> None:
-        """Record the computed tokens; free finished sequences at once."""
+        """Record the computed tokens and name the blocks they filled; free finished sequences at once."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-        for seq in batch.seqs:
+            self.block_manager.commit(seq)
             if seq.is_finished:
                 self.block_manager.free(seq)
         self.running = [s for s in self.running if not s.is_finished]

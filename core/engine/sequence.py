@@ -27,9 +27,9 @@ class Sequence:
         self.eos_token_ids = [] if params.ignore_eos else list(eos_token_ids)
         limit = max_model_len if params.max_tokens is None else self.num_prompt_tokens + params.max_tokens
         self.max_total_tokens = min(limit, max_model_len)
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0       # tokens whose keys/values are in the cache (computed or prefix hits)
         self.block_table: list[int] = []
-        self.num_reserved_blocks = 0
+        self.block_hashes: list[int] = []  # hash-chain value of each full block of block_table, in order
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -56,8 +56,8 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     @property
-    def is_decoding(self) -> bool:
-        return self.num_computed_tokens >= self.num_prompt_tokens
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = SequenceStatus.FINISHED

@@ -31,6 +31,9 @@ def platform_detect() -> PlatformInfo:
 @hookimpl
 def platform_update_config(config) -> None:
     cache = config.cache
+    if cache.preemption_mode == "swap":
+        raise ValueError("preemption_mode='swap' moves KV blocks from device to host memory, and the cpu platform "
+                         "keeps them in host memory already; allowed on cpu: 'recompute'")
     if cache.kv_cache_memory is None:
         cache.kv_cache_memory = min(DEFAULT_KV_CACHE_BYTES, _meminfo().free_bytes // 4)
 

@@ -38,6 +38,9 @@ class EngineCollector:
             "prompt_tokens": ("Prompt tokens computed", engine.prompt_tokens_total),
             "generation_tokens": ("Tokens generated", engine.generation_tokens_total),
             "failed_steps": ("Model steps that raised", async_engine.failed_steps),
+            "num_preemptions": ("Sequences preempted for lack of KV blocks", engine.scheduler.num_preemptions),
+            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache", blocks.prefix_queries),
+            "prefix_cache_hits": ("Prompt tokens found in the prefix cache", blocks.prefix_hits),
         }
         for name, (doc, value) in counters.items():
             family = CounterMetricFamily(PREFIX + name, doc)
