@@ -27,6 +27,8 @@ ARCHITECTURES = {
 # Kernels with a fixed set of head sizes (IPEX) need a realistic one.
 EXTRA_ARCHITECTURES = {
     "llama-head64": (LlamaConfig, dict(num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)),
+    # Benchmarks draw token ids up to 30000.
+    "qwen2-big-vocab": (Qwen2Config, dict(num_key_value_heads=2, vocab_size=30000)),
 }
 
 
@@ -49,7 +51,7 @@ def tiny_model(tmp_path_factory):
     def make(name: str) -> str:
         if name not in built:
             config_cls, extra = {**ARCHITECTURES, **EXTRA_ARCHITECTURES}[name]
-            config = config_cls(**TINY, **extra)
+            config = config_cls(**{**TINY, **extra})
             config.architectures = [config_cls.__name__.replace("Config", "ForCausalLM")]
             from transformers import AutoModelForCausalLM
             torch.manual_seed(0)

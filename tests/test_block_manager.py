@@ -20,7 +20,7 @@ def compute(manager: BlockManager, seq: Sequence, n: int) -> bool:
     if not manager.allocate_slots(seq, n):
         return False
     seq.num_computed_tokens += n
-    manager.commit(seq)
+    manager.commit(seq, seq.num_computed_tokens)
     return True
 
 
@@ -45,7 +45,7 @@ def test_prefix_hit_reuses_blocks_and_leaves_one_token():
     first = make_seq(list(range(10)))
     assert manager.try_admit(first, budget=100, allow_partial=True) == 10
     first.num_computed_tokens = 10
-    manager.commit(first)                              # blocks 0-3, 4-7 are full and named
+    manager.commit(first, first.num_computed_tokens)                              # blocks 0-3, 4-7 are full and named
     manager.free(first)
     assert manager.num_free_blocks == 8 and len(manager.cached) == 2
     second = make_seq(list(range(8)) + [42, 43])
@@ -80,7 +80,7 @@ def test_eviction_is_least_recently_freed_first():
 def compute_admitted(manager: BlockManager, seq: Sequence) -> bool:
     n = manager.try_admit(seq, budget=100, allow_partial=True)
     seq.num_computed_tokens += n
-    manager.commit(seq)
+    manager.commit(seq, seq.num_computed_tokens)
     return n > 0
 
 
@@ -105,7 +105,7 @@ def test_random_operations_keep_invariants(operations):
             n = manager.try_admit(seq, budget=1 + pick % 16, allow_partial=pick % 2 == 0)
             if n:
                 seq.num_computed_tokens += n
-                manager.commit(seq)
+                manager.commit(seq, seq.num_computed_tokens)
                 live.append(seq)
             else:
                 assert not seq.block_table

@@ -18,12 +18,13 @@ def test_failed_step_aborts_its_requests_and_engine_recovers(tiny_model, monkeyp
     alone_c = llm.generate([[13, 14]], params, use_tqdm=False)[0].outputs[0].token_ids
     engine.add_request("a", [7, 8, 9], params)
     engine.step()
-    engine.add_request("poisoned", [12, FAULT], params)
+    engine.add_request("poisoned", list(range(20, 40)) + [FAULT], params)   # fills a block, named when scheduled
     engine.add_request("c", [13, 14], params)            # waits: max_num_seqs=2 is full, so not in the step
     with pytest.raises(EngineStepError, match=r"requests \['a', 'poisoned'\]: RuntimeError: injected fault") as err:
         engine.step()
     assert err.value.request_ids == ["a", "poisoned"]
     assert set(engine.requests) == {"c"}
+    assert not engine.block_manager.cached, "blocks of a failed step must not be reused"
     finished = []
     while engine.has_unfinished_requests():
         finished += [o for o in engine.step() if o.finished]

@@ -23,6 +23,7 @@ class BlockManager:
         self.cached: dict[int, int] = {}          # hash -> block holding that content
         self.prefix_queries = 0                   # prompt tokens looked up in the cache
         self.prefix_hits = 0                      # ... and found there
+        self.named_this_step: list[int] = []      # blocks named by the step being scheduled, not yet computed
 
     @property
     def num_free_blocks(self) -> int:
@@ -67,12 +68,15 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
         return True
 
-    def commit(self, seq: Sequence) -> None:
-        """Name the blocks that the last step filled, so later sequences can reuse them."""
+    def commit(self, seq: Sequence, num_tokens: int) -> None:
+        """Name the full blocks among ``seq``'s first ``num_tokens`` tokens, so other sequences can reuse them.
+
+        The scheduler names blocks as it schedules them: a sequence admitted later in the same step may then
+        reuse them, because every layer writes the step's keys and values before it attends.
+        """
         if not self.prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
-        for i in range(len(seq.block_hashes), full):
+        for i in range(len(seq.block_hashes), num_tokens // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             block_hash = hash((seq.block_hashes[-1] if seq.block_hashes else None, tokens))
             seq.block_hashes.append(block_hash)
@@ -80,6 +84,15 @@ class BlockManager:
             if block_hash not in self.cached:   # else the same content is already cached in another block
                 self.cached[block_hash] = block
                 self.block_hash[block], self.block_tokens[block] = block_hash, tokens
+                self.named_this_step.append(block)
+
+    def forget_step(self) -> None:
+        """The step failed: the blocks it named hold no valid keys and values."""
+        for block in self.named_this_step:
+            if self.block_hash[block] is not None:
+                del self.cached[self.block_hash[block]]
+                self.block_hash[block] = self.block_tokens[block] = None
+        self.named_this_step = []
 
     def free(self, seq: Sequence) -> None:
         # Tail blocks first: they go to the old end of the free list and are evicted before the prefix.

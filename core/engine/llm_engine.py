@@ -104,6 +104,7 @@ class LLMEngine:
                 raise RuntimeError(f"injected fault: token {self.fault_token} ({FAULT_TOKEN_ENV})")
             sampled = self.runner.execute(batch)
         except Exception as exc:
+            self.block_manager.forget_step()
             failed = sorted({s.request_id for s in batch.seqs})
             for request_id in failed:
                 self.abort_request(request_id)

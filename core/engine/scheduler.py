@@ -41,6 +41,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        self.block_manager.named_this_step = []
         budget = self.max_num_batched_tokens
         scheduled: dict[Sequence, int] = {}
         preempted = False
@@ -57,6 +58,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
+                self.block_manager.commit(seq, seq.num_computed_tokens + n)
                 scheduled[seq] = n
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
@@ -64,6 +66,7 @@ class Scheduler:
             n = self.block_manager.try_admit(seq, budget, self.chunked_prefill)
             if n == 0:
                 break
+            self.block_manager.commit(seq, seq.num_computed_tokens + n)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -82,10 +85,9 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish_step(self, batch: ScheduledBatch) -> None:
-        """Record the computed tokens and name the blocks they filled; free finished sequences at once."""
+        """Record the computed tokens; free finished sequences at once."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.commit(seq)
             if seq.is_finished:
                 self.block_manager.free(seq)
         self.running = [s for s in self.running if not s.is_finished]

@@ -1,0 +1,75 @@
+"""`kvserve bench throughput`: offline throughput on a random token-id workload that other engines can replay."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'64:256' -> (64, 256), both inclusive; '128' -> (128, 128)."""
+    low, _, high = text.partition(":")
+    try:
+        bounds = int(low), int(high or low)
+    except ValueError:
+        raise ValueError(f"a length range must look like 64:256 or 128, got {text!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"a length range needs 1 <= low <= high, got {text!r}")
+    return bounds
+
+
+def random_workload(num_prompts: int, input_len: tuple[int, int], seed: int,
+                    shared_prefix_len: int = 0) -> list[list[int]]:
+    """Token-id prompts drawn exactly as documented in docs/benchmarks.md; a shared prefix is drawn separately,
+    so the per-request parts are the same with and without one."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(input_len[0], input_len[1] + 1, size=num_prompts)
+    prompts = [rng.integers(1000, 30000, size=int(n)).tolist() for n in lens]
+    if shared_prefix_len:
+        prefix = np.random.default_rng(seed + 1).integers(1000, 30000, size=shared_prefix_len).tolist()
+        prompts = [prefix + p for p in prompts]
+    return prompts
+
+
+def run(llm, prompts: list[list[int]], output_len: int) -> dict:
+    from kvserve.core.sampling_params import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    prompt_tokens_before, blocks = engine.prompt_tokens_total, engine.block_manager
+    hits_before, queries_before = blocks.prefix_hits, blocks.prefix_queries
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    prompt_tokens = sum(map(len, prompts))
+    queries = blocks.prefix_queries - queries_before
+    return {"requests": len(prompts), "elapsed_s": round(elapsed, 2),
+            "requests_per_s": round(len(prompts) / elapsed, 3),
+            "output_tokens_per_s": round(generated / elapsed, 1),
+            "total_tokens_per_s": round((generated + prompt_tokens) / elapsed, 1),
+            "prompt_tokens": prompt_tokens,
+            "prompt_tokens_computed": engine.prompt_tokens_total - prompt_tokens_before,
+            "prefix_cache_hit_rate": round((blocks.prefix_hits - hits_before) / queries, 3) if queries else 0.0}
+
+
+def add_parser(commands, add_engine_args) -> None:
+    parser = commands.add_parser("throughput", help="offline throughput on a random token-id workload")
+    parser.add_argument("--dataset", default="random", choices=["random"])
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", default="64:256", help="prompt length range lo:hi, inclusive")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--shared-prefix-len", type=int, default=0, help="a common prefix of this many tokens")
+    add_engine_args(parser)   # its --seed seeds the workload too, as in vLLM's benchmarks
+
+    def bench(args) -> None:
+        from kvserve.core.entrypoints.cli import build_llm
+
+        prompts = random_workload(args.num_prompts, parse_range(args.input_len), args.seed, args.shared_prefix_len)
+        result = run(build_llm(args), prompts, args.output_len)
+        print(json.dumps({"workload": {k: getattr(args, k) for k in (
+            "dataset", "num_prompts", "input_len", "output_len", "shared_prefix_len", "seed")},
+            **result}, indent=2))
+
+    parser.set_defaults(bench=bench)
