@@ -5,12 +5,27 @@ from dataclasses import dataclass
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability under the model's raw logits, its rank (1: most likely), and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per position: {token id: Logprob} for the actual token and the top-k tokens.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None       # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None   # the stop token id or stop string that ended it
+    cumulative_logprob: float | None = None        # sum of the generated tokens' logprobs (with logprobs=k)
+    logprobs: list[PositionLogprobs] | None = None  # one per generated token (with logprobs=k)
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -23,3 +38,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    prompt_logprobs: list[PositionLogprobs | None] | None = None   # None for the first prompt token

@@ -6,9 +6,24 @@ from dataclasses import dataclass, field
 
 from kvserve.core.config import check_int
 
+MAX_LOGPROBS = 20
+
 
 @dataclass
 class SamplingParams:
+    """How to pick each next token, and when to stop.
+
+    Before temperature and the top-k/top-p/min-p filters, the logits go through, in this order: the
+    min_tokens ban on stop tokens, bad_words, logit_bias, then repetition_penalty (divides positive and
+    multiplies negative logits of every prompt or output token), frequency_penalty (minus penalty x count) and
+    presence_penalty (minus penalty once), the last two on output tokens only.
+
+    logprobs=k and prompt_logprobs=k (k in [0, 20]) report, per generated or prompt token, its logprob and rank
+    (1: the most likely) and the k most likely tokens (k=0: the token alone). Like vLLM v1's default
+    ("raw_logprobs"), they are the float32 log_softmax of the model's raw logits: before the min_tokens ban,
+    bad_words, logit_bias, penalties, temperature and top-k/top-p/min-p.
+    """
+
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -25,7 +40,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    bad_words: list[str] | None = None          # words never generated (with and without a leading space)
+    logprobs: int | None = None                 # top-k logprobs per generated token, k in [0, 20]
+    prompt_logprobs: int | None = None          # top-k logprobs per prompt token, k in [0, 20]
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -45,10 +63,25 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
         self.stop_strings = stops
-        for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
-                              ("logprobs", None)):
-            if getattr(self, name) != default:
-                raise ValueError(f"{name} is not supported yet; leave it at its default {default}")
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0, "in [-2, 2]")
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "in [-2, 2]")
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, 2.0, "in (0, 2] (1 means off)",
+                     low_open=True)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+            for token, bias in self.logit_bias.items():
+                check_int("logit_bias token id", token, 0)
+                _check_float(f"logit_bias[{token}]", bias, -100.0, 100.0, "in [-100, 100]")
+        if self.bad_words is not None and (not isinstance(self.bad_words, list) or any(
+                not isinstance(w, str) or not w.strip() for w in self.bad_words)):
+            raise ValueError(f"bad_words must be a list of non-blank strings, got {self.bad_words!r}")
+        check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS, allow_none=True)
+        check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, allow_none=True)
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
     def greedy(self) -> bool:

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Paged attention stores keys and values in blocks.",
@@ -53,7 +53,6 @@ def tiny_model(tmp_path_factory):
             config_cls, extra = {**ARCHITECTURES, **EXTRA_ARCHITECTURES}[name]
             config = config_cls(**{**TINY, **extra})
             config.architectures = [config_cls.__name__.replace("Config", "ForCausalLM")]
-            from transformers import AutoModelForCausalLM
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             path = str(tmp_path_factory.mktemp(name))
@@ -63,6 +62,25 @@ def tiny_model(tmp_path_factory):
         return built[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_model):
+    """hf_model(name) -> the transformers model saved in tiny_model(name), in float32 and eval mode."""
+    loaded: dict[str, torch.nn.Module] = {}
+
+    def load(name: str) -> torch.nn.Module:
+        if name not in loaded:
+            loaded[name] = AutoModelForCausalLM.from_pretrained(tiny_model(name), dtype=torch.float32).eval()
+        return loaded[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    """The tokenizer every tiny checkpoint carries, as transformers loads it."""
+    return AutoTokenizer.from_pretrained(tiny_model("qwen2"))
 
 
 @pytest.fixture(scope="session")

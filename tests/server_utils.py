@@ -9,18 +9,21 @@ import tempfile
 import time
 
 import httpx
+import openai
 import pytest
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 ERROR_FIELDS = {"message", "type", "param", "code"}
-# Known server bug: uvicorn re-raises a captured SIGTERM once its graceful shutdown is done, so `kvserve serve`
-# dies by the signal (exit -15) instead of returning 0 from api_server.serve (whose engine shutdown is skipped).
-# test_server_errors.py::test_sigterm_exit_code is an xfail(strict=True) for it; once fixed, set this to False.
 
 
 def tiny_args(tiny_model, *extra: str) -> list[str]:
     """Server arguments for the tiny random-weight Llama (the tiny_model fixture builds it)."""
     return [tiny_model("llama-tied-gqa"), "--dtype", "float32", "--kv-cache-memory", "8MiB", *extra]
+
+
+def openai_client(server: Server, timeout: float = 120) -> openai.OpenAI:
+    """The official client for ``server``, without retries (a retry would hide a failed request)."""
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=timeout)
 
 
 def free_port() -> int:

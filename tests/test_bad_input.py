@@ -26,7 +26,20 @@ def llm(tiny_model):
     (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-3]), "stop_token_ids"),
     (dict(n=0), "n must be >= 1"),
-    (dict(repetition_penalty=1.2), "repetition_penalty is not supported"),
+    (dict(presence_penalty=2.5), "presence_penalty must be in [-2, 2]"),
+    (dict(frequency_penalty=-3), "frequency_penalty must be in [-2, 2]"),
+    (dict(frequency_penalty="high"), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be in (0, 2]"),
+    (dict(repetition_penalty=2.5), "repetition_penalty must be in (0, 2]"),
+    (dict(logit_bias={5: 101.0}), "logit_bias[5] must be in [-100, 100]"),
+    (dict(logit_bias={-1: 1.0}), "logit_bias token id must be >= 0"),
+    (dict(logit_bias=[5]), "logit_bias must be a dict"),
+    (dict(bad_words=["ok", "  "]), "bad_words must be a list of non-blank strings"),
+    (dict(bad_words="word"), "bad_words"),
+    (dict(logprobs=21), "logprobs must be in [0, 20], got 21"),
+    (dict(logprobs=-1), "logprobs must be in [0, 20], got -1"),
+    (dict(logprobs=True), "logprobs must be an integer in [0, 20]"),
+    (dict(prompt_logprobs=21), "prompt_logprobs must be in [0, 20]"),
 ])
 def test_invalid_sampling_params(kwargs, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -47,6 +60,12 @@ def test_invalid_prompts(llm, prompt, words):
 def test_stop_token_outside_vocabulary(llm):
     with pytest.raises(ValueError, match="stop_token_ids"):
         llm.generate(["hello"], SamplingParams(stop_token_ids=[100000]), use_tqdm=False)
+
+
+def test_logit_bias_outside_vocabulary(llm):
+    with pytest.raises(ValueError, match=r"logit_bias token ids \[384\] are outside the vocabulary \[0, 384\)"):
+        llm.generate(["hello"], SamplingParams(logit_bias={5: 1.0, 384: 1.0}), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
 
 
 def test_bad_prompt_in_a_batch_starts_nothing(llm):

@@ -6,7 +6,7 @@ import asyncio
 import httpx
 import openai
 import pytest
-from server_utils import DEFAULT_NAME, metrics, post, start_server, stop_server, token_count
+from server_utils import DEFAULT_NAME, metrics, openai_client, post, start_server, stop_server, token_count
 
 import kvserve
 from kvserve.core.sampling_params import SamplingParams
@@ -25,7 +25,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300) as client:
+    with openai_client(server, timeout=300) as client:
         yield client
 
 
@@ -146,6 +146,22 @@ def test_greedy_equals_offline_llm(client, llm):
         llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0].text
     assert chat(client, max_tokens=16).choices[0].message.content == \
         llm.chat(MESSAGES, params, use_tqdm=False)[0].outputs[0].text
+
+
+def test_logprobs_of_greedy_replies(client):
+    reply = chat(client, max_tokens=6, logprobs=True, top_logprobs=3).choices[0]
+    content = reply.logprobs.content
+    assert reply.finish_reason == "length" and len(content) == 6
+    assert "".join(c.token for c in content) == reply.message.content
+    for item in content:   # greedy on raw logits: each token is its position's most likely one
+        assert [t.token for t in item.top_logprobs][0] == item.token and len(item.top_logprobs) == 3
+        assert item.logprob == item.top_logprobs[0].logprob <= 0
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob >= item.top_logprobs[2].logprob
+    echoed = complete(client, prompt=PROMPT, max_tokens=6, echo=True, logprobs=2, extra_body=IGNORE_EOS).choices[0]
+    logprobs = echoed.logprobs
+    assert "".join(logprobs.tokens) == echoed.text and logprobs.token_logprobs[0] is None
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
 
 
 def test_prompt_forms_and_echo(server, client):

@@ -41,15 +41,21 @@ def test_served_model_names_and_wrong_model(server):
 @pytest.mark.parametrize("path, field, value", [
     (COMPLETIONS, "temperature", -1), (COMPLETIONS, "top_p", 2), (COMPLETIONS, "max_tokens", 0),
     (COMPLETIONS, "n", 0), (COMPLETIONS, "top_k", -5), (COMPLETIONS, "stop", ""), (CHAT, "temperature", -1),
-    (CHAT, "max_tokens", 0), (CHAT, "n", 0), (COMPLETIONS, "temperature", "hot")])
+    (CHAT, "max_tokens", 0), (CHAT, "n", 0), (COMPLETIONS, "temperature", "hot"), (COMPLETIONS, "logprobs", 21),
+    (COMPLETIONS, "logprobs", -1), (CHAT, "top_logprobs", 21), (COMPLETIONS, "presence_penalty", 2.5),
+    (CHAT, "frequency_penalty", -3), (CHAT, "repetition_penalty", 0), (COMPLETIONS, "logit_bias", {"5": 101}),
+    (COMPLETIONS, "logit_bias", {"384": 1}), (CHAT, "logit_bias", {"x": 1}), (COMPLETIONS, "bad_words", [" "])])
 def test_invalid_parameter_is_400_naming_it(server, path, field, value):
     body = {"prompt": "The quick"} if path == COMPLETIONS else {"messages": MESSAGES}
     assert_error(post(server, path, {**body, field: value}), 400, field, field)
 
 
+def test_top_logprobs_needs_logprobs(server):
+    assert_error(post(server, CHAT, {"messages": MESSAGES, "top_logprobs": 2}), 400, "top_logprobs", "logprobs: true")
+
+
 @pytest.mark.parametrize("path, field, value", [
-    (COMPLETIONS, "logprobs", 1), (COMPLETIONS, "presence_penalty", 0.5), (COMPLETIONS, "logit_bias", {"5": 1.0}),
-    (COMPLETIONS, "suffix", "!"), (CHAT, "logprobs", True), (CHAT, "frequency_penalty", 0.5),
+    (COMPLETIONS, "suffix", "!"), (COMPLETIONS, "best_of", 3), (CHAT, "response_format", {"type": "json_object"}),
     (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}])])
 def test_unsupported_parameter_is_400_naming_it(server, path, field, value):
     body = {"prompt": "The quick"} if path == COMPLETIONS else {"messages": MESSAGES}

@@ -37,7 +37,9 @@ class BlockManager:
 
         Returns how many tokens to compute now, or 0 (changing nothing) when the chunk does not fit.
         """
-        hits = self._cached_prefix(seq) if self.prefix_caching else []
+        # Prompt logprobs need logits at every prompt position, so such a request computes its whole prompt.
+        use_cache = self.prefix_caching and seq.params.prompt_logprobs is None
+        hits = self._cached_prefix(seq) if use_cache else []
         cached_tokens = len(hits) * self.block_size
         todo = seq.num_tokens - cached_tokens
         n = min(todo, budget)
@@ -46,7 +48,7 @@ class BlockManager:
         idle_hits = sum(1 for block, _ in hits if self.ref_counts[block] == 0)
         if self.blocks_for(cached_tokens + n) - len(hits) > self.num_free_blocks - idle_hits:
             return 0
-        if self.prefix_caching:
+        if use_cache:
             self.prefix_queries += seq.num_tokens
             self.prefix_hits += cached_tokens
         for block, block_hash in hits:

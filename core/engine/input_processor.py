@@ -50,6 +50,20 @@ class InputProcessor:
         bad = [t for t in params.stop_token_ids or [] if t >= self.vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.vocab_size})")
+        bad = [t for t in params.logit_bias or {} if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids {bad} are outside the vocabulary [0, {self.vocab_size})")
+
+    def bad_words_token_ids(self, params: SamplingParams) -> list[list[int]]:
+        """Each bad word's token ids, as vLLM finds them: the word alone and after a space, since a
+        tokenizer may spell a word differently at the start of a text and in its middle."""
+        words = []
+        for word in params.bad_words or []:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in words and max(ids) < self.vocab_size:
+                    words.append(ids)
+        return words
 
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Check a request without starting it; returns its prompt token ids."""

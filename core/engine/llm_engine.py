@@ -9,13 +9,14 @@ from kvserve.core.config import EngineConfig
 from kvserve.core.engine.block_manager import BlockManager
 from kvserve.core.engine.detokenizer import IncrementalDetokenizer
 from kvserve.core.engine.input_processor import InputProcessor
+from kvserve.core.engine.logprobs import LogprobsBuilder
 from kvserve.core.engine.model_runner import ModelRunner
 from kvserve.core.engine.scheduler import Scheduler
 from kvserve.core.engine.sequence import Sequence
 from kvserve.core.loader.model_loader import Checkpoint
 from kvserve.core.log import logger
 from kvserve.core.models.registry import resolve_model_class
-from kvserve.core.outputs import CompletionOutput, RequestOutput
+from kvserve.core.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from kvserve.core.sampling_params import SamplingParams
 from kvserve.plugins.manager import PluginManager
 
@@ -28,6 +29,9 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     detokenizers: dict[int, IncrementalDetokenizer]   # by seq_id
+    logprobs: dict[int, list[PositionLogprobs]]         # by seq_id, when the request asked for logprobs
+    cumulative_logprobs: dict[int, float]
+    prompt_logprobs: list[PositionLogprobs | None] | None
 
 
 class LLMEngine:
@@ -56,6 +60,7 @@ class LLMEngine:
         self.max_model_len = config.model.max_model_len
         self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
                                      config.model.chat_template)
+        self.logprobs_builder = LogprobsBuilder(self.tokenizer)
         logger.info("loaded %s on %s (%s, %s attention) in %.1fs; KV cache %.2f GiB = %d tokens in %d blocks",
                     checkpoint.path, self.platform.name, str(self.runner.dtype).removeprefix("torch."),
                     self.runner.backend.name, time.perf_counter() - start, self.runner.kv_cache_bytes / 2**30,
@@ -72,14 +77,22 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = prompt_token_ids if prompt_token_ids is not None else self.validate(prompt, params)
         # Parallel sampling: n independent sequences; a seeded request gives child i the seed + i.
+        # The children share the prompt, so only the first computes its logprobs.
         children = [params] if params.n == 1 else [
-            replace(params, n=1, seed=None if params.seed is None else params.seed + i) for i in range(params.n)]
+            replace(params, n=1, seed=None if params.seed is None else params.seed + i,
+                    prompt_logprobs=params.prompt_logprobs if i == 0 else None) for i in range(params.n)]
         seqs = [Sequence(request_id, ids, child, self.max_model_len, self.eos_token_ids, index=i)
                 for i, child in enumerate(children)]
         detokenizers = {s.seq_id: IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                         for s in seqs}
-        self.requests[request_id] = _Request(prompt if isinstance(prompt, str) else None, ids, seqs, detokenizers)
+        wants = params.logprobs is not None
+        self.requests[request_id] = _Request(prompt if isinstance(prompt, str) else None, ids, seqs, detokenizers,
+                                             {s.seq_id: [] for s in seqs} if wants else {},
+                                             {s.seq_id: 0.0 for s in seqs} if wants else {},
+                                             None if params.prompt_logprobs is None else [None])
+        bad_words = self.inputs.bad_words_token_ids(params)
         for seq in seqs:
+            self.runner.add(seq, bad_words)
             self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
@@ -102,7 +115,7 @@ class LLMEngine:
             if self.fault_token is not None and any(self.fault_token in s.token_ids[s.num_computed_tokens:]
                                                     for s in batch.seqs):
                 raise RuntimeError(f"injected fault: token {self.fault_token} ({FAULT_TOKEN_ENV})")
-            sampled = self.runner.execute(batch)
+            result = self.runner.execute(batch)
         except Exception as exc:
             self.block_manager.forget_step()
             failed = sorted({s.request_id for s in batch.seqs})
@@ -110,11 +123,19 @@ class LLMEngine:
                 self.abort_request(request_id)
             raise EngineStepError(failed, exc) from exc
         self.prompt_tokens_total += sum(batch.num_new_tokens[batch.num_decodes:])
-        self.generation_tokens_total += len(sampled)
+        self.generation_tokens_total += len(result.sampled)
+        for seq, (first, entries) in result.prompt_logprobs.items():
+            known = self.requests[seq.request_id].prompt_logprobs
+            known += [None] * (first - len(known))   # the first prompt token: nothing predicts it
+            known += map(self.logprobs_builder, entries)
         touched: dict[str, _Request] = {}
-        for seq, token in sampled:
+        for seq, token in result.sampled:
             request = self.requests[seq.request_id]
             seq.token_ids.append(token)
+            if seq in result.logprobs:
+                entry = result.logprobs[seq]
+                request.logprobs[seq.seq_id].append(self.logprobs_builder(entry))
+                request.cumulative_logprobs[seq.seq_id] += entry.logprob
             self._check_stop(seq, request.detokenizers[seq.seq_id])
             touched[seq.request_id] = request
         self.scheduler.finish_step(batch)
@@ -147,10 +168,14 @@ class LLMEngine:
             held_back = max((len(s) for s in seq.params.stop_strings), default=1) - 1
             if held_back and not seq.is_finished:   # a stop string may still complete here: don't emit it yet
                 text = text[:max(0, len(text) - held_back)]
+            logprobs = request.logprobs.get(seq.seq_id)
             completions.append(CompletionOutput(seq.index, text, seq.output_token_ids, seq.finish_reason,
-                                                seq.stop_reason))
+                                                seq.stop_reason, request.cumulative_logprobs.get(seq.seq_id),
+                                                None if logprobs is None else list(logprobs)))
         finished = all(seq.is_finished for seq in request.seqs)
-        return RequestOutput(request_id, request.prompt, request.prompt_token_ids, completions, finished)
+        prompt_logprobs = None if request.prompt_logprobs is None else list(request.prompt_logprobs)
+        return RequestOutput(request_id, request.prompt, request.prompt_token_ids, completions, finished,
+                             prompt_logprobs)
 
     def _forget(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)

@@ -1,12 +1,17 @@
 """Builds the model and its paged KV cache on the platform's device, and runs one scheduled step."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from itertools import accumulate
+
 import torch
 
 from kvserve.core.config import EngineConfig
+from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, prompt_logprobs
 from kvserve.core.engine.scheduler import ScheduledBatch
 from kvserve.core.engine.sequence import Sequence
 from kvserve.core.layers.attention import Attention
+from kvserve.core.layers.logits_processors import apply_penalties, bad_word_bans, pad_ids, token_logprobs
 from kvserve.core.layers.ops import Ops
 from kvserve.core.layers.sampler import SamplingBatch, sample
 from kvserve.core.loader.model_loader import Checkpoint
@@ -27,6 +32,14 @@ def choose_dtype(config: EngineConfig, checkpoint: Checkpoint, platform: Platfor
     if isinstance(native, str):
         native = getattr(torch, native, None)
     return native if native in info.supported_dtypes else info.default_dtype
+
+
+@dataclass
+class StepOutput:
+    sampled: list[tuple[Sequence, int]] = field(default_factory=list)   # (sequence, its new token)
+    logprobs: dict[Sequence, TokenLogprobs] = field(default_factory=dict)   # its new token's, if asked for
+    # (index of the first prompt token covered, one entry per prompt token from there on), if asked for
+    prompt_logprobs: dict[Sequence, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -55,6 +68,8 @@ class ModelRunner:
             layer.backend, layer.kv_cache = self.backend, self.kv_cache[i]
         self.graph_runner = platform.graph_runner(self.model, self.backend, config)
         self.generators: dict[int, torch.Generator] = {}
+        self.bad_words: dict[int, list[list[int]]] = {}    # seq_id -> token ids of each bad word
+        self.prompt_logprobs = PromptLogprobsPlanner()
 
     def _count_blocks(self, num_layers: int, platform: Platform) -> int:
         cache, spec = self.config.cache, self.spec
@@ -76,12 +91,20 @@ class ModelRunner:
                              f"num_gpu_blocks_override) or lower max_model_len")
         return num_blocks
 
+    def add(self, seq: Sequence, bad_words_token_ids: list[list[int]]) -> None:
+        if bad_words_token_ids:
+            self.bad_words[seq.seq_id] = bad_words_token_ids
+        self.prompt_logprobs.add(seq)
+
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
+        self.bad_words.pop(seq.seq_id, None)
+        self.prompt_logprobs.release(seq)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
-        """Run one step; returns the new token of every sequence whose step reached its last token."""
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        """Run one step: a new token for every sequence whose step reached its last token, with the logprobs
+        its request asked for, and the logprobs of the prompt tokens this step's chunks predict."""
         seqs, counts = batch.seqs, batch.num_new_tokens
         layout = StepLayout(query_lens=counts,
                             seq_lens=[s.num_computed_tokens + n for s, n in zip(seqs, counts)],
@@ -94,15 +117,63 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, metadata.positions, metadata)
 
+        starts = list(accumulate(counts, initial=0))
         rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
-        if not rows:
-            return []
-        sampling_seqs = [seqs[i] for i in rows]
-        last_token = metadata.query_start_loc[1:][torch.tensor(rows, device=self.device)] - 1
-        logits = self.model.compute_logits(hidden[last_token]).float()
-        self._mask_stop_tokens_before_min(logits, sampling_seqs)
-        tokens = sample(logits, self._sampling_batch(sampling_seqs)).tolist()
-        return list(zip(sampling_seqs, tokens))
+        prompt_slices = self.prompt_logprobs.plan(seqs, counts, starts)
+        hidden_rows = [starts[i + 1] - 1 for i in rows] + [r for s in prompt_slices
+                                                           for r in range(s.row, s.row + s.count)]
+        if not hidden_rows:
+            return StepOutput()
+        logits = self.model.compute_logits(hidden[torch.tensor(hidden_rows, device=self.device)]).float()
+        out = StepOutput(prompt_logprobs=prompt_logprobs(logits[len(rows):], prompt_slices))
+        if rows:
+            self._sample([seqs[i] for i in rows], logits[:len(rows)], out)
+        return out
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
+        wants_logprobs = [row for row, s in enumerate(seqs) if s.params.logprobs is not None]
+        raw_logprobs = logits[wants_logprobs].log_softmax(dim=-1) if wants_logprobs else None
+        self._mask_stop_tokens_before_min(logits, seqs)
+        logits = self._apply_processors(logits, seqs)
+        tokens = sample(logits, self._sampling_batch(seqs))
+        out.sampled = list(zip(seqs, tokens.tolist()))
+        if wants_logprobs:
+            width = max(seqs[row].params.logprobs for row in wants_logprobs)
+            chosen = tokens[wants_logprobs]
+            for row, values in zip(wants_logprobs, token_logprobs(raw_logprobs, chosen, width)):
+                seq, token = out.sampled[row]
+                out.logprobs[seq] = TokenLogprobs.from_row(values, token, seq.params.logprobs, width)
+
+    def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """bad_words, logit_bias, then presence/frequency/repetition penalties, on the rows that use them."""
+        ban_rows, ban_cols, bias_rows, bias_cols, biases = [], [], [], [], []
+        for row, seq in enumerate(seqs):
+            if seq.seq_id in self.bad_words:
+                banned = bad_word_bans(self.bad_words[seq.seq_id], seq.output_token_ids)
+                ban_rows += [row] * len(banned)
+                ban_cols += banned
+            if seq.params.logit_bias:
+                bias_rows += [row] * len(seq.params.logit_bias)
+                bias_cols += seq.params.logit_bias.keys()
+                biases += seq.params.logit_bias.values()
+        as_tensor = lambda values, dtype=torch.int64: torch.tensor(values, dtype=dtype, device=self.device)  # noqa
+        if ban_rows:
+            logits[as_tensor(ban_rows), as_tensor(ban_cols)] = float("-inf")
+        if bias_rows:
+            logits.index_put_((as_tensor(bias_rows), as_tensor(bias_cols)), as_tensor(biases, torch.float32),
+                              accumulate=True)
+        penalized = [row for row, seq in enumerate(seqs) if seq.params.uses_penalties]
+        if penalized:
+            params = [seqs[row].params for row in penalized]
+            vocab, index = logits.shape[-1], as_tensor(penalized)
+            output_ids = pad_ids([seqs[row].output_token_ids for row in penalized], vocab, self.device)
+            prompt_ids = None if all(p.repetition_penalty == 1 for p in params) else pad_ids(
+                [seqs[row].token_ids[:seqs[row].num_prompt_tokens] for row in penalized], vocab, self.device)
+            logits[index] = apply_penalties(
+                logits[index], prompt_ids, output_ids, as_tensor([p.presence_penalty for p in params], torch.float32),
+                as_tensor([p.frequency_penalty for p in params], torch.float32),
+                as_tensor([p.repetition_penalty for p in params], torch.float32))
+        return logits
 
     def _mask_stop_tokens_before_min(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         rows, cols = [], []

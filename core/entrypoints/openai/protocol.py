@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvserve.core.sampling_params import SamplingParams
+from kvserve.core.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 class Strict(BaseModel):
@@ -35,14 +35,19 @@ class SamplingFields(Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None    # token id (a string, as JSON keys are) -> bias
+    bad_words: list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
     def unsupported(self) -> list[str]:
         """Fields set to something the engine cannot honour yet."""
-        return ["logit_bias"] if self.logit_bias else []
+        return []
+
+    def logprobs_params(self) -> dict:
+        """SamplingParams' logprobs and prompt_logprobs, from each endpoint's own fields."""
+        return {}
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
@@ -52,7 +57,16 @@ class SamplingFields(Strict):
             n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self.token_id_biases(), bad_words=self.bad_words, **self.logprobs_params(),
             **{k: v for k, v in optional.items() if v is not None})
+
+    def token_id_biases(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        bad = [key for key in self.logit_bias if not key.strip().isdigit()]
+        if bad:
+            raise ValueError(f"logit_bias keys must be token ids (strings of digits), got {bad}")
+        return {int(key): bias for key, bias in self.logit_bias.items()}
 
 
 class CompletionRequest(SamplingFields):
@@ -65,8 +79,11 @@ class CompletionRequest(SamplingFields):
 
     def unsupported(self) -> list[str]:
         return super().unsupported() + [name for name, bad in (
-            ("logprobs", self.logprobs is not None), ("suffix", bool(self.suffix)),
-            ("best_of", self.best_of not in (None, self.n))) if bad]
+            ("suffix", bool(self.suffix)), ("best_of", self.best_of not in (None, self.n))) if bad]
+
+    def logprobs_params(self) -> dict:
+        # echo returns the prompt too, so its tokens need logprobs as well.
+        return dict(logprobs=self.logprobs, prompt_logprobs=self.logprobs if self.echo else None)
 
 
 class ChatMessage(BaseModel):
@@ -89,9 +106,16 @@ class ChatCompletionRequest(SamplingFields):
 
     def unsupported(self) -> list[str]:
         return super().unsupported() + [name for name, bad in (
-            ("logprobs", self.logprobs), ("top_logprobs", self.top_logprobs is not None),
             ("tools", bool(self.tools)), ("tool_choice", self.tool_choice not in (None, "none")),
             ("response_format", self.response_format not in (None, {"type": "text"}))) if bad]
+
+    def logprobs_params(self) -> dict:
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise ValueError("top_logprobs needs logprobs: true")
+            if isinstance(self.top_logprobs, bool) or not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
+        return dict(logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
     def conversation(self) -> list[dict[str, str]]:
         """Messages as the chat template takes them: text content only."""

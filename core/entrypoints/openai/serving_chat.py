@@ -4,9 +4,11 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from kvserve.core.entrypoints.openai.errors import APIError
+from kvserve.core.entrypoints.openai.logprobs import chat_logprobs
 from kvserve.core.entrypoints.openai.protocol import ChatCompletionRequest
 from kvserve.core.entrypoints.openai.serving_common import (DeltaTracker, OpenAIServing, new_id, now, sse, sse_stream,
                                                             usage, wants_usage)
+from kvserve.core.outputs import CompletionOutput
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -31,8 +33,9 @@ class OpenAIServingChat(OpenAIServing):
         final = None
         async for _, output in outputs:
             final = output
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in final.outputs]
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._logprobs(request, c), "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason} for c in final.outputs]
         generated = sum(len(c.token_ids) for c in final.outputs)
         return {"id": request_id, "object": "chat.completion", "created": now(), "model": model,
                 "choices": choices, "usage": usage(len(ids), generated)}
@@ -43,8 +46,8 @@ class OpenAIServingChat(OpenAIServing):
         base = {"id": request_id, "object": "chat.completion.chunk", "created": now(), "model": model}
         tracker, generated = DeltaTracker(), {}
 
-        def chunk(index: int, delta: dict, finish_reason=None) -> str:
-            body = {**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
+        def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
+            body = {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                          "finish_reason": finish_reason}]}
             return sse({**body, "usage": None} if include_usage else body)
 
@@ -57,11 +60,13 @@ class OpenAIServingChat(OpenAIServing):
                     if change is None:
                         continue
                     text, finishing = change
+                    logprobs = self._logprobs(request, c, generated.get(c.index, 0))
                     generated[c.index] = len(c.token_ids)
                     if text:
-                        yield chunk(c.index, {"content": text})
+                        yield chunk(c.index, {"content": text}, logprobs=logprobs)
+                        logprobs = None
                     if finishing:
-                        yield chunk(c.index, {}, c.finish_reason)
+                        yield chunk(c.index, {}, c.finish_reason, logprobs)
 
         def usage_chunk() -> dict | None:
             if not include_usage:
@@ -69,3 +74,10 @@ class OpenAIServingChat(OpenAIServing):
             return {**base, "choices": [], "usage": usage(prompt_tokens, sum(generated.values()))}
 
         return sse_stream(events(), usage_chunk)
+
+    @staticmethod
+    def _logprobs(request: ChatCompletionRequest, completion: CompletionOutput, sent: int = 0) -> dict | None:
+        """Logprobs of the tokens after the first ``sent``; None when not asked for or none are new."""
+        if not request.logprobs or len(completion.token_ids) <= sent:
+            return None
+        return chat_logprobs(completion.token_ids[sent:], completion.logprobs[sent:], request.top_logprobs or 0)

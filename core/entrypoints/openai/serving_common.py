@@ -50,6 +50,9 @@ class OpenAIServing:
         except (ValueError, TypeError) as exc:
             raise bad_request(exc, set(type(request).model_fields)) from exc
 
+    def decode_token(self, token_id: int) -> str:
+        return self.inputs.tokenizer.decode([token_id])
+
     def tokenize(self, prompt: str | list[int], field: str = "prompt") -> list[int]:
         try:
             return self.inputs.tokenize(prompt)

@@ -4,9 +4,11 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from kvserve.core.entrypoints.openai.errors import APIError
+from kvserve.core.entrypoints.openai.logprobs import completion_logprobs
 from kvserve.core.entrypoints.openai.protocol import CompletionRequest
 from kvserve.core.entrypoints.openai.serving_common import (DeltaTracker, OpenAIServing, new_id, now, sse, sse_stream,
                                                             usage, wants_usage)
+from kvserve.core.outputs import CompletionOutput, RequestOutput
 
 
 def split_prompts(prompt) -> list[str | list[int]]:
@@ -36,7 +38,8 @@ class OpenAIServingCompletion(OpenAIServing):
         final = {}
         async for i, output in outputs:
             final[i] = output
-        choices = [{"index": i * request.n + c.index, "text": echoes[i] + c.text, "logprobs": None,
+        choices = [{"index": i * request.n + c.index, "text": echoes[i] + c.text,
+                    "logprobs": self._logprobs(request, final[i], c, 0, True)[0],
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                    for i in sorted(final) for c in final[i].outputs]
         generated = sum(len(c.token_ids) for o in final.values() for c in o.outputs)
@@ -47,7 +50,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 token_ids: list[list[int]], echoes: list[str]) -> AsyncIterator[str]:
         include_usage = wants_usage(request)
         base = {"id": request_id, "object": "text_completion", "created": now(), "model": model}
-        tracker, generated = DeltaTracker(), {}
+        tracker, generated, offsets = DeltaTracker(), {}, {}
 
         async def events() -> AsyncIterator[str]:
             async for i, output in outputs:
@@ -57,10 +60,13 @@ class OpenAIServingCompletion(OpenAIServing):
                     if change is None:
                         continue
                     text, finishing = change
-                    if choice not in generated:
+                    first = choice not in generated
+                    if first:
                         text = echoes[i] + text
+                    logprobs, offsets[choice] = self._logprobs(request, output, c, offsets.get(choice, 0), first,
+                                                               generated.get(choice, 0))
                     generated[choice] = len(c.token_ids)
-                    chunk = {**base, "choices": [{"index": choice, "text": text, "logprobs": None,
+                    chunk = {**base, "choices": [{"index": choice, "text": text, "logprobs": logprobs,
                                                   "finish_reason": c.finish_reason if finishing else None,
                                                   "stop_reason": c.stop_reason if finishing else None}]}
                     yield sse({**chunk, "usage": None} if include_usage else chunk)
@@ -71,3 +77,13 @@ class OpenAIServingCompletion(OpenAIServing):
             return {**base, "choices": [], "usage": usage(sum(map(len, token_ids)), sum(generated.values()))}
 
         return sse_stream(events(), usage_chunk)
+
+    def _logprobs(self, request: CompletionRequest, output: RequestOutput, completion: CompletionOutput,
+                  text_offset: int, with_prompt: bool, sent: int = 0) -> tuple[dict | None, int]:
+        """Logprobs of the tokens after the first ``sent`` generated ones (and of the echoed prompt, if asked)."""
+        if request.logprobs is None:
+            return None, text_offset
+        ids, entries = completion.token_ids[sent:], completion.logprobs[sent:]
+        if request.echo and with_prompt:
+            ids, entries = output.prompt_token_ids + ids, output.prompt_logprobs + entries
+        return completion_logprobs(ids, entries, self.decode_token, text_offset)
