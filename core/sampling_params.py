@@ -25,6 +25,7 @@ class SamplingParams:
     """
 
     n: int = 1
+    best_of: int | None = None          # sample this many (>= n) and return the n of highest cumulative logprob
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0                      # 0 or -1: no top-k
@@ -48,6 +49,7 @@ class SamplingParams:
 
     def __post_init__(self):
         check_int("n", self.n, 1)
+        check_int("best_of", self.best_of, self.n, allow_none=True)
         _check_float("temperature", self.temperature, 0.0, math.inf, "a number >= 0 (0 means greedy)")
         _check_float("top_p", self.top_p, 0.0, 1.0, "in (0, 1]", low_open=True)
         _check_float("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
@@ -78,6 +80,11 @@ class SamplingParams:
             raise ValueError(f"bad_words must be a list of non-blank strings, got {self.bad_words!r}")
         check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS, allow_none=True)
         check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, allow_none=True)
+
+    @property
+    def num_samples(self) -> int:
+        """How many sequences the request samples: best_of, or n."""
+        return self.best_of or self.n
 
     @property
     def uses_penalties(self) -> bool:

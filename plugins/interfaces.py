@@ -133,6 +133,14 @@ class AttentionBackend(ABC):
             max_seq_len=max(layout.seq_lens, default=0),
         )
 
+    def copy_blocks(self, source: torch.Tensor, destination: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks, every layer's, from ``source`` to ``destination`` (each [layers, *kv_cache_shape];
+        the same tensor for copy-on-write, a host and a device cache for swapping), one (from, to) per pair.
+        The default suits layouts whose first dimension after keys/values counts blocks."""
+        from_ids = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=source.device)
+        to_ids = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=destination.device)
+        destination[:, :, to_ids] = source[:, :, from_ids].to(destination.device, non_blocking=True)
+
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -15,12 +15,37 @@ def make_seq(tokens: list[int]) -> Sequence:
     return Sequence("r", tokens, SamplingParams(max_tokens=64), 1024, [2])
 
 
-def compute(manager: BlockManager, seq: Sequence, n: int) -> bool:
+class ShadowCache:
+    """The token each cache slot would hold, written as the model runner writes keys and values (after the
+    step's block copies), to check that every sequence reads back exactly its own tokens."""
+
+    def __init__(self, manager: BlockManager):
+        self.manager = manager
+        self.slots: dict[tuple[int, int], int] = {}
+
+    def write(self, seq: Sequence, n: int) -> None:
+        """Run n new tokens of ``seq``, whose slots the manager has just allocated."""
+        for source, destination in self.manager.copies_this_step:
+            for offset in range(BLOCK):
+                if (source, offset) in self.slots:
+                    self.slots[(destination, offset)] = self.slots[(source, offset)]
+        self.manager.copies_this_step = []
+        for position in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
+            block = seq.block_table[position // BLOCK]
+            assert self.manager.ref_counts[block] == 1, "a block is written while another sequence holds it"
+            self.slots[(block, position % BLOCK)] = seq.token_ids[position]
+        seq.num_computed_tokens += n
+        self.manager.commit(seq, seq.num_computed_tokens)
+
+    def read(self, seq: Sequence) -> list[int]:
+        return [self.slots.get((seq.block_table[p // BLOCK], p % BLOCK)) for p in range(seq.num_computed_tokens)]
+
+
+def compute(manager: BlockManager, seq: Sequence, n: int, cache: ShadowCache | None = None) -> bool:
     """What the scheduler and model runner do for n new tokens of a running sequence."""
     if not manager.allocate_slots(seq, n):
         return False
-    seq.num_computed_tokens += n
-    manager.commit(seq, seq.num_computed_tokens)
+    (cache or ShadowCache(manager)).write(seq, n)
     return True
 
 
@@ -94,18 +119,18 @@ def test_without_prefix_caching_nothing_is_shared():
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["admit", "compute", "free"]), st.integers(0, 1000),
+@given(st.lists(st.tuples(st.sampled_from(["admit", "compute", "fork", "free"]), st.integers(0, 1000),
                           st.lists(st.integers(0, 2), min_size=1, max_size=14)), max_size=60))
 def test_random_operations_keep_invariants(operations):
     manager = BlockManager(num_blocks=12, block_size=BLOCK, enable_prefix_caching=True)
+    cache = ShadowCache(manager)
     live: list[Sequence] = []
     for op, pick, tokens in operations:
         if op == "admit":
             seq = make_seq(tokens)      # a 3-token alphabet makes shared prefixes common
             n = manager.try_admit(seq, budget=1 + pick % 16, allow_partial=pick % 2 == 0)
             if n:
-                seq.num_computed_tokens += n
-                manager.commit(seq, seq.num_computed_tokens)
+                cache.write(seq, n)
                 live.append(seq)
             else:
                 assert not seq.block_table
@@ -113,11 +138,40 @@ def test_random_operations_keep_invariants(operations):
             seq = live[pick % len(live)]
             seq.token_ids += tokens[:1 + pick % 3]
             if seq.num_uncomputed_tokens:
-                compute(manager, seq, seq.num_uncomputed_tokens)
+                compute(manager, seq, seq.num_uncomputed_tokens, cache)
+        elif op == "fork" and live:
+            parent = live[pick % len(live)]
+            child = make_seq(parent.token_ids[:parent.num_computed_tokens])
+            manager.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            live.append(child)
         elif op == "free" and live:
             manager.free(live.pop(pick % len(live)))
         check_invariants(manager, live)
+        for seq in live:
+            assert cache.read(seq) == seq.token_ids[:seq.num_computed_tokens]
     for seq in live:
         manager.free(seq)
     check_invariants(manager, [])
     assert manager.num_free_blocks == manager.num_blocks
+
+
+def test_forked_sequences_copy_a_shared_partial_block_on_write():
+    manager = BlockManager(num_blocks=8, block_size=BLOCK, enable_prefix_caching=False)
+    cache = ShadowCache(manager)
+    parent = make_seq(list(range(6)))                  # one full block and half of another
+    cache.write(parent, manager.try_admit(parent, budget=100, allow_partial=True))
+    children = [make_seq(parent.token_ids) for _ in range(2)]
+    for child in children:
+        manager.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+    assert [manager.ref_counts[b] for b in parent.block_table] == [3, 3] and manager.num_free_blocks == 6
+    full, partial = parent.block_table
+    for i, seq in enumerate([parent, *children]):
+        seq.token_ids.append(100 + i)
+        assert compute(manager, seq, 1, cache)
+    assert all(s.block_table[0] == full for s in children) and manager.ref_counts[full] == 3
+    assert len({s.block_table[1] for s in [parent, *children]}) == 3   # two copies; the last writer kept it
+    assert children[-1].block_table[1] == partial
+    for seq in [parent, *children]:
+        assert cache.read(seq) == seq.token_ids

@@ -78,16 +78,3 @@ def test_smollm2_unchanged_by_chunking_caching_and_preemption(smollm2_path):
     assert greedy(tight, batch, max_tokens=32) == expected
     assert greedy(tight, batch, max_tokens=32) == expected
     assert tight.llm_engine.scheduler.num_preemptions > 0 and tight.llm_engine.block_manager.prefix_hits > 0
-
-
-def test_parallel_samples_share_the_prompt_blocks(tiny_model):
-    llm = LLM(tiny_model("llama-tied-gqa"), dtype="float32", kv_cache_memory="16MiB", max_model_len=160)
-    engine = llm.llm_engine
-    engine.add_request("fan", list(range(3, 43)), SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=4))
-    engine.step()   # all four children are admitted in one step
-    tables = [s.block_table for s in engine.scheduler.running]
-    assert len(tables) == 4 and all(t[:2] == tables[0][:2] for t in tables)   # 40 tokens: 2 full blocks shared
-    assert len({t[2] for t in tables}) == 4                                     # each child's own last block
-    assert [engine.block_manager.ref_counts[b] for b in tables[0][:2]] == [4, 4]
-    while engine.has_unfinished_requests():
-        engine.step()

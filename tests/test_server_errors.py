@@ -50,12 +50,18 @@ def test_invalid_parameter_is_400_naming_it(server, path, field, value):
     assert_error(post(server, path, {**body, field: value}), 400, field, field)
 
 
+def test_best_of_below_n_or_streamed_is_400(server):
+    assert_error(post(server, COMPLETIONS, {"prompt": "The quick", "n": 2, "best_of": 1}), 400, "best_of", ">= 2")
+    assert_error(post(server, COMPLETIONS, {"prompt": "The quick", "best_of": 2, "stream": True}), 400, "best_of",
+                 "cannot be streamed")
+
+
 def test_top_logprobs_needs_logprobs(server):
     assert_error(post(server, CHAT, {"messages": MESSAGES, "top_logprobs": 2}), 400, "top_logprobs", "logprobs: true")
 
 
 @pytest.mark.parametrize("path, field, value", [
-    (COMPLETIONS, "suffix", "!"), (COMPLETIONS, "best_of", 3), (CHAT, "response_format", {"type": "json_object"}),
+    (COMPLETIONS, "suffix", "!"), (CHAT, "response_format", {"type": "json_object"}),
     (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}])])
 def test_unsupported_parameter_is_400_naming_it(server, path, field, value):
     body = {"prompt": "The quick"} if path == COMPLETIONS else {"messages": MESSAGES}

@@ -127,3 +127,11 @@ def test_logit_bias_forces_a_token(client, llm):
     result = client.chat.completions.create(model=model(client), messages=MESSAGES, temperature=1.0, max_tokens=6,
                                             logit_bias={"200": 100}, extra_body={"ignore_eos": True})
     assert result.choices[0].message.content == llm.get_tokenizer().decode([200] * 6)
+
+
+def test_best_of_returns_the_offline_engines_best(client, llm):
+    params = dict(n=2, best_of=4, temperature=1.0, seed=3, max_tokens=10)
+    result = client.completions.create(model=model(client), prompt=PROMPT, extra_body={"ignore_eos": True}, **params)
+    expected = llm.generate(PROMPT, SamplingParams(ignore_eos=True, **params), use_tqdm=False)[0].outputs
+    assert [c.text for c in result.choices] == [c.text for c in expected] and [c.index for c in result.choices] == [0, 1]
+    assert result.usage.completion_tokens == 20

@@ -3,6 +3,9 @@
 A full block is named by a hash chain over its tokens and every block before it. With prefix caching,
 a new sequence starts from the longest chain of cached blocks that matches its tokens, and a freed block
 keeps its contents (and its name) until it is evicted, least recently freed first.
+
+A forked sequence shares all its parent's blocks. Full blocks are never written again, so only a shared,
+partly filled last block is copied, when one of its holders first writes to it (copy on write).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ class BlockManager:
         self.prefix_queries = 0                   # prompt tokens looked up in the cache
         self.prefix_hits = 0                      # ... and found there
         self.named_this_step: list[int] = []      # blocks named by the step being scheduled, not yet computed
+        self.copies_this_step: list[tuple[int, int]] = []   # (source, destination) to copy before the step runs
 
     @property
     def num_free_blocks(self) -> int:
@@ -62,13 +66,33 @@ class BlockManager:
         return n
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Give ``seq`` blocks for ``num_new_tokens`` more tokens; False (changing nothing) if too few are free."""
+        """Give ``seq`` blocks for ``num_new_tokens`` more tokens, copying a shared partial block it writes to;
+        False (changing nothing) if too few blocks are free."""
+        shared = self._shared_partial_block(seq)
         missing = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        if missing > self.num_free_blocks:
+        if missing + (shared is not None) > self.num_free_blocks:
             return False
+        if shared is not None:
+            source = seq.block_table[shared]
+            self.ref_counts[source] -= 1
+            seq.block_table[shared] = self._take_free_block()
+            self.copies_this_step.append((source, seq.block_table[shared]))
         for _ in range(missing):
             seq.block_table.append(self._take_free_block())
         return True
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let ``child`` hold every block of ``parent``, as it is now."""
+        for block in parent.block_table:
+            self.ref_counts[block] += 1
+        child.block_table, child.block_hashes = list(parent.block_table), list(parent.block_hashes)
+
+    def _shared_partial_block(self, seq: Sequence) -> int | None:
+        """Index in ``seq``'s block table of the partly filled block its next token goes to, if others hold it."""
+        index, offset = divmod(seq.num_computed_tokens, self.block_size)
+        if offset and self.ref_counts[seq.block_table[index]] > 1:
+            return index
+        return None
 
     def commit(self, seq: Sequence, num_tokens: int) -> None:
         """Name the full blocks among ``seq``'s first ``num_tokens`` tokens, so other sequences can reuse them.

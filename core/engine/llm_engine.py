@@ -25,6 +25,7 @@ FAULT_TOKEN_ENV = "KVSERVE_FAULT_TOKEN"
 
 @dataclass
 class _Request:
+    params: SamplingParams
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Sequence]
@@ -76,24 +77,34 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = prompt_token_ids if prompt_token_ids is not None else self.validate(prompt, params)
-        # Parallel sampling: n independent sequences; a seeded request gives child i the seed + i.
-        # The children share the prompt, so only the first computes its logprobs.
-        children = [params] if params.n == 1 else [
-            replace(params, n=1, seed=None if params.seed is None else params.seed + i,
-                    prompt_logprobs=params.prompt_logprobs if i == 0 else None) for i in range(params.n)]
-        seqs = [Sequence(request_id, ids, child, self.max_model_len, self.eos_token_ids, index=i)
-                for i, child in enumerate(children)]
+        seqs = [Sequence(request_id, ids, child, self.max_model_len, self.eos_token_ids)
+                for child in self._child_params(params)]
         detokenizers = {s.seq_id: IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                         for s in seqs}
         wants = params.logprobs is not None
-        self.requests[request_id] = _Request(prompt if isinstance(prompt, str) else None, ids, seqs, detokenizers,
-                                             {s.seq_id: [] for s in seqs} if wants else {},
-                                             {s.seq_id: 0.0 for s in seqs} if wants else {},
+        ranked = params.num_samples > params.n
+        self.requests[request_id] = _Request(params, prompt if isinstance(prompt, str) else None, ids, seqs,
+                                             detokenizers, {s.seq_id: [] for s in seqs} if wants else {},
+                                             {s.seq_id: 0.0 for s in seqs} if wants or ranked else {},
                                              None if params.prompt_logprobs is None else [None])
         bad_words = self.inputs.bad_words_token_ids(params)
         for seq in seqs:
             self.runner.add(seq, bad_words)
-            self.scheduler.add(seq)
+        # The first sequence computes the prompt once; the others fork from it when it samples its first token.
+        seqs[0].pending_forks = seqs[1:]
+        self.scheduler.add(seqs[0])
+
+    @staticmethod
+    def _child_params(params: SamplingParams) -> list[SamplingParams]:
+        """Each sampled sequence's parameters: a seeded request gives child i the seed + i; only the first
+        computes the prompt's logprobs; with best_of > n each child needs its tokens' logprobs for the ranking."""
+        if params.num_samples == 1:
+            return [params]
+        ranked = params.num_samples > params.n
+        logprobs = 0 if ranked and params.logprobs is None else params.logprobs
+        return [replace(params, n=1, best_of=None, seed=None if params.seed is None else params.seed + i,
+                        logprobs=logprobs, prompt_logprobs=params.prompt_logprobs if i == 0 else None)
+                for i in range(params.num_samples)]
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -134,12 +145,15 @@ class LLMEngine:
             seq.token_ids.append(token)
             if seq in result.logprobs:
                 entry = result.logprobs[seq]
-                request.logprobs[seq.seq_id].append(self.logprobs_builder(entry))
+                if request.params.logprobs is not None:
+                    request.logprobs[seq.seq_id].append(self.logprobs_builder(entry))
                 request.cumulative_logprobs[seq.seq_id] += entry.logprob
             self._check_stop(seq, request.detokenizers[seq.seq_id])
             touched[seq.request_id] = request
         self.scheduler.finish_step(batch)
-        outputs = [self._output(request_id, request) for request_id, request in touched.items()]
+        # With best_of > n, which samples are returned is only known at the end.
+        outputs = [self._output(request_id, request) for request_id, request in touched.items()
+                   if request.params.num_samples == request.params.n or all(s.is_finished for s in request.seqs)]
         for output in outputs:
             if output.finished:
                 self._forget(output.request_id)
@@ -163,13 +177,16 @@ class LLMEngine:
 
     def _output(self, request_id: str, request: _Request) -> RequestOutput:
         completions = []
-        for seq in request.seqs:
+        seqs = request.seqs
+        if len(seqs) > request.params.n:   # best_of: the n most likely samples, best first
+            seqs = sorted(seqs, key=lambda s: -request.cumulative_logprobs[s.seq_id])[:request.params.n]
+        for index, seq in enumerate(seqs):
             text = request.detokenizers[seq.seq_id].text
             held_back = max((len(s) for s in seq.params.stop_strings), default=1) - 1
             if held_back and not seq.is_finished:   # a stop string may still complete here: don't emit it yet
                 text = text[:max(0, len(text) - held_back)]
             logprobs = request.logprobs.get(seq.seq_id)
-            completions.append(CompletionOutput(seq.index, text, seq.output_token_ids, seq.finish_reason,
+            completions.append(CompletionOutput(index, text, seq.output_token_ids, seq.finish_reason,
                                                 seq.stop_reason, request.cumulative_logprobs.get(seq.seq_id),
                                                 None if logprobs is None else list(logprobs)))
         finished = all(seq.is_finished for seq in request.seqs)

@@ -106,6 +106,8 @@ class ModelRunner:
         """Run one step: a new token for every sequence whose step reached its last token, with the logprobs
         its request asked for, and the logprobs of the prompt tokens this step's chunks predict."""
         seqs, counts = batch.seqs, batch.num_new_tokens
+        if batch.block_copies:
+            self.backend.copy_blocks(self.kv_cache, self.kv_cache, batch.block_copies)
         layout = StepLayout(query_lens=counts,
                             seq_lens=[s.num_computed_tokens + n for s, n in zip(seqs, counts)],
                             block_tables=[s.block_table for s in seqs], num_decodes=batch.num_decodes)
@@ -118,7 +120,10 @@ class ModelRunner:
             hidden = self.model(input_ids, metadata.positions, metadata)
 
         starts = list(accumulate(counts, initial=0))
-        rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
+        done = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
+        # A sequence's pending forks sample their first tokens from its logits, each with its own parameters.
+        rows = done + [i for i in done for _ in seqs[i].pending_forks]
+        samplers = [seqs[i] for i in done] + [child for i in done for child in seqs[i].pending_forks]
         prompt_slices = self.prompt_logprobs.plan(seqs, counts, starts)
         hidden_rows = [starts[i + 1] - 1 for i in rows] + [r for s in prompt_slices
                                                            for r in range(s.row, s.row + s.count)]
@@ -127,7 +132,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(hidden_rows, device=self.device)]).float()
         out = StepOutput(prompt_logprobs=prompt_logprobs(logits[len(rows):], prompt_slices))
         if rows:
-            self._sample([seqs[i] for i in rows], logits[:len(rows)], out)
+            self._sample(samplers, logits[:len(rows)], out)
         return out
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:

@@ -22,6 +22,7 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
     num_decodes: int
+    block_copies: list[tuple[int, int]]   # (source, destination) blocks to copy before the step runs
 
 
 class Scheduler:
@@ -41,7 +42,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        self.block_manager.named_this_step = []
+        self.block_manager.named_this_step, self.block_manager.copies_this_step = [], []
         budget = self.max_num_batched_tokens
         scheduled: dict[Sequence, int] = {}
         preempted = False
@@ -61,8 +62,11 @@ class Scheduler:
                 self.block_manager.commit(seq, seq.num_computed_tokens + n)
                 scheduled[seq] = n
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        num_seqs = sum(s.num_seqs for s in self.running)
+        while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
+            if num_seqs + seq.num_seqs > self.max_num_seqs:
+                break
             n = self.block_manager.try_admit(seq, budget, self.chunked_prefill)
             if n == 0:
                 break
@@ -70,12 +74,13 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            num_seqs += seq.num_seqs
             scheduled[seq] = n
             budget -= n
         decodes = [s for s, n in scheduled.items() if n == 1]
         others = [s for s, n in scheduled.items() if n > 1]
         order = decodes + others
-        return ScheduledBatch(order, [scheduled[s] for s in order], len(decodes))
+        return ScheduledBatch(order, [scheduled[s] for s in order], len(decodes), self.block_manager.copies_this_step)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -85,19 +90,38 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish_step(self, batch: ScheduledBatch) -> None:
-        """Record the computed tokens; free finished sequences at once."""
+        """Record the computed tokens, fork the siblings of sequences that sampled their first token, and free
+        finished sequences at once."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            if seq.pending_forks and seq.num_computed_tokens == seq.num_prompt_tokens:
+                for child in seq.pending_forks:
+                    if not child.is_finished:
+                        self.fork(seq, child)
+                seq.pending_forks = []
             if seq.is_finished:
                 self.block_manager.free(seq)
         self.running = [s for s in self.running if not s.is_finished]
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Run ``child`` (its own tokens already added) on ``parent``'s computed blocks, beside it."""
+        self.block_manager.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+
     def abort(self, request_id: str) -> None:
         """Drop every sequence of a request, waiting or running, and free its blocks."""
         for seq in [s for s in self.waiting if s.request_id == request_id]:
-            seq.finish("abort")
+            self._abort(seq)
             self.waiting.remove(seq)
         for seq in [s for s in self.running if s.request_id == request_id]:
-            seq.finish("abort")
+            self._abort(seq)
             self.block_manager.free(seq)
             self.running.remove(seq)
+
+    @staticmethod
+    def _abort(seq: Sequence) -> None:
+        for child in seq.pending_forks:
+            child.finish("abort")
+        seq.finish("abort")

@@ -17,10 +17,9 @@ class Sequence:
     _ids = count()
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int,
-                 eos_token_ids: list[int], index: int = 0):
+                 eos_token_ids: list[int]):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
-        self.index = index              # which of the request's n completions this is
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
@@ -31,8 +30,16 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash-chain value of each full block of block_table, in order
         self.status = SequenceStatus.WAITING
+        # Siblings that share this sequence's prompt: each samples its first token from this sequence's last
+        # prompt logits, then forks its blocks, so the prompt is computed once for all of them.
+        self.pending_forks: list[Sequence] = []
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences this one stands for in the running set once its forks are made."""
+        return 1 + len(self.pending_forks)
 
     @property
     def num_tokens(self) -> int:

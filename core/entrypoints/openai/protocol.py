@@ -45,8 +45,8 @@ class SamplingFields(Strict):
         """Fields set to something the engine cannot honour yet."""
         return []
 
-    def logprobs_params(self) -> dict:
-        """SamplingParams' logprobs and prompt_logprobs, from each endpoint's own fields."""
+    def endpoint_params(self) -> dict:
+        """SamplingParams fields that each endpoint spells its own way (logprobs, prompt_logprobs, best_of)."""
         return {}
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
@@ -57,7 +57,7 @@ class SamplingFields(Strict):
             n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
-            logit_bias=self.token_id_biases(), bad_words=self.bad_words, **self.logprobs_params(),
+            logit_bias=self.token_id_biases(), bad_words=self.bad_words, **self.endpoint_params(),
             **{k: v for k, v in optional.items() if v is not None})
 
     def token_id_biases(self) -> dict[int, float] | None:
@@ -78,12 +78,14 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
     def unsupported(self) -> list[str]:
-        return super().unsupported() + [name for name, bad in (
-            ("suffix", bool(self.suffix)), ("best_of", self.best_of not in (None, self.n))) if bad]
+        return super().unsupported() + (["suffix"] if self.suffix else [])
 
-    def logprobs_params(self) -> dict:
+    def endpoint_params(self) -> dict:
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise ValueError(f"best_of={self.best_of} > n={self.n} cannot be streamed: the best completions are "
+                             "known only when all are done; set stream to false or best_of to n")
         # echo returns the prompt too, so its tokens need logprobs as well.
-        return dict(logprobs=self.logprobs, prompt_logprobs=self.logprobs if self.echo else None)
+        return dict(logprobs=self.logprobs, prompt_logprobs=self.logprobs if self.echo else None, best_of=self.best_of)
 
 
 class ChatMessage(BaseModel):
@@ -109,7 +111,7 @@ class ChatCompletionRequest(SamplingFields):
             ("tools", bool(self.tools)), ("tool_choice", self.tool_choice not in (None, "none")),
             ("response_format", self.response_format not in (None, {"type": "text"}))) if bad]
 
-    def logprobs_params(self) -> dict:
+    def endpoint_params(self) -> dict:
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise ValueError("top_logprobs needs logprobs: true")
