@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "__version__"]
 
 
 def __getattr__(name: str):
@@ -10,7 +10,7 @@ def __getattr__(name: str):
     if name == "LLM":
         from kvserve.core.entrypoints.llm import LLM
         return LLM
-    if name == "SamplingParams":
-        from kvserve.core.sampling_params import SamplingParams
-        return SamplingParams
+    if name in ("SamplingParams", "BeamSearchParams"):
+        from kvserve.core import sampling_params
+        return getattr(sampling_params, name)
     raise AttributeError(f"module 'kvserve' has no attribute {name!r}")

@@ -39,6 +39,18 @@ def parse_size(name: str, value: int | str) -> int:
     return size
 
 
+def parse_gib(name: str, value: float | str) -> int:
+    """Bytes from a number of GiB (vLLM's unit for swap_space) or a size string like '512MiB'."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", value):
+        number = float(value)
+    if number is None:
+        return parse_size(name, value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"{name} must be a number of GiB >= 0 or a size like 512MiB, got {value!r}")
+    return int(number * (1 << 30))
+
+
 def resolve_dtype(value: str | torch.dtype) -> torch.dtype | None:
     """A torch dtype for a user's dtype name; None for 'auto'."""
     if isinstance(value, torch.dtype):
@@ -76,6 +88,7 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"     # or "swap", on platforms with device memory
+    swap_space: float | str = 4             # GiB (or a size string) of host memory for swapped-out blocks
 
     def __post_init__(self):
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -83,6 +96,7 @@ class CacheConfig:
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_size("kv_cache_memory", self.kv_cache_memory)
         check_int("num_gpu_blocks_override", self.num_gpu_blocks_override, 1, allow_none=True)
+        self.swap_space = parse_gib("swap_space", self.swap_space)
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
                              f"got {self.preemption_mode!r}")
@@ -154,7 +168,7 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                         max_model_len: int | None = None, max_num_seqs: int = 128,
                         max_num_batched_tokens: int | None = None, seed: int = 0,
                         enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                        preemption_mode: str = "recompute",
+                        preemption_mode: str = "recompute", swap_space: float | str = 4,
                         num_gpu_blocks_override: int | None = None, quantization: str | None = None,
                         tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
                         speculative_config: dict | None = None, block_size: int = 16,
@@ -164,7 +178,7 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
     return EngineConfig(
         model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template),
         cache=CacheConfig(block_size, kv_cache_memory, num_gpu_blocks_override, enable_prefix_caching,
-                          preemption_mode),
+                          preemption_mode, swap_space),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
         parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, data_parallel_size),
         device=DeviceConfig(device, enforce_eager),

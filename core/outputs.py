@@ -39,3 +39,19 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: list[PositionLogprobs | None] | None = None   # None for the first prompt token
+
+
+@dataclass
+class BeamSearchSequence:
+    """A finished beam, as vLLM's ``LLM.beam_search`` gives it: the prompt's tokens and the beam's together."""
+
+    tokens: list[int]
+    cum_logprob: float
+    text: str                          # the generated text, without the EOS token
+    finish_reason: str                 # "stop" (ended by EOS) or "length"
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]   # best first, by cum_logprob / generated tokens ** length_penalty

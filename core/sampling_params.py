@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from kvserve.core.config import check_int
 
 MAX_LOGPROBS = 20
+MAX_SEED = 2**63 - 1    # generators take 64 bits; the n samples of a request use seed .. seed + n - 1
 
 
 @dataclass
@@ -55,7 +56,7 @@ class SamplingParams:
         _check_float("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"top_k must be -1 or 0 (disabled) or an integer >= 1, got {self.top_k!r}")
-        check_int("seed", self.seed, 0, allow_none=True)
+        check_int("seed", self.seed, 0, MAX_SEED, allow_none=True)
         check_int("max_tokens", self.max_tokens, 1, allow_none=True)
         check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
         if self.stop_token_ids is not None:
@@ -100,3 +101,33 @@ def _check_float(name: str, value, low: float, high: float, allowed: str, low_op
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     if value < low or value > high or (low_open and value == low):
         raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+@dataclass
+class BeamSearchParams:
+    """Beam search as transformers runs it (``generate(num_beams=..., do_sample=False)``), with vLLM's names.
+
+    Each step keeps the ``beam_width`` most likely continuations among every beam's candidates; a beam that
+    ends with EOS (or reaches ``max_tokens``) becomes a finished hypothesis scored by its summed logprob divided
+    by (generated tokens) ** ``length_penalty``. ``early_stopping``: True stops once ``beam_width`` hypotheses
+    are finished; False stops when the best running beam, at its current length, cannot beat the worst
+    finished one; "never" stops only when no running beam could, at any allowed length. ``temperature`` > 0
+    divides the logits before their log_softmax; 0 uses them as they are.
+    """
+
+    beam_width: int
+    max_tokens: int | None = 16         # None: up to the model's context length
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+    def __post_init__(self):
+        check_int("beam_width", self.beam_width, 1)
+        check_int("max_tokens", self.max_tokens, 1, allow_none=True)
+        _check_float("temperature", self.temperature, 0.0, math.inf, "a number >= 0 (0 means the raw logits)")
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)) or \
+                not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")

@@ -139,7 +139,7 @@ class AttentionBackend(ABC):
         The default suits layouts whose first dimension after keys/values counts blocks."""
         from_ids = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=source.device)
         to_ids = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=destination.device)
-        destination[:, :, to_ids] = source[:, :, from_ids].to(destination.device, non_blocking=True)
+        destination[:, :, to_ids] = source[:, :, from_ids].to(destination.device)
 
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
+PLUGIN_SOURCES = Path(__file__).parent / "plugins"
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Paged attention stores keys and values in blocks.",
     "Continuous batching lets new requests join while others decode; déjà vu, naïve café, 東京, 🙂.",
@@ -42,6 +47,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+def randomize_biases(model: torch.nn.Module) -> None:
+    """transformers initialises biases to zero, which a model that ignored them would match: make them count."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(std=TINY["initializer_range"], generator=generator)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(name) -> folder of a random-weight checkpoint saved by transformers."""
@@ -55,6 +69,7 @@ def tiny_model(tmp_path_factory):
             config.architectures = [config_cls.__name__.replace("Config", "ForCausalLM")]
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            randomize_biases(model)
             path = str(tmp_path_factory.mktemp(name))
             model.save_pretrained(path)
             tokenizer.save_pretrained(path)
@@ -89,3 +104,29 @@ def smollm2_path() -> str:
     path = default_model_path()
     assert os.path.isfile(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """The toy and broken plugin packages (tests/plugins) installed by pip into their own folder, used through
+    PYTHONPATH by run_python so that the other tests never see them."""
+    tmp = tmp_path_factory.mktemp("plugins")
+    sources = []
+    for name in ("toy_platform", "broken_platform"):
+        sources.append(str(shutil.copytree(PLUGIN_SOURCES / name, tmp / "src" / name,
+                                           ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))))
+    site = tmp / "site"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                             "--quiet", "--target", str(site), *sources], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return site
+
+
+def run_python(site: Path, args: list[str], **env: str) -> str:
+    """Run ``python ARGS`` with the plugin packages of ``site`` importable; returns its stdout."""
+    environment = {k: v for k, v in os.environ.items() if k != "KVSERVE_PLATFORM"}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                            env={**environment, **env})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kvserve import LLM, SamplingParams
+from kvserve import LLM, BeamSearchParams, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,8 @@ def llm(tiny_model):
     (dict(max_tokens=0), "max_tokens must be >= 1"),
     (dict(max_tokens=4, min_tokens=5), "min_tokens must be in [0, 4]"),
     (dict(seed=-1), "seed"),
+    (dict(seed=2**63), r"seed must be in [0, 9223372036854775807]"),
+    (dict(n=3, best_of=2), "best_of must be >= 3, got 2"),
     (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-3]), "stop_token_ids"),
     (dict(n=0), "n must be >= 1"),
@@ -65,6 +67,16 @@ def test_stop_token_outside_vocabulary(llm):
 def test_logit_bias_outside_vocabulary(llm):
     with pytest.raises(ValueError, match=r"logit_bias token ids \[384\] are outside the vocabulary \[0, 384\)"):
         llm.generate(["hello"], SamplingParams(logit_bias={5: 1.0, 384: 1.0}), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_more_samples_than_max_num_seqs_are_rejected(tiny_model):
+    llm = LLM(tiny_model("llama-tied-gqa"), dtype="float32", kv_cache_memory="8MiB", max_model_len=64, max_num_seqs=2)
+    for params, words in ((SamplingParams(n=3), "n=3 sequences cannot run at once with max_num_seqs=2"),
+                          (SamplingParams(n=2, best_of=4), "best_of=4 sequences"),
+                          (BeamSearchParams(beam_width=3), "beam_width=3 sequences")):
+        with pytest.raises(ValueError, match=words):
+            llm.llm_engine.add_request("wide", [5, 6], params)
     assert not llm.llm_engine.has_unfinished_requests()
 
 

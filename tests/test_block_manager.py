@@ -17,28 +17,36 @@ def make_seq(tokens: list[int]) -> Sequence:
 
 class ShadowCache:
     """The token each cache slot would hold, written as the model runner writes keys and values (after the
-    step's block copies), to check that every sequence reads back exactly its own tokens."""
+    step's swaps and block copies), to check that every sequence reads back exactly its own tokens."""
 
     def __init__(self, manager: BlockManager):
         self.manager = manager
-        self.slots: dict[tuple[int, int], int] = {}
+        self.slots: dict[tuple[str, int, int], int] = {}     # (device or host, block, offset) -> token
+
+    def apply_copies(self) -> None:
+        manager = self.manager
+        for pairs, source, destination in ((manager.swap_outs_this_step, "device", "host"),
+                                           (manager.copies_this_step, "device", "device"),
+                                           (manager.swap_ins_this_step, "host", "device")):
+            for src, dst in pairs:
+                for offset in range(BLOCK):
+                    if (source, src, offset) in self.slots:
+                        self.slots[(destination, dst, offset)] = self.slots[(source, src, offset)]
+            pairs.clear()
 
     def write(self, seq: Sequence, n: int) -> None:
         """Run n new tokens of ``seq``, whose slots the manager has just allocated."""
-        for source, destination in self.manager.copies_this_step:
-            for offset in range(BLOCK):
-                if (source, offset) in self.slots:
-                    self.slots[(destination, offset)] = self.slots[(source, offset)]
-        self.manager.copies_this_step = []
+        self.apply_copies()
         for position in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
             block = seq.block_table[position // BLOCK]
             assert self.manager.ref_counts[block] == 1, "a block is written while another sequence holds it"
-            self.slots[(block, position % BLOCK)] = seq.token_ids[position]
+            self.slots[("device", block, position % BLOCK)] = seq.token_ids[position]
         seq.num_computed_tokens += n
         self.manager.commit(seq, seq.num_computed_tokens)
 
     def read(self, seq: Sequence) -> list[int]:
-        return [self.slots.get((seq.block_table[p // BLOCK], p % BLOCK)) for p in range(seq.num_computed_tokens)]
+        where, table = ("host", seq.host_blocks) if seq.host_blocks else ("device", seq.block_table)
+        return [self.slots.get((where, table[p // BLOCK], p % BLOCK)) for p in range(seq.num_computed_tokens)]
 
 
 def compute(manager: BlockManager, seq: Sequence, n: int, cache: ShadowCache | None = None) -> bool:
@@ -119,12 +127,13 @@ def test_without_prefix_caching_nothing_is_shared():
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["admit", "compute", "fork", "free"]), st.integers(0, 1000),
-                          st.lists(st.integers(0, 2), min_size=1, max_size=14)), max_size=60))
+@given(st.lists(st.tuples(st.sampled_from(["admit", "compute", "fork", "free", "swap-out", "swap-in"]),
+                          st.integers(0, 1000), st.lists(st.integers(0, 2), min_size=1, max_size=14)), max_size=60))
 def test_random_operations_keep_invariants(operations):
-    manager = BlockManager(num_blocks=12, block_size=BLOCK, enable_prefix_caching=True)
+    manager = BlockManager(num_blocks=12, block_size=BLOCK, enable_prefix_caching=True, num_host_blocks=6)
     cache = ShadowCache(manager)
     live: list[Sequence] = []
+    swapped: list[Sequence] = []
     for op, pick, tokens in operations:
         if op == "admit":
             seq = make_seq(tokens)      # a 3-token alphabet makes shared prefixes common
@@ -147,13 +156,30 @@ def test_random_operations_keep_invariants(operations):
             live.append(child)
         elif op == "free" and live:
             manager.free(live.pop(pick % len(live)))
+        elif op == "swap-out" and live:
+            seq = live[pick % len(live)]
+            if manager.swap_out(seq):
+                cache.apply_copies()
+                live.remove(seq)
+                swapped.append(seq)
+        elif op == "swap-in" and swapped:
+            seq = swapped[pick % len(swapped)]
+            seq.token_ids += tokens[:pick % 2]
+            if manager.swap_in(seq, seq.num_uncomputed_tokens):
+                cache.write(seq, seq.num_uncomputed_tokens)
+                swapped.remove(seq)
+                live.append(seq)
         check_invariants(manager, live)
-        for seq in live:
+        host = [b for s in swapped for b in s.host_blocks] + list(manager.free_host_blocks)
+        assert sorted(host) == list(range(6)) and all(not s.block_table for s in swapped)
+        for seq in live + swapped:
             assert cache.read(seq) == seq.token_ids[:seq.num_computed_tokens]
     for seq in live:
         manager.free(seq)
+    for seq in swapped:
+        manager.release_host_blocks(seq)
     check_invariants(manager, [])
-    assert manager.num_free_blocks == manager.num_blocks
+    assert manager.num_free_blocks == manager.num_blocks and len(manager.free_host_blocks) == 6
 
 
 def test_forked_sequences_copy_a_shared_partial_block_on_write():

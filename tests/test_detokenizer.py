@@ -16,3 +16,14 @@ def test_deltas_join_to_full_text_without_broken_characters():
     deltas = [detokenizer.add(t) for t in ids]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == detokenizer.text == tokenizer.decode(ids)
+
+
+def test_flush_gives_a_character_cut_short_by_the_last_token():
+    tokenizer = build_tokenizer()
+    ids = tokenizer(" ok 東京")["input_ids"]
+    cut = next(i for i in range(len(ids), 0, -1) if tokenizer.decode(ids[:i]).endswith("\ufffd"))
+    detokenizer = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=True)
+    for token in ids[:cut]:
+        detokenizer.add(token)
+    assert not detokenizer.text.endswith("\ufffd")
+    assert detokenizer.flush() and detokenizer.text == tokenizer.decode(ids[:cut])

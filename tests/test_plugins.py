@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_python
 
 from kvserve.core.config import CacheConfig, EngineConfig
 from kvserve.core.layers.ops import REFERENCE_OPS, Ops
@@ -18,15 +14,15 @@ from kvserve.plugins.interfaces import (AttentionBackend, AttentionSpec, Communi
                                         StepLayout)
 from kvserve.plugins.manager import PluginManager
 
-PLUGIN_SOURCES = Path(__file__).parent / "plugins"
-PACKAGES = {"toy": "kvserve-toy-platform", "broken": "kvserve-broken-platform", "cpu": "kvserve"}
+PACKAGES = {"toy": "kvserve-toy-platform", "toy-models": "kvserve-toy-platform", "broken": "kvserve-broken-platform",
+            "cpu": "kvserve"}
 
 DISCOVER = """
 import json, os
 from kvserve.plugins.manager import PluginManager
 manager = PluginManager()
-result = {"records": [dict(name=r.name, package=r.package, version=r.version, status=r.status)
-                      for r in manager.records if r.group == "kvserve.platforms"],
+result = {"records": [dict(name=r.name, group=r.group, package=r.package, version=r.version, status=r.status)
+                      for r in manager.records],
           "default": manager.select_platform().name}
 os.environ["KVSERVE_PLATFORM"] = "nope"
 try:
@@ -60,30 +56,6 @@ print(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
-def plugin_site(tmp_path_factory) -> Path:
-    """The toy and broken platforms installed by pip into their own folder (used through PYTHONPATH)."""
-    tmp = tmp_path_factory.mktemp("plugins")
-    sources = []
-    for name in ("toy_platform", "broken_platform"):
-        sources.append(str(shutil.copytree(PLUGIN_SOURCES / name, tmp / "src" / name,
-                                           ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))))
-    site = tmp / "site"
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                             "--quiet", "--target", str(site), *sources], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return site
-
-
-def run_python(site: Path, args: list[str], **env: str) -> str:
-    environment = {k: v for k, v in os.environ.items() if k != "KVSERVE_PLATFORM"}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
-                            env={**environment, **env})
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
 def discovery(plugin_site) -> dict:
     return json.loads(run_python(plugin_site, ["-c", DISCOVER]).splitlines()[-1])
 
@@ -94,12 +66,13 @@ def generations(plugin_site, tiny_model) -> dict:
     return json.loads(stdout.splitlines()[-1])
 
 
-def test_discovery_lists_installed_broken_and_in_tree_platforms(discovery):
+def test_discovery_lists_installed_broken_and_in_tree_plugins(discovery):
     records = {r["name"]: r for r in discovery["records"]}
-    assert set(records) == {"cpu", "toy", "broken"}
     assert {name: r["package"] for name, r in records.items()} == PACKAGES
-    assert records["toy"]["version"] == "0.1.0"
+    assert {name for name, r in records.items() if r["group"] == "kvserve.plugins"} == {"toy-models"}
+    assert records["toy"]["version"] == records["toy-models"]["version"] == "0.1.0"
     assert records["cpu"]["status"] == records["toy"]["status"] == "available"
+    assert records["toy-models"]["status"] == "loaded"
     assert records["broken"]["status"] == "failed to load: ImportError: vendor SDK missing"
 
 
@@ -131,18 +104,19 @@ def test_device_argument_selects_toy(generations):
 def test_toy_tokens_equal_cpu_tokens(generations):
     cpu = generations["cpu"]
     assert (cpu["platform"], cpu["backend"]) == ("cpu", "torch-paged")
-    assert cpu["calls"] == {"attention": 0, "rms_norm": 0}
+    assert not any(cpu["calls"].values())
     assert cpu["tokens"] == generations["env"]["tokens"]
 
 
 def test_plugins_cli_prints_each_plugin(plugin_site):
     stdout = run_python(plugin_site, ["-m", "kvserve.core.entrypoints.cli", "plugins"])
     lines = stdout.splitlines()
-    for name, status in (("cpu", "available"), ("toy", "available"),
-                         ("broken", "failed to load: ImportError: vendor SDK missing")):
+    for name, group, status in (("cpu", "kvserve.platforms", "available"), ("toy", "kvserve.platforms", "available"),
+                                ("broken", "kvserve.platforms", "failed to load: ImportError: vendor SDK missing"),
+                                ("toy-models", "kvserve.plugins", "loaded")):
         line = next((line for line in lines if line.split() and line.split()[0] == name), None)
         assert line is not None, stdout
-        assert PACKAGES[name] in line.split() and status in line
+        assert {PACKAGES[name], group} <= set(line.split()) and line.endswith(status), line
     assert "selected platform: cpu" in stdout
 
 
@@ -167,8 +141,9 @@ def manager_with(*platforms: DirectPlatform) -> PluginManager:
 def test_unavailable_platform_is_skipped_by_default_and_refused_by_name():
     manager = manager_with(DirectPlatform("npu", priority=50, unavailable_reason="no device"), DirectPlatform("host"))
     assert manager.select_platform().name == "host"
-    with pytest.raises(ValueError, match=r"'npu' is unavailable: no device"):
+    with pytest.raises(ValueError, match=r"'npu' is unavailable: no device") as error:
         manager.select_platform("npu")
+    assert str(error.value).endswith("found: npu (unavailable: no device), host (available)")
 
 
 def test_tie_at_top_priority_names_both_and_can_be_resolved_by_name():

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 
 import httpx
 import openai
 import pytest
-from server_utils import (assert_error, free_port, metrics, post, start_server, stop_server, tiny_args,
+from server_utils import (Server, assert_error, free_port, metrics, post, start_server, stop_server, tiny_args,
                           token_count, wait_until)
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -54,6 +55,17 @@ def test_best_of_below_n_or_streamed_is_400(server):
     assert_error(post(server, COMPLETIONS, {"prompt": "The quick", "n": 2, "best_of": 1}), 400, "best_of", ">= 2")
     assert_error(post(server, COMPLETIONS, {"prompt": "The quick", "best_of": 2, "stream": True}), 400, "best_of",
                  "cannot be streamed")
+
+
+def test_beam_search_rejects_what_it_cannot_honour(server):
+    beam = {"prompt": "The quick", "use_beam_search": True, "n": 2}
+    for field, value in (("logprobs", 1), ("top_p", 0.5), ("stop", "x"), ("seed", 1)):
+        assert_error(post(server, COMPLETIONS, {**beam, field: value}), 400, field, "cannot be used with use_beam_search")
+    assert_error(post(server, CHAT, {"messages": MESSAGES, "use_beam_search": True, "logprobs": True}), 400,
+                 "logprobs", "use_beam_search")
+    assert_error(post(server, COMPLETIONS, {"prompt": "The quick", "length_penalty": 2.0}), 400, "length_penalty",
+                 "applies only to beam search")
+    assert_error(post(server, COMPLETIONS, {**beam, "early_stopping": "sometimes"}), 400, "early_stopping")
 
 
 def test_top_logprobs_needs_logprobs(server):
@@ -174,9 +186,9 @@ def test_api_key(keyed):
         assert result.usage.completion_tokens == 3
 
 
-@pytest.fixture(scope="module")
-def drained(tiny_model):
-    """A server sent SIGTERM while it streams a completion: what the client read, and how the server ended."""
+@pytest.fixture(scope="module", params=["SIGTERM", "SIGINT"])
+def drained(request, tiny_model):
+    """A server sent SIGTERM or SIGINT while it streams a completion: what the client read, and how it ended."""
     server = start_server(tiny_args(tiny_model, "--max-model-len", str(MAX_LEN)))
     refused, data = False, []
     with httpx.Client(timeout=60) as client:
@@ -186,7 +198,7 @@ def drained(tiny_model):
                 data += [line[6:]] if line.startswith("data: ") else []
                 if len(data) == 3:
                     break
-            server.proc.terminate()
+            server.proc.send_signal(getattr(signal, request.param))
 
             def refuses() -> bool:
                 try:
@@ -205,15 +217,35 @@ def drained(tiny_model):
     stop_server(server)   # already gone: checks the exit code once more
 
 
-def test_in_flight_stream_completes_on_sigterm(drained):
+def test_in_flight_stream_completes_on_sigterm_and_sigint(drained):
     data, refused, code, server = drained
-    assert refused, "the server still accepted connections after SIGTERM"
+    assert refused, "the server still accepted connections after the signal"
     assert data[-1] == "[DONE]", data[-3:]
     chunks = [json.loads(d) for d in data[:-1]]
     assert [c["choices"][0]["finish_reason"] for c in chunks][-2:] == [None, "length"]
     assert code == 0, server.output()[-3000:]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health")
+
+
+def test_503_while_the_engine_loads():
+    """The default model loads for seconds after the port opens: requests meanwhile get OpenAI-shaped 503s."""
+    server = Server(["--max-model-len", "256", "--kv-cache-memory", "64MiB"])
+
+    def first_answer():
+        try:
+            return httpx.get(f"{server.url}/health", timeout=2)
+        except httpx.TransportError:
+            return None if server.proc.poll() is None else server.output()
+    try:
+        health = wait_until(first_answer, timeout=120, interval=0.02)
+        assert isinstance(health, httpx.Response), health
+        assert_error(health, 503, None, "still loading")
+        assert_error(post(server, COMPLETIONS, {"prompt": "hi", "max_tokens": 2}), 503, None, "still loading")
+        assert server.wait_ready(240)
+        assert post(server, COMPLETIONS, {"prompt": "hi", "max_tokens": 2}).status_code == 200
+    finally:
+        stop_server(server)
 
 
 def test_nonexistent_model_path_fails_fast():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from server_utils import openai_client, start_server, stop_server, tiny_args
 
-from kvserve import LLM, SamplingParams
+from kvserve import LLM, BeamSearchParams, SamplingParams
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 PROMPT = "The quick brown fox"
@@ -135,3 +135,21 @@ def test_best_of_returns_the_offline_engines_best(client, llm):
     expected = llm.generate(PROMPT, SamplingParams(ignore_eos=True, **params), use_tqdm=False)[0].outputs
     assert [c.text for c in result.choices] == [c.text for c in expected] and [c.index for c in result.choices] == [0, 1]
     assert result.usage.completion_tokens == 20
+
+
+def test_beam_search_returns_the_offline_beams(client, llm):
+    params = dict(n=3, max_tokens=8, extra_body={"use_beam_search": True, "length_penalty": 0.5,
+                                                 "early_stopping": True})
+    expected = llm.beam_search([PROMPT], BeamSearchParams(beam_width=3, max_tokens=8, length_penalty=0.5,
+                                                          early_stopping=True))[0].sequences
+    result = client.completions.create(model=model(client), prompt=PROMPT, **params)
+    assert [c.text for c in result.choices] == [s.text for s in expected] and len(expected) == 3
+    assert [c.finish_reason for c in result.choices] == [s.finish_reason for s in expected]
+    streamed = list(client.completions.create(model=model(client), prompt=PROMPT, stream=True, **params))
+    assert {c.choices[0].index: c.choices[0].text for c in streamed if c.choices[0].text} == \
+        {i: s.text for i, s in enumerate(expected) if s.text}
+    chat = client.chat.completions.create(model=model(client), messages=MESSAGES, **params)
+    prompt = llm.apply_chat_template(MESSAGES, chat_template=TEMPLATE)
+    expected = llm.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=8, length_penalty=0.5,
+                                                          early_stopping=True))[0].sequences
+    assert [c.message.content for c in chat.choices] == [s.text for s in expected]

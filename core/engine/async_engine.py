@@ -11,7 +11,7 @@ from kvserve.core.engine.input_processor import InputProcessor
 from kvserve.core.engine.llm_engine import EngineStepError, LLMEngine
 from kvserve.core.log import logger
 from kvserve.core.outputs import RequestOutput
-from kvserve.core.sampling_params import SamplingParams
+from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped on an unexpected error; no request can run any more."""
@@ -21,8 +21,8 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         # The server tokenizes on its own thread: fast tokenizers must not be shared across threads.
-        self.inputs = InputProcessor(copy.deepcopy(engine.tokenizer), engine.runner.vocab_size,
-                                     engine.max_model_len, engine.config.model.chat_template)
+        self.inputs = InputProcessor(copy.deepcopy(engine.tokenizer), engine.runner.vocab_size, engine.max_model_len,
+                                     engine.config.scheduler.max_num_seqs, engine.config.model.chat_template)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
@@ -37,7 +37,7 @@ class AsyncLLMEngine:
     def is_healthy(self) -> bool:
         return self.dead_error is None and self._thread.is_alive()
 
-    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams | BeamSearchParams,
                        prompt_token_ids: list[int]) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iteration early (a disconnect) aborts the request."""
         if not self.is_healthy:

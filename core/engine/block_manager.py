@@ -6,16 +6,18 @@ keeps its contents (and its name) until it is evicted, least recently freed firs
 
 A forked sequence shares all its parent's blocks. Full blocks are never written again, so only a shared,
 partly filled last block is copied, when one of its holders first writes to it (copy on write).
+
+With swapping, a preempted sequence's blocks are copied to a pool of host blocks and back when it resumes.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from kvserve.core.engine.sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, num_host_blocks: int = 0):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = enable_prefix_caching
@@ -28,6 +30,9 @@ class BlockManager:
         self.prefix_hits = 0                      # ... and found there
         self.named_this_step: list[int] = []      # blocks named by the step being scheduled, not yet computed
         self.copies_this_step: list[tuple[int, int]] = []   # (source, destination) to copy before the step runs
+        self.free_host_blocks = deque(range(num_host_blocks))
+        self.swap_outs_this_step: list[tuple[int, int]] = []   # (device block, host block)
+        self.swap_ins_this_step: list[tuple[int, int]] = []    # (host block, device block)
 
     @property
     def num_free_blocks(self) -> int:
@@ -86,6 +91,31 @@ class BlockManager:
         for block in parent.block_table:
             self.ref_counts[block] += 1
         child.block_table, child.block_hashes = list(parent.block_table), list(parent.block_hashes)
+
+    def swap_out(self, seq: Sequence) -> bool:
+        """Give ``seq``'s device blocks up, their contents copied to host blocks; False if too few are free."""
+        if len(seq.block_table) > len(self.free_host_blocks):
+            return False
+        seq.host_blocks = [self.free_host_blocks.popleft() for _ in seq.block_table]
+        self.swap_outs_this_step += zip(seq.block_table, seq.host_blocks)
+        hashes = seq.block_hashes
+        self.free(seq)
+        seq.block_hashes = hashes
+        return True
+
+    def swap_in(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Copy ``seq``'s host blocks back to device blocks, with room for ``num_new_tokens`` more tokens;
+        False (changing nothing) if too few device blocks are free."""
+        if self.blocks_for(seq.num_computed_tokens + num_new_tokens) > self.num_free_blocks:
+            return False
+        seq.block_table = [self._take_free_block() for _ in seq.host_blocks]
+        self.swap_ins_this_step += zip(seq.host_blocks, seq.block_table)
+        self.release_host_blocks(seq)
+        return self.allocate_slots(seq, num_new_tokens)
+
+    def release_host_blocks(self, seq: Sequence) -> None:
+        self.free_host_blocks.extend(seq.host_blocks)
+        seq.host_blocks = []
 
     def _shared_partial_block(self, seq: Sequence) -> int | None:
         """Index in ``seq``'s block table of the partly filled block its next token goes to, if others hold it."""

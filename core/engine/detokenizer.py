@@ -29,3 +29,11 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self.text += delta
         return delta
+
+    def flush(self) -> str:
+        """Once no more tokens come: the text held back for a character its last tokens leave unfinished."""
+        delta = self._decode(self.ids[self.prefix_offset:])[len(self._decode(self.ids[self.prefix_offset:
+                                                                                       self.read_offset])):]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.text += delta
+        return delta

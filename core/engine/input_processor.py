@@ -1,14 +1,16 @@
 """Turns a prompt and its sampling parameters into checked token ids, before any work starts."""
 from __future__ import annotations
 
-from kvserve.core.sampling_params import SamplingParams
+from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
 
 
 class InputProcessor:
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, chat_template: str | None = None):
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_num_seqs: int,
+                 chat_template: str | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
 
     def render_chat(self, conversation: list[dict], chat_template: str | None = None,
@@ -43,10 +45,22 @@ class InputProcessor:
                              f"the prompt may have at most {self.max_model_len - 1} tokens")
         return ids
 
-    def check_params(self, params: SamplingParams) -> None:
-        """Checks of sampling parameters that need the model (the vocabulary)."""
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+    def check_params(self, params: SamplingParams | BeamSearchParams) -> None:
+        """Checks of sampling or beam search parameters that need the model (the vocabulary)."""
+        if not isinstance(params, (SamplingParams, BeamSearchParams)):
+            raise TypeError(f"sampling params must be a SamplingParams or BeamSearchParams, "
+                            f"got {type(params).__name__}")
+        name, width = ("beam_width", params.beam_width) if isinstance(params, BeamSearchParams) else (
+            ("best_of", params.best_of) if params.best_of else ("n", params.n))
+        if width > self.max_num_seqs:
+            raise ValueError(f"{name}={width} sequences cannot run at once with max_num_seqs={self.max_num_seqs}; "
+                             f"allowed: {name} <= {self.max_num_seqs}, or raise max_num_seqs")
+        if isinstance(params, BeamSearchParams):
+            if 2 * params.beam_width > self.vocab_size:
+                raise ValueError(f"beam_width={params.beam_width} is too wide for a vocabulary of {self.vocab_size} "
+                                 f"tokens (each step weighs 2 * beam_width candidates); allowed: "
+                                 f"1..{self.vocab_size // 2}")
+            return
         bad = [t for t in params.stop_token_ids or [] if t >= self.vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {self.vocab_size})")
@@ -65,7 +79,7 @@ class InputProcessor:
                     words.append(ids)
         return words
 
-    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    def validate(self, prompt: str | list[int], params: SamplingParams | BeamSearchParams) -> list[int]:
         """Check a request without starting it; returns its prompt token ids."""
         self.check_params(params)
         return self.tokenize(prompt)

@@ -3,36 +3,26 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from kvserve.core.config import EngineConfig
+from kvserve.core.engine.beam_search import BeamSearch
 from kvserve.core.engine.block_manager import BlockManager
 from kvserve.core.engine.detokenizer import IncrementalDetokenizer
 from kvserve.core.engine.input_processor import InputProcessor
 from kvserve.core.engine.logprobs import LogprobsBuilder
 from kvserve.core.engine.model_runner import ModelRunner
+from kvserve.core.engine.request_state import RequestState
 from kvserve.core.engine.scheduler import Scheduler
 from kvserve.core.engine.sequence import Sequence
 from kvserve.core.loader.model_loader import Checkpoint
 from kvserve.core.log import logger
 from kvserve.core.models.registry import resolve_model_class
-from kvserve.core.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from kvserve.core.sampling_params import SamplingParams
+from kvserve.core.outputs import RequestOutput
+from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
 from kvserve.plugins.manager import PluginManager
 
 FAULT_TOKEN_ENV = "KVSERVE_FAULT_TOKEN"
-
-
-@dataclass
-class _Request:
-    params: SamplingParams
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[Sequence]
-    detokenizers: dict[int, IncrementalDetokenizer]   # by seq_id
-    logprobs: dict[int, list[PositionLogprobs]]         # by seq_id, when the request asked for logprobs
-    cumulative_logprobs: dict[int, float]
-    prompt_logprobs: list[PositionLogprobs | None] | None
 
 
 class LLMEngine:
@@ -50,9 +40,9 @@ class LLMEngine:
         self.eos_token_ids = checkpoint.eos_token_ids or [self.tokenizer.eos_token_id]
         self.runner = ModelRunner(config, self.platform, checkpoint, model_cls)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
-                                          config.cache.enable_prefix_caching)
+                                          config.cache.enable_prefix_caching, self.runner.num_host_blocks)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, RequestState] = {}
         self.prompt_tokens_total = 0        # prompt tokens computed (prefill), for metrics
         self.generation_tokens_total = 0
         # Test-only fault injection: a step whose new tokens include this id raises, as a broken device would.
@@ -60,33 +50,42 @@ class LLMEngine:
         self.fault_token = int(fault) if fault else None
         self.max_model_len = config.model.max_model_len
         self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
-                                     config.model.chat_template)
+                                     config.scheduler.max_num_seqs, config.model.chat_template)
         self.logprobs_builder = LogprobsBuilder(self.tokenizer)
         logger.info("loaded %s on %s (%s, %s attention) in %.1fs; KV cache %.2f GiB = %d tokens in %d blocks",
                     checkpoint.path, self.platform.name, str(self.runner.dtype).removeprefix("torch."),
                     self.runner.backend.name, time.perf_counter() - start, self.runner.kv_cache_bytes / 2**30,
                     self.runner.num_blocks * config.cache.block_size, self.runner.num_blocks)
 
-    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    def validate(self, prompt: str | list[int], params: SamplingParams | BeamSearchParams) -> list[int]:
         """Check a request without starting it; returns its prompt token ids."""
         return self.inputs.validate(prompt, params)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | BeamSearchParams,
                     prompt_token_ids: list[int] | None = None) -> None:
-        """Queue a request; ``prompt_token_ids`` skips validation when ``validate`` already gave them."""
+        """Queue a request, sampled or searched by beams; ``prompt_token_ids`` skips validation when
+        ``validate`` already gave them."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = prompt_token_ids if prompt_token_ids is not None else self.validate(prompt, params)
+        text = prompt if isinstance(prompt, str) else None
+        if isinstance(params, BeamSearchParams):
+            first = Sequence(request_id, ids, SamplingParams(temperature=params.temperature, max_tokens=None),
+                             self.max_model_len, self.eos_token_ids)
+            beam = BeamSearch(params, first, self.eos_token_ids, self.max_model_len)
+            self.requests[request_id] = RequestState(request_id, params, text, ids, [first], {}, {}, {}, None, beam)
+            self.scheduler.add(first)
+            return
         seqs = [Sequence(request_id, ids, child, self.max_model_len, self.eos_token_ids)
                 for child in self._child_params(params)]
         detokenizers = {s.seq_id: IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                         for s in seqs}
         wants = params.logprobs is not None
         ranked = params.num_samples > params.n
-        self.requests[request_id] = _Request(params, prompt if isinstance(prompt, str) else None, ids, seqs,
-                                             detokenizers, {s.seq_id: [] for s in seqs} if wants else {},
-                                             {s.seq_id: 0.0 for s in seqs} if wants or ranked else {},
-                                             None if params.prompt_logprobs is None else [None])
+        self.requests[request_id] = RequestState(request_id, params, text, ids, seqs, detokenizers,
+                                                 {s.seq_id: [] for s in seqs} if wants else {},
+                                                 {s.seq_id: 0.0 for s in seqs} if wants or ranked else {},
+                                                 None if params.prompt_logprobs is None else [None])
         bad_words = self.inputs.bad_words_token_ids(params)
         for seq in seqs:
             self.runner.add(seq, bad_words)
@@ -129,17 +128,21 @@ class LLMEngine:
             result = self.runner.execute(batch)
         except Exception as exc:
             self.block_manager.forget_step()
+            self.scheduler.forget_swaps()
             failed = sorted({s.request_id for s in batch.seqs})
             for request_id in failed:
                 self.abort_request(request_id)
             raise EngineStepError(failed, exc) from exc
         self.prompt_tokens_total += sum(batch.num_new_tokens[batch.num_decodes:])
-        self.generation_tokens_total += len(result.sampled)
+        self.generation_tokens_total += len(result.sampled) + len(result.candidates)
         for seq, (first, entries) in result.prompt_logprobs.items():
             known = self.requests[seq.request_id].prompt_logprobs
             known += [None] * (first - len(known))   # the first prompt token: nothing predicts it
             known += map(self.logprobs_builder, entries)
-        touched: dict[str, _Request] = {}
+        touched: dict[str, RequestState] = {}
+        for seq, (token_ids, logprobs) in result.candidates.items():
+            touched[seq.request_id] = self.requests[seq.request_id]
+            seq.beam.report(seq, token_ids, logprobs)
         for seq, token in result.sampled:
             request = self.requests[seq.request_id]
             seq.token_ids.append(token)
@@ -151,9 +154,10 @@ class LLMEngine:
             self._check_stop(seq, request.detokenizers[seq.seq_id])
             touched[seq.request_id] = request
         self.scheduler.finish_step(batch)
-        # With best_of > n, which samples are returned is only known at the end.
-        outputs = [self._output(request_id, request) for request_id, request in touched.items()
-                   if request.params.num_samples == request.params.n or all(s.is_finished for s in request.seqs)]
+        for request in touched.values():
+            if request.beam is not None and request.beam.ready:
+                request.beam.advance(self.scheduler)
+        outputs = [r.output(self.tokenizer) for r in touched.values() if r.streams or r.finished]
         for output in outputs:
             if output.finished:
                 self._forget(output.request_id)
@@ -164,35 +168,18 @@ class LLMEngine:
         params, token = seq.params, seq.token_ids[-1]
         if seq.num_output_tokens >= params.min_tokens:
             if token in seq.eos_token_ids:
-                return seq.finish("stop")
-            if token in (params.stop_token_ids or ()):
-                return seq.finish("stop", token)
-            for stop in params.stop_strings:
+                seq.finish("stop")
+            elif token in (params.stop_token_ids or ()):
+                seq.finish("stop", token)
+            for stop in params.stop_strings if not seq.is_finished else ():
                 at = detok.text.find(stop, max(0, len(detok.text) - len(delta) - len(stop) + 1))
                 if at >= 0:
                     detok.text = detok.text[:at + len(stop) if params.include_stop_str_in_output else at]
-                    return seq.finish("stop", stop)
-        if seq.num_tokens >= seq.max_total_tokens:
+                    return seq.finish("stop", stop)   # the text held back is cut off with the stop string
+        if not seq.is_finished and seq.num_tokens >= seq.max_total_tokens:
             seq.finish("length")
-
-    def _output(self, request_id: str, request: _Request) -> RequestOutput:
-        completions = []
-        seqs = request.seqs
-        if len(seqs) > request.params.n:   # best_of: the n most likely samples, best first
-            seqs = sorted(seqs, key=lambda s: -request.cumulative_logprobs[s.seq_id])[:request.params.n]
-        for index, seq in enumerate(seqs):
-            text = request.detokenizers[seq.seq_id].text
-            held_back = max((len(s) for s in seq.params.stop_strings), default=1) - 1
-            if held_back and not seq.is_finished:   # a stop string may still complete here: don't emit it yet
-                text = text[:max(0, len(text) - held_back)]
-            logprobs = request.logprobs.get(seq.seq_id)
-            completions.append(CompletionOutput(index, text, seq.output_token_ids, seq.finish_reason,
-                                                seq.stop_reason, request.cumulative_logprobs.get(seq.seq_id),
-                                                None if logprobs is None else list(logprobs)))
-        finished = all(seq.is_finished for seq in request.seqs)
-        prompt_logprobs = None if request.prompt_logprobs is None else list(request.prompt_logprobs)
-        return RequestOutput(request_id, request.prompt, request.prompt_token_ids, completions, finished,
-                             prompt_logprobs)
+        if seq.is_finished:
+            detok.flush()
 
     def _forget(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)

@@ -7,6 +7,7 @@ from itertools import accumulate
 import torch
 
 from kvserve.core.config import EngineConfig
+from kvserve.core.engine.beam_search import beam_candidates
 from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, prompt_logprobs
 from kvserve.core.engine.scheduler import ScheduledBatch
 from kvserve.core.engine.sequence import Sequence
@@ -40,6 +41,8 @@ class StepOutput:
     logprobs: dict[Sequence, TokenLogprobs] = field(default_factory=dict)   # its new token's, if asked for
     # (index of the first prompt token covered, one entry per prompt token from there on), if asked for
     prompt_logprobs: dict[Sequence, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # beam -> its most likely next tokens and their logprobs, best first (beams report instead of sampling)
+    candidates: dict[Sequence, tuple[list[int], list[float]]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -64,6 +67,13 @@ class ModelRunner:
         self.num_blocks = self._count_blocks(len(layers), platform)
         shape = self.backend.kv_cache_shape(self.num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_size)
         self.kv_cache = torch.zeros((len(layers), *shape), dtype=self.dtype, device=self.device)
+        swapping = config.cache.preemption_mode == "swap"
+        self.num_host_blocks = config.cache.swap_space // self.block_bytes if swapping else 0
+        host_shape = self.backend.kv_cache_shape(self.num_host_blocks, block_size, self.spec.num_kv_heads,
+                                                 self.spec.head_size)
+        # Pinned host memory makes the copies to and from the device fast; plain memory when the device is the host.
+        self.host_kv_cache = torch.zeros((len(layers), *host_shape), dtype=self.dtype,
+                                         pin_memory=self.device.type != "cpu") if self.num_host_blocks else None
         for i, layer in enumerate(layers):
             layer.backend, layer.kv_cache = self.backend, self.kv_cache[i]
         self.graph_runner = platform.graph_runner(self.model, self.backend, config)
@@ -74,7 +84,7 @@ class ModelRunner:
     def _count_blocks(self, num_layers: int, platform: Platform) -> int:
         cache, spec = self.config.cache, self.spec
         shape = self.backend.kv_cache_shape(1, spec.block_size, spec.num_kv_heads, spec.head_size)
-        block_bytes = num_layers * torch.Size(shape).numel() * self.dtype.itemsize
+        block_bytes = self.block_bytes = num_layers * torch.Size(shape).numel() * self.dtype.itemsize
         if cache.num_gpu_blocks_override is not None:
             num_blocks = cache.num_gpu_blocks_override
         else:
@@ -106,8 +116,11 @@ class ModelRunner:
         """Run one step: a new token for every sequence whose step reached its last token, with the logprobs
         its request asked for, and the logprobs of the prompt tokens this step's chunks predict."""
         seqs, counts = batch.seqs, batch.num_new_tokens
-        if batch.block_copies:
-            self.backend.copy_blocks(self.kv_cache, self.kv_cache, batch.block_copies)
+        for source, destination, pairs in ((self.kv_cache, self.host_kv_cache, batch.swap_outs),
+                                           (self.kv_cache, self.kv_cache, batch.block_copies),
+                                           (self.host_kv_cache, self.kv_cache, batch.swap_ins)):
+            if pairs:
+                self.backend.copy_blocks(source, destination, pairs)
         layout = StepLayout(query_lens=counts,
                             seq_lens=[s.num_computed_tokens + n for s, n in zip(seqs, counts)],
                             block_tables=[s.block_table for s in seqs], num_decodes=batch.num_decodes)
@@ -132,8 +145,18 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(hidden_rows, device=self.device)]).float()
         out = StepOutput(prompt_logprobs=prompt_logprobs(logits[len(rows):], prompt_slices))
         if rows:
-            self._sample(samplers, logits[:len(rows)], out)
+            self._choose(samplers, logits[:len(rows)], out)
         return out
+
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
+        """Sample each sequence's next token; beams report their most likely next tokens instead."""
+        beams = [row for row, s in enumerate(seqs) if s.beam is not None]
+        if beams:
+            out.candidates = beam_candidates(logits[beams], [seqs[row] for row in beams])
+            others = [row for row, s in enumerate(seqs) if s.beam is None]
+            seqs, logits = [seqs[row] for row in others], logits[others]
+        if seqs:
+            self._sample(seqs, logits, out)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
         wants_logprobs = [row for row, s in enumerate(seqs) if s.params.logprobs is not None]

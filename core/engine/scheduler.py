@@ -1,9 +1,10 @@
 """Continuous batching with chunked prefill and preemption.
 
 Each step, running sequences get their next tokens first (oldest first, within the token budget), then
-waiting ones are admitted while the budget, the sequence limit and the KV cache allow. When a running
-sequence needs a block and none is free, the most recently admitted sequence is preempted: its blocks are
-freed and it goes back to the front of the queue, to be recomputed (cheaply, from the prefix cache) later.
+swapped-out ones come back, then waiting ones are admitted while the budget, the sequence limit and the KV cache
+allow. When a running sequence needs a block and none is free, the most recently admitted sequence is
+preempted: its blocks are copied to host memory (preemption_mode="swap", while host blocks last) or freed, to
+be recomputed (cheaply, from the prefix cache) later.
 """
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ from kvserve.core.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    """Sequences to run this step, decodes (one new token) first, and how many new tokens each computes."""
+    """Sequences to run this step, decodes (one new token) first, and how many new tokens each computes,
+    with the block copies to make before it runs: swap-outs first, since their blocks may be reused."""
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
     num_decodes: int
-    block_copies: list[tuple[int, int]]   # (source, destination) blocks to copy before the step runs
+    swap_outs: list[tuple[int, int]]      # (device block, host block)
+    block_copies: list[tuple[int, int]]   # (source, destination) device blocks, for copy on write
+    swap_ins: list[tuple[int, int]]       # (host block, device block)
 
 
 class Scheduler:
@@ -30,26 +34,75 @@ class Scheduler:
         self.max_num_seqs = config.scheduler.max_num_seqs
         self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
         self.chunked_prefill = config.scheduler.enable_chunked_prefill
+        self.swap = config.cache.preemption_mode == "swap"
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []      # in admission order
+        self.swapped: deque[Sequence] = deque()
+        self.swapped_this_step: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_swap_outs = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> ScheduledBatch:
-        self.block_manager.named_this_step, self.block_manager.copies_this_step = [], []
-        budget = self.max_num_batched_tokens
+        manager = self.block_manager
+        manager.named_this_step, manager.copies_this_step = [], []
+        manager.swap_outs_this_step, manager.swap_ins_this_step, self.swapped_this_step = [], [], []
+        return self._schedule()
+
+    def _schedule(self) -> ScheduledBatch:
+        manager = self.block_manager
         scheduled: dict[Sequence, int] = {}
-        preempted = False
+        budget, preempted = self._schedule_running(scheduled)
+        num_seqs = sum(s.num_seqs for s in self.running)
+        # A swapped beam that has reported waits for its search to decide, like a running one.
+        resumable = [s for s in self.swapped if s.num_uncomputed_tokens]
+        for seq in resumable if not preempted else ():
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0 or num_seqs + seq.num_seqs > self.max_num_seqs or not manager.swap_in(seq, n):
+                break
+            self.swapped.remove(seq)
+            self._start(seq, n, scheduled)
+            num_seqs += seq.num_seqs
+            budget -= n
+        # Waiting sequences start only once every swapped one that can go on has.
+        blocked = preempted or any(s.num_uncomputed_tokens for s in self.swapped)
+        while self.waiting and budget > 0 and not blocked:
+            seq = self.waiting[0]
+            if num_seqs + seq.num_seqs > self.max_num_seqs:
+                break
+            n = manager.try_admit(seq, budget, self.chunked_prefill)
+            if n == 0:
+                break
+            self.waiting.popleft()
+            self._start(seq, n, scheduled)
+            num_seqs += seq.num_seqs
+            budget -= n
+        paused = [s for s in self.running if not s.num_uncomputed_tokens] if not scheduled else []
+        if paused and (self.waiting or self.swapped):
+            # Beams waiting for their search hold blocks that the sequences it waits for need: give those up.
+            self.running.remove(paused[-1])
+            self._preempt(paused[-1])
+            return self._schedule()
+        decodes = [s for s, n in scheduled.items() if n == 1]
+        order = decodes + [s for s, n in scheduled.items() if n > 1]
+        return ScheduledBatch(order, [scheduled[s] for s in order], len(decodes), manager.swap_outs_this_step,
+                              manager.copies_this_step, manager.swap_ins_this_step)
+
+    def _schedule_running(self, scheduled: dict[Sequence, int]) -> tuple[int, bool]:
+        """The running sequences' next tokens, preempting the newest when blocks run out; returns the budget
+        left and whether anything was preempted."""
+        budget, preempted = self.max_num_batched_tokens, False
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:   # preempted earlier in this loop
+            # Skip sequences preempted earlier in this loop, and beams waiting for their siblings' reports.
+            if seq.status is not SequenceStatus.RUNNING or not seq.num_uncomputed_tokens:
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.allocate_slots(seq, n):
@@ -62,32 +115,39 @@ class Scheduler:
                 self.block_manager.commit(seq, seq.num_computed_tokens + n)
                 scheduled[seq] = n
                 budget -= n
-        num_seqs = sum(s.num_seqs for s in self.running)
-        while self.waiting and budget > 0 and not preempted:
-            seq = self.waiting[0]
-            if num_seqs + seq.num_seqs > self.max_num_seqs:
-                break
-            n = self.block_manager.try_admit(seq, budget, self.chunked_prefill)
-            if n == 0:
-                break
-            self.block_manager.commit(seq, seq.num_computed_tokens + n)
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            num_seqs += seq.num_seqs
-            scheduled[seq] = n
-            budget -= n
-        decodes = [s for s, n in scheduled.items() if n == 1]
-        others = [s for s, n in scheduled.items() if n > 1]
-        order = decodes + others
-        return ScheduledBatch(order, [scheduled[s] for s in order], len(decodes), self.block_manager.copies_this_step)
+        return budget, preempted
+
+    def _start(self, seq: Sequence, n: int, scheduled: dict[Sequence, int]) -> None:
+        self.block_manager.commit(seq, seq.num_computed_tokens + n)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        scheduled[seq] = n
 
     def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        # A beam that has reported is not needed until its search decides: the sequences it waits for go first.
+        waits_for_siblings = not seq.num_uncomputed_tokens
         self.num_preemptions += 1
+        if self.swap and self.block_manager.swap_out(seq):
+            seq.status, queue = SequenceStatus.SWAPPED, self.swapped
+            self.swapped_this_step.append(seq)
+            self.num_swap_outs += 1
+        else:
+            self.block_manager.free(seq)
+            seq.num_computed_tokens, seq.status, queue = 0, SequenceStatus.WAITING, self.waiting
+        if waits_for_siblings:
+            queue.append(seq)
+        else:
+            queue.appendleft(seq)
+
+    def forget_swaps(self) -> None:
+        """The step failed before its swap-outs were surely copied: recompute those sequences instead."""
+        for seq in self.swapped_this_step:
+            if seq.status is SequenceStatus.SWAPPED:
+                self.swapped.remove(seq)
+                self.block_manager.release_host_blocks(seq)
+                seq.num_computed_tokens, seq.block_hashes, seq.status = 0, [], SequenceStatus.WAITING
+                self.waiting.appendleft(seq)
+        self.swapped_this_step = []
 
     def finish_step(self, batch: ScheduledBatch) -> None:
         """Record the computed tokens, fork the siblings of sequences that sampled their first token, and free
@@ -104,24 +164,34 @@ class Scheduler:
         self.running = [s for s in self.running if not s.is_finished]
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Run ``child`` (its own tokens already added) on ``parent``'s computed blocks, beside it."""
+        """Schedule ``child`` beside ``parent``: running on its computed blocks, or, if ``parent`` was preempted,
+        waiting to be recomputed."""
+        if parent.status is not SequenceStatus.RUNNING:
+            child.num_computed_tokens, child.block_hashes, child.status = 0, [], SequenceStatus.WAITING
+            self.waiting.appendleft(child)
+            return
         self.block_manager.fork(parent, child)
         child.num_computed_tokens = parent.num_computed_tokens
         child.status = SequenceStatus.RUNNING
         self.running.append(child)
 
-    def abort(self, request_id: str) -> None:
-        """Drop every sequence of a request, waiting or running, and free its blocks."""
-        for seq in [s for s in self.waiting if s.request_id == request_id]:
-            self._abort(seq)
-            self.waiting.remove(seq)
-        for seq in [s for s in self.running if s.request_id == request_id]:
-            self._abort(seq)
-            self.block_manager.free(seq)
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the schedule for good (a beam that lost, an aborted one), freeing its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self.block_manager.free(seq)
+        elif seq.status is SequenceStatus.SWAPPED:
+            self.swapped.remove(seq)
+            self.block_manager.release_host_blocks(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
 
-    @staticmethod
-    def _abort(seq: Sequence) -> None:
-        for child in seq.pending_forks:
-            child.finish("abort")
-        seq.finish("abort")
+    def abort(self, request_id: str) -> None:
+        """Drop every sequence of a request, wherever it is, and free its blocks."""
+        for queue in (self.waiting, self.running, self.swapped):
+            for seq in [s for s in queue if s.request_id == request_id]:
+                for child in seq.pending_forks:
+                    child.finish("abort")
+                self.remove(seq)
+                seq.finish("abort")

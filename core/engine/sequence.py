@@ -1,15 +1,21 @@
 """A request's tokens and progress, as the scheduler and block manager see them (no tensors)."""
 from __future__ import annotations
 
+import copy
 from enum import Enum, auto
 from itertools import count
+from typing import TYPE_CHECKING
 
 from kvserve.core.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvserve.core.engine.beam_search import BeamSearch
 
 
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
+    SWAPPED = auto()      # preempted, its blocks copied to host memory
     FINISHED = auto()
 
 
@@ -29,17 +35,29 @@ class Sequence:
         self.num_computed_tokens = 0       # tokens whose keys/values are in the cache (computed or prefix hits)
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash-chain value of each full block of block_table, in order
+        self.host_blocks: list[int] = []   # where its blocks are while swapped out
         self.status = SequenceStatus.WAITING
         # Siblings that share this sequence's prompt: each samples its first token from this sequence's last
         # prompt logits, then forks its blocks, so the prompt is computed once for all of them.
         self.pending_forks: list[Sequence] = []
+        self.beam: BeamSearch | None = None   # the beam search this sequence is a beam of
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 
     @property
     def num_seqs(self) -> int:
-        """Sequences this one stands for in the running set once its forks are made."""
+        """Sequences this one stands for in the running set once its forks (or beams) are made."""
+        if self.beam is not None and not self.beam.generated:
+            return self.beam.width
         return 1 + len(self.pending_forks)
+
+    def clone(self) -> Sequence:
+        """A new sequence with the same tokens and progress, holding no blocks yet."""
+        twin = copy.copy(self)
+        twin.seq_id = next(Sequence._ids)
+        twin.token_ids = list(self.token_ids)
+        twin.block_table, twin.block_hashes, twin.host_blocks, twin.pending_forks = [], [], [], []
+        return twin
 
     @property
     def num_tokens(self) -> int:

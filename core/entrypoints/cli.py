@@ -22,6 +22,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    parser.add_argument("--swap-space", default="4", help="GiB (or a size like 512MiB) of host memory for swapped-out "
+                        "KV blocks, with --preemption-mode swap")
     parser.add_argument("--device", default=None, help="platform name (see `kvserve plugins`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
@@ -38,7 +40,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "kv_cache_memory", "num_gpu_blocks_override", "enable_chunked_prefill", "enable_prefix_caching",
-                  "preemption_mode", "device", "seed")
+                  "preemption_mode", "swap_space", "device", "seed")
 
 
 def engine_options(args) -> dict:

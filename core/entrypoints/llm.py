@@ -9,8 +9,8 @@ from tqdm import tqdm
 from kvserve.core.config import build_engine_config
 from kvserve.core.engine.llm_engine import LLMEngine
 from kvserve.core.log import init_logging
-from kvserve.core.outputs import RequestOutput
-from kvserve.core.sampling_params import SamplingParams
+from kvserve.core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
 
 Prompt = str | list[int] | dict
 
@@ -28,21 +28,23 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}), in input order."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = [p["prompt_token_ids"] if isinstance(p, dict) else p for p in prompts]
+        """Generate for every prompt (text, token ids, {"prompt": text} or {"prompt_token_ids": [...]}), in
+        input order."""
+        prompts = prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; give one or one each")
-        engine = self.llm_engine
-        token_ids = [engine.validate(p, sp) for p, sp in zip(prompts, params)]  # all checked before any starts
-        ids = [str(next(self._request_ids)) for _ in prompts]
-        for request_id, prompt, param, prompt_ids in zip(ids, prompts, params, token_ids):
-            engine.add_request(request_id, prompt, param, prompt_ids)
-        return self._run(ids, use_tqdm)
+        return self._run(prompts, params, use_tqdm)
+
+    def beam_search(self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search from every prompt, in input order; each output holds the beam_width best sequences."""
+        prompts = prompt_list(prompts)
+        outputs = self._run(prompts, [params] * len(prompts), use_tqdm)
+        return [BeamSearchOutput([BeamSearchSequence(o.prompt_token_ids + c.token_ids, c.cumulative_logprob, c.text,
+                                                     c.finish_reason) for c in o.outputs]) for o in outputs]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
@@ -56,8 +58,13 @@ class LLM:
                             add_generation_prompt: bool = True) -> list[int]:
         return self.llm_engine.inputs.render_chat(conversation, chat_template, add_generation_prompt)
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[str | list[int]], params: list[SamplingParams | BeamSearchParams],
+             use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
+        token_ids = [engine.validate(p, sp) for p, sp in zip(prompts, params)]  # all checked before any starts
+        request_ids = [str(next(self._request_ids)) for _ in prompts]
+        for request_id, prompt, param, prompt_ids in zip(request_ids, prompts, params, token_ids):
+            engine.add_request(request_id, prompt, param, prompt_ids)
         done: dict[str, RequestOutput] = {}
         pending = set(request_ids)
         with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm) as bar:
@@ -68,3 +75,16 @@ class LLM:
                         pending.discard(output.request_id)
                         bar.update(1)
         return [done[i] for i in request_ids]
+
+
+def prompt_list(prompts: Prompt | Seq[Prompt]) -> list[str | list[int]]:
+    """Prompts as text or token ids, from one prompt or many, each text, token ids, {"prompt": text} or
+    {"prompt_token_ids": [...]} (vLLM's TextPrompt and TokensPrompt)."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    for p in prompts:
+        if isinstance(p, dict) and not {"prompt", "prompt_token_ids"} & p.keys():
+            raise ValueError(f"a prompt dict needs 'prompt' (text) or 'prompt_token_ids' (token ids), got keys "
+                             f"{sorted(p)}")
+    return [(p["prompt_token_ids"] if "prompt_token_ids" in p else p["prompt"]) if isinstance(p, dict) else p
+            for p in prompts]

@@ -23,9 +23,16 @@ class EngineCollector:
             return
         engine = async_engine.engine
         blocks = engine.block_manager
+        # The scheduler holds sequences (n > 1 gives a request several): count the requests they belong to,
+        # a request with any sequence running being running.
+        scheduler = engine.scheduler
+        running = {seq.request_id for seq in list(scheduler.running)}
+        swapped = {seq.request_id for seq in list(scheduler.swapped)} - running
+        waiting = {seq.request_id for seq in list(scheduler.waiting)} - running - swapped
         gauges = {
-            "num_requests_running": ("Sequences running in the engine", len(engine.scheduler.running)),
-            "num_requests_waiting": ("Sequences waiting for admission", len(engine.scheduler.waiting)),
+            "num_requests_running": ("Requests with a sequence running in the engine", len(running)),
+            "num_requests_waiting": ("Requests waiting for admission", len(waiting)),
+            "num_requests_swapped": ("Requests preempted with their KV blocks in host memory", len(swapped)),
             "kv_cache_usage_perc": ("Fraction of KV cache blocks in use (1 = full)",
                                     1.0 - blocks.num_free_blocks / blocks.num_blocks),
             "kv_cache_free_blocks": ("KV cache blocks free", blocks.num_free_blocks),
@@ -38,7 +45,8 @@ class EngineCollector:
             "prompt_tokens": ("Prompt tokens computed", engine.prompt_tokens_total),
             "generation_tokens": ("Tokens generated", engine.generation_tokens_total),
             "failed_steps": ("Model steps that raised", async_engine.failed_steps),
-            "num_preemptions": ("Sequences preempted for lack of KV blocks", engine.scheduler.num_preemptions),
+            "num_preemptions": ("Sequences preempted for lack of KV blocks", scheduler.num_preemptions),
+            "num_swap_outs": ("Preempted sequences whose blocks went to host memory", scheduler.num_swap_outs),
             "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache", blocks.prefix_queries),
             "prefix_cache_hits": ("Prompt tokens found in the prefix cache", blocks.prefix_hits),
         }
@@ -56,7 +64,7 @@ class ServerMetrics:
                               buckets=TTFT_BUCKETS, registry=self.registry)
         self.tpot = Histogram(PREFIX + "time_per_output_token_seconds", "Time per output token after the first",
                               buckets=TPOT_BUCKETS, registry=self.registry)
-        self.success = Counter(PREFIX + "request_success", "Completions finished, by finish reason",
+        self.success = Counter(PREFIX + "request_success", "Requests finished, by the first choice's finish reason",
                                ["finished_reason"], registry=self.registry)
 
     def render(self) -> bytes:
@@ -80,5 +88,4 @@ class RequestTimer:
             generated = max(len(c.token_ids) for c in output.outputs)
             if generated > 1:
                 self.metrics.tpot.observe((now - self.first) / (generated - 1))
-            for completion in output.outputs:
-                self.metrics.success.labels(finished_reason=completion.finish_reason).inc()
+            self.metrics.success.labels(finished_reason=output.outputs[0].finish_reason).inc()

@@ -5,7 +5,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvserve.core.sampling_params import MAX_LOGPROBS, SamplingParams
+from kvserve.core.sampling_params import MAX_LOGPROBS, BeamSearchParams, SamplingParams
+
+# Fields that shape sampling, which beam search (n beams, max_tokens, temperature, ignore_eos) cannot honour.
+NOT_FOR_BEAM_SEARCH = ("top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "include_stop_str_in_output",
+                       "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+                       "bad_words", "logprobs", "top_logprobs", "best_of")
 
 
 class Strict(BaseModel):
@@ -40,6 +45,9 @@ class SamplingFields(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    use_beam_search: bool = False       # vLLM's extension: beam search with n beams, returning all n
+    length_penalty: float | None = None
+    early_stopping: bool | Literal["never"] | None = None
 
     def unsupported(self) -> list[str]:
         """Fields set to something the engine cannot honour yet."""
@@ -49,7 +57,13 @@ class SamplingFields(Strict):
         """SamplingParams fields that each endpoint spells its own way (logprobs, prompt_logprobs, best_of)."""
         return {}
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None) -> SamplingParams | BeamSearchParams:
+        """The engine parameters of this request: beam search's with use_beam_search, else sampling's."""
+        if self.use_beam_search:
+            return self.beam_search_params(max_tokens)
+        for name in ("length_penalty", "early_stopping"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} applies only to beam search; set use_beam_search: true or remove it")
         optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                         presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                         repetition_penalty=self.repetition_penalty)
@@ -59,6 +73,17 @@ class SamplingFields(Strict):
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
             logit_bias=self.token_id_biases(), bad_words=self.bad_words, **self.endpoint_params(),
             **{k: v for k, v in optional.items() if v is not None})
+
+    def beam_search_params(self, max_tokens: int | None) -> BeamSearchParams:
+        defaults = type(self).model_fields
+        for name in NOT_FOR_BEAM_SEARCH:
+            if name in defaults and getattr(self, name) != defaults[name].default:
+                raise ValueError(f"{name} cannot be used with use_beam_search, which honours n (the beam width), "
+                                 "max_tokens, temperature, ignore_eos, length_penalty and early_stopping")
+        optional = dict(temperature=self.temperature, length_penalty=self.length_penalty,
+                        early_stopping=self.early_stopping)
+        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                **{k: v for k, v in optional.items() if v is not None})
 
     def token_id_biases(self) -> dict[int, float] | None:
         if not self.logit_bias:
@@ -88,10 +113,10 @@ class CompletionRequest(SamplingFields):
         return dict(logprobs=self.logprobs, prompt_logprobs=self.logprobs if self.echo else None, best_of=self.best_of)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(Strict):
     role: Literal["system", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None     # the participant's name, passed to the chat template as vLLM does
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -120,7 +145,7 @@ class ChatCompletionRequest(SamplingFields):
         return dict(logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
     def conversation(self) -> list[dict[str, str]]:
-        """Messages as the chat template takes them: text content only."""
+        """Messages as the chat template takes them: text content only, and the name where one is given."""
         conversation = []
         for i, message in enumerate(self.messages):
             content = message.content or ""
@@ -130,7 +155,8 @@ class ChatCompletionRequest(SamplingFields):
                     raise ValueError(f"messages[{i}].content has parts of type {sorted(map(str, kinds - {'text'}))}; "
                                      "only 'text' parts are supported")
                 content = "".join(part.get("text", "") for part in content)
-            conversation.append({"role": message.role, "content": content})
+            named = {} if message.name is None else {"name": message.name}
+            conversation.append({"role": message.role, "content": content, **named})
         return conversation
 
 

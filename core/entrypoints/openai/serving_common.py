@@ -12,7 +12,7 @@ from kvserve.core.entrypoints.openai.errors import APIError, bad_request, unsupp
 from kvserve.core.entrypoints.openai.metrics import RequestTimer, ServerMetrics
 from kvserve.core.entrypoints.openai.protocol import SamplingFields
 from kvserve.core.outputs import RequestOutput
-from kvserve.core.sampling_params import SamplingParams
+from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
 
 _DONE = object()
 
@@ -31,7 +31,7 @@ class OpenAIServing:
         return requested or self.model_names[0]
 
     def sampling_params(self, request: SamplingFields, prompt_len: int, max_tokens: int | None,
-                        explicit: bool) -> SamplingParams:
+                        explicit: bool) -> SamplingParams | BeamSearchParams:
         """Validated params; an explicit max_tokens that does not fit the context is an error, a default is capped."""
         names = request.unsupported()
         if names:
@@ -60,7 +60,7 @@ class OpenAIServing:
             raise APIError(400, str(exc), field) from exc
 
     async def run(self, request_id: str, prompts: list[str | list[int]], token_ids: list[list[int]],
-                  params: list[SamplingParams]) -> AsyncIterator[tuple[int, RequestOutput]]:
+                  params: list[SamplingParams | BeamSearchParams]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Run several engine requests at once; yields (prompt index, output) as outputs arrive."""
         merged: asyncio.Queue = asyncio.Queue()
 

@@ -1,7 +1,9 @@
 """The toy platform: CPU tensors, a naive per-sequence attention backend, and a counting rms_norm.
 
 It uses only the public contract (kvserve.plugins) and torch, as an out-of-tree vendor plugin would.
-``CALLS`` counts attention forwards and rms_norm calls so tests can prove generation ran through it.
+``CALLS`` counts attention forwards, block copies and rms_norm calls so tests can prove generation ran
+through it. It stands in for a device with memory of its own: it accepts preemption_mode="swap", whose
+host copies of KV blocks then live in other CPU tensors.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ if CONTRACT_VERSION != 1:
     raise ImportError(f"kvserve-toy-platform supports plugin contract 1, kvserve has {CONTRACT_VERSION}")
 
 KV_CACHE_BYTES = 32 << 20
-CALLS = {"attention": 0, "rms_norm": 0}
+CALLS = {"attention": 0, "copy_blocks": 0, "rms_norm": 0}
 
 
 class ToyAttention(AttentionBackend):
@@ -32,6 +34,11 @@ class ToyAttention(AttentionBackend):
         if spec.num_heads % spec.num_kv_heads:
             reasons.append(f"{spec.num_heads} query heads are not a multiple of {spec.num_kv_heads} kv heads")
         return reasons
+
+    def copy_blocks(self, source: torch.Tensor, destination: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+        CALLS["copy_blocks"] += 1
+        for src, dst in pairs:
+            destination[:, :, dst] = source[:, :, src]
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
