@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from server_utils import assert_error, metrics, post, start_server, stop_server, tiny_args, wait_until
+from server_utils import (assert_error, metrics, openai_client, post, start_server, stop_server, tiny_args,
+                          wait_until)
 
 from kvserve import LLM, SamplingParams
 
@@ -90,6 +91,19 @@ def test_unknown_message_key_is_400_naming_it(server):
     messages = [{"role": "user", "content": PROMPT, "colour": "red"}]
     assert_error(post(server, CHAT, {"messages": messages}), 400, "messages", "colour")
     assert_error(post(server, "/tokenize", {"messages": messages}), 400, "messages", "colour")
+
+
+def test_a_reply_sent_back_by_the_client_is_accepted(server):
+    with openai_client(server) as client:
+        reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=MESSAGES, **DEFAULTS)
+        sent_back = reply.choices[0].message.model_dump()   # with tool_calls, refusal, audio, ... all None
+        assert {"tool_calls", "refusal", "audio"} <= sent_back.keys()
+        follow_up = [*MESSAGES, sent_back, {"role": "user", "content": "Once upon a time"}]
+        again = client.chat.completions.create(model=reply.model, messages=follow_up, **DEFAULTS)
+    assert again.usage.prompt_tokens > reply.usage.total_tokens
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [{"role": "assistant", "content": None, "tool_calls": [call]}, *MESSAGES]
+    assert_error(post(server, CHAT, {"messages": messages}), 400, "messages", "messages[0].tool_calls is not supported")
 
 
 def test_metrics_count_requests_not_sequences(server):

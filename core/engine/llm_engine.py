@@ -23,6 +23,7 @@ from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
 from kvserve.plugins.manager import PluginManager
 
 FAULT_TOKEN_ENV = "KVSERVE_FAULT_TOKEN"
+FATAL_TOKEN_ENV = "KVSERVE_FATAL_TOKEN"
 
 
 class LLMEngine:
@@ -45,9 +46,10 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self.prompt_tokens_total = 0        # prompt tokens computed (prefill), for metrics
         self.generation_tokens_total = 0
-        # Test-only fault injection: a step whose new tokens include this id raises, as a broken device would.
-        fault = os.environ.get(FAULT_TOKEN_ENV)
-        self.fault_token = int(fault) if fault else None
+        # Test-only fault injection: a step whose new tokens include the first id raises, as a broken device
+        # would; a request whose prompt holds the second raises something unexpected, as a bug in the engine would.
+        self.fault_token, self.fatal_token = (int(os.environ[name]) if os.environ.get(name) else None
+                                              for name in (FAULT_TOKEN_ENV, FATAL_TOKEN_ENV))
         self.max_model_len = config.model.max_model_len
         self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
                                      config.scheduler.max_num_seqs, config.model.chat_template)
@@ -68,6 +70,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = prompt_token_ids if prompt_token_ids is not None else self.validate(prompt, params)
+        if self.fatal_token in ids:
+            raise RuntimeError(f"injected fatal fault: token {self.fatal_token} ({FATAL_TOKEN_ENV})")
         text = prompt if isinstance(prompt, str) else None
         if isinstance(params, BeamSearchParams):
             first = Sequence(request_id, ids, SamplingParams(temperature=params.temperature, max_tokens=None),

@@ -117,6 +117,16 @@ class ChatMessage(Strict):
     role: Literal["system", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None     # the participant's name, passed to the chat template as vLLM does
+    # What an assistant reply carries when a client sends it back: accepted while empty, as nothing uses them.
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None
+    annotations: list[Any] | None = None
+
+    def unsupported(self) -> list[str]:
+        return [name for name in ("tool_calls", "function_call", "refusal", "audio", "annotations")
+                if getattr(self, name)]
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -148,6 +158,9 @@ class ChatCompletionRequest(SamplingFields):
         """Messages as the chat template takes them: text content only, and the name where one is given."""
         conversation = []
         for i, message in enumerate(self.messages):
+            if message.unsupported():
+                raise ValueError(f"messages[{i}].{message.unsupported()[0]} is not supported; send the message's "
+                                 "role, content and name only")
             content = message.content or ""
             if isinstance(content, list):
                 kinds = {part.get("type") for part in content}
