@@ -1,4 +1,5 @@
 """GGUF loading: the real SmolLM2 Q4_1 file against transformers, and tiny files written here."""
+import math
 import os
 from importlib import metadata
 
@@ -7,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
+import transformers
 from transformers import AutoModelForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from kvserve.core.layers.rotary import inverse_frequencies, rope_parameters
 from kvserve.core.loader.gguf import iter_gguf_weights, load_gguf_config, load_gguf_tokenizer
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -165,6 +169,26 @@ def test_errors_name_the_problem(tmp_path):
     k_quant = write_gguf(tmp_path / "k.gguf", tensors={"blk.0.ffn_up.weight": (q4_k, QType.Q4_K)})
     with pytest.raises(ValueError, match=r"'blk.0.ffn_up.weight' has type Q4_K, supported: F32, F16, BF16"):
         list(iter_gguf_weights(k_quant))
-    rope_freqs = write_gguf(tmp_path / "l3.gguf", tensors={"rope_freqs.weight": (np.ones(8, np.float32), QType.F32)})
-    with pytest.raises(ValueError, match="rope_freqs"):
+    rope_freqs = write_gguf(tmp_path / "l3.gguf", tensors={"rope_freqs.weight": (np.ones(5, np.float32), QType.F32)})
+    with pytest.raises(ValueError, match="rope_freqs.weight has 5 factors, expected 8"):
         load_gguf_config(rope_freqs)
+
+
+def test_llama3_rope_freqs_give_transformers_llama3_frequencies(tmp_path):
+    """llama.cpp's converter stores llama3 rope scaling as one factor per rotary frequency (rope_freqs.weight)."""
+    llama3 = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    reference = transformers.LlamaConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, rope_parameters=llama3)
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](reference)
+    base = 1.0 / 50000.0 ** (np.arange(0, 16, 2, dtype=np.float32) / 16)
+    factors = []
+    for freq in base:   # as convert_hf_to_gguf.py's LlamaModel computes them
+        wavelen, low, high = 2 * math.pi / freq, 16 / 1.0, 16 / 4.0
+        smooth = (16 / wavelen - 1.0) / (4.0 - 1.0)
+        factors.append(1.0 if wavelen < high else 8.0 if wavelen > low else 1 / ((1 - smooth) / 8.0 + smooth))
+    path = write_gguf(tmp_path / "l3.gguf", tensors={"rope_freqs.weight": (np.array(factors, np.float32), QType.F32)},
+                      extra=lambda writer: writer.add_token_list([f"t{i}" for i in range(VOCAB)]))
+    ours = inverse_frequencies(16, rope_parameters(load_gguf_config(path)))
+    torch.testing.assert_close(ours, expected.float(), rtol=1e-6, atol=0)
+    assert not torch.allclose(ours, torch.from_numpy(base))   # the scaling did something
+    assert list(iter_gguf_weights(path)) == []                # the factors are config, not a weight

@@ -203,8 +203,8 @@ def drained(request, tiny_model):
             def refuses() -> bool:
                 try:
                     httpx.get(f"{server.url}/health", timeout=1)
-                except httpx.ConnectError:
-                    return True
+                except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                    return True   # refused, or reset while the listener closes
                 return False
             refused = wait_until(refuses, timeout=10, interval=0.05)
             data += [line[6:] for line in lines if line.startswith("data: ")]

@@ -14,6 +14,9 @@ def rope_parameters(hf_config) -> dict:
     params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
     params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    factors = getattr(hf_config, "rope_freq_factors", None)   # from a GGUF file's rope_freqs tensor
+    if factors is not None:
+        params["freq_factors"] = factors
     return params
 
 
@@ -27,6 +30,8 @@ def inverse_frequencies(rotary_dim: int, params: dict) -> torch.Tensor:
         inv_freq = inv_freq / params["factor"]
     elif rope_type == "llama3":
         inv_freq = _llama3_scaling(inv_freq, params)
+    if "freq_factors" in params:
+        inv_freq = inv_freq / torch.tensor(params["freq_factors"], dtype=torch.float32)
     return inv_freq
 
 

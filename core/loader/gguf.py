@@ -1,6 +1,7 @@
 """Read a llama.cpp GGUF file as a Hugging Face checkpoint: config, float32 weights and tokenizer.
 
-Only dense Llama and Qwen2 models are supported, with F32, F16, BF16, Q4_0, Q4_1 and Q8_0 tensors.
+Only dense Llama (with linear or llama3 rope scaling) and Qwen2 models are supported, with F32, F16, BF16, Q4_0,
+Q4_1 and Q8_0 tensors.
 Quantized tensors are dequantized to float32 on load; names and layouts follow Hugging Face.
 """
 from __future__ import annotations
@@ -77,6 +78,12 @@ def load_gguf_config(path: str) -> transformers.PretrainedConfig:
     )
     if arch == "llama":
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if "rope_freqs.weight" in tensors:
+        # llama.cpp stores llama3 rope scaling as the factor dividing each rotary frequency.
+        factors = gguf.quants.dequantize(tensors["rope_freqs.weight"].data, tensors["rope_freqs.weight"].tensor_type)
+        if factors.size != head_dim // 2:
+            raise ValueError(f"GGUF {path!r}: rope_freqs.weight has {factors.size} factors, expected {head_dim // 2}")
+        kwargs["rope_freq_factors"] = [float(f) for f in factors.reshape(-1)]
     return config_cls(**kwargs)
 
 
@@ -86,6 +93,8 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     num_heads = _field(reader, f"{arch}.attention.head_count")
     num_kv_heads = _field(reader, f"{arch}.attention.head_count_kv", num_heads)
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":   # part of the config (rope_freq_factors), not a weight
+            continue
         name = _hf_name(t.name)
         if t.tensor_type not in SUPPORTED_TYPES:
             raise ValueError(f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, supported: "
@@ -129,12 +138,7 @@ def _check_file(path: str) -> None:
 @functools.lru_cache(maxsize=2)   # parsing the metadata takes seconds; config and weights share one reader
 def _open(path: str) -> gguf.GGUFReader:
     _check_file(path)
-    reader = gguf.GGUFReader(path)
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        # llama3-style rope scaling stores per-frequency factors we do not apply yet.
-        raise ValueError(f"GGUF {path!r} has a rope_freqs.weight tensor (llama3 rope scaling), "
-                         f"which is not supported")
-    return reader
+    return gguf.GGUFReader(path)
 
 
 def _arch(reader: gguf.GGUFReader) -> str:
