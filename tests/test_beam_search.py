@@ -130,6 +130,11 @@ def test_bad_parameters_are_named(params, message):
         BeamSearchParams(**params)
 
 
+def test_generate_points_to_beam_search(llm):
+    with pytest.raises(TypeError, match=r"for beam search call LLM.beam_search"):
+        llm.generate(["The quick"], BeamSearchParams(beam_width=2))
+
+
 def test_too_wide_for_the_vocabulary_is_rejected_before_any_work(tiny_model):
     llm = LLM(tiny_model("qwen2"), dtype="float32", kv_cache_memory="8MiB", max_model_len=64, max_num_seqs=256,
               max_num_batched_tokens=256)

@@ -31,6 +31,9 @@ class LLM:
         """Generate for every prompt (text, token ids, {"prompt": text} or {"prompt_token_ids": [...]}), in
         input order."""
         prompts = prompt_list(prompts)
+        if isinstance(sampling_params, BeamSearchParams):
+            raise TypeError("generate takes SamplingParams; for beam search call "
+                            "LLM.beam_search(prompts, BeamSearchParams(...))")
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
