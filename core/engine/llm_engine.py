@@ -77,7 +77,7 @@ class LLMEngine:
             first = Sequence(request_id, ids, SamplingParams(temperature=params.temperature, max_tokens=None),
                              self.max_model_len, self.eos_token_ids)
             beam = BeamSearch(params, first, self.eos_token_ids, self.max_model_len)
-            self.requests[request_id] = RequestState(request_id, params, text, ids, [first], {}, {}, {}, None, beam)
+            self.requests[request_id] = RequestState(request_id, params, text, ids, [first], beam=beam)
             self.scheduler.add(first)
             return
         seqs = [Sequence(request_id, ids, child, self.max_model_len, self.eos_token_ids)

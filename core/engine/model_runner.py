@@ -126,7 +126,7 @@ class ModelRunner:
                             block_tables=[s.block_table for s in seqs], num_decodes=batch.num_decodes)
         metadata = self.backend.build_metadata(layout)
         token_ids = [t for s, n in zip(seqs, counts) for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n]]
-        input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        input_ids = self._tensor(token_ids)
         if self.graph_runner is not None and self.graph_runner.can_run(metadata, len(token_ids)):
             hidden = self.graph_runner.run(input_ids, metadata.positions, metadata)
         else:
@@ -142,7 +142,7 @@ class ModelRunner:
                                                            for r in range(s.row, s.row + s.count)]
         if not hidden_rows:
             return StepOutput()
-        logits = self.model.compute_logits(hidden[torch.tensor(hidden_rows, device=self.device)]).float()
+        logits = self.model.compute_logits(hidden[self._tensor(hidden_rows)]).float()
         out = StepOutput(prompt_logprobs=prompt_logprobs(logits[len(rows):], prompt_slices))
         if rows:
             self._choose(samplers, logits[:len(rows)], out)
@@ -184,24 +184,25 @@ class ModelRunner:
                 bias_rows += [row] * len(seq.params.logit_bias)
                 bias_cols += seq.params.logit_bias.keys()
                 biases += seq.params.logit_bias.values()
-        as_tensor = lambda values, dtype=torch.int64: torch.tensor(values, dtype=dtype, device=self.device)  # noqa
         if ban_rows:
-            logits[as_tensor(ban_rows), as_tensor(ban_cols)] = float("-inf")
+            logits[self._tensor(ban_rows), self._tensor(ban_cols)] = float("-inf")
         if bias_rows:
-            logits.index_put_((as_tensor(bias_rows), as_tensor(bias_cols)), as_tensor(biases, torch.float32),
-                              accumulate=True)
+            logits.index_put_((self._tensor(bias_rows), self._tensor(bias_cols)),
+                              self._tensor(biases, torch.float32), accumulate=True)
         penalized = [row for row, seq in enumerate(seqs) if seq.params.uses_penalties]
         if penalized:
             params = [seqs[row].params for row in penalized]
-            vocab, index = logits.shape[-1], as_tensor(penalized)
+            vocab, index = logits.shape[-1], self._tensor(penalized)
             output_ids = pad_ids([seqs[row].output_token_ids for row in penalized], vocab, self.device)
             prompt_ids = None if all(p.repetition_penalty == 1 for p in params) else pad_ids(
                 [seqs[row].token_ids[:seqs[row].num_prompt_tokens] for row in penalized], vocab, self.device)
-            logits[index] = apply_penalties(
-                logits[index], prompt_ids, output_ids, as_tensor([p.presence_penalty for p in params], torch.float32),
-                as_tensor([p.frequency_penalty for p in params], torch.float32),
-                as_tensor([p.repetition_penalty for p in params], torch.float32))
+            penalties = [self._tensor([getattr(p, name) for p in params], torch.float32)
+                         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")]
+            logits[index] = apply_penalties(logits[index], prompt_ids, output_ids, *penalties)
         return logits
+
+    def _tensor(self, values, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _mask_stop_tokens_before_min(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         rows, cols = [], []
@@ -211,7 +212,7 @@ class ModelRunner:
                 rows += [row] * len(banned)
                 cols += banned
         if rows:
-            logits[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)] = float("-inf")
+            logits[self._tensor(rows), self._tensor(cols)] = float("-inf")
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         params = [s.params for s in seqs]
@@ -221,12 +222,11 @@ class ModelRunner:
                 if seq.seq_id not in self.generators:
                     self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
                 generators[row] = self.generators[seq.seq_id]
-        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
         return SamplingBatch(
-            temperatures=as_tensor([p.temperature for p in params], torch.float32),
-            top_k=as_tensor([max(p.top_k, 0) for p in params], torch.int64),
-            top_p=as_tensor([p.top_p for p in params], torch.float32),
-            min_p=as_tensor([p.min_p for p in params], torch.float32),
+            temperatures=self._tensor([p.temperature for p in params], torch.float32),
+            top_k=self._tensor([max(p.top_k, 0) for p in params], torch.int64),
+            top_p=self._tensor([p.top_p for p in params], torch.float32),
+            min_p=self._tensor([p.min_p for p in params], torch.float32),
             all_greedy=all(p.greedy for p in params),
             use_top_k=any(p.top_k > 0 for p in params),
             use_top_p=any(p.top_p < 1.0 for p in params),

@@ -1,7 +1,7 @@
 """What the engine keeps for each request between steps, and the output it gives from that."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvserve.core.engine.beam_search import BeamSearch, Hypothesis
 from kvserve.core.engine.detokenizer import IncrementalDetokenizer
@@ -17,10 +17,10 @@ class RequestState:
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Sequence]
-    detokenizers: dict[int, IncrementalDetokenizer]     # by seq_id
-    logprobs: dict[int, list[PositionLogprobs]]         # by seq_id, when the request asked for logprobs
-    cumulative_logprobs: dict[int, float]               # by seq_id, when logprobs or best_of need them
-    prompt_logprobs: list[PositionLogprobs | None] | None
+    detokenizers: dict[int, IncrementalDetokenizer] = field(default_factory=dict)   # by seq_id
+    logprobs: dict[int, list[PositionLogprobs]] = field(default_factory=dict)   # by seq_id, if asked for
+    cumulative_logprobs: dict[int, float] = field(default_factory=dict)   # by seq_id, for logprobs or best_of
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
     beam: BeamSearch | None = None
 
     @property
