@@ -9,6 +9,13 @@ import pytest
 from kvserve.core.bench.throughput import parse_range, random_workload
 
 
+def test_w1_is_the_published_algorithm():
+    # The issue that defines W1 lets other engines replay it: numpy's default_rng(0), lengths then token ids.
+    w1 = random_workload(32, (64, 256), seed=0)
+    assert [len(p) for p in w1[:8]] == [228, 186, 162, 116, 123, 71, 78, 67]
+    assert w1[0][:5] == [3589, 26032, 1640, 16702, 3331] and sum(map(len, w1)) == 5287
+
+
 def test_workload_is_reproducible_and_prefix_is_separate():
     plain = random_workload(8, (64, 256), seed=0)
     assert plain == random_workload(8, (64, 256), seed=0)
@@ -23,19 +30,45 @@ def test_bad_ranges(text):
         parse_range(text)
 
 
-def bench(*args: str) -> dict:
-    result = subprocess.run(["kvserve", "bench", "throughput", *args], capture_output=True, text=True, timeout=300)
+def bench(tmp_path, *args: str) -> dict:
+    path = tmp_path / "result.json"
+    result = subprocess.run(["kvserve", "bench", "throughput", *args, "--output-json", str(path)],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    assert "output_tok_s:" in result.stdout   # the text report
+    return json.loads(path.read_text())
 
 
-def test_throughput_reports_prefix_cache_savings(tiny_model):
+def test_throughput_reports_prefix_cache_savings(tiny_model, tmp_path):
     # The workload draws token ids up to 30000: a tiny model with that vocabulary.
     common = ["--model", tiny_model("qwen2-big-vocab"), "--dtype", "float32", "--kv-cache-memory", "64MiB",
               "--num-prompts", "6", "--input-len", "8:16", "--output-len", "4", "--shared-prefix-len", "64"]
-    cached = bench(*common)
-    uncached = bench(*common, "--no-enable-prefix-caching")
+    cached = bench(tmp_path, *common)
+    uncached = bench(tmp_path, *common, "--no-enable-prefix-caching")
     assert cached["prompt_tokens"] == uncached["prompt_tokens"] == uncached["prompt_tokens_computed"]
     assert cached["prompt_tokens_computed"] <= uncached["prompt_tokens_computed"] - 5 * 64
     assert cached["prefix_cache_hit_rate"] > 0 and uncached["prefix_cache_hit_rate"] == 0
-    assert cached["requests"] == 6 and cached["output_tokens_per_s"] > 0
+    assert cached["requests"] == 6 and cached["output_tokens"] == 6 * 4
+
+
+def test_throughput_against_transformers(tiny_model, tmp_path):
+    model = tiny_model("qwen2-big-vocab")
+    result = bench(tmp_path, "--model", model, "--dtype", "float32", "--kv-cache-memory", "64MiB",
+                   "--num-prompts", "4", "--input-len", "8:16", "--output-len", "4", "--baseline", "hf")
+    for report in (result, result["baseline"]):
+        assert report["model"] == model and report["dtype"] == "float32"
+        assert report["elapsed_s"] > 0 and report["total_tok_s"] > report["output_tok_s"] > 0
+    assert result["baseline"]["engine"] == "hf"
+    assert result["speedup"] == pytest.approx(result["output_tok_s"] / result["baseline"]["output_tok_s"], rel=0.02)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--baseline", "vllm"], "--baseline-python"),
+    (["--baseline-python", "/usr/bin/python3"], "only used with --baseline vllm"),
+    (["--baseline", "vllm", "--baseline-python", "/no/such/python"], "is not a file"),
+])
+def test_bad_baseline_options(tiny_model, args, message):
+    result = subprocess.run(["kvserve", "bench", "throughput", "--model", tiny_model("qwen2-big-vocab"),
+                             "--kv-cache-memory", "64MiB", "--num-prompts", "2", "--input-len", "8",
+                             "--output-len", "2", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and message in result.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -33,9 +34,14 @@ def random_workload(num_prompts: int, input_len: tuple[int, int], seed: int,
 
 
 def run(llm, prompts: list[list[int]], output_len: int) -> dict:
+    """Greedy generation of exactly ``output_len`` tokens per prompt, timed after an untimed warm-up on the
+    first two prompts reversed (other token ids, so the prefix cache does not hold the timed prompts)."""
+    from kvserve.core.bench.baselines import rates
     from kvserve.core.sampling_params import SamplingParams
 
     engine = llm.llm_engine
+    llm.generate([p[::-1] for p in prompts[:2]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                 use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     prompt_tokens_before, blocks = engine.prompt_tokens_total, engine.block_manager
     hits_before, queries_before = blocks.prefix_hits, blocks.prefix_queries
@@ -43,13 +49,13 @@ def run(llm, prompts: list[list[int]], output_len: int) -> dict:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    prompt_tokens = sum(map(len, prompts))
+    if generated != len(prompts) * output_len:
+        raise RuntimeError(f"generated {generated} tokens, expected {len(prompts) * output_len}")
     queries = blocks.prefix_queries - queries_before
-    return {"requests": len(prompts), "elapsed_s": round(elapsed, 2),
-            "requests_per_s": round(len(prompts) / elapsed, 3),
-            "output_tokens_per_s": round(generated / elapsed, 1),
-            "total_tokens_per_s": round((generated + prompt_tokens) / elapsed, 1),
-            "prompt_tokens": prompt_tokens,
+    return {"engine": "kvserve", "model": engine.config.model.model or "default",
+            "dtype": str(engine.runner.dtype).removeprefix("torch."), **rates(elapsed, prompts, output_len),
+            "requests": len(prompts), "requests_per_s": round(len(prompts) / elapsed, 3),
+            "prompt_tokens": sum(map(len, prompts)), "output_tokens": generated,
             "prompt_tokens_computed": engine.prompt_tokens_total - prompt_tokens_before,
             "prefix_cache_hit_rate": round((blocks.prefix_hits - hits_before) / queries, 3) if queries else 0.0}
 
@@ -61,15 +67,39 @@ def add_parser(commands, add_engine_args) -> None:
     parser.add_argument("--input-len", default="64:256", help="prompt length range lo:hi, inclusive")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--shared-prefix-len", type=int, default=0, help="a common prefix of this many tokens")
+    parser.add_argument("--baseline", choices=["hf", "vllm"], default=None,
+                        help="also run Hugging Face transformers (hf) or vLLM on the same workload, and report the ratio")
+    parser.add_argument("--baseline-python", default=None, help="with --baseline vllm: the python of a venv with vLLM")
+    parser.add_argument("--output-json", default=None, help="also write the results to this file")
     add_engine_args(parser)   # its --seed seeds the workload too, as in vLLM's benchmarks
 
     def bench(args) -> None:
+        from kvserve.core.bench import baselines
+        from kvserve.core.bench.report import emit
         from kvserve.core.entrypoints.cli import build_llm
+        from kvserve.core.loader.model_loader import default_model_path
 
+        if args.baseline == "vllm" and not args.baseline_python:
+            raise ValueError("--baseline vllm needs --baseline-python, the python of a venv with vLLM installed")
+        if args.baseline_python and args.baseline != "vllm":
+            raise ValueError("--baseline-python is only used with --baseline vllm")
+        if args.baseline_python and not os.path.isfile(args.baseline_python):
+            raise ValueError(f"--baseline-python {args.baseline_python!r} is not a file; pass the python of a "
+                             f"venv with vLLM installed")
         prompts = random_workload(args.num_prompts, parse_range(args.input_len), args.seed, args.shared_prefix_len)
-        result = run(build_llm(args), prompts, args.output_len)
-        print(json.dumps({"workload": {k: getattr(args, k) for k in (
+        llm = build_llm(args)
+        result = {"workload": {k: getattr(args, k) for k in (
             "dataset", "num_prompts", "input_len", "output_len", "shared_prefix_len", "seed")},
-            **result}, indent=2))
+            **run(llm, prompts, args.output_len)}
+        engine = llm.llm_engine
+        model_path, dtype = args.model or default_model_path(), engine.runner.dtype
+        if args.baseline == "hf":
+            result["baseline"] = baselines.run_hf(model_path, dtype, prompts, args.output_len)
+        elif args.baseline == "vllm":
+            result["baseline"] = baselines.run_vllm(args.baseline_python, model_path, dtype, prompts,
+                                                    args.output_len, engine.max_model_len)
+        if args.baseline:
+            result["speedup"] = round(result["output_tok_s"] / result["baseline"]["output_tok_s"], 2)
+        emit(result, args.output_json)
 
     parser.set_defaults(bench=bench)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvserve.core.bench import latency as latency_bench
 from kvserve.core.bench import serving as serving_bench
 from kvserve.core.bench import throughput as throughput_bench
 
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("plugins", help="list discovered plugins and the platform that would be used")
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
     serving_bench.add_parser(bench)
+    latency_bench.add_parser(bench, add_engine_args)
     throughput_bench.add_parser(bench, add_engine_args)
     args = parser.parse_args(argv)
     handler = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "plugins": cmd_plugins,

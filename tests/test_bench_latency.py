@@ -1,0 +1,39 @@
+"""`kvserve bench latency` run as a user runs it, on a tiny model."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
+
+
+def bench_latency(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["kvserve", "bench", "latency", "--disable-tqdm", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_latency_reports_percentiles(tiny_model, tmp_path):
+    path = tmp_path / "latency.json"
+    # The workload draws token ids up to 30000: a tiny model with that vocabulary.
+    result = bench_latency("--model", tiny_model("qwen2-big-vocab"), "--dtype", "float32", "--kv-cache-memory",
+                           "16MiB", "--input-len", "16", "--output-len", "4", "--num-iters", "2",
+                           "--num-iters-warmup", "1", "--output-json", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(path.read_text())
+    assert {"model", "dtype", "input_len", "output_len", "num_iters", *LATENCIES} <= report.keys(), report
+    assert (report["dtype"], report["input_len"], report["output_len"], report["num_iters"]) == ("float32", 16, 4, 2)
+    for name in LATENCIES:
+        stats = report[name]
+        assert set(stats) == {"mean", "median", "p50", "p90", "p99"}
+        assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"] and stats["mean"] > 0, (name, stats)
+    assert report["e2el_ms"]["mean"] > report["ttft_ms"]["mean"]
+    assert "Latency Benchmark Result" in result.stdout and "tpot_ms" in result.stdout
+
+
+@pytest.mark.parametrize("option, value", [("--num-iters", "0"), ("--output-len", "0"), ("--num-iters-warmup", "-1")])
+def test_bad_options_are_clear_errors(option, value):
+    # Checked before the model loads.
+    result = bench_latency(option, value)
+    assert result.returncode == 2 and option in result.stderr and value in result.stderr, result.stderr
