@@ -1,47 +1,80 @@
-"""Paged attention in plain torch: works on any device, used by the CPU platform."""
+"""Paged attention in plain torch, used by the CPU platform.
+
+The cache keeps each kv head's blocks together, [2, kv_heads, blocks, block_size, head], so that gathering a
+batch's blocks yields [kv_heads, seqs, tokens, head]: the operand a batched matmul takes without a copy.
+"""
 from __future__ import annotations
 
 import torch
 
 
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+    return (2, num_kv_heads, num_blocks, block_size, head_size)
+
+
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write [tokens, kv_heads, head] keys and values into a [2, blocks, block_size, kv_heads, head] cache."""
+    """Write [tokens, kv_heads, head] keys and values into their cache slots (block * block_size + offset)."""
     num_kv_heads, head_size = key.shape[1:]
-    kv_cache[0].view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    kv_cache[1].view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    for part, new in ((kv_cache[0], key), (kv_cache[1], value)):
+        part.view(num_kv_heads, -1, head_size).index_copy_(1, slot_mapping, new.transpose(0, 1).to(part.dtype))
 
 
-def varlen_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                           seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int,
-                           max_seq_len: int, scale: float, sliding_window: int | None = None) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its whole cached context.
+def gather_context(cache_part: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """[kv_heads, blocks, block_size, head] -> [kv_heads, num_seqs, tokens, head]; ``block_ids`` holds each
+    sequence's block table, flattened, all of one width."""
+    num_kv_heads, num_blocks, _, head_size = cache_part.shape
+    # index_select copies whole rows far faster when a block is one flat row.
+    rows = cache_part.view(num_kv_heads, num_blocks, -1).index_select(1, block_ids)
+    return rows.view(num_kv_heads, num_seqs, -1, head_size)
 
-    query: [tokens, heads, head] for the sequences of ``query_start_loc``; the last query of a
-    sequence sits at position seq_len - 1. Sequences are padded to the longest query and context
-    of the group, so callers group sequences of similar query length (decodes apart from prefills).
-    """
-    num_seqs = seq_lens.shape[0]
-    num_tokens, num_heads, head_size = query.shape
-    query_lens = query_start_loc[1:] - query_start_loc[:-1]
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=query.device), query_lens,
-                                           output_size=num_tokens)
-    row_of_token = torch.arange(num_tokens, device=query.device) - query_start_loc[seq_of_token]
 
-    padded_q = query.new_zeros(num_seqs, max_query_len, num_heads, head_size)
-    padded_q[seq_of_token, row_of_token] = query
-
-    num_kv_heads = kv_cache.shape[3]
-    keys = kv_cache[0][block_tables].view(num_seqs, -1, num_kv_heads, head_size)[:, :max_seq_len]
-    values = kv_cache[1][block_tables].view(num_seqs, -1, num_kv_heads, head_size)[:, :max_seq_len]
-
-    query_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_query_len, device=query.device)
-    key_pos = torch.arange(keys.shape[1], device=query.device)
-    distance = query_pos[:, :, None] - key_pos[None, None, :]
-    mask = distance >= 0
+def allowed_keys(seq_lens: torch.Tensor, query_lens: torch.Tensor, max_query_len: int, num_keys: int,
+                 sliding_window: int | None) -> torch.Tensor:
+    """[seqs, max_query_len, num_keys] True where a (padded) query may attend a key: causal, within the window.
+    A sequence's last query sits at position seq_len - 1."""
+    device = seq_lens.device
+    query_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_query_len, device=device)
+    distance = query_pos[:, :, None] - torch.arange(num_keys, device=device)
+    allowed = distance >= 0
     if sliding_window is not None:
-        mask &= distance < sliding_window
+        allowed &= distance < sliding_window
+    return allowed
 
-    out = torch.nn.functional.scaled_dot_product_attention(
-        padded_q.transpose(1, 2), keys.transpose(1, 2).to(query.dtype), values.transpose(1, 2).to(query.dtype),
-        attn_mask=mask[:, None], scale=scale, enable_gqa=num_heads != num_kv_heads)
-    return out.transpose(1, 2)[seq_of_token, row_of_token]
+
+def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, bias: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query per sequence, [seqs, heads, head], over its cached context; ``bias`` [seqs, 1, keys] is 0 for
+    the keys it attends and -inf for the rest. Scores and softmax are float32 whatever the cache dtype."""
+    num_seqs, num_heads, head_size = query.shape
+    num_kv_heads = kv_cache.shape[1]
+    keys = gather_context(kv_cache[0], block_ids, num_seqs)
+    values = gather_context(kv_cache[1], block_ids, num_seqs)
+    q = query.view(num_seqs, num_kv_heads, -1, head_size).transpose(0, 1).to(keys.dtype)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(scale).add_(bias)
+    out = torch.matmul(scores.softmax(-1).to(values.dtype), values)   # [kv_heads, seqs, group, head]
+    return out.transpose(0, 1).reshape(num_seqs, num_heads, head_size).to(query.dtype)
+
+
+def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                      token_index: torch.Tensor, num_seqs: int, max_query_len: int, block_ids: torch.Tensor | None,
+                      mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Prefill chunks, [tokens, heads, head], padded to [seqs, max_query_len] at ``token_index`` (seq * max_query_len
+    + row of each token). Without ``block_ids`` every chunk is a whole prompt, attended causally from its own new
+    keys; otherwise chunks attend their gathered cached context under ``mask`` [seqs, max_query_len, keys]."""
+    num_heads, head_size = query.shape[1:]
+
+    def pad(x: torch.Tensor) -> torch.Tensor:   # [tokens, h, head] -> [seqs, h, max_query_len, head]
+        padded = x.new_zeros(num_seqs * max_query_len, x.shape[1], head_size).index_copy_(0, token_index, x)
+        return padded.view(num_seqs, max_query_len, -1, head_size).transpose(1, 2)
+
+    q = pad(query)
+    if block_ids is None:
+        k, v = pad(key), pad(value)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                               enable_gqa=k.shape[1] != num_heads)
+    else:
+        k = gather_context(kv_cache[0], block_ids, num_seqs).transpose(0, 1).to(query.dtype)
+        v = gather_context(kv_cache[1], block_ids, num_seqs).transpose(0, 1).to(query.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
+                                                               enable_gqa=k.shape[1] != num_heads)
+    return out.transpose(1, 2).reshape(-1, num_heads, head_size).index_select(0, token_index)

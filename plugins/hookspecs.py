@@ -104,6 +104,18 @@ def platform_ops() -> dict[str, Callable[..., Any]]:
 
 
 @hookspec(firstresult=True)
+def platform_linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """Prepare a faster matmul for one loaded, unquantized linear weight ([out, in], in the model dtype), such as
+    the weight repacked into the blocked layout the device's matmul library prefers. Called once per linear
+    layer after loading; the layer then calls ``kernel(x, bias)`` for ``x @ weight.T + bias`` (bias may be None)
+    and drops its own reference to ``weight``, so the kernel keeps whatever it needs. Return None to keep
+    torch's linear. Optional.
+
+    :param weight: the layer's weight on the platform's device.
+    """
+
+
+@hookspec(firstresult=True)
 def platform_seed(seed: int) -> None:
     """Seed every random generator of this platform's devices.
 

@@ -54,7 +54,7 @@ class Platform:
         self._hooks = {name: manager.pm.subset_hook_caller(name, remove_plugins=others)
                        for name in ("platform_update_config", "platform_memory_info",
                                     "platform_attention_backend", "platform_graph_runner",
-                                    "platform_communicator", "platform_ops", "platform_seed",
+                                    "platform_communicator", "platform_ops", "platform_linear_kernel", "platform_seed",
                                     "platform_synchronize")}
 
     def _call(self, hook: str, **kwargs) -> Any:
@@ -77,6 +77,9 @@ class Platform:
 
     def ops(self) -> dict:
         return self._call("platform_ops") or {}
+
+    def linear_kernel(self, weight: torch.Tensor):
+        return self._call("platform_linear_kernel", weight=weight)
 
     def seed(self, seed: int) -> None:
         self._call("platform_seed", seed=seed)

@@ -29,7 +29,9 @@ def test_generate_on_default_model():
 
 
 def test_chat_keeps_the_conversation():
-    result = kvserve("chat", "--max-tokens", "24", "--max-model-len", "1024",
+    # float32: in bfloat16, "The" and "L'" start the first reply within rounding of each other (0.08 apart in
+    # float32); this test is about the conversation, not about which rounding wins.
+    result = kvserve("chat", "--max-tokens", "24", "--max-model-len", "1024", "--dtype", "float32",
                      stdin="What is the capital of France?\nAnd of Italy?\n")
     assert result.returncode == 0, result.stderr
     replies = [line for line in result.stdout.split("\n") if line.strip()]

@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvserve.kernels_cpu.paged_attention import store_kv, varlen_paged_attention
+from kvserve.kernels_cpu import native
+from kvserve.kernels_cpu import paged_attention as kernels
+from kvserve.platforms.cpu.attention import NativePagedAttention, TorchPagedAttention
 from kvserve.platforms.cpu.ipex_attention import ipex_unavailable_reason
-from kvserve.plugins.interfaces import AttentionSpec
+from kvserve.plugins.interfaces import AttentionSpec, StepLayout
 from kvserve.plugins.manager import PluginManager
 
 
@@ -22,49 +24,56 @@ def reference_attention(q, k, v, scale, window):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_varlen_paged_attention_matches_reference(window):
-    torch.manual_seed(0)
-    heads, kv_heads, d, block_size, num_blocks = 6, 2, 8, 4, 40
-    cache = torch.zeros(2, num_blocks, block_size, kv_heads, d)
-    # (tokens already cached, new tokens): a decode, a first prefill, a chunk after cached context
-    shapes = [(9, 1), (0, 7), (5, 6)]
-    free = list(torch.randperm(num_blocks).tolist())
-    queries, expected, tables, seq_lens = [], [], [], []
-    for cached, new in shapes:
-        total = cached + new
-        table = [free.pop() for _ in range(-(-total // block_size))]
-        k, v = torch.randn(total, kv_heads, d), torch.randn(total, kv_heads, d)
-        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(total)])
-        store_kv(k, v, cache, slots)
-        q = torch.randn(new, heads, d)
-        queries.append(q)
-        expected.append(reference_attention(q, k, v, 0.3, window))
-        tables.append(table + [0] * (4 - len(table)))
-        seq_lens.append(total)
-    lens = torch.tensor([n for _, n in shapes])
-    starts = torch.nn.functional.pad(lens.cumsum(0), (1, 0))
-    out = varlen_paged_attention(torch.cat(queries), cache, starts, torch.tensor(seq_lens), torch.tensor(tables),
-                                 int(lens.max()), max(seq_lens), 0.3, window)
-    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
-
-
 def spec(**overrides) -> AttentionSpec:
     return AttentionSpec(**{"num_heads": 8, "num_kv_heads": 2, "head_size": 64, "dtype": torch.float32,
                             "block_size": 16, **overrides})
 
 
+# (tokens already cached, new tokens) per sequence, decodes first: a decode, a whole prompt, a chunk after
+# cached context; the second batch has whole prompts only, which take the causal path over their own keys.
+@pytest.mark.parametrize("shapes", [[(9, 1), (0, 1), (0, 7), (5, 6)], [(20, 1), (0, 7), (0, 3)], [(0, 5), (0, 9)],
+                                    [(3, 1), (30, 1)]])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("backend_cls", [TorchPagedAttention, NativePagedAttention])
+def test_paged_attention_matches_reference(shapes, window, backend_cls):
+    if native.load()[1] and backend_cls is NativePagedAttention:
+        pytest.skip(f"native kernels unavailable: {native.load()[1]}")
+    torch.manual_seed(0)
+    attention_spec = spec(num_heads=6, head_size=8, block_size=4, sliding_window=window)
+    backend = backend_cls(attention_spec, torch.device("cpu"))
+    num_blocks = 40
+    cache = torch.zeros(backend.kv_cache_shape(num_blocks, 4, 2, 8))
+    free = torch.randperm(num_blocks).tolist()
+    queries, keys, values, expected, tables = [], [], [], [], []
+    for cached, new in shapes:
+        total = cached + new
+        table = [free.pop() for _ in range(-(-total // 4))]
+        k, v = torch.randn(total, 2, 8), torch.randn(total, 2, 8)
+        old = torch.tensor([table[p // 4] * 4 + p % 4 for p in range(cached)], dtype=torch.int64)
+        kernels.store_kv(k[:cached], v[:cached], cache, old)
+        q = torch.randn(new, 6, 8)
+        queries.append(q), keys.append(k[cached:]), values.append(v[cached:]), tables.append(table)
+        expected.append(reference_attention(q, k, v, 0.3, window))
+    num_decodes = sum(1 for cached, new in shapes if new == 1 and cached)
+    layout = StepLayout(query_lens=[n for _, n in shapes], seq_lens=[c + n for c, n in shapes],
+                        block_tables=tables, num_decodes=num_decodes)
+    out = backend.forward(torch.cat(queries), torch.cat(keys), torch.cat(values), cache,
+                          backend.build_metadata(layout), 0.3)
+    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
 def test_backend_choice_and_override(monkeypatch):
     platform = PluginManager().select_platform("cpu")
-    expected = "ipex-paged" if not ipex_unavailable_reason() else "torch-paged"
-    assert platform.attention_backend(spec()).name == expected
+    order = [name for name, unavailable in [("ipex-paged", ipex_unavailable_reason()),
+                                            ("cpu-native", native.load()[1]), ("torch-paged", "")] if not unavailable]
+    assert platform.attention_backend(spec()).name == order[0]
     monkeypatch.setenv("KVSERVE_ATTENTION_BACKEND", "torch-paged")
     assert platform.attention_backend(spec()).name == "torch-paged"
     monkeypatch.setenv("KVSERVE_ATTENTION_BACKEND", "flash")
-    with pytest.raises(ValueError, match="'flash' is not a backend of this platform; allowed: ipex-paged, torch-paged"):
+    with pytest.raises(ValueError, match="'flash' is not a backend of this platform; allowed: ipex-paged, cpu-native, torch-paged"):
         platform.attention_backend(spec())
     monkeypatch.delenv("KVSERVE_ATTENTION_BACKEND")
-    with pytest.raises(ValueError, match=r"ipex-paged: .*torch-paged: dtype torch.int8 is not"):
+    with pytest.raises(ValueError, match=r"ipex-paged: .*cpu-native: .*torch-paged: dtype torch.int8 is not"):
         platform.attention_backend(spec(dtype=torch.int8))
 
 

@@ -39,9 +39,9 @@ def test_children_fork_the_prompt_blocks_and_copy_the_partial_one(tiny_model):
     tables = [s.block_table for s in engine.scheduler.running]
     assert all(t[:2] == tables[0][:2] for t in tables) and [manager.ref_counts[b] for b in tables[0][:2]] == [4, 4]
     assert len({t[2] for t in tables}) == 4 and partial in {t[2] for t in tables}
-    cache = engine.runner.kv_cache          # [layers, keys/values, blocks, block_size, heads, head_size]
+    cache = engine.runner.kv_cache          # [layers, keys/values, kv heads, blocks, block_size, head_size]
     for table in tables:                    # the 8 prompt tokens' keys and values came along with each copy
-        assert torch.equal(cache[:, :, table[2], :8], cache[:, :, partial, :8])
+        assert torch.equal(cache[:, :, :, table[2], :8], cache[:, :, :, partial, :8])
     while engine.has_unfinished_requests():
         engine.step()
     assert manager.num_free_blocks == manager.num_blocks

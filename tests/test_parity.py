@@ -46,7 +46,7 @@ def test_tiny_models_match_transformers(tiny_model, arch):
 def test_smollm2_gguf_matches_transformers(smollm2_path):
     folder, name = os.path.split(smollm2_path)
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    llm = LLM(max_model_len=1024, kv_cache_memory="128MiB")
+    llm = LLM(max_model_len=1024, kv_cache_memory="128MiB", dtype="float32")
     conversations = [[{"role": "user", "content": q}] for q in
                      ("What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.")]
     prompts = [llm.apply_chat_template(c) for c in conversations]

@@ -12,6 +12,7 @@ from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, p
 from kvserve.core.engine.scheduler import ScheduledBatch
 from kvserve.core.engine.sequence import Sequence
 from kvserve.core.layers.attention import Attention
+from kvserve.core.layers.linear import use_platform_kernels
 from kvserve.core.layers.logits_processors import apply_penalties, bad_word_bans, pad_ids, token_logprobs
 from kvserve.core.layers.ops import Ops
 from kvserve.core.layers.sampler import SamplingBatch, sample
@@ -55,8 +56,10 @@ class ModelRunner:
         with torch.device("meta"):   # no time spent initializing weights the checkpoint replaces
             model = model_cls(hf_config, Ops(platform.ops()))
         model.to_empty(device=self.device)
+        getattr(model, "tie_weights", lambda: None)()
         load_weights(model, checkpoint.weights())
         self.model = model.to(self.dtype).eval()
+        use_platform_kernels(self.model, platform.linear_kernel)
 
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         block_size = config.cache.block_size

@@ -1,11 +1,45 @@
-"""Linear layers whose weights are fused from several checkpoint tensors (qkv, gate-up)."""
+"""Linear layers: a platform may replace their matmul with a kernel prepared once from the loaded weight
+(platform_linear_kernel); merged layers fuse several checkpoint tensors (qkv, gate-up) into one matmul."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+LinearKernel = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
-class MergedLinear(nn.Linear):
+
+class Linear(nn.Linear):
+    kernel: LinearKernel | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is None:
+            return F.linear(x, self.weight, self.bias)
+        return self.kernel(x, self.bias)
+
+    @classmethod
+    def tied_to(cls, embedding: nn.Embedding) -> Linear:
+        """The output projection of a model whose lm_head is its input embedding: the same parameter."""
+        with torch.device(embedding.weight.device):
+            head = cls(embedding.embedding_dim, embedding.num_embeddings, bias=False)
+        head.weight = embedding.weight
+        return head
+
+
+def use_platform_kernels(model: nn.Module, make_kernel: Callable[[torch.Tensor], LinearKernel | None]) -> None:
+    """Give every Linear of ``model`` the platform's kernel for its weight, if the platform has one; the kernel
+    holds the weight in its own layout, so the layer drops its reference to the original."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            kernel = make_kernel(module.weight)
+            if kernel is not None:
+                module.kernel = kernel
+                module.weight = None
+
+
+class MergedLinear(Linear):
     """One matmul for several projections of the same input; each shard loads from its own tensor."""
 
     def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False):

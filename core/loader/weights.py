@@ -41,11 +41,14 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
 
 
 def _expected(model: nn.Module) -> set[tuple[str, str | None]]:
-    """Every (parameter, shard) the checkpoint must provide; shard is None for unfused parameters."""
+    """Every (parameter, shard) the checkpoint must provide; shard is None for unfused parameters. A parameter
+    shared by two modules (a tied lm_head) is expected once, under its first name."""
+    canonical = {name for name, _ in model.named_parameters()}
     expected = set()
     for module_name, module in model.named_modules():
         shards = getattr(module, "shard_offsets", None) or [None]
         for param_name, _ in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}" if module_name else param_name
-            expected.update((name, shard) for shard in shards)
+            if name in canonical:
+                expected.update((name, shard) for shard in shards)
     return expected

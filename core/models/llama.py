@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from kvserve.core.layers.attention import Attention
-from kvserve.core.layers.linear import MergedLinear
+from kvserve.core.layers.linear import Linear, MergedLinear
 from kvserve.core.layers.ops import Ops
 from kvserve.core.layers.rotary import RotaryEmbedding, rope_parameters
 from kvserve.plugins.interfaces import AttentionMetadata
@@ -31,7 +31,7 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = num_heads * head_size, num_kv_heads * head_size
         self.qkv_proj = MergedLinear(hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
                                      bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, hidden_size, bias=False)
         self.rotary_emb = RotaryEmbedding(head_size, max_position, rope, ops)
         self.attn = Attention(num_heads, num_kv_heads, head_size, scale=head_size ** -0.5)
 
@@ -46,7 +46,7 @@ class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, ops: Ops):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size})
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,19 +105,23 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("mlp_bias=True Llama checkpoints are not supported")
         self.model = LlamaModel(config, ops, qkv_bias)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (Linear.tied_to(self.model.embed_tokens) if self.tie_word_embeddings
+                        else Linear(config.hidden_size, config.vocab_size, bias=False))
 
     @staticmethod
     def window_of(config) -> int | None:
         return None
 
+    def tie_weights(self) -> None:
+        """Share the embedding with lm_head again: materializing the model off the meta device unties them."""
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return hidden @ weight.t()
+        return self.lm_head(hidden)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -1,14 +1,30 @@
 """The CPU platform's paged attention backend."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from kvserve.kernels_cpu.paged_attention import store_kv, varlen_paged_attention
-from kvserve.plugins.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec
+from kvserve.kernels_cpu import native
+from kvserve.kernels_cpu import paged_attention as kernels
+from kvserve.plugins.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, StepLayout
+
+
+@dataclass
+class CpuAttentionMetadata(AttentionMetadata):
+    """What every layer shares, built once per step: decodes' flat block ids and additive mask; prefills'
+    padding index and, when some chunk follows cached context or a window applies, their block ids and mask."""
+
+    decode_block_ids: torch.Tensor | None = None
+    decode_bias: torch.Tensor | None = None
+    prefill_token_index: torch.Tensor | None = None
+    prefill_block_ids: torch.Tensor | None = None
+    prefill_mask: torch.Tensor | None = None
 
 
 class TorchPagedAttention(AttentionBackend):
-    """Paged attention in torch: decodes and prefills run as two padded batches."""
+    """Paged attention in torch: decodes as batched matmuls over gathered blocks, prefills as one padded
+    scaled_dot_product_attention (causal over their own keys when every chunk is a whole prompt)."""
 
     name = "torch-paged"
 
@@ -21,17 +37,76 @@ class TorchPagedAttention(AttentionBackend):
             reasons.append(f"{spec.num_heads} query heads are not a multiple of {spec.num_kv_heads} kv heads")
         return reasons
 
+    kv_cache_shape = staticmethod(kernels.kv_cache_shape)
+    decode_needs_mask = True
+
+    def build_metadata(self, layout: StepLayout) -> CpuAttentionMetadata:
+        base = super().build_metadata(layout)
+        m = CpuAttentionMetadata(**vars(base))
+        d, window = layout.num_decodes, self.spec.sliding_window
+        if d and self.decode_needs_mask:
+            blocks = self._blocks_for(max(layout.seq_lens[:d]))
+            m.decode_block_ids = m.block_tables[:d, :blocks].reshape(-1)
+            allowed = kernels.allowed_keys(m.seq_lens[:d], torch.ones_like(m.seq_lens[:d]), 1,
+                                           blocks * self.spec.block_size, window)
+            m.decode_bias = torch.zeros(allowed.shape, device=self.device).masked_fill_(~allowed, float("-inf"))
+        if d < len(layout.seq_lens):
+            query_lens, seq_lens = m.query_start_loc[d:].diff(), m.seq_lens[d:]
+            starts = m.query_start_loc[d:-1] - m.query_start_loc[d]
+            num_tokens = len(m.positions) - d   # decodes have one token each
+            seq_of_token = torch.repeat_interleave(torch.arange(len(starts), device=self.device), query_lens,
+                                                   output_size=num_tokens)
+            m.prefill_token_index = (seq_of_token * m.max_query_len + torch.arange(num_tokens, device=self.device)
+                                     - starts[seq_of_token])
+            if window is not None or layout.query_lens[d:] != layout.seq_lens[d:]:
+                blocks = self._blocks_for(m.max_seq_len)
+                m.prefill_block_ids = m.block_tables[d:, :blocks].reshape(-1)
+                m.prefill_mask = kernels.allowed_keys(seq_lens, query_lens, m.max_query_len,
+                                                      blocks * self.spec.block_size, window)
+        return m
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.spec.block_size)
+
+    def copy_blocks(self, source: torch.Tensor, destination: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+        """Blocks are the fourth dimension of [layers, 2, kv_heads, blocks, ...]."""
+        from_ids = torch.tensor([p[0] for p in pairs], device=source.device)
+        to_ids = torch.tensor([p[1] for p in pairs], device=destination.device)
+        destination[:, :, :, to_ids] = source[:, :, :, from_ids].to(destination.device)
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kv(key, value, kv_cache, metadata.slot_mapping)
+                kv_cache: torch.Tensor, metadata: CpuAttentionMetadata, scale: float) -> torch.Tensor:
         m, d = metadata, metadata.num_decodes
-        window = self.spec.sliding_window
-        if d == 0 or d == len(m.seq_lens):
-            return varlen_paged_attention(query, kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
-                                          m.max_query_len, m.max_seq_len, scale, window)
-        decode_out = varlen_paged_attention(query[:d], kv_cache, m.query_start_loc[:d + 1], m.seq_lens[:d],
-                                            m.block_tables[:d], 1, m.max_seq_len, scale, window)
-        prefill_starts = m.query_start_loc[d:] - d
-        prefill_out = varlen_paged_attention(query[d:], kv_cache, prefill_starts, m.seq_lens[d:],
-                                             m.block_tables[d:], m.max_query_len, m.max_seq_len, scale, window)
-        return torch.cat([decode_out, prefill_out])
+        kernels.store_kv(key, value, kv_cache, m.slot_mapping)
+        outputs = []
+        if d:
+            outputs.append(self.decode(query[:d], kv_cache, m, scale))
+        if m.prefill_token_index is not None:
+            num_prefills = len(m.seq_lens) - d
+            outputs.append(kernels.prefill_attention(query[d:], key[d:], value[d:], kv_cache, m.prefill_token_index,
+                                                     num_prefills, m.max_query_len, m.prefill_block_ids,
+                                                     m.prefill_mask, scale))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def decode(self, query: torch.Tensor, kv_cache: torch.Tensor, m: CpuAttentionMetadata,
+               scale: float) -> torch.Tensor:
+        return kernels.decode_attention(query, kv_cache, m.decode_block_ids, m.decode_bias, scale)
+
+
+class NativePagedAttention(TorchPagedAttention):
+    """Decodes read keys and values in place from the cache with the compiled kernel (kernels_cpu/csrc),
+    instead of gathering their blocks first; prefills as torch-paged."""
+
+    name = "cpu-native"
+    decode_needs_mask = False
+
+    @classmethod
+    def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
+        unavailable = native.load()[1]
+        return super().unsupported_reasons(spec) + ([f"native kernels: {unavailable}"] if unavailable else [])
+
+    def decode(self, query: torch.Tensor, kv_cache: torch.Tensor, m: CpuAttentionMetadata,
+               scale: float) -> torch.Tensor:
+        d = m.num_decodes
+        return native.decode_attention(query, kv_cache, m.block_tables[:d], m.seq_lens[:d], scale,
+                                       self.spec.sliding_window)

@@ -1,0 +1,64 @@
+"""The fused C++ kernels of csrc/cpu_ops.cpp, compiled on first use with torch's cpp_extension (cached under
+~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR) for the CPU this runs on."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
+DISABLE_ENV = "KVSERVE_CPU_NATIVE"
+# Without errno and trapping semantics, loops calling floorf (in fast_exp) vectorize.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]   # "0" keeps the CPU platform on its torch implementations
+
+logger = logging.getLogger("kvserve")
+
+
+@functools.cache
+def load() -> tuple[ModuleType | None, str]:
+    """(the compiled module, "") or (None, why it is not available)."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None, f"disabled by {DISABLE_ENV}=0"
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        module = build("kvserve_cpu_ops", [str(SOURCE)], extra_cflags=FLAGS,
+                       extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:   # no compiler, or a failed build: the torch implementations still work
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        logger.warning("CPU native kernels unavailable, using torch implementations (%s)", reason)
+        return None, reason
+    return module, ""
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return load()[0].rms_norm(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    normed, summed = load()[0].rms_norm(x, residual, weight, eps)
+    return normed, summed
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return load()[0].silu_and_mul(x)
+
+
+def rotary_embedding(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ops = load()[0]
+    return ops.rotary_embedding(query, cos, sin), ops.rotary_embedding(key, cos, sin)
+
+
+def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
+    return load()[0].decode_attention(query, kv_cache, block_tables, seq_lens, scale, sliding_window or 0)
+
+
+FUSED_OPS = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "silu_and_mul": silu_and_mul,
+             "rotary_embedding": rotary_embedding}
