@@ -21,12 +21,14 @@ def rates(elapsed: float, prompts: list[list[int]], output_len: int) -> dict:
 
 
 def load_hf(model_path: str, dtype: torch.dtype):
-    """The transformers model of a HF folder or a .gguf file (transformers dequantizes GGUF weights itself)."""
-    from transformers import AutoModelForCausalLM
+    """The transformers model of a HF folder or a .gguf file; GGUF weights are unpacked into a dense model in
+    ``dtype``, as kvserve runs them (transformers would otherwise keep them in GGUF blocks)."""
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     path = Path(model_path)
     if path.is_file():
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                    quantization_config=GgufConfig(dequantize=True)).eval()
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
@@ -77,7 +79,8 @@ def run_vllm(python: str, model_path: str, dtype: torch.dtype, prompts: list[lis
                                  "--max-model-len", str(max_model_len)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"the vLLM baseline failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    # vLLM may log to stdout too: the worker's result is its last JSON line.
+    measured = json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
     if measured["output_tokens"] != len(prompts) * output_len:
         raise RuntimeError(f"vLLM generated {measured['output_tokens']} tokens, expected {len(prompts) * output_len}")
     return {"engine": "vllm", "model": model_path, "dtype": dtype_name,

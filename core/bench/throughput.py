@@ -33,7 +33,7 @@ def random_workload(num_prompts: int, input_len: tuple[int, int], seed: int,
     return prompts
 
 
-def run(llm, prompts: list[list[int]], output_len: int) -> dict:
+def run(llm, model: str, prompts: list[list[int]], output_len: int) -> dict:
     """Greedy generation of exactly ``output_len`` tokens per prompt, timed after an untimed warm-up on the
     first two prompts reversed (other token ids, so the prefix cache does not hold the timed prompts)."""
     from kvserve.core.bench.baselines import rates
@@ -52,7 +52,7 @@ def run(llm, prompts: list[list[int]], output_len: int) -> dict:
     if generated != len(prompts) * output_len:
         raise RuntimeError(f"generated {generated} tokens, expected {len(prompts) * output_len}")
     queries = blocks.prefix_queries - queries_before
-    return {"engine": "kvserve", "model": engine.config.model.model or "default",
+    return {"engine": "kvserve", "model": model,
             "dtype": str(engine.runner.dtype).removeprefix("torch."), **rates(elapsed, prompts, output_len),
             "requests": len(prompts), "requests_per_s": round(len(prompts) / elapsed, 3),
             "prompt_tokens": sum(map(len, prompts)), "output_tokens": generated,
@@ -87,12 +87,12 @@ def add_parser(commands, add_engine_args) -> None:
             raise ValueError(f"--baseline-python {args.baseline_python!r} is not a file; pass the python of a "
                              f"venv with vLLM installed")
         prompts = random_workload(args.num_prompts, parse_range(args.input_len), args.seed, args.shared_prefix_len)
-        llm = build_llm(args)
+        llm, model_path = build_llm(args), args.model or default_model_path()
         result = {"workload": {k: getattr(args, k) for k in (
             "dataset", "num_prompts", "input_len", "output_len", "shared_prefix_len", "seed")},
-            **run(llm, prompts, args.output_len)}
+            **run(llm, model_path, prompts, args.output_len)}
         engine = llm.llm_engine
-        model_path, dtype = args.model or default_model_path(), engine.runner.dtype
+        dtype = engine.runner.dtype
         if args.baseline == "hf":
             result["baseline"] = baselines.run_hf(model_path, dtype, prompts, args.output_len)
         elif args.baseline == "vllm":
