@@ -10,9 +10,9 @@ PACKING_BATCH_SIZE = 32
 
 
 def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
-    """``x @ weight.T + bias`` on the packed weight; None where packing does not pay (float32, whose MKL
-    matmul is as fast, or a torch built without oneDNN)."""
-    if weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    """``x @ weight.T + bias`` on the packed weight; None for float16 (no native float16 matmul on most CPUs)
+    or a torch built without oneDNN."""
+    if weight.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return None
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKING_BATCH_SIZE)
 

@@ -50,14 +50,13 @@ def test_platform_uses_fused_ops():
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_packed_linear_matches_torch(with_bias):
+def test_packed_linear_matches_torch(dtype, with_bias):
     from kvserve.kernels_cpu.linear import packed_linear
 
-    torch.manual_seed(0)
-    weight, x = torch.randn(96, 64, dtype=torch.bfloat16), torch.randn(3, 5, 64, dtype=torch.bfloat16)
-    bias = torch.randn(96, dtype=torch.bfloat16) if with_bias else None
+    weight, x = torch.randn(96, 64, dtype=dtype), torch.randn(3, 5, 64, dtype=dtype)
+    bias = torch.randn(96, dtype=dtype) if with_bias else None
     kernel = packed_linear(weight)
     for rows in (x[0, :1], x):   # one row (a single decode) and a batch of any shape
         torch.testing.assert_close(kernel(rows, bias), torch.nn.functional.linear(rows, weight, bias),
-                                   **TOLERANCE[torch.bfloat16])
-    assert packed_linear(weight.float()) is None   # float32 keeps torch's linear
+                                   **TOLERANCE[dtype])
+    assert packed_linear(weight.half()) is None   # float16 keeps torch's linear
