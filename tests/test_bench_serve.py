@@ -97,7 +97,7 @@ def test_bad_options_are_clear_errors(option, value):
 
 
 def test_unreachable_server_is_a_clear_error():
-    result = bench_serve("--base-url", "http://127.0.0.1:9", "--num-prompts", "1")
+    result = bench_serve("--base-url", "http://127.0.0.1:9", "--num-prompts", "1", "--ready-timeout", "1")
     assert result.returncode == 2 and "--base-url" in result.stderr and "Traceback" not in result.stderr
 
 

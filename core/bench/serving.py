@@ -70,6 +70,24 @@ class Client:
         kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
         return kind(self.host, self.port, timeout=timeout)
 
+    def wait_until_ready(self, timeout: float) -> None:
+        """Poll /health, which answers 503 while the server still loads its model (or is unreachable at first)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            conn = self.connect(10)
+            try:
+                conn.request("GET", f"{self.prefix}/health", headers=self.headers)
+                if conn.getresponse().status == 200:
+                    return
+            except (OSError, http.client.HTTPException):
+                pass
+            finally:
+                conn.close()
+            if time.monotonic() > deadline:
+                raise ValueError(f"{self.base_url}/health did not answer 200 within {timeout:g} s; is the server "
+                                 "running, and is --base-url right?")
+            time.sleep(0.5)
+
     def first_model(self) -> str:
         conn = self.connect(30)
         try:
@@ -202,6 +220,7 @@ def bench(args) -> int:
     slos = parse_goodput(args.goodput) if args.goodput else None
     prompts = random_workload(args.num_prompts, parse_range(args.input_len), args.seed)
     client = Client(args.base_url.rstrip("/"), args.api_key)
+    client.wait_until_ready(args.ready_timeout)
     model = args.model or client.first_model()
     times = arrival_times(args.num_prompts, args.request_rate, args.seed)
     results, duration = run_requests(client, model, prompts, args.output_len, times, args.max_concurrency,
@@ -233,6 +252,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
                         help=f"SLOs in milliseconds, e.g. ttft:500 tpot:50 e2el:2000 (keys: {', '.join(SLO_KEYS)})")
     parser.add_argument("--metric-percentiles", default="50,90,99", help="comma-separated, e.g. 50,90,99")
+    parser.add_argument("--ready-timeout", type=float, default=600,
+                        help="seconds to wait for the server to finish loading (/health answering 200)")
     parser.add_argument("--output-json", default=None, help="also save the result here as JSON")
     parser.add_argument("--disable-tqdm", action="store_true")
     parser.set_defaults(bench=bench)
