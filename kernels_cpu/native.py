@@ -1,8 +1,9 @@
-"""The fused C++ kernels of csrc/cpu_ops.cpp, compiled on first use with torch's cpp_extension (cached under
+"""The C++ kernels of csrc/, compiled on first use with torch's cpp_extension (cached under
 ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR) for the CPU this runs on."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -10,10 +11,13 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
-DISABLE_ENV = "KVSERVE_CPU_NATIVE"
-# Without errno and trapping semantics, loops calling floorf (in fast_exp) vectorize.
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]   # "0" keeps the CPU platform on its torch implementations
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [str(CSRC / name) for name in ("decode_attention.cpp", "fused_ops.cpp")]
+DISABLE_ENV = "KVSERVE_CPU_NATIVE"   # "0" keeps the CPU platform on its torch implementations
+# Without errno and trapping semantics, loops calling floorf (in fast_exp) vectorize. torch rebuilds a cached
+# extension when its sources or flags change, not its headers: the header's digest joins the flags.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+         f"-DKVSERVE_COMMON_H={hashlib.sha256((CSRC / 'common.h').read_bytes()).hexdigest()[:16]}"]
 
 logger = logging.getLogger("kvserve")
 
@@ -26,10 +30,11 @@ def load() -> tuple[ModuleType | None, str]:
     try:
         from torch.utils.cpp_extension import load as build
 
-        module = build("kvserve_cpu_ops", [str(SOURCE)], extra_cflags=FLAGS,
+        module = build("kvserve_cpu_ops", SOURCES, extra_cflags=FLAGS,
                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:   # no compiler, or a failed build: the torch implementations still work
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        last_line = (str(exc).strip().splitlines() or [""])[-1]
+        reason = f"{type(exc).__name__}: {last_line}"
         logger.warning("CPU native kernels unavailable, using torch implementations (%s)", reason)
         return None, reason
     return module, ""

@@ -1,0 +1,56 @@
+// What the CPU kernels share: storage-type conversions, a vectorizable exp, and dtype dispatch.
+// Arithmetic is float32 whatever the storage dtype; results are rounded where the torch references round.
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+namespace kvserve {
+
+// Storage types: float, uint16_t for bfloat16 bits, c10::Half. Loads and stores convert through float32; the
+// bfloat16 ones are bit operations on plain integers, so that loops over them vectorize.
+inline float to_f32(float x) { return x; }
+inline float to_f32(uint16_t bf16) { return __builtin_bit_cast(float, static_cast<uint32_t>(bf16) << 16); }
+inline float to_f32(c10::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T from_f32(float x) { return static_cast<T>(x); }
+template <>
+inline uint16_t from_f32(float x) {   // round to nearest even, as torch does
+  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+template <typename T>
+inline float round_to(float x) { return to_f32(from_f32<T>(x)); }
+
+// exp(x) as 2^i * 2^f with a degree-6 polynomial for 2^f on [0, 1) (relative error ~2e-7): unlike std::exp
+// it vectorizes.
+inline float fast_exp(float x) {
+  const float t = (x < -87.f ? -87.f : (x > 88.f ? 88.f : x)) * 1.44269504f;
+  const float whole = floorf(t), f = t - whole;
+  float p = 1.5353362e-4f;
+  p = p * f + 1.3398874e-3f;
+  p = p * f + 9.6184374e-3f;
+  p = p * f + 5.5503325e-2f;
+  p = p * f + 2.4022648e-1f;
+  p = p * f + 6.9314720e-1f;
+  p = p * f + 1.f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(whole) + 127) << 23);
+}
+
+template <typename S>
+S* ptr(const torch::Tensor& t) { return static_cast<S*>(t.data_ptr()); }
+
+// Calls body(S{}) with S the storage type of `type`: float, uint16_t (bfloat16 bits) or c10::Half.
+template <typename Body>
+void dispatch(at::ScalarType type, const char* name, Body&& body) {
+  switch (type) {
+    case at::kFloat: return body(float{});
+    case at::kBFloat16: return body(uint16_t{});
+    case at::kHalf: return body(c10::Half{});
+    default: TORCH_CHECK(false, name, ": dtype ", type, " is not float32, bfloat16 or float16");
+  }
+}
+
+}  // namespace kvserve

@@ -1,0 +1,152 @@
+// Per-token ops that torch runs as several passes over memory: RMSNorm (after a residual add), SiLU-and-mul,
+// rotary embedding; and the module's bindings.
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using namespace kvserve;
+
+// Each kernel does one row in a plain function: loops inside the lambdas of at::parallel_for, whose captures
+// the compiler must assume may alias, do not vectorize.
+
+// normed = weight * to_T(x * rsqrt(mean(x^2) + eps)); with a residual, x is first to_T(x + residual), which is
+// also written to summed, the new residual.
+template <typename T>
+void rms_norm_row(T* __restrict__ normed, T* __restrict__ summed, const T* __restrict__ x,
+                  const T* __restrict__ residual, const T* __restrict__ weight, float* __restrict__ row,
+                  int64_t hidden, float eps) {
+  float squares = 0.f;
+  if (residual) {
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < hidden; ++i) {
+      const T sum = from_f32<T>(to_f32(x[i]) + to_f32(residual[i]));
+      summed[i] = sum;
+      row[i] = to_f32(sum);
+      squares += row[i] * row[i];
+    }
+  } else {
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < hidden; ++i) {
+      row[i] = to_f32(x[i]);
+      squares += row[i] * row[i];
+    }
+  }
+  const float inv = 1.f / std::sqrt(squares / hidden + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < hidden; ++i) normed[i] = from_f32<T>(to_f32(weight[i]) * round_to<T>(row[i] * inv));
+}
+
+template <typename T>
+void rms_norm_kernel(T* normed, T* summed, const T* x, const T* residual, const T* weight, int64_t rows,
+                     int64_t hidden, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(hidden);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t offset = r * hidden;
+      rms_norm_row(normed + offset, summed ? summed + offset : nullptr, x + offset,
+                   residual ? residual + offset : nullptr, weight, row.data(), hidden, eps);
+    }
+  });
+}
+
+template <typename T>
+void silu_and_mul_row(T* __restrict__ out, const T* __restrict__ gate, const T* __restrict__ up, int64_t width) {
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) {
+    const float g = to_f32(gate[i]);
+    out[i] = from_f32<T>(round_to<T>(g / (1.f + fast_exp(-g))) * to_f32(up[i]));
+  }
+}
+
+template <typename T>
+void silu_and_mul_kernel(T* out, const T* x, int64_t rows, int64_t width) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) silu_and_mul_row(out + r * width, x + r * 2 * width, x + r * 2 * width + width, width);
+  });
+}
+
+// Rotate-half rotary embedding of one [head_size] vector.
+template <typename T>
+void rotate_head(T* __restrict__ out, const T* __restrict__ in, const float* __restrict__ c,
+                 const float* __restrict__ s, int64_t head_size, int64_t half) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = to_f32(in[i]), b = to_f32(in[i + half]);
+    out[i] = from_f32<T>(a * c[i] - b * s[i]);
+    out[i + half] = from_f32<T>(b * c[i] + a * s[i]);
+  }
+  for (int64_t i = 2 * half; i < head_size; ++i) out[i] = in[i];
+}
+
+// x [tokens, heads, head_size] (any token and head strides) into a contiguous out.
+template <typename T>
+void rotary_kernel(T* out, const T* x, int64_t token_stride, int64_t head_stride, const float* cos,
+                   const float* sin, int64_t tokens, int64_t heads, int64_t head_size, int64_t half) {
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t h = 0; h < heads; ++h) {
+        rotate_head(out + (t * heads + h) * head_size, x + t * token_stride + h * head_stride, cos + t * half,
+                    sin + t * half, head_size, half);
+      }
+    }
+  });
+}
+}  // namespace
+
+torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& kv_cache,
+                               const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
+                               int64_t window);
+
+std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                    const torch::Tensor& weight, double eps) {
+  auto input = x.contiguous();
+  auto w = weight.to(input.scalar_type()).contiguous();
+  auto res = residual ? residual->to(input.scalar_type()).contiguous() : torch::Tensor();
+  auto normed = torch::empty_like(input);
+  auto summed = residual ? torch::empty_like(input) : torch::Tensor();
+  const int64_t hidden = input.size(-1);
+  dispatch(input.scalar_type(), "rms_norm", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    rms_norm_kernel<scalar_t>(ptr<scalar_t>(normed), residual ? ptr<scalar_t>(summed) : nullptr,
+                              ptr<scalar_t>(input), residual ? ptr<scalar_t>(res) : nullptr,
+                              ptr<scalar_t>(w), input.numel() / hidden, hidden, static_cast<float>(eps));
+  });
+  if (residual) return {normed, summed};
+  return {normed};
+}
+
+torch::Tensor silu_and_mul(const torch::Tensor& x) {
+  auto input = x.contiguous();
+  const int64_t width = input.size(-1) / 2;
+  auto sizes = input.sizes().vec();
+  sizes.back() = width;
+  auto out = torch::empty(sizes, input.options());
+  dispatch(input.scalar_type(), "silu_and_mul", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    silu_and_mul_kernel<scalar_t>(ptr<scalar_t>(out), ptr<scalar_t>(input), input.numel() / (2 * width),
+                                  width);
+  });
+  return out;
+}
+
+torch::Tensor rotary_embedding(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "rotary_embedding takes [tokens, heads, head] with a contiguous head");
+  auto c = cos.to(torch::kFloat32).contiguous();
+  auto s = sin.to(torch::kFloat32).contiguous();
+  auto out = torch::empty(x.sizes(), x.options());
+  dispatch(x.scalar_type(), "rotary_embedding", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    rotary_kernel<scalar_t>(ptr<scalar_t>(out), ptr<scalar_t>(x), x.stride(0), x.stride(1),
+                            c.data_ptr<float>(), s.data_ptr<float>(), x.size(0), x.size(1), x.size(2), c.size(1));
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "paged attention of one query per sequence");
+  m.def("rms_norm", &rms_norm, "RMSNorm, after adding the residual when one is given");
+  m.def("silu_and_mul", &silu_and_mul, "silu(first half) * second half");
+  m.def("rotary_embedding", &rotary_embedding, "rotate-half rotary embedding");
+}
