@@ -56,13 +56,13 @@ class OpenAIServingChat(OpenAIServing):
                 yield chunk(index, {"role": "assistant", "content": ""})
             async for _, output in outputs:
                 for c in output.outputs:
-                    change = tracker.delta(c.index, c.text, c.finish_reason is not None)
+                    change = tracker.delta(c.index, c.text, len(c.token_ids), c.finish_reason is not None)
                     if change is None:
                         continue
                     text, finishing = change
                     logprobs = self._logprobs(request, c, generated.get(c.index, 0))
                     generated[c.index] = len(c.token_ids)
-                    if text:
+                    if text or not finishing:   # a token without text yet still gets its chunk
                         yield chunk(c.index, {"content": text}, logprobs=logprobs)
                         logprobs = None
                     if finishing:

@@ -130,20 +130,22 @@ async def sse_stream(events: AsyncIterator[str], usage_chunk: Callable[[], dict 
 
 
 class DeltaTracker:
-    """Turns cumulative completion texts into the new text of each choice, once each."""
+    """Turns cumulative completion texts into the new text of each choice, once each. A step that adds tokens
+    but no text yet (the first bytes of a multi-byte character) still counts as a change, as in vLLM, so that
+    clients see every token arrive (time to first token, inter-token latency, its logprobs)."""
 
     def __init__(self):
-        self.sent: dict[int, int] = {}
+        self.sent: dict[int, tuple[int, int]] = {}   # choice -> (characters, tokens) already sent
         self.finished: set[int] = set()
 
-    def delta(self, choice: int, text: str, finished: bool) -> tuple[str, bool] | None:
-        """(new text, finishes now), or None when this choice has nothing new."""
-        start = self.sent.get(choice, 0)
-        new = text[start:]
+    def delta(self, choice: int, text: str, num_tokens: int, finished: bool) -> tuple[str, bool] | None:
+        """(new text, finishes now), or None when this choice has no new token and is not finishing."""
+        chars, tokens = self.sent.get(choice, (0, 0))
+        new = text[chars:]
         finishing = finished and choice not in self.finished
-        if not new and not finishing:
+        if not new and num_tokens == tokens and not finishing:
             return None
-        self.sent[choice] = len(text)
+        self.sent[choice] = (len(text), num_tokens)
         if finishing:
             self.finished.add(choice)
         return new, finishing

@@ -56,7 +56,7 @@ class OpenAIServingCompletion(OpenAIServing):
             async for i, output in outputs:
                 for c in output.outputs:
                     choice = i * request.n + c.index
-                    change = tracker.delta(choice, c.text, c.finish_reason is not None)
+                    change = tracker.delta(choice, c.text, len(c.token_ids), c.finish_reason is not None)
                     if change is None:
                         continue
                     text, finishing = change
