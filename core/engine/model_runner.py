@@ -1,8 +1,8 @@
 """Builds the model and its paged KV cache on the platform's device, and runs one scheduled step."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import numpy as np

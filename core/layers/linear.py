@@ -12,6 +12,8 @@ LinearKernel = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 class Linear(nn.Linear):
+    """nn.Linear that runs the platform's kernel for its weight once use_platform_kernels gave it one."""
+
     kernel: LinearKernel | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
