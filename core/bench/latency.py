@@ -6,7 +6,7 @@ import time
 
 from tqdm import tqdm
 
-from kvserve.core.bench.report import emit, percentiles
+from kvserve.core.bench.report import dtype_name, emit, percentiles
 from kvserve.core.bench.throughput import random_workload
 
 
@@ -74,7 +74,7 @@ def add_parser(commands, add_engine_args) -> None:
         llm = build_llm(args)
         engine = llm.llm_engine
         result = {"model": args.model or DEFAULT_SERVED_NAME, "platform": engine.platform.name,
-                  "dtype": str(engine.runner.dtype).removeprefix("torch."), "input_len": args.input_len,
+                  "dtype": dtype_name(engine.runner.dtype), "input_len": args.input_len,
                   "output_len": args.output_len, "num_iters": args.num_iters,
                   "num_iters_warmup": args.num_iters_warmup, "seed": args.seed}
         result.update(run(llm, args.input_len, args.output_len, args.num_iters, args.num_iters_warmup, args.seed,

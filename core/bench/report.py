@@ -19,6 +19,11 @@ def parse_percentiles(text: str) -> tuple[float, ...]:
     return ps
 
 
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bfloat16", as the reports and --dtype spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def percentile_name(p: float) -> str:
     return f"p{p:g}"
 

@@ -34,13 +34,13 @@ def random_workload(num_prompts: int, input_len: tuple[int, int], seed: int,
 
 
 def run(llm, model: str, prompts: list[list[int]], output_len: int) -> dict:
-    """Greedy generation of exactly ``output_len`` tokens per prompt, timed after an untimed warm-up on the
-    first two prompts reversed (other token ids, so the prefix cache does not hold the timed prompts)."""
-    from kvserve.core.bench.baselines import rates
+    """Greedy generation of exactly ``output_len`` tokens per prompt, timed after the untimed warm-up."""
+    from kvserve.core.bench.baselines import rates, warmup_prompts
+    from kvserve.core.bench.report import dtype_name
     from kvserve.core.sampling_params import SamplingParams
 
     engine = llm.llm_engine
-    llm.generate([p[::-1] for p in prompts[:2]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+    llm.generate(warmup_prompts(prompts), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                  use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     prompt_tokens_before, blocks = engine.prompt_tokens_total, engine.block_manager
@@ -53,7 +53,7 @@ def run(llm, model: str, prompts: list[list[int]], output_len: int) -> dict:
         raise RuntimeError(f"generated {generated} tokens, expected {len(prompts) * output_len}")
     queries = blocks.prefix_queries - queries_before
     return {"engine": "kvserve", "model": model,
-            "dtype": str(engine.runner.dtype).removeprefix("torch."), **rates(elapsed, prompts, output_len),
+            "dtype": dtype_name(engine.runner.dtype), **rates(elapsed, prompts, output_len),
             "requests": len(prompts), "requests_per_s": round(len(prompts) / elapsed, 3),
             "prompt_tokens": sum(map(len, prompts)), "output_tokens": generated,
             "prompt_tokens_computed": engine.prompt_tokens_total - prompt_tokens_before,
