@@ -66,8 +66,11 @@ def test_throughput_against_transformers(tiny_model, tmp_path):
     (["--baseline", "vllm"], "--baseline-python"),
     (["--baseline-python", "/usr/bin/python3"], "only used with --baseline vllm"),
     (["--baseline", "vllm", "--baseline-python", "/no/such/python"], "is not a file"),
+    (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
+    (["--output-len", "0"], "--output-len must be >= 1, got 0"),
+    (["--shared-prefix-len", "-3"], "--shared-prefix-len must be >= 0, got -3"),
 ])
-def test_bad_baseline_options(tiny_model, args, message):
+def test_bad_options_are_refused_before_the_model_loads(tiny_model, args, message):
     result = subprocess.run(["kvserve", "bench", "throughput", "--model", tiny_model("qwen2-big-vocab"),
                              "--kv-cache-memory", "64MiB", "--num-prompts", "2", "--input-len", "8",
                              "--output-len", "2", *args], capture_output=True, text=True, timeout=300)

@@ -79,6 +79,9 @@ def add_parser(commands, add_engine_args) -> None:
         from kvserve.core.entrypoints.cli import build_llm
         from kvserve.core.loader.model_loader import default_model_path
 
+        for name, low in (("num_prompts", 1), ("output_len", 1), ("shared_prefix_len", 0)):
+            if getattr(args, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
         if args.baseline == "vllm" and not args.baseline_python:
             raise ValueError("--baseline vllm needs --baseline-python, the python of a venv with vLLM installed")
         if args.baseline_python and args.baseline != "vllm":
