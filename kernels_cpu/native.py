@@ -12,7 +12,7 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [str(CSRC / name) for name in ("decode_attention.cpp", "fused_ops.cpp")]
+SOURCES = [str(CSRC / name) for name in ("paged_attention.cpp", "fused_ops.cpp")]
 DISABLE_ENV = "KVSERVE_CPU_NATIVE"   # "0" keeps the CPU platform on its torch implementations
 # Without errno and trapping semantics, loops calling floorf (in fast_exp) vectorize. torch rebuilds a cached
 # extension when its sources or flags change, not its headers: the header's digest joins the flags.
@@ -60,9 +60,18 @@ def rotary_embedding(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
     return ops.rotary_embedding(query, cos, sin), ops.rotary_embedding(key, cos, sin)
 
 
-def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
-    return load()[0].decode_attention(query, kv_cache, block_tables, seq_lens, scale, sliding_window or 0)
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Like paged_attention.store_kv, but keys go into their block transposed, [head, block_size]."""
+    load()[0].store_kv(key, value, kv_cache, slot_mapping)
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                    sliding_window: int | None) -> torch.Tensor:
+    """Every sequence's new queries, [tokens, heads, head], over its cache as store_kv wrote it: causal, within
+    the window."""
+    return load()[0].paged_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale,
+                                     sliding_window or 0)
 
 
 FUSED_OPS = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "silu_and_mul": silu_and_mul,

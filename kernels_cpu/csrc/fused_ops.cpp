@@ -95,9 +95,11 @@ void rotary_kernel(T* out, const T* x, int64_t token_stride, int64_t head_stride
 }
 }  // namespace
 
-torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& kv_cache,
-                               const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
-                               int64_t window);
+torch::Tensor paged_attention(const torch::Tensor& query, const torch::Tensor& kv_cache,
+                              const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                              const torch::Tensor& query_start_loc, double scale, int64_t window);
+void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
+              const torch::Tensor& slot_mapping);
 
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                                     const torch::Tensor& weight, double eps) {
@@ -145,7 +147,8 @@ torch::Tensor rotary_embedding(const torch::Tensor& x, const torch::Tensor& cos,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "paged attention of one query per sequence");
+  m.def("paged_attention", &paged_attention, "paged attention of decodes and prefill chunks over the cache");
+  m.def("store_kv", &store_kv, "write new keys and values into their cache slots");
   m.def("rms_norm", &rms_norm, "RMSNorm, after adding the residual when one is given");
   m.def("silu_and_mul", &silu_and_mul, "silu(first half) * second half");
   m.def("rotary_embedding", &rotary_embedding, "rotate-half rotary embedding");

@@ -1,4 +1,4 @@
-"""The CPU platform's paged attention backend."""
+"""The CPU platform's paged attention backends."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,23 +10,9 @@ from kvserve.kernels_cpu import paged_attention as kernels
 from kvserve.plugins.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, StepLayout
 
 
-@dataclass
-class CpuAttentionMetadata(AttentionMetadata):
-    """What every layer shares, built once per step: decodes' flat block ids and additive mask; prefills'
-    padding index and, when some chunk follows cached context or a window applies, their block ids and mask."""
-
-    decode_block_ids: torch.Tensor | None = None
-    decode_bias: torch.Tensor | None = None
-    prefill_token_index: torch.Tensor | None = None
-    prefill_block_ids: torch.Tensor | None = None
-    prefill_mask: torch.Tensor | None = None
-
-
-class TorchPagedAttention(AttentionBackend):
-    """Paged attention in torch: decodes as batched matmuls over gathered blocks, prefills as one padded
-    scaled_dot_product_attention (causal over their own keys when every chunk is a whole prompt)."""
-
-    name = "torch-paged"
+class CpuPagedAttention(AttentionBackend):
+    """What the CPU backends share: the dtypes they compute in, and a cache that keeps each kv head's blocks
+    together, [2, kv_heads, blocks, block_size, head]."""
 
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
@@ -38,13 +24,37 @@ class TorchPagedAttention(AttentionBackend):
         return reasons
 
     kv_cache_shape = staticmethod(kernels.kv_cache_shape)
-    decode_needs_mask = True
 
-    def build_metadata(self, layout: StepLayout) -> CpuAttentionMetadata:
-        base = super().build_metadata(layout)
-        m = CpuAttentionMetadata(**vars(base))
+    def copy_blocks(self, source: torch.Tensor, destination: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+        """Blocks are the fourth dimension of [layers, 2, kv_heads, blocks, ...]."""
+        from_ids = torch.tensor([p[0] for p in pairs], device=source.device)
+        to_ids = torch.tensor([p[1] for p in pairs], device=destination.device)
+        destination[:, :, :, to_ids] = source[:, :, :, from_ids].to(destination.device)
+
+
+@dataclass
+class TorchAttentionMetadata(AttentionMetadata):
+    """What every layer shares, built once per step: decodes' flat block ids and additive mask; prefills'
+    padding index and, when some chunk follows cached context or a window applies, their block ids and mask."""
+
+    decode_block_ids: torch.Tensor | None = None
+    decode_bias: torch.Tensor | None = None
+    prefill_token_index: torch.Tensor | None = None
+    prefill_block_ids: torch.Tensor | None = None
+    prefill_mask: torch.Tensor | None = None
+
+
+class TorchPagedAttention(CpuPagedAttention):
+    """Paged attention in torch: decodes as batched matmuls over gathered blocks, prefills as one padded
+    scaled_dot_product_attention (causal over their own keys when every chunk is a whole prompt)."""
+
+    name = "torch-paged"
+    store_kv = staticmethod(kernels.store_kv)
+
+    def build_metadata(self, layout: StepLayout) -> TorchAttentionMetadata:
+        m = TorchAttentionMetadata(**vars(super().build_metadata(layout)))
         d, window = layout.num_decodes, self.spec.sliding_window
-        if d and self.decode_needs_mask:
+        if d:
             blocks = self._blocks_for(max(layout.seq_lens[:d]))
             m.decode_block_ids = m.block_tables[:d, :blocks].reshape(-1)
             allowed = kernels.allowed_keys(m.seq_lens[:d], torch.ones_like(m.seq_lens[:d]), 1,
@@ -68,19 +78,13 @@ class TorchPagedAttention(AttentionBackend):
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.spec.block_size)
 
-    def copy_blocks(self, source: torch.Tensor, destination: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
-        """Blocks are the fourth dimension of [layers, 2, kv_heads, blocks, ...]."""
-        from_ids = torch.tensor([p[0] for p in pairs], device=source.device)
-        to_ids = torch.tensor([p[1] for p in pairs], device=destination.device)
-        destination[:, :, :, to_ids] = source[:, :, :, from_ids].to(destination.device)
-
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: CpuAttentionMetadata, scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
         m, d = metadata, metadata.num_decodes
         kernels.store_kv(key, value, kv_cache, m.slot_mapping)
         outputs = []
         if d:
-            outputs.append(self.decode(query[:d], kv_cache, m, scale))
+            outputs.append(kernels.decode_attention(query[:d], kv_cache, m.decode_block_ids, m.decode_bias, scale))
         if m.prefill_token_index is not None:
             num_prefills = len(m.seq_lens) - d
             outputs.append(kernels.prefill_attention(query[d:], key[d:], value[d:], kv_cache, m.prefill_token_index,
@@ -88,25 +92,21 @@ class TorchPagedAttention(AttentionBackend):
                                                      m.prefill_mask, scale))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def decode(self, query: torch.Tensor, kv_cache: torch.Tensor, m: CpuAttentionMetadata,
-               scale: float) -> torch.Tensor:
-        return kernels.decode_attention(query, kv_cache, m.decode_block_ids, m.decode_bias, scale)
 
-
-class NativePagedAttention(TorchPagedAttention):
-    """Decodes read keys and values in place from the cache with the compiled kernel (kernels_cpu/csrc),
-    instead of gathering their blocks first; prefills as torch-paged."""
+class NativePagedAttention(CpuPagedAttention):
+    """The compiled kernel (kernels_cpu/csrc/paged_attention.cpp): decodes and prefill chunks in one call,
+    reading keys and values in place from the cache, where keys are stored transposed within their block."""
 
     name = "cpu-native"
-    decode_needs_mask = False
+    store_kv = staticmethod(native.store_kv)
 
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
         unavailable = native.load()[1]
         return super().unsupported_reasons(spec) + ([f"native kernels: {unavailable}"] if unavailable else [])
 
-    def decode(self, query: torch.Tensor, kv_cache: torch.Tensor, m: CpuAttentionMetadata,
-               scale: float) -> torch.Tensor:
-        d = m.num_decodes
-        return native.decode_attention(query, kv_cache, m.block_tables[:d], m.seq_lens[:d], scale,
-                                       self.spec.sliding_window)
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        native.store_kv(key, value, kv_cache, metadata.slot_mapping)
+        return native.paged_attention(query, kv_cache, metadata.block_tables, metadata.seq_lens,
+                                      metadata.query_start_loc, scale, self.spec.sliding_window)

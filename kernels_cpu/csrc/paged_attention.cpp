@@ -1,0 +1,270 @@
+// Paged attention that reads keys and values in place from the cache, for decodes and prefill chunks alike
+// (chunks after cached context, prefix-cache hits and sliding windows included): each task is one sequence's
+// kv head and a tile of its queries, attended block by block with an online softmax.
+//
+// Cache layout per kv head: keys [blocks, head, block_size], each block stored transposed so that one query's
+// scores for a block are head_size vector FMAs across the block's positions (no horizontal sums); values
+// [blocks, block_size, head].
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using namespace kvserve;
+
+constexpr int64_t kQueryTile = 16;   // queries of one sequence per task: their keys are converted once for all
+constexpr int kRowGroup = 4;         // rows whose scores are computed together, sharing each key load
+constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+
+// N floats as one value, in vector registers on any target (GCC/Clang vector extensions; an alias template
+// would drop the attribute, a member typedef keeps it).
+template <int N>
+struct FloatsOf {
+  typedef float type __attribute__((vector_size(N * sizeof(float))));
+};
+template <int N>
+using Floats = typename FloatsOf<N>::type;
+
+template <int N>
+inline Floats<N> load(const float* from) {
+  Floats<N> v;
+  std::memcpy(&v, from, sizeof(v));
+  return v;
+}
+
+template <typename V>
+inline void store(float* to, const V& v) { std::memcpy(to, &v, sizeof(v)); }
+
+struct Task {
+  int64_t seq, kv_head, first_query, num_queries, cost;
+};
+
+// One task's rows: row r is query r / group (at position first_pos + r / group) under head r % group, with its
+// online-softmax state; and the current chunk of keys and values, converted to float32.
+struct Tile {
+  std::vector<float> q, acc, top, total, keys, values;
+  std::vector<int64_t> pos, from;
+};
+
+// Adds CW key positions from `base` to NR rows (from `row`): scores, mask, online softmax, weighted values.
+// `keys` is [head, CW], `values` [CW, head]; positions from `base + valid` on are past every row's last.
+// NR and CW are compile-time so that scores and accumulators stay in vector registers.
+template <int NR, int CW>
+void attend_chunk(Tile& tile, int64_t row, const float* __restrict__ keys, const float* __restrict__ values,
+                  int64_t base, int64_t valid, int64_t head) {
+  using Scores = Floats<CW>;
+  Scores scores[NR] = {};
+  for (int64_t d = 0; d < head; ++d) {
+    const Scores k = load<CW>(keys + d * CW);
+    for (int r = 0; r < NR; ++r) scores[r] += tile.q[(row + r) * head + d] * k;
+  }
+  float s[NR][CW], p[NR][CW];
+  for (int r = 0; r < NR; ++r) store(s[r], scores[r]);
+  for (int r = 0; r < NR; ++r) {
+    const int64_t pos = tile.pos[row + r], from = tile.from[row + r];
+    float chunk_top = kMinusInf;
+    for (int t = 0; t < CW; ++t) {
+      s[r][t] = base + t <= pos && base + t >= from ? s[r][t] : kMinusInf;
+      chunk_top = std::max(chunk_top, s[r][t]);
+    }
+    float* acc = tile.acc.data() + (row + r) * head;
+    if (chunk_top == kMinusInf) {   // nothing here for this row
+      for (int t = 0; t < CW; ++t) p[r][t] = 0.f;
+      continue;
+    }
+    const float top = std::max(tile.top[row + r], chunk_top);
+    const float rescale = fast_exp(tile.top[row + r] - top);   // ~0 on the row's first chunk, when top was -inf
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int t = 0; t < CW; ++t) {
+      p[r][t] = s[r][t] == kMinusInf ? 0.f : fast_exp(s[r][t] - top);
+      sum += p[r][t];
+    }
+    tile.top[row + r] = top;
+    tile.total[row + r] = tile.total[row + r] * rescale + sum;
+#pragma omp simd
+    for (int64_t d = 0; d < head; ++d) acc[d] *= rescale;
+  }
+  if (head % 16) {   // odd head sizes: plain loops
+    for (int r = 0; r < NR; ++r)
+      for (int64_t t = 0; t < valid; ++t)
+        for (int64_t d = 0; d < head; ++d) tile.acc[(row + r) * head + d] += p[r][t] * values[t * head + d];
+    return;
+  }
+  for (int64_t c = 0; c < head; c += 16) {   // 16 floats of each row's accumulator at a time, in registers
+    Floats<16> a[NR];
+    for (int r = 0; r < NR; ++r) a[r] = load<16>(tile.acc.data() + (row + r) * head + c);
+    for (int64_t t = 0; t < valid; ++t) {
+      const Floats<16> v = load<16>(values + t * head + c);
+      for (int r = 0; r < NR; ++r) a[r] += p[r][t] * v;
+    }
+    for (int r = 0; r < NR; ++r) store(tile.acc.data() + (row + r) * head + c, a[r]);
+  }
+}
+
+template <int CW>
+void attend_rows(Tile& tile, int64_t row, int64_t num_rows, const float* keys, const float* values, int64_t base,
+                 int64_t valid, int64_t head) {
+  switch (num_rows) {
+    case 1: return attend_chunk<1, CW>(tile, row, keys, values, base, valid, head);
+    case 2: return attend_chunk<2, CW>(tile, row, keys, values, base, valid, head);
+    case 3: return attend_chunk<3, CW>(tile, row, keys, values, base, valid, head);
+    default: return attend_chunk<4, CW>(tile, row, keys, values, base, valid, head);
+  }
+}
+
+// One task: its queries (already offset to its first query and kv head's first head) over the cached positions
+// they attend, chunk by chunk of CW positions (CW divides the block size).
+template <typename T, int CW>
+void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const T* key_cache, const T* value_cache,
+                 const int64_t* table, int64_t first_pos, int64_t num_queries, int64_t group, float scale,
+                 int64_t window, int64_t block_size, int64_t head) {
+  const int64_t rows = num_queries * group;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* q_in = query + (r / group) * row_stride + (r % group) * head;
+    for (int64_t d = 0; d < head; ++d) tile.q[r * head + d] = to_f32(q_in[d]) * scale;
+    for (int64_t d = 0; d < head; ++d) tile.acc[r * head + d] = 0.f;
+    tile.top[r] = kMinusInf;
+    tile.total[r] = 0.f;
+    tile.pos[r] = first_pos + r / group;
+    tile.from[r] = window > 0 ? std::max<int64_t>(0, tile.pos[r] - window + 1) : 0;
+  }
+  const int64_t last_pos = first_pos + num_queries - 1;
+  for (int64_t base = tile.from[0] / CW * CW; base <= last_pos; base += CW) {
+    const int64_t block = base / block_size, offset = base % block_size;
+    const T* k_in = key_cache + table[block] * block_size * head + offset;
+    const T* v_in = value_cache + (table[block] * block_size + offset) * head;
+    if (offset == 0 && block + 1 <= last_pos / block_size) {   // the next block streams in while this one computes
+      const char* next_k = reinterpret_cast<const char*>(key_cache + table[block + 1] * block_size * head);
+      const char* next_v = reinterpret_cast<const char*>(value_cache + table[block + 1] * block_size * head);
+      for (int64_t b = 0; b < static_cast<int64_t>(block_size * head * sizeof(T)); b += 64) {
+        __builtin_prefetch(next_k + b);
+        __builtin_prefetch(next_v + b);
+      }
+    }
+    for (int64_t d = 0; d < head; ++d)
+      for (int t = 0; t < CW; ++t) tile.keys[d * CW + t] = to_f32(k_in[d * block_size + t]);
+    const int64_t valid = std::min<int64_t>(CW, last_pos - base + 1);
+    for (int64_t i = 0; i < valid * head; ++i) tile.values[i] = to_f32(v_in[i]);
+    for (int64_t row = 0; row < rows; row += kRowGroup) {
+      const int64_t n = std::min<int64_t>(kRowGroup, rows - row);
+      if (base > tile.pos[row + n - 1] || base + CW <= tile.from[row]) continue;   // masked for all n rows
+      attend_rows<CW>(tile, row, n, tile.keys.data(), tile.values.data(), base, valid, head);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    T* o = out + (r / group) * row_stride + (r % group) * head;
+    const float inv = 1.f / tile.total[r];
+    for (int64_t d = 0; d < head; ++d) o[d] = from_f32<T>(tile.acc[r * head + d] * inv);
+  }
+}
+
+// Tasks in decreasing cost, taken one at a time by whichever thread is free: prefill tiles near the end of a
+// long prompt cost many times a decode, so static slices of the task list would leave a thread idle.
+std::vector<Task> plan_tasks(const int64_t* seq_lens, const int64_t* query_start, int64_t num_seqs,
+                             int64_t num_kv_heads, int64_t window) {
+  std::vector<Task> tasks;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t num_queries = query_start[seq + 1] - query_start[seq];
+    const int64_t first_pos = seq_lens[seq] - num_queries;
+    for (int64_t first = 0; first < num_queries; first += kQueryTile) {
+      const int64_t n = std::min(kQueryTile, num_queries - first), last = first_pos + first + n - 1;
+      const int64_t keys = window > 0 ? std::min(last + 1, window + n - 1) : last + 1;
+      for (int64_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) tasks.push_back({seq, kv_head, first, n, keys * n});
+    }
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  return tasks;
+}
+
+template <typename T>
+void paged_attention_kernel(T* out, const T* query, const T* key_cache, const T* value_cache,
+                            const int64_t* block_tables, const int64_t* seq_lens, const int64_t* query_start,
+                            int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_size,
+                            int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale, int64_t window) {
+  const int64_t group = num_heads / num_kv_heads, row_stride = num_heads * head_size;
+  const int64_t head_stride = num_blocks * block_size * head_size;
+  const std::vector<Task> tasks = plan_tasks(seq_lens, query_start, num_seqs, num_kv_heads, window);
+  const int64_t chunk = std::min<int64_t>(block_size, 16);
+  const auto run = chunk == 16 ? attend_tile<T, 16> : chunk == 8 ? attend_tile<T, 8> : attend_tile<T, 4>;
+  std::atomic<int64_t> next{0};
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
+    const int64_t rows = kQueryTile * group;
+    Tile tile{std::vector<float>(rows * head_size), std::vector<float>(rows * head_size), std::vector<float>(rows),
+              std::vector<float>(rows), std::vector<float>(chunk * head_size),
+              std::vector<float>(chunk * head_size), std::vector<int64_t>(rows), std::vector<int64_t>(rows)};
+    for (int64_t i = next++; i < num_tasks; i = next++) {
+      const Task& task = tasks[i];
+      const int64_t token = query_start[task.seq] + task.first_query;
+      const int64_t first_pos = seq_lens[task.seq] - (query_start[task.seq + 1] - query_start[task.seq]) +
+                                task.first_query;
+      const int64_t head_offset = token * row_stride + task.kv_head * group * head_size;
+      run(tile, out + head_offset, query + head_offset, row_stride, key_cache + task.kv_head * head_stride,
+          value_cache + task.kv_head * head_stride, block_tables + task.seq * max_blocks, first_pos,
+          task.num_queries, group, scale, window, block_size, head_size);
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor paged_attention(const torch::Tensor& query, const torch::Tensor& kv_cache,
+                              const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                              const torch::Tensor& query_start_loc, double scale, int64_t window) {
+  TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 5 && kv_cache.is_contiguous(), "bad paged_attention shapes");
+  auto q = query.to(kv_cache.scalar_type()).contiguous();
+  auto tables = block_tables.contiguous();
+  auto lens = seq_lens.contiguous();
+  auto starts = query_start_loc.contiguous();
+  auto out = torch::empty_like(q);
+  const int64_t num_kv_heads = kv_cache.size(1), num_blocks = kv_cache.size(2), block_size = kv_cache.size(3);
+  dispatch(q.scalar_type(), "paged_attention", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t* cache = ptr<scalar_t>(kv_cache);
+    paged_attention_kernel<scalar_t>(ptr<scalar_t>(out), ptr<scalar_t>(q), cache, cache + kv_cache.stride(0),
+                                     tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+                                     starts.data_ptr<int64_t>(), lens.size(0), q.size(1), num_kv_heads, q.size(2),
+                                     num_blocks, block_size, tables.size(1), static_cast<float>(scale), window);
+  });
+  return out.to(query.scalar_type());
+}
+
+// Writes each token's [kv_heads, head] key and value into its slot (block * block_size + offset) of the cache,
+// keys transposed within their block.
+void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
+              const torch::Tensor& slot_mapping) {
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && kv_cache.dim() == 5 && kv_cache.is_contiguous(),
+              "bad store_kv shapes");
+  auto k = key.to(kv_cache.scalar_type());
+  auto v = value.to(kv_cache.scalar_type());
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "store_kv takes keys and values with a contiguous head");
+  auto slots = slot_mapping.contiguous();
+  const int64_t num_kv_heads = k.size(1), head = k.size(2), num_blocks = kv_cache.size(2), bs = kv_cache.size(3);
+  dispatch(k.scalar_type(), "store_kv", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    scalar_t* keys = ptr<scalar_t>(kv_cache);
+    scalar_t* values = keys + kv_cache.stride(0);
+    const scalar_t* k_in = ptr<scalar_t>(k);
+    const scalar_t* v_in = ptr<scalar_t>(v);
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    at::parallel_for(0, k.size(0), 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t block = slot[i] / bs, offset = slot[i] % bs;
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+          const scalar_t* kr = k_in + i * k.stride(0) + h * k.stride(1);
+          const scalar_t* vr = v_in + i * v.stride(0) + h * v.stride(1);
+          scalar_t* kb = keys + (h * num_blocks + block) * bs * head;
+          scalar_t* vb = values + ((h * num_blocks + block) * bs + offset) * head;
+          for (int64_t d = 0; d < head; ++d) kb[d * bs + offset] = kr[d];
+          std::copy(vr, vr + head, vb);
+        }
+      }
+    });
+  });
+}
