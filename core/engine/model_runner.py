@@ -1,15 +1,14 @@
 """Builds the model and its paged KV cache on the platform's device, and runs one scheduled step."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-import numpy as np
 import torch
 
 from kvserve.core.config import EngineConfig
 from kvserve.core.engine.beam_search import beam_candidates
+from kvserve.core.engine.host_memory import host_zeros
 from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, prompt_logprobs
 from kvserve.core.engine.scheduler import ScheduledBatch
 from kvserve.core.engine.sequence import Sequence
@@ -36,13 +35,6 @@ def choose_dtype(config: EngineConfig, checkpoint: Checkpoint, platform: Platfor
     if isinstance(native, str):
         native = getattr(torch, native, None)
     return native if native in info.supported_dtypes else info.default_dtype
-
-
-def host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Zeros in host memory from calloc, whose pages the OS supplies already zeroed when first touched: a
-    multi-GiB KV cache then costs nothing at start-up (torch.zeros writes every byte, ~5 s for 4 GiB here)."""
-    raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
-    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 @dataclass
