@@ -1,6 +1,9 @@
 """The CPU platform's attention: the torch kernel against a direct reference, and the backend choice."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -65,6 +68,13 @@ def test_paged_attention_matches_reference(shapes, window, head_size, block_size
     # bfloat16: the torch kernel rounds probabilities to bfloat16 before multiplying by values.
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out, torch.cat(expected), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None or os.environ.get(native.DISABLE_ENV) == "0",
+                    reason="no C++ compiler, or native kernels disabled")
+def test_native_kernels_build_where_a_compiler_is_present():
+    # Every native test skips when the build fails: this one makes a broken build fail the suite.
+    assert native.load()[0] is not None, native.load()[1]
 
 
 def test_backend_choice_and_override(monkeypatch):

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -23,17 +24,27 @@ constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 
 // N floats as one value, in vector registers on any target (GCC/Clang vector extensions; an alias template
 // would drop the attribute, a member typedef keeps it).
-template <int N>
-struct FloatsOf {
-  typedef float type __attribute__((vector_size(N * sizeof(float))));
+template <typename E, int N>
+struct VectorOf {
+  typedef E type __attribute__((vector_size(N * sizeof(E))));
 };
 template <int N>
-using Floats = typename FloatsOf<N>::type;
+using Floats = typename VectorOf<float, N>::type;
 
 template <int N>
 inline Floats<N> load(const float* from) {
   Floats<N> v;
   std::memcpy(&v, from, sizeof(v));
+  return v;
+}
+
+template <int N>
+inline Floats<N> load(const uint16_t* from) {   // bfloat16 bits: the high half of a float32
+  typename VectorOf<uint16_t, N>::type bits;
+  std::memcpy(&bits, from, sizeof(bits));
+  const auto w = __builtin_convertvector(bits, typename VectorOf<uint32_t, N>::type) << 16;
+  Floats<N> v;
+  std::memcpy(&v, &w, sizeof(v));
   return v;
 }
 
@@ -52,15 +63,17 @@ struct Tile {
 };
 
 // Adds CW key positions from `base` to NR rows (from `row`): scores, mask, online softmax, weighted values.
-// `keys` is [head, CW], `values` [CW, head]; positions from `base + valid` on are past every row's last.
-// NR and CW are compile-time so that scores and accumulators stay in vector registers.
-template <int NR, int CW>
-void attend_chunk(Tile& tile, int64_t row, const float* __restrict__ keys, const float* __restrict__ values,
-                  int64_t base, int64_t valid, int64_t head) {
+// `keys` holds CW positions of each of the head's dimensions, `key_stride` apart; `values` is [CW, head];
+// positions from `base + valid` on are past every row's last. They are float32, converted once for many rows,
+// or read in place from a float32 or bfloat16 cache. NR and CW are compile-time so that scores and
+// accumulators stay in vector registers.
+template <typename T, int NR, int CW>
+void attend_chunk(Tile& tile, int64_t row, const T* __restrict__ keys, int64_t key_stride,
+                  const T* __restrict__ values, int64_t base, int64_t valid, int64_t head) {
   using Scores = Floats<CW>;
   Scores scores[NR] = {};
   for (int64_t d = 0; d < head; ++d) {
-    const Scores k = load<CW>(keys + d * CW);
+    const Scores k = load<CW>(keys + d * key_stride);
     for (int r = 0; r < NR; ++r) scores[r] += tile.q[(row + r) * head + d] * k;
   }
   float s[NR][CW], p[NR][CW];
@@ -93,7 +106,7 @@ void attend_chunk(Tile& tile, int64_t row, const float* __restrict__ keys, const
   if (head % 16) {   // odd head sizes: plain loops
     for (int r = 0; r < NR; ++r)
       for (int64_t t = 0; t < valid; ++t)
-        for (int64_t d = 0; d < head; ++d) tile.acc[(row + r) * head + d] += p[r][t] * values[t * head + d];
+        for (int64_t d = 0; d < head; ++d) tile.acc[(row + r) * head + d] += p[r][t] * to_f32(values[t * head + d]);
     return;
   }
   for (int64_t c = 0; c < head; c += 16) {   // 16 floats of each row's accumulator at a time, in registers
@@ -107,14 +120,14 @@ void attend_chunk(Tile& tile, int64_t row, const float* __restrict__ keys, const
   }
 }
 
-template <int CW>
-void attend_rows(Tile& tile, int64_t row, int64_t num_rows, const float* keys, const float* values, int64_t base,
-                 int64_t valid, int64_t head) {
+template <typename T, int CW>
+void attend_rows(Tile& tile, int64_t row, int64_t num_rows, const T* keys, int64_t key_stride, const T* values,
+                 int64_t base, int64_t valid, int64_t head) {
   switch (num_rows) {
-    case 1: return attend_chunk<1, CW>(tile, row, keys, values, base, valid, head);
-    case 2: return attend_chunk<2, CW>(tile, row, keys, values, base, valid, head);
-    case 3: return attend_chunk<3, CW>(tile, row, keys, values, base, valid, head);
-    default: return attend_chunk<4, CW>(tile, row, keys, values, base, valid, head);
+    case 1: return attend_chunk<T, 1, CW>(tile, row, keys, key_stride, values, base, valid, head);
+    case 2: return attend_chunk<T, 2, CW>(tile, row, keys, key_stride, values, base, valid, head);
+    case 3: return attend_chunk<T, 3, CW>(tile, row, keys, key_stride, values, base, valid, head);
+    default: return attend_chunk<T, 4, CW>(tile, row, keys, key_stride, values, base, valid, head);
   }
 }
 
@@ -147,14 +160,21 @@ void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const T
         __builtin_prefetch(next_v + b);
       }
     }
+    const int64_t valid = std::min<int64_t>(CW, last_pos - base + 1);
+    if constexpr (!std::is_same<T, c10::Half>::value) {   // one group of rows (a decode) reads in place
+      if (rows <= kRowGroup) {
+        attend_rows<T, CW>(tile, 0, rows, k_in, block_size, v_in, base, valid, head);
+        continue;
+      }
+    }   // more rows share keys and values converted once
+
     for (int64_t d = 0; d < head; ++d)
       for (int t = 0; t < CW; ++t) tile.keys[d * CW + t] = to_f32(k_in[d * block_size + t]);
-    const int64_t valid = std::min<int64_t>(CW, last_pos - base + 1);
     for (int64_t i = 0; i < valid * head; ++i) tile.values[i] = to_f32(v_in[i]);
     for (int64_t row = 0; row < rows; row += kRowGroup) {
       const int64_t n = std::min<int64_t>(kRowGroup, rows - row);
       if (base > tile.pos[row + n - 1] || base + CW <= tile.from[row]) continue;   // masked for all n rows
-      attend_rows<CW>(tile, row, n, tile.keys.data(), tile.values.data(), base, valid, head);
+      attend_rows<float, CW>(tile, row, n, tile.keys.data(), CW, tile.values.data(), base, valid, head);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
