@@ -48,17 +48,23 @@ def _llama3_scaling(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """One instance serves every layer of a model: the angles of a step's positions are looked up once, by the
+    first layer, and reused by the others (they receive the same positions tensor)."""
+
     def __init__(self, rotary_dim: int, max_position: int, params: dict, ops):
         super().__init__()
         self.ops = ops
         self.inv_freq = inverse_frequencies(rotary_dim, params)
         self.max_position = max_position
         self.cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # positions, their cos, sin
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         # Built on first use, in float32 on the inputs' device: the model itself is built on the meta device.
         if self.cos_sin is None or self.cos_sin[0].device != positions.device:
             freqs = torch.outer(torch.arange(self.max_position, dtype=torch.float32, device="cpu"), self.inv_freq)
             self.cos_sin = freqs.cos().to(positions.device), freqs.sin().to(positions.device)
-        cos, sin = self.cos_sin
-        return self.ops.rotary_embedding(query, key, cos[positions], sin[positions])
+        if self.step is None or self.step[0] is not positions:
+            cos, sin = self.cos_sin
+            self.step = positions, cos[positions], sin[positions]
+        return self.ops.rotary_embedding(query, key, self.step[1], self.step[2])

@@ -25,14 +25,14 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_size: int, max_position: int,
-                 rope: dict, qkv_bias: bool, ops: Ops):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_size: int,
+                 rotary_emb: RotaryEmbedding, qkv_bias: bool):
         super().__init__()
         self.q_size, self.kv_size = num_heads * head_size, num_kv_heads * head_size
         self.qkv_proj = MergedLinear(hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
                                      bias=qkv_bias)
         self.o_proj = Linear(self.q_size, hidden_size, bias=False)
-        self.rotary_emb = RotaryEmbedding(head_size, max_position, rope, ops)
+        self.rotary_emb = rotary_emb
         self.attn = Attention(num_heads, num_kv_heads, head_size, scale=head_size ** -0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -53,13 +53,15 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
+def head_size_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, ops: Ops, qkv_bias: bool):
+    def __init__(self, config, ops: Ops, qkv_bias: bool, rotary_emb: RotaryEmbedding):
         super().__init__()
-        head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.self_attn = LlamaAttention(
-            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_size,
-            config.max_position_embeddings, rope_parameters(config), qkv_bias, ops)
+        self.self_attn = LlamaAttention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                                        head_size_of(config), rotary_emb, qkv_bias)
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, ops)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
@@ -79,7 +81,9 @@ class LlamaModel(nn.Module):
     def __init__(self, config, ops: Ops, qkv_bias: bool):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, qkv_bias) for _ in range(config.num_hidden_layers))
+        rotary_emb = RotaryEmbedding(head_size_of(config), config.max_position_embeddings, rope_parameters(config), ops)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, qkv_bias, rotary_emb)
+                                    for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, input_ids, positions, metadata):
