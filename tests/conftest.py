@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from server_utils import openai_client
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
@@ -93,6 +94,16 @@ def hf_model(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def qwen2_path(tiny_model) -> str:
+    return tiny_model("qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen2_hf(hf_model):
+    return hf_model("qwen2")
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model):
     """The tokenizer every tiny checkpoint carries, as transformers loads it."""
     return AutoTokenizer.from_pretrained(tiny_model("qwen2"))
@@ -130,3 +141,10 @@ def run_python(site: Path, args: list[str], **env: str) -> str:
                             env={**environment, **env})
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official OpenAI client on the test module's own ``server`` fixture."""
+    with openai_client(server, timeout=300) as client:
+        yield client

@@ -12,19 +12,9 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def path(tiny_model):
-    return tiny_model("qwen2")
-
-
-@pytest.fixture(scope="module")
-def hf(hf_model):
-    return hf_model("qwen2")
-
-
-@pytest.fixture(scope="module")
-def llm(path):
+def llm(qwen2_path):
     # A small token budget prefills long prompts in chunks beside other sequences' decodes.
-    return LLM(path, dtype="float32", kv_cache_memory="8MiB", max_model_len=256, max_num_batched_tokens=16,
+    return LLM(qwen2_path, dtype="float32", kv_cache_memory="8MiB", max_model_len=256, max_num_batched_tokens=16,
                max_num_seqs=4)
 
 
@@ -34,9 +24,9 @@ def prompts(count: int, seed: int, low: int = 3, high: int = 50) -> list[list[in
 
 
 @torch.no_grad()
-def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
+def hf_logprobs(qwen2_hf, ids: list[int]) -> torch.Tensor:
     """[len(ids), vocab]: row i is the log-distribution of the token after ids[:i + 1]."""
-    return hf(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)
+    return qwen2_hf(torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)
 
 
 def check_position(entry, token: int, expected: torch.Tensor, k: int, tokenizer) -> None:
@@ -50,7 +40,7 @@ def check_position(entry, token: int, expected: torch.Tensor, k: int, tokenizer)
     assert all(e.decoded_token == tokenizer.decode([t]) for t, e in entry.items())
 
 
-def test_logprobs_match_transformers(llm, hf, tiny_tokenizer):
+def test_logprobs_match_transformers(llm, qwen2_hf, tiny_tokenizer):
     # Logprobs are of the raw logits: temperature, top-k and penalties change the sampled tokens, not these.
     cases = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5),
              SamplingParams(temperature=0.7, top_k=20, seed=1, max_tokens=12, ignore_eos=True, logprobs=0),
@@ -61,7 +51,7 @@ def test_logprobs_match_transformers(llm, hf, tiny_tokenizer):
     for prompt, params, output in zip(batch, cases, outputs):
         out = output.outputs[0]
         assert output.prompt_logprobs is None and len(out.logprobs) == len(out.token_ids) == 12
-        expected = hf_logprobs(hf, prompt + out.token_ids)[len(prompt) - 1:-1]
+        expected = hf_logprobs(qwen2_hf, prompt + out.token_ids)[len(prompt) - 1:-1]
         for i, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
             check_position(entry, token, expected[i], params.logprobs, tiny_tokenizer)
         assert out.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs)))
@@ -73,8 +63,8 @@ def test_logprobs_match_transformers(llm, hf, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("enable_prefix_caching", [False, True])
-def test_prompt_logprobs_match_transformers_in_chunks(path, hf, tiny_tokenizer, enable_prefix_caching):
-    llm = LLM(path, dtype="float32", kv_cache_memory="8MiB", max_model_len=256, max_num_batched_tokens=16,
+def test_prompt_logprobs_match_transformers_in_chunks(qwen2_path, qwen2_hf, tiny_tokenizer, enable_prefix_caching):
+    llm = LLM(qwen2_path, dtype="float32", kv_cache_memory="8MiB", max_model_len=256, max_num_batched_tokens=16,
               max_num_seqs=4, enable_prefix_caching=enable_prefix_caching)
     batch = prompts(3, seed=1, low=30, high=60) + [[7]]   # 2 to 4 chunks each; a 1-token prompt has no logprobs
     cases = [SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=k, logprobs=None if k == 2 else 1)
@@ -83,7 +73,7 @@ def test_prompt_logprobs_match_transformers_in_chunks(path, hf, tiny_tokenizer, 
     for prompt, params, output in zip(batch, cases, outputs):
         entries = output.prompt_logprobs
         assert len(entries) == len(prompt) and entries[0] is None
-        expected = hf_logprobs(hf, prompt)
+        expected = hf_logprobs(qwen2_hf, prompt)
         for i in range(1, len(prompt)):
             check_position(entries[i], prompt[i], expected[i - 1], params.prompt_logprobs, tiny_tokenizer)
         assert (output.outputs[0].logprobs is None) == (params.logprobs is None)
@@ -97,9 +87,9 @@ def test_prompt_logprobs_of_a_prefix_cached_prompt(llm):
     assert again == first and all(e is not None for e in again[1:])
 
 
-def test_logprobs_survive_preemption(path, hf, tiny_tokenizer):
+def test_logprobs_survive_preemption(qwen2_path, qwen2_hf, tiny_tokenizer):
     # 8 blocks of 16 tokens for 5 requests of up to 70 tokens: sequences are preempted and recomputed.
-    llm = LLM(path, dtype="float32", num_gpu_blocks_override=8, max_model_len=128, max_num_batched_tokens=32,
+    llm = LLM(qwen2_path, dtype="float32", num_gpu_blocks_override=8, max_model_len=128, max_num_batched_tokens=32,
               max_num_seqs=8, enable_prefix_caching=False)
     batch = prompts(5, seed=3, low=20, high=40)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2, prompt_logprobs=1)
@@ -108,7 +98,7 @@ def test_logprobs_survive_preemption(path, hf, tiny_tokenizer):
     assert not llm.llm_engine.runner.prompt_logprobs.next   # released with their requests
     for prompt, output in zip(batch, outputs):
         out = output.outputs[0]
-        expected = hf_logprobs(hf, prompt + out.token_ids)
+        expected = hf_logprobs(qwen2_hf, prompt + out.token_ids)
         assert len(output.prompt_logprobs) == len(prompt) and len(out.logprobs) == len(out.token_ids) == 30
         for i in range(1, len(prompt)):
             check_position(output.prompt_logprobs[i], prompt[i], expected[i - 1], 1, tiny_tokenizer)

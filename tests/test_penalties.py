@@ -14,23 +14,13 @@ ALL_NEGATIVE = {token: -50.0 for token in range(384)}
 
 
 @pytest.fixture(scope="module")
-def path(tiny_model):
-    return tiny_model("qwen2")
-
-
-@pytest.fixture(scope="module")
-def hf(hf_model):
-    return hf_model("qwen2")
-
-
-@pytest.fixture(scope="module")
 def prompt(tiny_tokenizer):
     return tiny_tokenizer(PROMPT_TEXT)["input_ids"]
 
 
 @pytest.fixture(scope="module")
-def llm(path):
-    return LLM(path, dtype="float32", kv_cache_memory="8MiB", max_model_len=256, max_num_seqs=16)
+def llm(qwen2_path):
+    return LLM(qwen2_path, dtype="float32", kv_cache_memory="8MiB", max_model_len=256, max_num_seqs=16)
 
 
 def greedy(**params) -> SamplingParams:
@@ -38,11 +28,11 @@ def greedy(**params) -> SamplingParams:
 
 
 @torch.no_grad()
-def reference_greedy(hf, prompt: list[int], process) -> list[int]:
+def reference_greedy(qwen2_hf, prompt: list[int], process) -> list[int]:
     """Greedy decoding of transformers' model, with ``process(logits, prompt, output)`` before each argmax."""
     output = []
     for _ in range(STEPS):
-        logits = hf(torch.tensor([prompt + output])).logits[0, -1].float()
+        logits = qwen2_hf(torch.tensor([prompt + output])).logits[0, -1].float()
         output.append(int(process(logits, prompt, output).argmax()))
     return output
 
@@ -81,23 +71,23 @@ CASES = [
 ]
 
 
-def test_penalties_and_bias_match_transformers(llm, hf, prompt):
+def test_penalties_and_bias_match_transformers(llm, qwen2_hf, prompt):
     # One batch: every case beside a plain greedy request, which the others must not change.
     params = [greedy(**kwargs) for kwargs, _ in CASES] + [greedy()]
     outputs = [o.outputs[0].token_ids for o in llm.generate([prompt] * len(params), params, use_tqdm=False)]
-    plain = reference_greedy(hf, prompt, lambda logits, *_: logits)
+    plain = reference_greedy(qwen2_hf, prompt, lambda logits, *_: logits)
     assert outputs[-1] == plain
     for (kwargs, rule), output in zip(CASES, outputs):
-        expected = reference_greedy(hf, prompt, by_hand(**rule))
+        expected = reference_greedy(qwen2_hf, prompt, by_hand(**rule))
         assert output == expected, kwargs
         assert expected != plain, f"{kwargs} changes nothing here: the case cannot fail"
 
 
 @torch.no_grad()
-def test_penalty_rows_match_transformers_processor(hf, prompt):
+def test_penalty_rows_match_transformers_processor(qwen2_hf, prompt):
     """apply_penalties on a batch of real logits rows equals transformers' processor and OpenAI's formula."""
     from kvserve.core.layers.logits_processors import apply_penalties, pad_ids
-    logits = hf(torch.tensor([prompt])).logits[0].float()    # one row per prefix of the prompt
+    logits = qwen2_hf(torch.tensor([prompt])).logits[0].float()    # one row per prefix of the prompt
     rows, vocab = len(prompt) - 1, logits.shape[-1]
     prompts = [prompt[:i + 1] for i in range(rows)]
     outputs = [prompt[i + 1:] for i in range(rows)]       # the rest of the prompt, as if generated
@@ -134,7 +124,7 @@ def contains(sequence: list[int], part: list[int]) -> bool:
     return any(sequence[i:i + len(part)] == part for i in range(len(sequence) - len(part) + 1))
 
 
-def test_bad_words_never_appear(llm, hf, prompt, tiny_tokenizer):
+def test_bad_words_never_appear(llm, qwen2_hf, prompt, tiny_tokenizer):
     plain = llm.generate([prompt], greedy(), use_tqdm=False)[0].outputs[0].token_ids
 
     def round_trips(ids: list[int]) -> bool:
@@ -163,7 +153,7 @@ def test_bad_words_never_appear(llm, hf, prompt, tiny_tokenizer):
             return logits
 
         output = llm.generate([prompt], greedy(bad_words=chosen), use_tqdm=False)[0].outputs[0].token_ids
-        assert output == reference_greedy(hf, prompt, ban) != plain, chosen
+        assert output == reference_greedy(qwen2_hf, prompt, ban) != plain, chosen
         assert not any(contains(output, ids) for ids in banned)
     sampled = SamplingParams(temperature=2.0, seed=1, max_tokens=64, ignore_eos=True, bad_words=words)
     output = llm.generate([prompt], sampled, use_tqdm=False)[0].outputs[0].token_ids

@@ -6,7 +6,7 @@ import asyncio
 import httpx
 import openai
 import pytest
-from server_utils import DEFAULT_NAME, metrics, openai_client, post, start_server, stop_server, token_count
+from server_utils import DEFAULT_NAME, metrics, post, start_server, stop_server, token_count
 
 import kvserve
 from kvserve.core.sampling_params import SamplingParams
@@ -21,12 +21,6 @@ def server():
     server = start_server(["--max-model-len", "1024", "--kv-cache-memory", "256MiB", "--dtype", "float32"])
     yield server
     stop_server(server)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai_client(server, timeout=300) as client:
-        yield client
 
 
 def async_client(server) -> openai.AsyncOpenAI:

@@ -3,7 +3,7 @@ against the offline engine on the same tiny model."""
 from __future__ import annotations
 
 import pytest
-from server_utils import openai_client, start_server, stop_server, tiny_args
+from server_utils import start_server, stop_server, tiny_args
 
 from kvserve import LLM, BeamSearchParams, SamplingParams
 
@@ -19,12 +19,6 @@ def server(tiny_model):
     server = start_server(tiny_args(tiny_model, "--max-model-len", "256", "--chat-template", TEMPLATE))
     yield server
     stop_server(server)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai_client(server, timeout=120) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
