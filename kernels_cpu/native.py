@@ -15,9 +15,10 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = [str(CSRC / name) for name in ("paged_attention.cpp", "fused_ops.cpp")]
 DISABLE_ENV = "KVSERVE_CPU_NATIVE"   # "0" keeps the CPU platform on its torch implementations
 # Without errno and trapping semantics, loops calling floorf (in fast_exp) vectorize. torch rebuilds a cached
-# extension when its sources or flags change, not its headers: the header's digest joins the flags.
+# extension when its sources or flags change, not its headers: the headers' digest joins the flags.
+HEADERS_DIGEST = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(CSRC.glob("*.h")))).hexdigest()[:16]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-         f"-DKVSERVE_COMMON_H={hashlib.sha256((CSRC / 'common.h').read_bytes()).hexdigest()[:16]}"]
+         f"-DKVSERVE_HEADERS={HEADERS_DIGEST}"]
 
 logger = logging.getLogger("kvserve")
 

@@ -7,12 +7,11 @@
 // [blocks, block_size, head].
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
-#include "common.h"
+#include "attention_math.h"
 
 namespace {
 
@@ -22,44 +21,8 @@ constexpr int64_t kQueryTile = 16;   // queries of one sequence per task: their 
 constexpr int kRowGroup = 4;         // rows whose scores are computed together, sharing each key load
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 
-// N floats as one value, in vector registers on any target (GCC/Clang vector extensions; an alias template
-// would drop the attribute, a member typedef keeps it).
-template <typename E, int N>
-struct VectorOf {
-  typedef E type __attribute__((vector_size(N * sizeof(E))));
-};
-template <int N>
-using Floats = typename VectorOf<float, N>::type;
-
-template <int N>
-inline Floats<N> load(const float* from) {
-  Floats<N> v;
-  std::memcpy(&v, from, sizeof(v));
-  return v;
-}
-
-template <int N>
-inline Floats<N> load(const uint16_t* from) {   // bfloat16 bits: the high half of a float32
-  typename VectorOf<uint16_t, N>::type bits;
-  std::memcpy(&bits, from, sizeof(bits));
-  const auto w = __builtin_convertvector(bits, typename VectorOf<uint32_t, N>::type) << 16;
-  Floats<N> v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
-
-template <typename V>
-inline void store(float* to, const V& v) { std::memcpy(to, &v, sizeof(v)); }
-
 struct Task {
   int64_t seq, kv_head, first_query, num_queries, cost;
-};
-
-// One task's rows: row r is query r / group (at position first_pos + r / group) under head r % group, with its
-// online-softmax state; and the current chunk of keys and values, converted to float32.
-struct Tile {
-  std::vector<float> q, acc, top, total, keys, values;
-  std::vector<int64_t> pos, from;
 };
 
 // Adds CW key positions from `base` to NR rows (from `row`): scores, mask, online softmax, weighted values.
@@ -70,14 +33,8 @@ struct Tile {
 template <typename T, int NR, int CW>
 void attend_chunk(Tile& tile, int64_t row, const T* __restrict__ keys, int64_t key_stride,
                   const T* __restrict__ values, int64_t base, int64_t valid, int64_t head) {
-  using Scores = Floats<CW>;
-  Scores scores[NR] = {};
-  for (int64_t d = 0; d < head; ++d) {
-    const Scores k = load<CW>(keys + d * key_stride);
-    for (int r = 0; r < NR; ++r) scores[r] += tile.q[(row + r) * head + d] * k;
-  }
   float s[NR][CW], p[NR][CW];
-  for (int r = 0; r < NR; ++r) store(s[r], scores[r]);
+  chunk_scores(s, tile, row, keys, key_stride, head);
   for (int r = 0; r < NR; ++r) {
     const int64_t pos = tile.pos[row + r], from = tile.from[row + r];
     float chunk_top = kMinusInf;
@@ -103,21 +60,7 @@ void attend_chunk(Tile& tile, int64_t row, const T* __restrict__ keys, int64_t k
 #pragma omp simd
     for (int64_t d = 0; d < head; ++d) acc[d] *= rescale;
   }
-  if (head % 16) {   // odd head sizes: plain loops
-    for (int r = 0; r < NR; ++r)
-      for (int64_t t = 0; t < valid; ++t)
-        for (int64_t d = 0; d < head; ++d) tile.acc[(row + r) * head + d] += p[r][t] * to_f32(values[t * head + d]);
-    return;
-  }
-  for (int64_t c = 0; c < head; c += 16) {   // 16 floats of each row's accumulator at a time, in registers
-    Floats<16> a[NR];
-    for (int r = 0; r < NR; ++r) a[r] = load<16>(tile.acc.data() + (row + r) * head + c);
-    for (int64_t t = 0; t < valid; ++t) {
-      const Floats<16> v = load<16>(values + t * head + c);
-      for (int r = 0; r < NR; ++r) a[r] += p[r][t] * v;
-    }
-    for (int r = 0; r < NR; ++r) store(tile.acc.data() + (row + r) * head + c, a[r]);
-  }
+  add_weighted_values(tile, row, p, values, valid, head);
 }
 
 template <typename T, int CW>
@@ -138,9 +81,14 @@ void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const T
                  const int64_t* table, int64_t first_pos, int64_t num_queries, int64_t group, float scale,
                  int64_t window, int64_t block_size, int64_t head) {
   const int64_t rows = num_queries * group;
+  tile.scale = scale;
   for (int64_t r = 0; r < rows; ++r) {
     const T* q_in = query + (r / group) * row_stride + (r % group) * head;
     for (int64_t d = 0; d < head; ++d) tile.q[r * head + d] = to_f32(q_in[d]) * scale;
+    if constexpr (std::is_same<T, uint16_t>::value) {
+      for (int64_t d = 0; d + 1 < head; d += 2)
+        tile.q_pairs[(r * head + d) / 2] = q_in[d] | uint32_t{q_in[d + 1]} << 16;
+    }
     for (int64_t d = 0; d < head; ++d) tile.acc[r * head + d] = 0.f;
     tile.top[r] = kMinusInf;
     tile.total[r] = 0.f;
@@ -218,7 +166,8 @@ void paged_attention_kernel(T* out, const T* query, const T* key_cache, const T*
     const int64_t rows = kQueryTile * group;
     Tile tile{std::vector<float>(rows * head_size), std::vector<float>(rows * head_size), std::vector<float>(rows),
               std::vector<float>(rows), std::vector<float>(chunk * head_size),
-              std::vector<float>(chunk * head_size), std::vector<int64_t>(rows), std::vector<int64_t>(rows)};
+              std::vector<float>(chunk * head_size), std::vector<int64_t>(rows), std::vector<int64_t>(rows),
+              std::vector<uint32_t>(rows * head_size / 2 + 1)};
     for (int64_t i = next++; i < num_tasks; i = next++) {
       const Task& task = tasks[i];
       const int64_t token = query_start[task.seq] + task.first_query;

@@ -1,0 +1,142 @@
+// The per-chunk math of the paged attention kernel: scores of a few rows for a chunk of cached positions, and
+// their weighted values; portable (GCC/Clang vector extensions) and, for bfloat16 on CPUs with AVX512-BF16,
+// with bfloat16 dot products.
+#pragma once
+
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
+namespace kvserve {
+
+// N floats as one value, in vector registers on any target (GCC/Clang vector extensions; an alias template
+// would drop the attribute, a member typedef keeps it).
+template <typename E, int N>
+struct VectorOf {
+  typedef E type __attribute__((vector_size(N * sizeof(E))));
+};
+template <int N>
+using Floats = typename VectorOf<float, N>::type;
+
+template <int N>
+inline Floats<N> load(const float* from) {
+  Floats<N> v;
+  std::memcpy(&v, from, sizeof(v));
+  return v;
+}
+
+template <int N>
+inline Floats<N> load(const uint16_t* from) {   // bfloat16 bits: the high half of a float32
+  typename VectorOf<uint16_t, N>::type bits;
+  std::memcpy(&bits, from, sizeof(bits));
+  const auto w = __builtin_convertvector(bits, typename VectorOf<uint32_t, N>::type) << 16;
+  Floats<N> v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+template <typename V>
+inline void store(float* to, const V& v) { std::memcpy(to, &v, sizeof(v)); }
+
+// One task's rows: row r is query r / group (at position first_pos + r / group) under head r % group, with its
+// online-softmax state; and the current chunk of keys and values, converted to float32.
+struct Tile {
+  std::vector<float> q, acc, top, total, keys, values;
+  std::vector<int64_t> pos, from;
+  std::vector<uint32_t> q_pairs;   // bfloat16 queries, unscaled, two dimensions a word (for dot products)
+  float scale = 1.f;
+};
+
+// Scores of NR rows for CW positions: the rows' scaled queries against the chunk's keys.
+template <typename T, int NR, int CW>
+void chunk_scores(float (&s)[NR][CW], const Tile& tile, int64_t row, const T* __restrict__ keys,
+                  int64_t key_stride, int64_t head) {
+  Floats<CW> scores[NR] = {};
+  for (int64_t d = 0; d < head; ++d) {
+    const Floats<CW> k = load<CW>(keys + d * key_stride);
+    for (int r = 0; r < NR; ++r) scores[r] += tile.q[(row + r) * head + d] * k;
+  }
+  for (int r = 0; r < NR; ++r) store(s[r], scores[r]);
+}
+
+// acc[row + r] += sum over t < valid of p[r][t] * values[t].
+template <typename T, int NR, int CW>
+void add_weighted_values(Tile& tile, int64_t row, const float (&p)[NR][CW], const T* __restrict__ values,
+                         int64_t valid, int64_t head) {
+  if (head % 16) {   // odd head sizes: plain loops
+    for (int r = 0; r < NR; ++r)
+      for (int64_t t = 0; t < valid; ++t)
+        for (int64_t d = 0; d < head; ++d) tile.acc[(row + r) * head + d] += p[r][t] * to_f32(values[t * head + d]);
+    return;
+  }
+  for (int64_t c = 0; c < head; c += 16) {   // 16 floats of each row's accumulator at a time, in registers
+    Floats<16> a[NR];
+    for (int r = 0; r < NR; ++r) a[r] = load<16>(tile.acc.data() + (row + r) * head + c);
+    for (int64_t t = 0; t < valid; ++t) {
+      const Floats<16> v = load<16>(values + t * head + c);
+      for (int r = 0; r < NR; ++r) a[r] += p[r][t] * v;
+    }
+    for (int r = 0; r < NR; ++r) store(tile.acc.data() + (row + r) * head + c, a[r]);
+  }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// bfloat16 read in place on CPUs with AVX512-BF16: dot products of bfloat16 pairs (vdpbf16ps) do twice the
+// multiply-adds of float32 FMAs and need no conversion. Scores pair adjacent head dimensions; weighted values
+// pair adjacent positions, with probabilities rounded to bfloat16 as torch's bfloat16 attention rounds them
+// before its second matmul.
+
+// [a0..a15] and [b0..b15] (bfloat16) -> [a0 b0 a1 b1 ... a15 b15]
+inline __m512i interleave(const uint16_t* a, const uint16_t* b) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+  const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+  return _mm512_permutexvar_epi16(order, both);
+}
+
+template <int NR>
+void chunk_scores(float (&s)[NR][16], const Tile& tile, int64_t row, const uint16_t* __restrict__ keys,
+                  int64_t key_stride, int64_t head) {
+  if (head % 2) return chunk_scores<uint16_t, NR, 16>(s, tile, row, keys, key_stride, head);
+  __m512 scores[NR];
+  for (int r = 0; r < NR; ++r) scores[r] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < head; d += 2) {
+    const __m512bh k = (__m512bh)interleave(keys + d * key_stride, keys + (d + 1) * key_stride);
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh q = (__m512bh)_mm512_set1_epi32(tile.q_pairs[((row + r) * head + d) / 2]);
+      scores[r] = _mm512_dpbf16_ps(scores[r], q, k);
+    }
+  }
+  for (int r = 0; r < NR; ++r) _mm512_storeu_ps(s[r], _mm512_mul_ps(scores[r], _mm512_set1_ps(tile.scale)));
+}
+
+template <int NR>
+void add_weighted_values(Tile& tile, int64_t row, const float (&p)[NR][16], const uint16_t* __restrict__ values,
+                         int64_t valid, int64_t head) {
+  if (head % 16) return add_weighted_values<uint16_t, NR, 16>(tile, row, p, values, valid, head);
+  uint32_t p_pairs[NR][8];
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < 8; ++t)
+      p_pairs[r][t] = from_f32<uint16_t>(p[r][2 * t]) | uint32_t{from_f32<uint16_t>(p[r][2 * t + 1])} << 16;
+  alignas(64) static const uint16_t zeros[16] = {};
+  for (int64_t c = 0; c < head; c += 16) {
+    __m512 a[NR];
+    for (int r = 0; r < NR; ++r) a[r] = _mm512_loadu_ps(tile.acc.data() + (row + r) * head + c);
+    for (int64_t t = 0; t < valid; t += 2) {   // past `valid`, a zero row: p is 0 there, the cache undefined
+      const uint16_t* next = t + 1 < valid ? values + (t + 1) * head + c : zeros;
+      const __m512bh v = (__m512bh)interleave(values + t * head + c, next);
+      for (int r = 0; r < NR; ++r) a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(p_pairs[r][t / 2]), v);
+    }
+    for (int r = 0; r < NR; ++r) _mm512_storeu_ps(tile.acc.data() + (row + r) * head + c, a[r]);
+  }
+}
+#endif
+
+}  // namespace kvserve
