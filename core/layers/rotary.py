@@ -48,8 +48,8 @@ def _llama3_scaling(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """One instance serves every layer of a model: the angles of a step's positions are looked up once, by the
-    first layer, and reused by the others (they receive the same positions tensor)."""
+    """One instance serves every layer of a model: the model looks the angles of a step's positions up once
+    (``angles``) and hands them to each layer's attention."""
 
     def __init__(self, rotary_dim: int, max_position: int, params: dict, ops):
         super().__init__()
@@ -57,14 +57,15 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = inverse_frequencies(rotary_dim, params)
         self.max_position = max_position
         self.cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # positions, their cos, sin
 
-    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of each position's angles, [tokens, rotary_dim // 2]."""
         # Built on first use, in float32 on the inputs' device: the model itself is built on the meta device.
         if self.cos_sin is None or self.cos_sin[0].device != positions.device:
             freqs = torch.outer(torch.arange(self.max_position, dtype=torch.float32, device="cpu"), self.inv_freq)
             self.cos_sin = freqs.cos().to(positions.device), freqs.sin().to(positions.device)
-        if self.step is None or self.step[0] is not positions:
-            cos, sin = self.cos_sin
-            self.step = positions, cos[positions], sin[positions]
-        return self.ops.rotary_embedding(query, key, self.step[1], self.step[2])
+        cos, sin = self.cos_sin
+        return cos[positions], sin[positions]
+
+    def forward(self, angles: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor, key: torch.Tensor):
+        return self.ops.rotary_embedding(query, key, *angles)

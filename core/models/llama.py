@@ -35,10 +35,11 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb
         self.attn = Attention(num_heads, num_kv_heads, head_size, scale=head_size ** -0.5)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, angles: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         shape_q, shape_k = (q.shape[0], -1, self.attn.head_size), (k.shape[0], -1, self.attn.head_size)
-        q, k = self.rotary_emb(positions, q.reshape(shape_q), k.reshape(shape_k))
+        q, k = self.rotary_emb(angles, q.reshape(shape_q), k.reshape(shape_k))
         return self.o_proj(self.attn(q, k, v, metadata))
 
 
@@ -66,13 +67,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
-    def forward(self, positions, hidden, residual, metadata):
+    def forward(self, angles, hidden, residual, metadata):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, metadata)
+        hidden = self.self_attn(angles, hidden, metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -81,15 +82,17 @@ class LlamaModel(nn.Module):
     def __init__(self, config, ops: Ops, qkv_bias: bool):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        rotary_emb = RotaryEmbedding(head_size_of(config), config.max_position_embeddings, rope_parameters(config), ops)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, qkv_bias, rotary_emb)
+        self.rotary_emb = RotaryEmbedding(head_size_of(config), config.max_position_embeddings,
+                                          rope_parameters(config), ops)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, qkv_bias, self.rotary_emb)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, input_ids, positions, metadata):
         hidden, residual = self.embed_tokens(input_ids), None
+        angles = self.rotary_emb.angles(positions)   # the same for every layer: looked up once a step
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, metadata)
+            hidden, residual = layer(angles, hidden, residual, metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
