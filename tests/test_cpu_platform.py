@@ -1,4 +1,4 @@
-"""The CPU platform's attention: the torch kernel against a direct reference, and the backend choice."""
+"""The CPU platform's attention backends against a direct reference, and the backend choice."""
 from __future__ import annotations
 
 import os
