@@ -81,7 +81,7 @@ class TorchPagedAttention(CpuPagedAttention):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
         m, d = metadata, metadata.num_decodes
-        kernels.store_kv(key, value, kv_cache, m.slot_mapping)
+        self.store_kv(key, value, kv_cache, m.slot_mapping)
         outputs = []
         if d:
             outputs.append(kernels.decode_attention(query[:d], kv_cache, m.decode_block_ids, m.decode_bias, scale))
@@ -107,6 +107,6 @@ class NativePagedAttention(CpuPagedAttention):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-        native.store_kv(key, value, kv_cache, metadata.slot_mapping)
+        self.store_kv(key, value, kv_cache, metadata.slot_mapping)
         return native.paged_attention(query, kv_cache, metadata.block_tables, metadata.seq_lens,
                                       metadata.query_start_loc, scale, self.spec.sliding_window)
