@@ -1,20 +1,27 @@
-"""Linear layers through oneDNN with weights prepacked once into its blocked layout."""
+"""Linear layers with weights laid out once for the kernel that multiplies them: the C++ bfloat16 kernel on CPUs
+with AVX512-BF16, oneDNN's blocked layout otherwise."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
+
+from kvserve.core.layers.linear import LinearKernel
+from kvserve.kernels_cpu import native
 
 # The batch size oneDNN picks the packed layout for: a decode step of a busy server. Other sizes still run.
 PACKING_BATCH_SIZE = 32
 
 
-def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+def packed_linear(weight: torch.Tensor) -> LinearKernel | None:
     """``x @ weight.T + bias`` on the packed weight; None for float16 (no native float16 matmul on most CPUs)
     or a torch built without oneDNN."""
+    weight = weight.detach()
+    ops = native.load()[0]
+    if weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and ops is not None and ops.linear_bf16_supported():
+        packed, width = ops.pack_linear_bf16(weight), weight.shape[0]
+        return lambda x, bias: ops.linear_bf16(x, packed, bias, width)
     if weight.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return None
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKING_BATCH_SIZE)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKING_BATCH_SIZE)
 
     def linear(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")

@@ -60,3 +60,20 @@ def test_packed_linear_matches_torch(dtype, with_bias):
         torch.testing.assert_close(kernel(rows, bias), torch.nn.functional.linear(rows, weight, bias),
                                    **TOLERANCE[dtype])
     assert packed_linear(weight.half()) is None   # float16 keeps torch's linear
+
+
+@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_bf16_supported(),
+                    reason="the bfloat16 linear kernel needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 300])   # tiles of 8 rows, and more than one 256-row group
+@pytest.mark.parametrize("out_features", [16, 40, 97])   # whole and partial blocks of 16 outputs
+def test_linear_bf16_tiles_and_tails(rows, out_features):
+    ops = native.load()[0]
+    torch.manual_seed(rows * out_features)
+    weight, bias = torch.randn(out_features, 72, dtype=torch.bfloat16), torch.randn(out_features, dtype=torch.bfloat16)
+    x = torch.randn(2, rows, 100, dtype=torch.bfloat16)[..., :72]   # rows further apart than their width
+    packed = ops.pack_linear_bf16(weight)
+    expected = x.float() @ weight.float().T
+    torch.testing.assert_close(ops.linear_bf16(x, packed, None, out_features), expected.bfloat16(),
+                               **TOLERANCE[torch.bfloat16])
+    torch.testing.assert_close(ops.linear_bf16(x, packed, bias, out_features), (expected + bias.float()).bfloat16(),
+                               **TOLERANCE[torch.bfloat16])

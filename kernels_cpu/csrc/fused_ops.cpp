@@ -100,6 +100,10 @@ torch::Tensor paged_attention(const torch::Tensor& query, const torch::Tensor& k
                               const torch::Tensor& query_start_loc, double scale, int64_t window);
 void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
               const torch::Tensor& slot_mapping);
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
+                          int64_t n);
+torch::Tensor pack_linear_bf16(const torch::Tensor& weight);
+bool linear_bf16_supported();
 
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                                     const torch::Tensor& weight, double eps) {
@@ -149,6 +153,9 @@ torch::Tensor rotary_embedding(const torch::Tensor& x, const torch::Tensor& cos,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention of decodes and prefill chunks over the cache");
   m.def("store_kv", &store_kv, "write new keys and values into their cache slots");
+  m.def("linear_bf16", &linear_bf16, "bfloat16 x @ weight.T (+ bias) on a weight from pack_linear_bf16");
+  m.def("pack_linear_bf16", &pack_linear_bf16, "lay a bfloat16 [out, in] weight out for linear_bf16");
+  m.def("linear_bf16_supported", &linear_bf16_supported, "whether this build has linear_bf16 (AVX512-BF16)");
   m.def("rms_norm", &rms_norm, "RMSNorm, after adding the residual when one is given");
   m.def("silu_and_mul", &silu_and_mul, "silu(first half) * second half");
   m.def("rotary_embedding", &rotary_embedding, "rotate-half rotary embedding");
