@@ -50,10 +50,11 @@ def test_platform_uses_fused_ops():
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_packed_linear_matches_torch(dtype, with_bias):
+@pytest.mark.parametrize("in_features", [64, 63])   # an odd width takes oneDNN's kernel in bfloat16 too
+def test_packed_linear_matches_torch(dtype, with_bias, in_features):
     from kvserve.kernels_cpu.linear import packed_linear
 
-    weight, x = torch.randn(96, 64, dtype=dtype), torch.randn(3, 5, 64, dtype=dtype)
+    weight, x = torch.randn(96, in_features, dtype=dtype), torch.randn(3, 5, in_features, dtype=dtype)
     bias = torch.randn(96, dtype=dtype) if with_bias else None
     kernel = packed_linear(weight)
     for rows in (x[0, :1], x):   # one row (a single decode) and a batch of any shape
