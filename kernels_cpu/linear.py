@@ -2,16 +2,17 @@
 with AVX512-BF16, oneDNN's blocked layout otherwise."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from kvserve.core.layers.linear import LinearKernel
 from kvserve.kernels_cpu import native
 
 # The batch size oneDNN picks the packed layout for: a decode step of a busy server. Other sizes still run.
 PACKING_BATCH_SIZE = 32
 
 
-def packed_linear(weight: torch.Tensor) -> LinearKernel | None:
+def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
     """``x @ weight.T + bias`` on the packed weight; None for float16 (no native float16 matmul on most CPUs)
     or a torch built without oneDNN."""
     weight = weight.detach()
