@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec
 
 BACKEND_ENV = "KVSERVE_ATTENTION_BACKEND"
@@ -26,3 +28,15 @@ def choose_backend(candidates: list[type[AttentionBackend]], spec: AttentionSpec
             return candidate
     detail = "; ".join(f"{name}: {', '.join(why)}" for name, why in reasons.items())
     raise ValueError(f"no attention backend supports this model ({detail})")
+
+
+def common_reasons(spec: AttentionSpec, dtypes: tuple[torch.dtype, ...]) -> list[str]:
+    """What most backends check: that they compute in ``spec``'s dtype, and that the query heads share the kv
+    heads evenly."""
+    reasons = []
+    if spec.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        reasons.append(f"dtype {spec.dtype} is not one of {names}")
+    if spec.num_heads % spec.num_kv_heads:
+        reasons.append(f"{spec.num_heads} query heads are not a multiple of {spec.num_kv_heads} kv heads")
+    return reasons

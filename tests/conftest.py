@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from server_utils import openai_client
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+
+# Without a GPU, Triton kernels run on CPU tensors under Triton's interpreter, which must be chosen before triton
+# is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from server_utils import openai_client  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config  # noqa: E402,E501
 
 PLUGIN_SOURCES = Path(__file__).parent / "plugins"
 CORPUS = [

@@ -7,6 +7,7 @@ import torch
 
 from kvserve.kernels_cpu import native
 from kvserve.kernels_cpu import paged_attention as kernels
+from kvserve.plugins.backend_choice import common_reasons
 from kvserve.plugins.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, StepLayout
 
 
@@ -16,12 +17,7 @@ class CpuPagedAttention(AttentionBackend):
 
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
-        reasons = []
-        if spec.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            reasons.append(f"dtype {spec.dtype} is not float32, bfloat16 or float16")
-        if spec.num_heads % spec.num_kv_heads:
-            reasons.append(f"{spec.num_heads} query heads are not a multiple of {spec.num_kv_heads} kv heads")
-        return reasons
+        return common_reasons(spec, (torch.float32, torch.bfloat16, torch.float16))
 
     kv_cache_shape = staticmethod(kernels.kv_cache_shape)
 

@@ -1,0 +1,55 @@
+"""Paged-attention parity cases that every backend runs: a batch of sequences with some tokens already cached
+and some new, against a direct reference."""
+from __future__ import annotations
+
+import torch
+
+from kvserve.plugins.interfaces import StepLayout
+
+# (tokens already cached, new tokens) per sequence, decodes first: a decode, a whole prompt, a chunk after
+# cached context; the second batch has whole prompts only; the fourth decodes alone; the last has prompts longer
+# than the CPU kernel's 16-query tiles.
+SHAPES = [[(9, 1), (0, 1), (0, 7), (5, 6)], [(20, 1), (0, 7), (0, 3)], [(0, 5), (0, 9)], [(3, 1), (30, 1)],
+          [(40, 1), (0, 40), (20, 37)]]
+NUM_HEADS, NUM_KV_HEADS = 6, 2
+
+
+def reference_attention(q, k, v, scale, window):
+    """One sequence: q [n, heads, d] are the last n of the k/v [ctx, kv_heads, d] positions."""
+    n, ctx, group = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    q_pos = torch.arange(ctx - n, ctx)[:, None]
+    k_pos = torch.arange(ctx)[None, :]
+    allowed = (k_pos <= q_pos) & ((q_pos - k_pos < window) if window else True)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def check_against_reference(backend, shapes, head_size: int, block_size: int, dtype: torch.dtype,
+                            window: int | None, device: torch.device = torch.device("cpu")) -> None:
+    """Cache each sequence's old keys with the backend's own store_kv, run one step, compare with the reference."""
+    torch.manual_seed(0)
+    num_blocks = 40
+    cache = torch.zeros(backend.kv_cache_shape(num_blocks, block_size, NUM_KV_HEADS, head_size), dtype=dtype,
+                        device=device)
+    free = torch.randperm(num_blocks).tolist()
+    queries, keys, values, expected, tables = [], [], [], [], []
+    for cached, new in shapes:
+        total = cached + new
+        table = [free.pop() for _ in range(-(-total // block_size))]
+        k, v = (torch.randn(total, NUM_KV_HEADS, head_size, dtype=dtype, device=device) for _ in range(2))
+        old = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(cached)],
+                           dtype=torch.int64, device=device)
+        backend.store_kv(k[:cached], v[:cached], cache, old)
+        q = torch.randn(new, NUM_HEADS, head_size, dtype=dtype, device=device)
+        queries.append(q), keys.append(k[cached:]), values.append(v[cached:]), tables.append(table)
+        expected.append(reference_attention(q.float(), k.float(), v.float(), 0.3, window).to(dtype))
+    num_decodes = sum(1 for cached, new in shapes if new == 1 and cached)
+    layout = StepLayout(query_lens=[n for _, n in shapes], seq_lens=[c + n for c, n in shapes],
+                        block_tables=tables, num_decodes=num_decodes)
+    out = backend.forward(torch.cat(queries), torch.cat(keys), torch.cat(values), cache,
+                          backend.build_metadata(layout), 0.3)
+    # bfloat16: kernels round probabilities to bfloat16 before multiplying by values.
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out, torch.cat(expected), rtol=tolerance, atol=tolerance)

@@ -1,0 +1,45 @@
+"""The Triton paged-attention kernels against the direct reference: on a GPU when there is one, otherwise on
+CPU tensors under Triton's interpreter (conftest chooses it)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention_cases import NUM_HEADS, NUM_KV_HEADS, SHAPES, check_against_reference
+from kvserve.plugins.interfaces import AttentionSpec, StepLayout
+
+pytestmark = pytest.mark.triton
+pytest.importorskip("triton")
+from kvserve.platforms.cuda.attention import TritonPagedAttention  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backend(head_size: int, block_size: int, dtype: torch.dtype, window: int | None) -> TritonPagedAttention:
+    spec = AttentionSpec(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_size=head_size, dtype=dtype,
+                         block_size=block_size, sliding_window=window)
+    return TritonPagedAttention(spec, DEVICE)
+
+
+@pytest.mark.parametrize("shapes", SHAPES)
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("head_size, block_size", [(8, 4), (64, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_paged_attention_matches_reference(shapes, window, head_size, block_size, dtype):
+    check_against_reference(backend(head_size, block_size, dtype, window), shapes, head_size, block_size, dtype,
+                            window, DEVICE)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_split_kv_decodes_match_reference(window):
+    # Partitions of 16 keys: contexts of 33-70 keys split into 3-5 partitions, one of them partly masked.
+    attention = backend(64, 16, torch.float32, window)
+    attention.partition_len = 16
+    shapes = [(69, 1), (32, 1), (50, 1)]
+    assert attention.build_metadata(_layout(shapes)).num_partitions == 5
+    check_against_reference(attention, shapes, 64, 16, torch.float32, window, DEVICE)
+
+
+def _layout(shapes):
+    return StepLayout(query_lens=[n for _, n in shapes], seq_lens=[c + n for c, n in shapes],
+                      block_tables=[list(range(-(-(c + n) // 16))) for c, n in shapes], num_decodes=len(shapes))
