@@ -15,7 +15,7 @@ from kvserve.plugins.interfaces import (AttentionBackend, AttentionSpec, Communi
 from kvserve.plugins.manager import PluginManager
 
 PACKAGES = {"toy": "kvserve-toy-platform", "toy-models": "kvserve-toy-platform", "broken": "kvserve-broken-platform",
-            "cpu": "kvserve"}
+            "cpu": "kvserve", "cuda": "kvserve", "rocm": "kvserve"}
 
 DISCOVER = """
 import json, os

@@ -1,0 +1,87 @@
+"""The GPU platform plugins: NVIDIA (CUDA) and AMD (ROCm, torch's HIP build) share one implementation and
+differ in how they recognise their device and what they report about it."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from kvserve.plugins.backend_choice import choose_backend
+from kvserve.plugins.hookspecs import hookimpl
+from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo
+
+OPTIONAL_KERNELS = ("triton", "flash_attn", "flashinfer")
+# Until the engine profiles a forward at start-up, the KV cache takes this share of the memory free when the
+# engine is configured; the weights must fit in the rest.
+KV_CACHE_SHARE = 0.5
+
+
+class GpuPlatform:
+    """One GPU vendor's platform; ``vendor`` is "cuda" (NVIDIA) or "rocm" (AMD)."""
+
+    def __init__(self, vendor: str):
+        self.vendor = vendor
+
+    def unavailable_reason(self) -> str:
+        hip = torch.version.hip is not None
+        if torch.version.cuda is None and not hip:
+            return "this torch is built without CUDA or ROCm (a CPU-only wheel)"
+        if hip != (self.vendor == "rocm"):
+            return f"this torch is built for {'ROCm' if hip else 'CUDA'}; use the {'rocm' if hip else 'cuda'} platform"
+        if not torch.cuda.is_available():
+            return "no GPU is visible (torch.cuda.is_available() is False)"
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install 'kvserve[" + self.vendor + "]')"
+        return ""
+
+    @hookimpl
+    def platform_detect(self) -> PlatformInfo:
+        reason = self.unavailable_reason()
+        if reason:
+            return PlatformInfo(name=self.vendor, device_type="cuda", priority=10, dist_backend="nccl",
+                                unavailable_reason=reason)
+        props = torch.cuda.get_device_properties(0)
+        arch = props.gcnArchName if self.vendor == "rocm" else f"sm_{props.major}{props.minor}"
+        bfloat16 = torch.cuda.is_bf16_supported()
+        dtypes = (torch.float16, torch.bfloat16, torch.float32) if bfloat16 else (torch.float16, torch.float32)
+        found = [name for name in OPTIONAL_KERNELS if importlib.util.find_spec(name) is not None]
+        return PlatformInfo(name=self.vendor, device_type="cuda", priority=10, dist_backend="nccl",
+                            supported_dtypes=dtypes, default_dtype=torch.bfloat16 if bfloat16 else torch.float16,
+                            details={"device": props.name, "arch": arch, "devices": str(torch.cuda.device_count()),
+                                     "memory": f"{props.total_memory / (1 << 30):.1f} GiB",
+                                     "kernels": ", ".join(found) or "none"})
+
+    @hookimpl
+    def platform_update_config(self, config) -> None:
+        cache = config.cache
+        if cache.kv_cache_memory is None:
+            cache.kv_cache_memory = int(torch.cuda.mem_get_info()[0] * KV_CACHE_SHARE)
+
+    @hookimpl
+    def platform_memory_info(self, device: torch.device) -> MemoryInfo:
+        free, total = torch.cuda.mem_get_info(device)
+        return MemoryInfo(total_bytes=total, free_bytes=free)
+
+    @hookimpl
+    def platform_attention_backend(self, spec: AttentionSpec) -> type[AttentionBackend]:
+        from kvserve.platforms.cuda.attention import TritonPagedAttention
+
+        return choose_backend([TritonPagedAttention], spec)
+
+    @hookimpl
+    def platform_communicator(self, rank: int, world_size: int):
+        from kvserve.plugins.defaults import TorchDistributedCommunicator
+
+        return TorchDistributedCommunicator(rank, world_size, backend="nccl")   # RCCL on ROCm, under the same name
+
+    @hookimpl
+    def platform_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.cuda.manual_seed_all(seed)
+
+    @hookimpl
+    def platform_synchronize(self, device: torch.device) -> None:
+        torch.cuda.synchronize(device)
+
+
+plugin = GpuPlatform("cuda")
