@@ -4,12 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvserve.core.layers import ops as reference
+from op_cases import TOLERANCE, check_rms_norm, check_rotary_on_strided_views, check_silu_and_mul
 from kvserve.kernels_cpu import native
 
 pytestmark = pytest.mark.skipif(native.load()[0] is None, reason=f"native kernels unavailable: {native.load()[1]}")
-# float32 agrees to rounding; bfloat16 rounds where the references round, so results differ by at most one ulp.
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -19,28 +18,16 @@ def dtype(request):
 
 
 def test_rms_norm(dtype):
-    x, residual, weight = torch.randn(37, 96, dtype=dtype), torch.randn(37, 96, dtype=dtype), torch.randn(96, dtype=dtype)
-    torch.testing.assert_close(native.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5), **TOLERANCE[dtype])
-    for got, expected in zip(native.add_rms_norm(x, residual, weight, 1e-6),
-                             reference.add_rms_norm(x, residual, weight, 1e-6)):
-        torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+    check_rms_norm(native.FUSED_OPS, dtype, CPU)
 
 
 def test_silu_and_mul(dtype):
-    x = torch.randn(5, 7, 200, dtype=dtype) * 6   # large gates reach exp's clamped range
-    torch.testing.assert_close(native.silu_and_mul(x), reference.silu_and_mul(x), **TOLERANCE[dtype])
+    check_silu_and_mul(native.FUSED_OPS, dtype, CPU)
 
 
 @pytest.mark.parametrize("head_size, rotary_dim", [(64, 64), (24, 16)])
 def test_rotary_embedding_on_strided_views(dtype, head_size, rotary_dim):
-    # q and k are views into one fused qkv projection, as the models hand them over.
-    tokens = 11
-    qkv = torch.randn(tokens, 6 * head_size, dtype=dtype)
-    q, k = qkv[:, :4 * head_size].view(tokens, 4, head_size), qkv[:, 4 * head_size:5 * head_size].view(tokens, 1, head_size)
-    angles = torch.rand(tokens, rotary_dim // 2) * 6
-    got = native.rotary_embedding(q, k, angles.cos(), angles.sin())
-    for g, e in zip(got, reference.rotary_embedding(q, k, angles.cos(), angles.sin())):
-        torch.testing.assert_close(g, e, **TOLERANCE[dtype])
+    check_rotary_on_strided_views(native.FUSED_OPS, dtype, CPU, head_size, rotary_dim)
 
 
 def test_platform_uses_fused_ops():

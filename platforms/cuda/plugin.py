@@ -69,6 +69,12 @@ class GpuPlatform:
         return choose_backend([TritonPagedAttention], spec)
 
     @hookimpl
+    def platform_ops(self) -> dict:
+        from kvserve.kernels_cuda.fused_ops import FUSED_OPS
+
+        return FUSED_OPS
+
+    @hookimpl
     def platform_communicator(self, rank: int, world_size: int):
         from kvserve.plugins.defaults import TorchDistributedCommunicator
 

@@ -1,0 +1,41 @@
+"""Parity cases for a platform's fused ops (platform_ops) against the torch references they replace."""
+from __future__ import annotations
+
+import torch
+
+from kvserve.core.layers import ops as reference
+
+# float32 agrees to rounding; bfloat16 rounds where the references round, so results differ by at most one ulp.
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
+
+
+def tolerance_of(dtype: torch.dtype, ulps: int = 1) -> dict:
+    return {name: value * ulps for name, value in TOLERANCE[dtype].items()}
+
+
+def check_rms_norm(ops: dict, dtype: torch.dtype, device: torch.device, ulps: int = 1) -> None:
+    x, residual = (torch.randn(37, 96, dtype=dtype, device=device) for _ in range(2))
+    weight = torch.randn(96, dtype=dtype, device=device)
+    torch.testing.assert_close(ops["rms_norm"](x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5),
+                               **tolerance_of(dtype, ulps))
+    for got, expected in zip(ops["add_rms_norm"](x, residual, weight, 1e-6),
+                             reference.add_rms_norm(x, residual, weight, 1e-6)):
+        torch.testing.assert_close(got, expected, **tolerance_of(dtype, ulps))
+
+
+def check_silu_and_mul(ops: dict, dtype: torch.dtype, device: torch.device, ulps: int = 1) -> None:
+    x = torch.randn(5, 7, 200, dtype=dtype, device=device) * 6   # large gates reach exp's clamped range
+    torch.testing.assert_close(ops["silu_and_mul"](x), reference.silu_and_mul(x), **tolerance_of(dtype, ulps))
+
+
+def check_rotary_on_strided_views(ops: dict, dtype: torch.dtype, device: torch.device, head_size: int,
+                                  rotary_dim: int, ulps: int = 1) -> None:
+    # q and k are views into one fused qkv projection, as the models hand them over.
+    tokens = 11
+    qkv = torch.randn(tokens, 6 * head_size, dtype=dtype, device=device)
+    q = qkv[:, :4 * head_size].view(tokens, 4, head_size)
+    k = qkv[:, 4 * head_size:5 * head_size].view(tokens, 1, head_size)
+    angles = torch.rand(tokens, rotary_dim // 2, device=device) * 6
+    got = ops["rotary_embedding"](q, k, angles.cos(), angles.sin())
+    for g, e in zip(got, reference.rotary_embedding(q, k, angles.cos(), angles.sin())):
+        torch.testing.assert_close(g, e, **tolerance_of(dtype, ulps))
