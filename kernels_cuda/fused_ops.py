@@ -40,21 +40,23 @@ def _silu_and_mul_kernel(out, x, stride_x, width, BLOCK: tl.constexpr):
 
 @triton.jit
 def _rotary_kernel(out, x, cos, sin, stride_t, stride_h, num_heads, head, half,
-                   HALF_P: tl.constexpr, HEAD_P: tl.constexpr):
-    token, h = tl.program_id(0), tl.program_id(1)
+                   HEADS_P: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr):
+    token = tl.program_id(0)   # all of a token's heads at once
+    h = tl.arange(0, HEADS_P)[:, None]
     src = x + token * stride_t + h * stride_h
     dst = out + (token * num_heads + h) * head
-    d = tl.arange(0, HALF_P)
-    ok = d < half
-    c = tl.load(cos + token * half + d, mask=ok, other=0.0)
-    s = tl.load(sin + token * half + d, mask=ok, other=0.0)
+    d = tl.arange(0, HALF_P)[None, :]
+    ok = (h < num_heads) & (d < half)
+    c = tl.load(cos + token * half + d, mask=d < half, other=0.0)
+    s = tl.load(sin + token * half + d, mask=d < half, other=0.0)
     first = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
     second = tl.load(src + half + d, mask=ok, other=0.0).to(tl.float32)
     dtype = out.dtype.element_ty
     tl.store(dst + d, (first * c - second * s).to(dtype), mask=ok)
     tl.store(dst + half + d, (second * c + first * s).to(dtype), mask=ok)
-    rest = 2 * half + tl.arange(0, HEAD_P)   # dimensions past the rotary ones pass through
-    tl.store(dst + rest, tl.load(src + rest, mask=rest < head), mask=rest < head)
+    rest = 2 * half + tl.arange(0, HEAD_P)[None, :]   # dimensions past the rotary ones pass through
+    passing = (h < num_heads) & (rest < head)
+    tl.store(dst + rest, tl.load(src + rest, mask=passing), mask=passing)
 
 
 def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -102,9 +104,9 @@ def rotary_embedding(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
         tokens, heads, head = x.shape
         out = torch.empty((tokens, heads, head), dtype=x.dtype, device=x.device)
         if tokens:
-            _rotary_kernel[(tokens, heads)](out, x, cos, sin, x.stride(0), x.stride(1), heads, head, half,
-                                            HALF_P=triton.next_power_of_2(half),
-                                            HEAD_P=triton.next_power_of_2(head))
+            _rotary_kernel[(tokens,)](out, x, cos, sin, x.stride(0), x.stride(1), heads, head, half,
+                                      HEADS_P=triton.next_power_of_2(heads), HALF_P=triton.next_power_of_2(half),
+                                      HEAD_P=triton.next_power_of_2(head))
         rotated.append(out)
     return rotated[0], rotated[1]
 
