@@ -1,0 +1,67 @@
+"""The engine end to end on the GPU platforms' Triton attention and fused ops: on CPU tensors under Triton's
+interpreter (conftest chooses it without a GPU), through a platform registered for the test, greedy tokens equal
+the CPU platform's in float32, across chunked prefill, a prefix-cache hit and decodes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.triton
+pytest.importorskip("triton")
+from kvserve.core.config import build_engine_config  # noqa: E402
+from kvserve.core.engine.llm_engine import LLMEngine  # noqa: E402
+from kvserve.core.sampling_params import SamplingParams  # noqa: E402
+from kvserve.platforms.cpu import plugin as cpu  # noqa: E402
+from kvserve.plugins.hookspecs import hookimpl  # noqa: E402
+from kvserve.plugins.interfaces import PlatformInfo  # noqa: E402
+from kvserve.plugins.manager import PluginManager  # noqa: E402
+
+# The second round's prompt finds the first round's first prompt's two full blocks in the prefix cache.
+ROUNDS = [[[5, 17, 42] * 11, [7], [9, 10, 11, 12]], [[5, 17, 42] * 11 + [3]]]
+
+
+class TritonOnCpu:
+    """The CPU platform with the GPU platforms' Triton attention and fused ops."""
+
+    @hookimpl
+    def platform_detect(self) -> PlatformInfo:
+        return PlatformInfo(name="triton-cpu", device_type="cpu", priority=-1, supported_dtypes=(torch.float32,))
+
+    platform_update_config = staticmethod(cpu.platform_update_config)
+    platform_memory_info = staticmethod(cpu.platform_memory_info)
+
+    @hookimpl
+    def platform_attention_backend(self, spec):
+        from kvserve.platforms.cuda.attention import TritonPagedAttention
+
+        return TritonPagedAttention
+
+    @hookimpl
+    def platform_ops(self) -> dict:
+        from kvserve.kernels_cuda.fused_ops import FUSED_OPS
+
+        return FUSED_OPS
+
+
+def greedy_tokens(path: str, device: str, manager: PluginManager) -> list[list[int]]:
+    config = build_engine_config(path, dtype="float32", device=device, kv_cache_memory="16MiB",
+                                 max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True)
+    engine = LLMEngine(config, plugins=manager)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = []
+    for prompts in ROUNDS:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+        finished = {}
+        while engine.has_unfinished_requests():
+            finished.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        tokens += [finished[str(i)] for i in range(len(prompts))]
+    assert engine.block_manager.prefix_hits > 0
+    return tokens
+
+
+def test_greedy_tokens_equal_the_cpu_platform(tiny_model):
+    manager = PluginManager()
+    manager.register(TritonOnCpu(), "triton-cpu")
+    path = tiny_model("llama-tied-gqa")   # grouped-query attention: 4 heads over 2 kv heads
+    assert greedy_tokens(path, "triton-cpu", manager) == greedy_tokens(path, "cpu", manager)
