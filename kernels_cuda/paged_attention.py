@@ -25,7 +25,11 @@ def _dot(a, b, IN_FLOAT32: tl.constexpr):
     """a @ b with float32 sums; float32 operands give float32 products (not TF32), as on other platforms."""
     if IN_FLOAT32:
         a, b = a.to(tl.float32), b.to(tl.float32)
-    return tl.dot(a, b, input_precision="ieee").to(tl.float32)
+    if a.dtype == tl.float32:
+        product = tl.dot(a, b, input_precision="ieee")
+    else:
+        product = tl.dot(a, b)
+    return product
 
 
 @triton.jit
