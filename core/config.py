@@ -10,6 +10,7 @@ import torch
 DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
 PREEMPTION_MODES = ("recompute", "swap")
+LOAD_FORMATS = ("auto", "dummy")   # dummy: random weights of the checkpoint's shapes, for benchmarks
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
                "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
 
@@ -71,9 +72,12 @@ class ModelConfig:
     seed: int = 0
     quantization: str | None = None
     chat_template: str | None = None
+    load_format: str = "auto"
 
     def __post_init__(self):
         self.torch_dtype = resolve_dtype(self.dtype)
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         check_int("max_model_len", self.max_model_len, 1, allow_none=True)
         check_int("seed", self.seed, 0)
         if self.quantization not in (None, "gguf"):
@@ -173,10 +177,11 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                         tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
                         speculative_config: dict | None = None, block_size: int = 16,
                         kv_cache_memory: int | str | None = None, device: str | None = None,
-                        enforce_eager: bool = False, chat_template: str | None = None) -> EngineConfig:
+                        enforce_eager: bool = False, chat_template: str | None = None,
+                        load_format: str = "auto") -> EngineConfig:
     """An EngineConfig from the flat keyword arguments that ``LLM(...)`` and the command line take (vLLM's names)."""
     return EngineConfig(
-        model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template),
+        model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template, load_format),
         cache=CacheConfig(block_size, kv_cache_memory, num_gpu_blocks_override, enable_prefix_caching,
                           preemption_mode, swap_space),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +59,19 @@ def test_start_up_line_gives_load_time_and_kv_cache_size(tiny_model, caplog):
     assert match, line
     assert float(match[2]) == pytest.approx(runner.kv_cache_bytes / 2**30, abs=0.005)
     assert (int(match[3]), int(match[4])) == (runner.num_blocks * 16, runner.num_blocks)
+
+
+def test_dummy_load_format_needs_no_weights(tiny_model, tmp_path):
+    # vLLM's --load-format dummy: a config and tokenizer are enough, for benchmarks of models one cannot download.
+    source = Path(tiny_model("llama-tied-gqa"))
+    for file in source.iterdir():
+        if not file.name.endswith(".safetensors"):
+            shutil.copy(file, tmp_path / file.name)
+    with pytest.raises(ValueError, match="no \\*.safetensors weights"):
+        LLM(str(tmp_path), dtype="float32", kv_cache_memory="8MiB")
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory="8MiB", load_format="dummy")
+    assert all(0 < p.abs().max() <= 1e-3 for p in llm.llm_engine.runner.model.parameters())
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="load_format must be one of auto, dummy, got 'random'"):
+        LLM(str(tmp_path), load_format="random")

@@ -18,7 +18,7 @@ from kvserve.core.layers.logits_processors import apply_penalties, bad_word_bans
 from kvserve.core.layers.ops import Ops
 from kvserve.core.layers.sampler import SamplingBatch, sample
 from kvserve.core.loader.model_loader import Checkpoint
-from kvserve.core.loader.weights import load_weights
+from kvserve.core.loader.weights import fill_random, load_weights
 from kvserve.plugins.interfaces import AttentionSpec, StepLayout
 from kvserve.plugins.manager import Platform
 
@@ -58,7 +58,10 @@ class ModelRunner:
             model = model_cls(hf_config, Ops(platform.ops()))
         model.to_empty(device=self.device)
         getattr(model, "tie_weights", lambda: None)()
-        load_weights(model, checkpoint.weights())
+        if config.model.load_format == "dummy":
+            fill_random(model, config.model.seed)
+        else:
+            load_weights(model, checkpoint.weights())
         self.model = model.to(self.dtype).eval()
         use_platform_kernels(self.model, platform.linear_kernel)
 

@@ -52,3 +52,14 @@ def _expected(model: nn.Module) -> set[tuple[str, str | None]]:
             if name in canonical:
                 expected.update((name, shard) for shard in shards)
     return expected
+
+
+def fill_random(model: nn.Module, seed: int) -> None:
+    """Weights for ``load_format="dummy"``: uniform in [-1e-3, 1e-3] as vLLM's dummy format draws them; speed
+    does not depend on the values when generation ignores EOS."""
+    generators: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for param in model.parameters():   # drawn where the parameter lives: fast for a GPU's billions
+            if param.device not in generators:
+                generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+            param.uniform_(-1e-3, 1e-3, generator=generators[param.device])
