@@ -43,7 +43,7 @@ def test_greedy_tokens_equal_the_cpu_platform_in_float32(tiny_model, architectur
     tokens = {}
     for device in ("cpu", VENDOR):
         llm = LLM(tiny_model(architecture), dtype="float32", device=device, kv_cache_memory="64MiB",
-                  max_num_batched_tokens=16)
+                  max_num_batched_tokens=16, max_num_seqs=4)
         assert llm.llm_engine.platform.name == device
         tokens[device] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert tokens[VENDOR] == tokens["cpu"]
