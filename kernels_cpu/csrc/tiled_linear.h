@@ -1,0 +1,63 @@
+// The tiling the linear kernels share. A tile of up to 8 rows and 32 outputs keeps its 16 vectors of sums in
+// registers; tasks of one 32-output panel and 256 rows go to the threads, panels varying fastest so that a
+// thread's consecutive tasks share rows that stay in L2 while it sweeps the weight. One row reads the weight once
+// at memory speed, which is what a decode step of few sequences is bound by.
+#pragma once
+
+#include <immintrin.h>
+
+#include "common.h"
+
+namespace kvserve {
+
+constexpr int64_t kOutBlock = 16;     // outputs a vector of sums holds
+constexpr int kTileRows = 8;
+constexpr int kTileBlocks = 2;
+constexpr int64_t kRowGroup = 256;
+
+inline __mmask16 valid_outputs(int64_t first, int64_t n) {
+  return static_cast<__mmask16>((1u << std::min<int64_t>(kOutBlock, n - first)) - 1);
+}
+
+// [N, K] -> [N / 16, K / group, 16, group]: each 16 outputs' groups of inputs together, N and K padded with zeros
+// to whole blocks and groups.
+inline torch::Tensor pack_blocked(const torch::Tensor& weight, int64_t group) {
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const int64_t blocks = (n + kOutBlock - 1) / kOutBlock, groups = (k + group - 1) / group;
+  auto padded = torch::zeros({blocks * kOutBlock, groups * group}, weight.options());
+  padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
+  return padded.view({blocks, kOutBlock, groups, group}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// kernel.tile<R, B>(row, block): R rows from ``row`` times B blocks of 16 outputs from ``block``.
+template <int B, class Kernel>
+void tile_of(const Kernel& kernel, int64_t row, int64_t rows, int64_t block) {
+  switch (rows) {
+    case 1: return kernel.template tile<1, B>(row, block);
+    case 2: return kernel.template tile<2, B>(row, block);
+    case 3: return kernel.template tile<3, B>(row, block);
+    case 4: return kernel.template tile<4, B>(row, block);
+    case 5: return kernel.template tile<5, B>(row, block);
+    case 6: return kernel.template tile<6, B>(row, block);
+    case 7: return kernel.template tile<7, B>(row, block);
+    default: return kernel.template tile<8, B>(row, block);
+  }
+}
+
+template <class Kernel>
+void for_each_tile(const Kernel& kernel, int64_t m, int64_t num_blocks) {
+  const int64_t panels = (num_blocks + kTileBlocks - 1) / kTileBlocks, groups = (m + kRowGroup - 1) / kRowGroup;
+  at::parallel_for(0, panels * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task % panels * kTileBlocks, first_row = task / panels * kRowGroup;
+      const int64_t last_row = std::min(m, first_row + kRowGroup);
+      for (int64_t row = first_row; row < last_row; row += kTileRows) {
+        const int64_t rows = std::min<int64_t>(kTileRows, last_row - row);
+        if (num_blocks - block >= 2) tile_of<2>(kernel, row, rows, block);
+        else tile_of<1>(kernel, row, rows, block);
+      }
+    }
+  });
+}
+
+}  // namespace kvserve
