@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
+
 DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
 PREEMPTION_MODES = ("recompute", "swap")
@@ -80,9 +82,9 @@ class ModelConfig:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         check_int("max_model_len", self.max_model_len, 1, allow_none=True)
         check_int("seed", self.seed, 0)
-        if self.quantization not in (None, "gguf"):
-            raise ValueError(f"quantization {self.quantization!r} is not supported yet; allowed: None, 'gguf' "
-                             "(GGUF files are dequantized at load)")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization {self.quantization!r} is not supported yet; allowed: None, "
+                             f"{', '.join(map(repr, QUANTIZATION_METHODS))}")
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Linear layers with weights laid out once for the kernel that multiplies them: the C++ bfloat16 kernel on CPUs
-with AVX512-BF16, oneDNN's blocked layout otherwise."""
+with AVX512-BF16, oneDNN's blocked layout otherwise, and the C++ int8 kernel for W8A8 on CPUs with AVX512-VNNI."""
 from __future__ import annotations
 
 from typing import Callable
@@ -27,5 +27,22 @@ def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor 
     def linear(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    return linear
+
+
+def int8_linear(qweight: torch.Tensor, scale: torch.Tensor
+                ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """W8A8 on an int8 [out, in] weight with float32 scales per output: rows of x quantized per row to
+    [-127, 127] (scale max|x| / 127), int32 sums, both scales applied; None without AVX512-VNNI."""
+    ops = native.load()[0]
+    if ops is None or not ops.linear_int8_supported():
+        return None
+    (packed, shift), scale = ops.pack_linear_int8(qweight), scale.float().contiguous()
+
+    def linear(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.bfloat16):
+            return ops.linear_int8(x, packed, shift, scale, bias)
+        return ops.linear_int8(x.float(), packed, shift, scale, bias).to(x.dtype)   # float16: no native path
 
     return linear

@@ -12,7 +12,8 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [str(CSRC / name) for name in ("paged_attention.cpp", "linear_bf16.cpp", "fused_ops.cpp")]
+SOURCES = [str(CSRC / name) for name in
+           ("paged_attention.cpp", "linear_bf16.cpp", "linear_int8.cpp", "fused_ops.cpp")]
 DISABLE_ENV = "KVSERVE_CPU_NATIVE"   # "0" keeps the CPU platform on its torch implementations
 # Without errno and trapping semantics, loops calling floorf (in fast_exp) vectorize. torch rebuilds a cached
 # extension when its sources or flags change, not its headers: the headers' digest joins the flags.

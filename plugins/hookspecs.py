@@ -2,8 +2,8 @@
 
 Platform plugins (entry-point group ``kvserve.platforms``) implement the ``platform_*`` hooks;
 only the selected platform's implementations are called, except ``platform_detect``, which
-every platform answers. General plugins (group ``kvserve.plugins``) add models and
-quantization kernels; their ``register_*`` results are merged with every other plugin's.
+every platform answers. General plugins (group ``kvserve.plugins``) add models; their
+``register_*`` results are merged with every other plugin's.
 
 Hooks are grouped by phase: detection, configuration, execution resources, registration.
 """
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from kvserve.core.config import EngineConfig
     from kvserve.plugins.interfaces import (AttentionBackend, AttentionSpec, Communicator, GraphRunner,
-                                            MemoryInfo, PlatformInfo, QuantKernel)
+                                            MemoryInfo, PlatformInfo, QuantizedWeight)
 
 PROJECT = "kvserve"
 CONTRACT_VERSION = 1
@@ -116,6 +116,18 @@ def platform_linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor, torc
 
 
 @hookspec(firstresult=True)
+def platform_quant_kernel(
+        weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """Prepare a matmul for one quantized linear weight, called once per quantized layer after loading; the layer
+    then calls ``kernel(x, bias)`` for ``x @ W.T + bias`` in the scheme's arithmetic (see ``QuantizedWeight``).
+    Return None to run the portable reference of ``kvserve.core.quantization`` (dequantize, then matmul), and raise
+    ValueError naming the scheme when this platform cannot run it at all. Optional.
+
+    :param weight: the scheme, its tensors on the platform's device, and the weight's [out, in] shape.
+    """
+
+
+@hookspec(firstresult=True)
 def platform_seed(seed: int) -> None:
     """Seed every random generator of this platform's devices.
 
@@ -140,7 +152,3 @@ def register_models() -> dict[str, type[torch.nn.Module]]:
     A name already registered by kvserve or another plugin is an error.
     """
 
-
-@hookspec
-def register_quant_kernels() -> list[QuantKernel]:
-    """Add quantized matmul kernels, one per checkpoint format this plugin accelerates."""

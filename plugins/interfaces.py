@@ -186,10 +186,16 @@ class Communicator(ABC):
 
 
 @dataclass(frozen=True)
-class QuantKernel:
-    """A quantized matmul a platform provides for one checkpoint format."""
+class QuantizedWeight:
+    """One linear layer's weight in a quantization scheme, laid out by ``kvserve.core.quantization``.
 
-    method: str                         # e.g. "gptq", "awq", "fp8"
-    apply: Callable[..., torch.Tensor]  # (x, packed weights..., bias) -> y
-    supported_bits: tuple[int, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    Schemes and their tensors:
+
+    - ``"w8a8_int8"``: ``qweight`` int8 ``[out, in]`` and ``scale`` float32 ``[out]`` (weight = qweight * scale);
+      activations are quantized per token at run time, symmetric with scale ``max|x| / 127``, and the product's
+      integer sums are scaled by both scales.
+    """
+
+    scheme: str
+    tensors: dict[str, torch.Tensor]
+    shape: tuple[int, int]   # [out, in] of the weight it stands for

@@ -11,7 +11,7 @@ import torch
 
 from kvserve.plugins import hookspecs
 from kvserve.plugins.interfaces import (AttentionBackend, AttentionSpec, Communicator, GraphRunner,
-                                        MemoryInfo, PlatformInfo, QuantKernel)
+                                        MemoryInfo, PlatformInfo, QuantizedWeight)
 
 PLATFORM_GROUP = "kvserve.platforms"
 GENERAL_GROUP = "kvserve.plugins"
@@ -54,7 +54,8 @@ class Platform:
         self._hooks = {name: manager.pm.subset_hook_caller(name, remove_plugins=others)
                        for name in ("platform_update_config", "platform_memory_info",
                                     "platform_attention_backend", "platform_graph_runner",
-                                    "platform_communicator", "platform_ops", "platform_linear_kernel", "platform_seed",
+                                    "platform_communicator", "platform_ops", "platform_linear_kernel",
+                                    "platform_quant_kernel", "platform_seed",
                                     "platform_synchronize")}
 
     def _call(self, hook: str, **kwargs) -> Any:
@@ -80,6 +81,9 @@ class Platform:
 
     def linear_kernel(self, weight: torch.Tensor):
         return self._call("platform_linear_kernel", weight=weight)
+
+    def quant_kernel(self, weight: QuantizedWeight):
+        return self._call("platform_quant_kernel", weight=weight)
 
     def seed(self, seed: int) -> None:
         self._call("platform_seed", seed=seed)
@@ -163,9 +167,6 @@ class PluginManager:
 
     def models(self) -> dict[str, type]:
         return _merge(self.pm.hook.register_models(), "model architecture")
-
-    def quant_kernels(self) -> list[QuantKernel]:
-        return [k for kernels in self.pm.hook.register_quant_kernels() for k in kernels]
 
 
 def _merge(results: list[dict], what: str) -> dict:

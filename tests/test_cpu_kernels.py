@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from op_cases import TOLERANCE, check_rms_norm, check_rotary_on_strided_views, check_silu_and_mul
+from kvserve.core.quantization.int8 import quantize_weight, reference_kernel
 from kvserve.kernels_cpu import native
+from kvserve.kernels_cpu.linear import int8_linear, packed_linear
 
 pytestmark = pytest.mark.skipif(native.load()[0] is None, reason=f"native kernels unavailable: {native.load()[1]}")
 CPU = torch.device("cpu")
@@ -39,7 +41,6 @@ def test_platform_uses_fused_ops():
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("in_features", [64, 63])   # an odd width takes oneDNN's kernel in bfloat16 too
 def test_packed_linear_matches_torch(dtype, with_bias, in_features):
-    from kvserve.kernels_cpu.linear import packed_linear
 
     weight, x = torch.randn(96, in_features, dtype=dtype), torch.randn(3, 5, in_features, dtype=dtype)
     bias = torch.randn(96, dtype=dtype) if with_bias else None
@@ -65,3 +66,19 @@ def test_linear_bf16_tiles_and_tails(rows, out_features):
                                **TOLERANCE[torch.bfloat16])
     torch.testing.assert_close(ops.linear_bf16(x, packed, bias, out_features), (expected + bias.float()).bfloat16(),
                                **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_int8_supported(),
+                    reason="the int8 linear kernel needs a CPU with AVX512-VNNI")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 5, 8, 300])
+@pytest.mark.parametrize("out_features,in_features", [(16, 64), (40, 70), (97, 9)])   # partial blocks and quads
+def test_linear_int8_equals_the_w8a8_reference(dtype, rows, out_features, in_features):
+    torch.manual_seed(rows + out_features)
+    weight = quantize_weight(torch.randn(out_features, in_features))
+    bias = torch.randn(out_features, dtype=dtype)
+    x = torch.randn(2, rows, in_features + 11, dtype=dtype)[..., :in_features] * 4
+    x[0, 0] = 0   # a row of zeros
+    kernel, reference = int8_linear(weight.tensors["qweight"], weight.tensors["scale"]), reference_kernel(weight)
+    for b in (None, bias):
+        torch.testing.assert_close(kernel(x, b), reference(x, b), **TOLERANCE[dtype])

@@ -41,7 +41,9 @@ prompts = ["The quick brown fox", "Once upon a time there was a tiny model that 
            "Paged attention stores keys and values in blocks.", "déjà vu, naïve café"]
 params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 results = {}
-for run, extra in [("env", {}), ("device", {"device": "toy"}), ("cpu", {"device": "cpu", "kv_cache_memory": "32MiB"})]:
+cpu = {"device": "cpu", "kv_cache_memory": "32MiB"}
+for run, extra in [("env", {}), ("device", {"device": "toy"}), ("cpu", cpu), ("toy-int8", {"quantization": "int8"}),
+                   ("cpu-int8", {**cpu, "quantization": "int8"})]:
     before = dict(CALLS)
     llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=16,
               **extra)
@@ -108,6 +110,13 @@ def test_toy_tokens_equal_cpu_tokens(generations):
     assert (cpu["platform"], cpu["backend"]) == ("cpu", "cpu-native" if native.load()[0] else "torch-paged")
     assert not any(cpu["calls"].values())
     assert cpu["tokens"] == generations["env"]["tokens"]
+
+
+def test_int8_on_the_toy_platform_runs_the_reference_and_equals_the_cpu_kernel(generations):
+    toy, cpu = generations["toy-int8"], generations["cpu-int8"]
+    assert toy["platform"] == "toy" and cpu["platform"] == "cpu"
+    assert toy["tokens"] == cpu["tokens"]
+    assert toy["tokens"] != generations["env"]["tokens"]   # the weights were quantized
 
 
 def test_plugins_cli_prints_each_plugin(plugin_site):

@@ -19,6 +19,7 @@ from kvserve.core.layers.ops import Ops
 from kvserve.core.layers.sampler import SamplingBatch, sample
 from kvserve.core.loader.model_loader import Checkpoint
 from kvserve.core.loader.weights import fill_random, load_weights
+from kvserve.core.quantization.online import kernel_factory
 from kvserve.plugins.interfaces import AttentionSpec, StepLayout
 from kvserve.plugins.manager import Platform
 
@@ -63,7 +64,7 @@ class ModelRunner:
         else:
             load_weights(model, checkpoint.weights())
         self.model = model.to(self.dtype).eval()
-        use_platform_kernels(self.model, platform.linear_kernel)
+        use_platform_kernels(self.model, kernel_factory(config.model.quantization, platform))
 
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         block_size = config.cache.block_size

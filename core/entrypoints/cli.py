@@ -7,6 +7,7 @@ import sys
 from kvserve.core.bench import latency as latency_bench
 from kvserve.core.bench import serving as serving_bench
 from kvserve.core.bench import throughput as throughput_bench
+from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
@@ -28,6 +29,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="platform name (see `kvserve plugins`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    parser.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
+                        help="; ".join(f"{name}: {what}" for name, what in QUANTIZATION_METHODS.items()))
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                         help="dummy: random weights of the model's shapes, no checkpoint tensors read (benchmarks)")
 
@@ -43,7 +46,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "kv_cache_memory", "num_gpu_blocks_override", "enable_chunked_prefill", "enable_prefix_caching",
-                  "preemption_mode", "swap_space", "device", "seed", "load_format")
+                  "preemption_mode", "swap_space", "device", "seed", "quantization", "load_format")
 
 
 def engine_options(args) -> dict:

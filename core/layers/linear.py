@@ -1,5 +1,5 @@
 """Linear layers: a platform may replace their matmul with a kernel prepared once from the loaded weight
-(platform_linear_kernel); merged layers fuse several checkpoint tensors (qkv, gate-up) into one matmul."""
+(platform_linear_kernel, or platform_quant_kernel for a quantized one); merged layers fuse several checkpoint tensors (qkv, gate-up) into one matmul."""
 from __future__ import annotations
 
 from typing import Callable
@@ -30,12 +30,13 @@ class Linear(nn.Linear):
         return head
 
 
-def use_platform_kernels(model: nn.Module, make_kernel: Callable[[torch.Tensor], LinearKernel | None]) -> None:
-    """Give every Linear of ``model`` the platform's kernel for its weight, if the platform has one; the kernel
-    holds the weight in its own layout, so the layer drops its reference to the original."""
-    for module in model.modules():
+def use_platform_kernels(model: nn.Module,
+                         make_kernel: Callable[[str, torch.Tensor], LinearKernel | None]) -> None:
+    """Give every Linear of ``model`` the kernel ``make_kernel(name, weight)`` prepares for it, if any; the kernel
+    holds the weight in its own layout (or quantized), so the layer drops its reference to the original."""
+    for name, module in model.named_modules():
         if isinstance(module, Linear):
-            kernel = make_kernel(module.weight)
+            kernel = make_kernel(name, module.weight)
             if kernel is not None:
                 module.kernel = kernel
                 module.weight = None

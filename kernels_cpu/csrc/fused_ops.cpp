@@ -104,6 +104,10 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, c
                           int64_t n);
 torch::Tensor pack_linear_bf16(const torch::Tensor& weight);
 bool linear_bf16_supported();
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& shift,
+                          const torch::Tensor& w_scales, const c10::optional<torch::Tensor>& bias);
+std::vector<torch::Tensor> pack_linear_int8(const torch::Tensor& qweight);
+bool linear_int8_supported();
 
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                                     const torch::Tensor& weight, double eps) {
@@ -156,6 +160,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "bfloat16 x @ weight.T (+ bias) on a weight from pack_linear_bf16");
   m.def("pack_linear_bf16", &pack_linear_bf16, "lay a bfloat16 [out, in] weight out for linear_bf16");
   m.def("linear_bf16_supported", &linear_bf16_supported, "whether this build has linear_bf16 (AVX512-BF16)");
+  m.def("linear_int8", &linear_int8, "x quantized per row @ int8 weight.T, scaled per output (+ bias)");
+  m.def("pack_linear_int8", &pack_linear_int8, "lay an int8 [out, in] weight out for linear_int8, with its shift");
+  m.def("linear_int8_supported", &linear_int8_supported, "whether this build has linear_int8 (AVX512-VNNI)");
   m.def("rms_norm", &rms_norm, "RMSNorm, after adding the residual when one is given");
   m.def("silu_and_mul", &silu_and_mul, "silu(first half) * second half");
   m.def("rotary_embedding", &rotary_embedding, "rotate-half rotary embedding");

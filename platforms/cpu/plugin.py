@@ -5,7 +5,7 @@ import torch
 
 from kvserve.plugins.backend_choice import choose_backend
 from kvserve.plugins.hookspecs import hookimpl
-from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo
+from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo, QuantizedWeight
 
 DEFAULT_KV_CACHE_BYTES = 4 << 30
 
@@ -75,6 +75,14 @@ def platform_linear_kernel(weight: torch.Tensor):
     from kvserve.kernels_cpu.linear import packed_linear
 
     return packed_linear(weight)
+
+@hookimpl
+def platform_quant_kernel(weight: QuantizedWeight):
+    from kvserve.kernels_cpu.linear import int8_linear
+
+    if weight.scheme == "w8a8_int8":
+        return int8_linear(weight.tensors["qweight"], weight.tensors["scale"])
+    return None
 
 @hookimpl
 def platform_seed(seed: int) -> None:

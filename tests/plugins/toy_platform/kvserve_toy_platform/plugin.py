@@ -121,6 +121,11 @@ def platform_ops() -> dict:
 
 
 @hookimpl
+def platform_quant_kernel(weight):
+    return None   # the portable reference of every scheme
+
+
+@hookimpl
 def platform_seed(seed: int) -> None:
     torch.manual_seed(seed)
 

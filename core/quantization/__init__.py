@@ -1,0 +1,8 @@
+"""Quantization schemes: how a layer's weight is quantized and described (``QuantizedWeight``), and the portable
+reference matmul every platform gets. Kernels come from the platform (``platform_quant_kernel``)."""
+
+# --quantization values; checkpoints that carry a quantization_config will add theirs.
+METHODS = {
+    "gguf": "GGUF files, dequantized at load",
+    "int8": "online W8A8: weights quantized per channel at load, activations per token at run time",
+}

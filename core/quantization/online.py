@@ -1,0 +1,29 @@
+"""Online quantization (``quantization="int8"``): each linear layer but the output head is quantized once its
+float weights are loaded, and runs on the platform's kernel for the scheme or on the portable reference."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kvserve.core.layers.linear import LinearKernel
+from kvserve.core.quantization import int8
+from kvserve.plugins.manager import Platform
+
+SCHEMES = {"int8": (int8.quantize_weight, int8.reference_kernel)}
+UNQUANTIZED = ("lm_head",)   # as in vLLM, the output head keeps the model dtype: logits are the most sensitive
+
+
+def kernel_factory(quantization: str | None, platform: Platform) -> Callable[[str, torch.Tensor], LinearKernel | None]:
+    """make(layer name, loaded weight) -> the layer's kernel, or None to keep torch's linear."""
+    if quantization not in SCHEMES:
+        return lambda name, weight: platform.linear_kernel(weight)
+    quantize, reference = SCHEMES[quantization]
+
+    def make(name: str, weight: torch.Tensor) -> LinearKernel | None:
+        if name.rsplit(".", 1)[-1] in UNQUANTIZED:
+            return platform.linear_kernel(weight)
+        quantized = quantize(weight)
+        return platform.quant_kernel(quantized) or reference(quantized)
+
+    return make

@@ -1,0 +1,144 @@
+// int8 linear layers on CPUs with AVX512-VNNI (W8A8): each row of x is quantized to [-127, 127] with the scale
+// max|x| / 127, the weight was quantized per output; int32 sums of their products (vpdpbusd) are scaled back to
+// floats. vpdpbusd multiplies unsigned by signed bytes, so rows are stored shifted by +128 and 128 times each
+// output's weight sum comes back off. The weight is packed as [N / 16, K / 4, 16, 4] int8.
+#include <cmath>
+#include <cstring>
+
+#include "common.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include "tiled_linear.h"
+
+namespace {
+
+using namespace kvserve;
+
+constexpr float kMinAbsMax = 1e-6f;   // a row of zeros still gets a finite scale
+
+// Round to nearest even like torch, with integer operations any AVX-512 CPU has.
+inline __m256i to_bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+inline uint32_t abs_bits(float x) { return __builtin_bit_cast(uint32_t, x) & 0x7FFFFFFFu; }
+inline uint32_t abs_bits(uint16_t bf16) { return (static_cast<uint32_t>(bf16) & 0x7FFFu) << 16; }
+
+// Integer maxima of the magnitudes' bits order like the magnitudes, and unlike a float max the loop vectorizes.
+template <typename T>
+void quantize_rows(const T* x, int64_t stride, int64_t m, int64_t k, int64_t padded, uint8_t* q, float* scales) {
+  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * stride;
+      uint32_t amax = 0;
+      for (int64_t i = 0; i < k; ++i) amax = std::max(amax, abs_bits(row[i]));
+      const float scale = std::max(__builtin_bit_cast(float, amax), kMinAbsMax) / 127.f;
+      scales[r] = scale;
+      uint8_t* out = q + r * padded;
+      for (int64_t i = 0; i < k; ++i)
+        out[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(to_f32(row[i]) / scale)) + 128);
+      std::memset(out + k, 128, padded - k);
+    }
+  });
+}
+
+struct Int8Linear {
+  const uint8_t* x;          // rows quantized and shifted, [m, k_quads * 4]
+  const float* x_scales;     // [m]
+  int64_t k_quads, n;
+  const int8_t* weight;      // packed
+  const int32_t* shift;      // 128 * each output's weight sum, padded to whole blocks
+  const float* w_scales;     // [n]
+  const float* bias;         // [n] or nullptr
+  void* out;
+  bool bf16_out;
+
+  template <int R, int B>
+  void tile(int64_t row, int64_t block) const {
+    __m512i sums[R][B];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < B; ++b) sums[r][b] = _mm512_setzero_si512();
+    const int8_t* weights = weight + block * k_quads * 4 * kOutBlock;
+    const uint8_t* rows = x + row * k_quads * 4;
+    for (int64_t q = 0; q < k_quads; ++q) {
+      __m512i w[B];
+      for (int b = 0; b < B; ++b) w[b] = _mm512_loadu_si512(weights + (b * k_quads + q) * 4 * kOutBlock);
+      for (int r = 0; r < R; ++r) {
+        int32_t quad;
+        std::memcpy(&quad, rows + (r * k_quads + q) * 4, sizeof(quad));
+        const __m512i xs = _mm512_set1_epi32(quad);
+        for (int b = 0; b < B; ++b) sums[r][b] = _mm512_dpbusd_epi32(sums[r][b], xs, w[b]);
+      }
+    }
+    for (int b = 0; b < B; ++b) {
+      const int64_t first = (block + b) * kOutBlock;
+      const __mmask16 valid = valid_outputs(first, n);
+      const __m512i shifts = _mm512_loadu_si512(shift + first);
+      const __m512 scales = _mm512_maskz_loadu_ps(valid, w_scales + first);
+      const __m512 offsets = bias ? _mm512_maskz_loadu_ps(valid, bias + first) : _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) {
+        const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[r][b], shifts));
+        const __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(sum, _mm512_set1_ps(x_scales[row + r])), scales, offsets);
+        const int64_t at = (row + r) * n + first;
+        if (bf16_out) _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + at, valid, to_bf16_bits(v));
+        else _mm512_mask_storeu_ps(static_cast<float*>(out) + at, valid, v);
+      }
+    }
+  }
+};
+
+}  // namespace
+
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& shift,
+                          const torch::Tensor& w_scales, const c10::optional<torch::Tensor>& bias) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "linear_int8 takes float32 or bfloat16 inputs");
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && w_scales.scalar_type() == at::kFloat,
+              "linear_int8 takes a weight from pack_linear_int8 and float32 scales");
+  auto input = x.reshape({-1, x.size(-1)});
+  if (input.stride(1) != 1) input = input.contiguous();
+  const int64_t m = input.size(0), k = input.size(1), n = w_scales.size(0), quads = packed.size(1);
+  TORCH_CHECK(quads == (k + 3) / 4 && packed.size(0) * kOutBlock >= n,
+              "linear_int8: the input's width does not match the packed weight");
+  auto quantized = torch::empty({m, quads * 4}, input.options().dtype(at::kByte));
+  auto x_scales = torch::empty({m}, input.options().dtype(at::kFloat));
+  if (bf16) quantize_rows(ptr<const uint16_t>(input), input.stride(0), m, k, quads * 4, ptr<uint8_t>(quantized),
+                          ptr<float>(x_scales));
+  else quantize_rows(ptr<const float>(input), input.stride(0), m, k, quads * 4, ptr<uint8_t>(quantized),
+                     ptr<float>(x_scales));
+  auto b = bias ? bias->to(at::kFloat).contiguous() : torch::Tensor();
+  auto out = torch::empty({m, n}, input.options());
+  const Int8Linear kernel{ptr<const uint8_t>(quantized), ptr<const float>(x_scales), quads, n,
+                          ptr<const int8_t>(packed), ptr<const int32_t>(shift), ptr<const float>(w_scales),
+                          bias ? ptr<const float>(b) : nullptr, out.data_ptr(), bf16};
+  for_each_tile(kernel, m, packed.size(0));
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  return out.view(sizes);
+}
+
+std::vector<torch::Tensor> pack_linear_int8(const torch::Tensor& qweight) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar, "pack_linear_int8 takes an int8 [out, in]");
+  auto packed = pack_blocked(qweight, 4);
+  auto shift = torch::zeros({packed.size(0) * kOutBlock}, qweight.options().dtype(at::kInt));
+  shift.narrow(0, 0, qweight.size(0)).copy_(qweight.sum(1, false, at::kInt) * 128);
+  return {packed, shift};
+}
+
+bool linear_int8_supported() { return true; }
+
+#else
+
+torch::Tensor linear_int8(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                          const c10::optional<torch::Tensor>&) {
+  TORCH_CHECK(false, "linear_int8 needs a CPU with AVX512-VNNI");
+}
+std::vector<torch::Tensor> pack_linear_int8(const torch::Tensor&) {
+  TORCH_CHECK(false, "linear_int8 needs a CPU with AVX512-VNNI");
+}
+bool linear_int8_supported() { return false; }
+
+#endif
