@@ -14,13 +14,13 @@ using namespace kvserve;
 
 struct Bf16Linear {
   const uint16_t* x;
-  int64_t x_stride, k_pairs, n;
+  int64_t x_stride, steps, n;   // steps: pairs of inputs
   const uint16_t* weight;   // packed
   const uint16_t* bias;     // or nullptr
   uint16_t* out;
 
   template <int R, int B>
-  void tile(int64_t row, int64_t block) const {
+  void tile(int64_t row, int64_t block, Prefetch prefetch) const {
     __m512 sums[R][B];
     for (int b = 0; b < B; ++b) {
       const int64_t first = (block + b) * kOutBlock;
@@ -31,11 +31,12 @@ struct Bf16Linear {
       }
       for (int r = 0; r < R; ++r) sums[r][b] = start;
     }
-    const uint16_t* weights = weight + block * k_pairs * 2 * kOutBlock;
+    const uint16_t* weights = weight + block * steps * 2 * kOutBlock;
     const uint16_t* rows = x + row * x_stride;
-    for (int64_t p = 0; p < k_pairs; ++p) {
+    for (int64_t p = 0; p < steps; ++p) {
+      prefetch.step<B>(p);
       __m512bh w[B];
-      for (int b = 0; b < B; ++b) w[b] = (__m512bh)_mm512_loadu_si512(weights + (b * k_pairs + p) * 2 * kOutBlock);
+      for (int b = 0; b < B; ++b) w[b] = (__m512bh)_mm512_loadu_si512(weights + (b * steps + p) * 2 * kOutBlock);
       for (int r = 0; r < R; ++r) {
         int32_t pair;
         std::memcpy(&pair, rows + r * x_stride + 2 * p, sizeof(pair));

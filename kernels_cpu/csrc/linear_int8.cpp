@@ -48,7 +48,7 @@ void quantize_rows(const T* x, int64_t stride, int64_t m, int64_t k, int64_t pad
 struct Int8Linear {
   const uint8_t* x;          // rows quantized and shifted, [m, k_quads * 4]
   const float* x_scales;     // [m]
-  int64_t k_quads, n;
+  int64_t steps, n;          // steps: quads of inputs
   const int8_t* weight;      // packed
   const int32_t* shift;      // 128 * each output's weight sum, padded to whole blocks
   const float* w_scales;     // [n]
@@ -57,18 +57,19 @@ struct Int8Linear {
   bool bf16_out;
 
   template <int R, int B>
-  void tile(int64_t row, int64_t block) const {
+  void tile(int64_t row, int64_t block, Prefetch prefetch) const {
     __m512i sums[R][B];
     for (int r = 0; r < R; ++r)
       for (int b = 0; b < B; ++b) sums[r][b] = _mm512_setzero_si512();
-    const int8_t* weights = weight + block * k_quads * 4 * kOutBlock;
-    const uint8_t* rows = x + row * k_quads * 4;
-    for (int64_t q = 0; q < k_quads; ++q) {
+    const int8_t* weights = weight + block * steps * 4 * kOutBlock;
+    const uint8_t* rows = x + row * steps * 4;
+    for (int64_t q = 0; q < steps; ++q) {
+      prefetch.step<B>(q);
       __m512i w[B];
-      for (int b = 0; b < B; ++b) w[b] = _mm512_loadu_si512(weights + (b * k_quads + q) * 4 * kOutBlock);
+      for (int b = 0; b < B; ++b) w[b] = _mm512_loadu_si512(weights + (b * steps + q) * 4 * kOutBlock);
       for (int r = 0; r < R; ++r) {
         int32_t quad;
-        std::memcpy(&quad, rows + (r * k_quads + q) * 4, sizeof(quad));
+        std::memcpy(&quad, rows + (r * steps + q) * 4, sizeof(quad));
         const __m512i xs = _mm512_set1_epi32(quad);
         for (int b = 0; b < B; ++b) sums[r][b] = _mm512_dpbusd_epi32(sums[r][b], xs, w[b]);
       }

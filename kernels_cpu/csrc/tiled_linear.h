@@ -29,32 +29,57 @@ inline torch::Tensor pack_blocked(const torch::Tensor& weight, int64_t group) {
   return padded.view({blocks, kOutBlock, groups, group}).permute({0, 2, 1, 3}).contiguous();
 }
 
-// kernel.tile<R, B>(row, block): R rows from ``row`` times B blocks of 16 outputs from ``block``.
+// A packed weight block holds 64 bytes (one cache line) for each step of a kernel's loop over its inputs. While a
+// tile computes, it pulls the panel of the thread's next task into L2, one step in every ``every``, so that the
+// weight streams from memory during the arithmetic instead of stalling the next task's first tile.
+struct Prefetch {
+  const char* panel = nullptr;   // the next task's first block, or nullptr
+  int64_t block_bytes = 0;
+  int64_t every = 1, next = 0;   // a task's t-th tile takes the steps t, t + every, ...
+
+  template <int B>
+  inline void step(int64_t s) {
+    if (s != next || panel == nullptr) return;
+    for (int b = 0; b < B; ++b) _mm_prefetch(panel + b * block_bytes + s * 64, _MM_HINT_T1);
+    next += every;
+  }
+};
+
+// kernel.tile<R, B>(row, block, prefetch): R rows from ``row`` times B blocks of 16 outputs from ``block``.
 template <int B, class Kernel>
-void tile_of(const Kernel& kernel, int64_t row, int64_t rows, int64_t block) {
+void tile_of(const Kernel& kernel, int64_t row, int64_t rows, int64_t block, Prefetch prefetch) {
   switch (rows) {
-    case 1: return kernel.template tile<1, B>(row, block);
-    case 2: return kernel.template tile<2, B>(row, block);
-    case 3: return kernel.template tile<3, B>(row, block);
-    case 4: return kernel.template tile<4, B>(row, block);
-    case 5: return kernel.template tile<5, B>(row, block);
-    case 6: return kernel.template tile<6, B>(row, block);
-    case 7: return kernel.template tile<7, B>(row, block);
-    default: return kernel.template tile<8, B>(row, block);
+    case 1: return kernel.template tile<1, B>(row, block, prefetch);
+    case 2: return kernel.template tile<2, B>(row, block, prefetch);
+    case 3: return kernel.template tile<3, B>(row, block, prefetch);
+    case 4: return kernel.template tile<4, B>(row, block, prefetch);
+    case 5: return kernel.template tile<5, B>(row, block, prefetch);
+    case 6: return kernel.template tile<6, B>(row, block, prefetch);
+    case 7: return kernel.template tile<7, B>(row, block, prefetch);
+    default: return kernel.template tile<8, B>(row, block, prefetch);
   }
 }
 
+// kernel.weight is the packed weight's bytes, kernel.steps its loop's length.
 template <class Kernel>
 void for_each_tile(const Kernel& kernel, int64_t m, int64_t num_blocks) {
   const int64_t panels = (num_blocks + kTileBlocks - 1) / kTileBlocks, groups = (m + kRowGroup - 1) / kRowGroup;
+  const int64_t block_bytes = kernel.steps * 64;
   at::parallel_for(0, panels * groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % panels * kTileBlocks, first_row = task / panels * kRowGroup;
       const int64_t last_row = std::min(m, first_row + kRowGroup);
-      for (int64_t row = first_row; row < last_row; row += kTileRows) {
+      Prefetch prefetch;
+      if (task + 1 < end) {
+        prefetch.panel = reinterpret_cast<const char*>(kernel.weight) + (task + 1) % panels * kTileBlocks * block_bytes;
+        prefetch.block_bytes = block_bytes;
+        prefetch.every = (last_row - first_row + kTileRows - 1) / kTileRows;
+      }
+      for (int64_t row = first_row, tile = 0; row < last_row; row += kTileRows, ++tile) {
+        prefetch.next = tile;
         const int64_t rows = std::min<int64_t>(kTileRows, last_row - row);
-        if (num_blocks - block >= 2) tile_of<2>(kernel, row, rows, block);
-        else tile_of<1>(kernel, row, rows, block);
+        if (num_blocks - block >= 2) tile_of<2>(kernel, row, rows, block, prefetch);
+        else tile_of<1>(kernel, row, rows, block, prefetch);
       }
     }
   });
