@@ -43,6 +43,59 @@ inline Floats<N> load(const uint16_t* from) {   // bfloat16 bits: the high half 
 template <typename V>
 inline void store(float* to, const V& v) { std::memcpy(to, &v, sizeof(v)); }
 
+template <int N>
+using Ints = typename VectorOf<int32_t, N>::type;
+
+template <int N>
+inline Floats<N> splat(float x) { return Floats<N>{} + x; }
+
+// common.h's fast_exp on N lanes at once, the same arithmetic (floor as truncation corrected below zero).
+template <int N>
+inline Floats<N> fast_exp(Floats<N> x) {
+  x = x < -87.f ? splat<N>(-87.f) : x;
+  x = x > 88.f ? splat<N>(88.f) : x;
+  const Floats<N> t = x * 1.44269504f;
+  Ints<N> whole = __builtin_convertvector(t, Ints<N>);
+  whole += t < __builtin_convertvector(whole, Floats<N>);   // comparisons give -1 where true
+  const Floats<N> f = t - __builtin_convertvector(whole, Floats<N>);
+  Floats<N> p = splat<N>(1.5353362e-4f);
+  p = p * f + 1.3398874e-3f;
+  p = p * f + 9.6184374e-3f;
+  p = p * f + 5.5503325e-2f;
+  p = p * f + 2.4022648e-1f;
+  p = p * f + 6.9314720e-1f;
+  p = p * f + 1.f;
+  const Ints<N> bits = (whole + 127) << 23;
+  Floats<N> scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Horizontal max and sum by halves.
+template <int N>
+inline float max_of(Floats<N> v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    Floats<N / 2> low, high;
+    std::memcpy(&low, &v, sizeof(low));
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
+    return max_of<N / 2>(low > high ? low : high);
+  }
+}
+
+template <int N>
+inline float sum_of(Floats<N> v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    Floats<N / 2> low, high;
+    std::memcpy(&low, &v, sizeof(low));
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
+    return sum_of<N / 2>(low + high);
+  }
+}
+
 // One task's rows: row r is query r / group (at position first_pos + r / group) under head r % group, with its
 // online-softmax state; and the current chunk of keys and values, converted to float32.
 struct Tile {

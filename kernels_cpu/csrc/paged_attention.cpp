@@ -35,28 +35,25 @@ void attend_chunk(Tile& tile, int64_t row, const T* __restrict__ keys, int64_t k
                   const T* __restrict__ values, int64_t base, int64_t valid, int64_t head) {
   float s[NR][CW], p[NR][CW];
   chunk_scores(s, tile, row, keys, key_stride, head);
+  Ints<CW> offsets;
+  for (int t = 0; t < CW; ++t) offsets[t] = t;
   for (int r = 0; r < NR; ++r) {
-    const int64_t pos = tile.pos[row + r], from = tile.from[row + r];
-    float chunk_top = kMinusInf;
-    for (int t = 0; t < CW; ++t) {
-      s[r][t] = base + t <= pos && base + t >= from ? s[r][t] : kMinusInf;
-      chunk_top = std::max(chunk_top, s[r][t]);
-    }
+    // Positions past the row's own or before its window are masked; int32 offsets from `base` suffice.
+    const int32_t last = static_cast<int32_t>(std::clamp<int64_t>(tile.pos[row + r] - base, -1, CW));
+    const int32_t first = static_cast<int32_t>(std::clamp<int64_t>(tile.from[row + r] - base, -1, CW));
+    const Floats<CW> scores = (offsets <= last) & (offsets >= first) ? load<CW>(s[r]) : splat<CW>(kMinusInf);
+    const float chunk_top = max_of<CW>(scores);
     float* acc = tile.acc.data() + (row + r) * head;
     if (chunk_top == kMinusInf) {   // nothing here for this row
-      for (int t = 0; t < CW; ++t) p[r][t] = 0.f;
+      store(p[r], splat<CW>(0.f));
       continue;
     }
     const float top = std::max(tile.top[row + r], chunk_top);
     const float rescale = fast_exp(tile.top[row + r] - top);   // ~0 on the row's first chunk, when top was -inf
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int t = 0; t < CW; ++t) {
-      p[r][t] = s[r][t] == kMinusInf ? 0.f : fast_exp(s[r][t] - top);
-      sum += p[r][t];
-    }
+    const Floats<CW> probs = scores == kMinusInf ? splat<CW>(0.f) : fast_exp<CW>(scores - top);
+    store(p[r], probs);
     tile.top[row + r] = top;
-    tile.total[row + r] = tile.total[row + r] * rescale + sum;
+    tile.total[row + r] = tile.total[row + r] * rescale + sum_of<CW>(probs);
 #pragma omp simd
     for (int64_t d = 0; d < head; ++d) acc[d] *= rescale;
   }
