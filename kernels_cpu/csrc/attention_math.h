@@ -14,63 +14,6 @@
 
 namespace kvserve {
 
-// N floats as one value, in vector registers on any target (GCC/Clang vector extensions; an alias template
-// would drop the attribute, a member typedef keeps it).
-template <typename E, int N>
-struct VectorOf {
-  typedef E type __attribute__((vector_size(N * sizeof(E))));
-};
-template <int N>
-using Floats = typename VectorOf<float, N>::type;
-
-template <int N>
-inline Floats<N> load(const float* from) {
-  Floats<N> v;
-  std::memcpy(&v, from, sizeof(v));
-  return v;
-}
-
-template <int N>
-inline Floats<N> load(const uint16_t* from) {   // bfloat16 bits: the high half of a float32
-  typename VectorOf<uint16_t, N>::type bits;
-  std::memcpy(&bits, from, sizeof(bits));
-  const auto w = __builtin_convertvector(bits, typename VectorOf<uint32_t, N>::type) << 16;
-  Floats<N> v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
-
-template <typename V>
-inline void store(float* to, const V& v) { std::memcpy(to, &v, sizeof(v)); }
-
-template <int N>
-using Ints = typename VectorOf<int32_t, N>::type;
-
-template <int N>
-inline Floats<N> splat(float x) { return Floats<N>{} + x; }
-
-// common.h's fast_exp on N lanes at once, the same arithmetic (floor as truncation corrected below zero).
-template <int N>
-inline Floats<N> fast_exp(Floats<N> x) {
-  x = x < -87.f ? splat<N>(-87.f) : x;
-  x = x > 88.f ? splat<N>(88.f) : x;
-  const Floats<N> t = x * 1.44269504f;
-  Ints<N> whole = __builtin_convertvector(t, Ints<N>);
-  whole += t < __builtin_convertvector(whole, Floats<N>);   // comparisons give -1 where true
-  const Floats<N> f = t - __builtin_convertvector(whole, Floats<N>);
-  Floats<N> p = splat<N>(1.5353362e-4f);
-  p = p * f + 1.3398874e-3f;
-  p = p * f + 9.6184374e-3f;
-  p = p * f + 5.5503325e-2f;
-  p = p * f + 2.4022648e-1f;
-  p = p * f + 6.9314720e-1f;
-  p = p * f + 1.f;
-  const Ints<N> bits = (whole + 127) << 23;
-  Floats<N> scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 // Horizontal max and sum by halves.
 template <int N>
 inline float max_of(Floats<N> v) {
