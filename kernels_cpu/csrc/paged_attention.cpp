@@ -97,12 +97,13 @@ void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const T
     const int64_t block = base / block_size, offset = base % block_size;
     const T* k_in = key_cache + table[block] * block_size * head + offset;
     const T* v_in = value_cache + (table[block] * block_size + offset) * head;
-    if (offset == 0 && block + 1 <= last_pos / block_size) {   // the next block streams in while this one computes
+    // The next block streams into L2 while this one computes; prefetching into L1 stalled on its few miss slots.
+    if (offset == 0 && block + 1 <= last_pos / block_size) {
       const char* next_k = reinterpret_cast<const char*>(key_cache + table[block + 1] * block_size * head);
       const char* next_v = reinterpret_cast<const char*>(value_cache + table[block + 1] * block_size * head);
       for (int64_t b = 0; b < static_cast<int64_t>(block_size * head * sizeof(T)); b += 64) {
-        __builtin_prefetch(next_k + b);
-        __builtin_prefetch(next_v + b);
+        __builtin_prefetch(next_k + b, 0, 1);
+        __builtin_prefetch(next_v + b, 0, 1);
       }
     }
     const int64_t valid = std::min<int64_t>(CW, last_pos - base + 1);
