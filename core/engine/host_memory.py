@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import sys
 import threading
 
@@ -17,7 +18,7 @@ def host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Zeros from calloc, whose pages the OS supplies already zeroed when first touched: a multi-GiB KV cache
     then costs nothing at start-up (torch.zeros writes every byte, ~5 s for 4 GiB here). A background thread
     then faults the pages in, so that the first requests do not pay for it (0.5 s of a first W1 run); it never
-    writes, so it is safe while the engine already stores keys and values."""
+    writes, so it is safe while the engine already stores keys and values, and runs only on otherwise idle cores."""
     raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
     if sys.platform == "linux" and raw.nbytes > PAGE:
         threading.Thread(target=_populate, args=(raw,), name="kvserve-populate-kv", daemon=True).start()
@@ -25,6 +26,9 @@ def host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _populate(raw: np.ndarray) -> None:
+    # Idle priority: faulting 4 GiB in takes 0.5 s, or 5-10 s when a VM's host must first back the memory, and
+    # must not take a core from the engine's first steps meanwhile (they fault in what they touch themselves).
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     start = -(-raw.ctypes.data // PAGE) * PAGE   # madvise takes page-aligned ranges
     end = raw.ctypes.data + raw.nbytes
     libc = ctypes.CDLL(None, use_errno=True)
