@@ -27,19 +27,20 @@ inline uint16_t from_f32(float x) {   // round to nearest even, as torch does
 template <typename T>
 inline float round_to(float x) { return to_f32(from_f32<T>(x)); }
 
-// exp(x) as 2^i * 2^f with a degree-6 polynomial for 2^f on [0, 1) (relative error ~2e-7): unlike std::exp
-// it vectorizes.
+// 2^f on [0, 1), a degree-6 polynomial (relative error ~2e-7); F is float or a vector of floats.
+template <typename F>
+inline F exp2_fraction(F f) {
+  constexpr float c[] = {1.5353362e-4f, 1.3398874e-3f, 9.6184374e-3f, 5.5503325e-2f, 2.4022648e-1f, 6.9314720e-1f, 1.f};
+  F p = f * c[0] + c[1];
+  for (int i = 2; i < 7; ++i) p = p * f + c[i];
+  return p;
+}
+
+// exp(x) as 2^i * 2^f: unlike std::exp it vectorizes.
 inline float fast_exp(float x) {
   const float t = (x < -87.f ? -87.f : (x > 88.f ? 88.f : x)) * 1.44269504f;
-  const float whole = floorf(t), f = t - whole;
-  float p = 1.5353362e-4f;
-  p = p * f + 1.3398874e-3f;
-  p = p * f + 9.6184374e-3f;
-  p = p * f + 5.5503325e-2f;
-  p = p * f + 2.4022648e-1f;
-  p = p * f + 6.9314720e-1f;
-  p = p * f + 1.f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(whole) + 127) << 23);
+  const float whole = floorf(t);
+  return exp2_fraction(t - whole) * __builtin_bit_cast(float, (static_cast<int32_t>(whole) + 127) << 23);
 }
 
 // N floats as one value, in vector registers on any target (GCC/Clang vector extensions; an alias template
@@ -85,18 +86,10 @@ inline Floats<N> fast_exp(Floats<N> x) {
   const Floats<N> t = x * 1.44269504f;
   Ints<N> whole = __builtin_convertvector(t, Ints<N>);
   whole += t < __builtin_convertvector(whole, Floats<N>);   // comparisons give -1 where true
-  const Floats<N> f = t - __builtin_convertvector(whole, Floats<N>);
-  Floats<N> p = splat<N>(1.5353362e-4f);
-  p = p * f + 1.3398874e-3f;
-  p = p * f + 9.6184374e-3f;
-  p = p * f + 5.5503325e-2f;
-  p = p * f + 2.4022648e-1f;
-  p = p * f + 6.9314720e-1f;
-  p = p * f + 1.f;
   const Ints<N> bits = (whole + 127) << 23;
   Floats<N> scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return exp2_fraction(t - __builtin_convertvector(whole, Floats<N>)) * scale;
 }
 
 template <typename S>
