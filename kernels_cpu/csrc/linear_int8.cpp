@@ -46,7 +46,7 @@ void quantize_rows(const T* x, int64_t stride, int64_t m, int64_t k, int64_t pad
 }
 
 struct Int8Linear {
-  const uint8_t* x;          // rows quantized and shifted, [m, k_quads * 4]
+  const uint8_t* x;          // rows quantized and shifted, [m, steps * 4]
   const float* x_scales;     // [m]
   int64_t steps, n;          // steps: quads of inputs
   const int8_t* weight;      // packed
