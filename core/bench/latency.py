@@ -36,6 +36,7 @@ def run(llm, input_len: int, output_len: int, num_iters: int, num_warmup: int, s
     engine = llm.llm_engine
     if engine.has_unfinished_requests():
         raise ValueError("bench latency needs an idle engine: it times one request at a time")
+    engine.runner.wait_for_kv_cache()
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     # A fresh prompt each iteration, so that the prefix cache never skips a prefill.
     prompts = [random_workload(1, (input_len, input_len), seed + i)[0] for i in range(num_warmup + num_iters)]

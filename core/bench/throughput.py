@@ -34,12 +34,14 @@ def random_workload(num_prompts: int, input_len: tuple[int, int], seed: int,
 
 
 def run(llm, model: str, prompts: list[list[int]], output_len: int) -> dict:
-    """Greedy generation of exactly ``output_len`` tokens per prompt, timed after the untimed warm-up."""
+    """Greedy generation of exactly ``output_len`` tokens per prompt, timed once the KV cache is resident and
+    after an untimed warm-up."""
     from kvserve.core.bench.baselines import rates, warmup_prompts
     from kvserve.core.bench.report import dtype_name
     from kvserve.core.sampling_params import SamplingParams
 
     engine = llm.llm_engine
+    engine.runner.wait_for_kv_cache()
     llm.generate(warmup_prompts(prompts), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                  use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)

@@ -14,15 +14,18 @@ MADV_POPULATE_WRITE = 23   # Linux 5.14+: fault pages in writable without changi
 PAGE = 4096
 
 
-def host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, threading.Thread | None]:
     """Zeros from calloc, whose pages the OS supplies already zeroed when first touched: a multi-GiB KV cache
-    then costs nothing at start-up (torch.zeros writes every byte, ~5 s for 4 GiB here). A background thread
-    then faults the pages in, so that the first requests do not pay for it (0.5 s of a first W1 run); it never
-    writes, so it is safe while the engine already stores keys and values, and runs only on otherwise idle cores."""
+    then costs nothing at start-up (torch.zeros writes every byte, ~5 s for 4 GiB here). A background thread,
+    returned with the tensor, then faults the pages in, so that the first requests do not pay for it (0.5 s of
+    a first W1 run); it never writes, so it is safe while the engine already stores keys and values, and runs
+    only on otherwise idle cores."""
     raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
+    populating = None
     if sys.platform == "linux" and raw.nbytes > PAGE:
-        threading.Thread(target=_populate, args=(raw,), name="kvserve-populate-kv", daemon=True).start()
-    return torch.from_numpy(raw).view(dtype).view(shape)
+        populating = threading.Thread(target=_populate, args=(raw,), name="kvserve-populate-kv", daemon=True)
+        populating.start()
+    return torch.from_numpy(raw).view(dtype).view(shape), populating
 
 
 def _populate(raw: np.ndarray) -> None:
