@@ -18,8 +18,8 @@ def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor 
     weight = weight.detach()
     ops = native.load()[0]
     if weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and ops is not None and ops.linear_bf16_supported():
-        packed, width = ops.pack_linear_bf16(weight), weight.shape[0]
-        return lambda x, bias: ops.linear_bf16(x, packed, bias, width)
+        packed, width, linear_bf16 = ops.pack_linear_bf16(weight), weight.shape[0], native.op("linear_bf16")
+        return lambda x, bias: linear_bf16(x, packed, bias, width)
     if weight.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return None
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKING_BATCH_SIZE)
@@ -39,10 +39,11 @@ def int8_linear(qweight: torch.Tensor, scale: torch.Tensor
     if ops is None or not ops.linear_int8_supported():
         return None
     (packed, shift), scale = ops.pack_linear_int8(qweight), scale.float().contiguous()
+    linear_int8 = native.op("linear_int8")
 
     def linear(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.dtype in (torch.float32, torch.bfloat16):
-            return ops.linear_int8(x, packed, shift, scale, bias)
-        return ops.linear_int8(x.float(), packed, shift, scale, bias).to(x.dtype)   # float16: no native path
+            return linear_int8(x, packed, shift, scale, bias)
+        return linear_int8(x.float(), packed, shift, scale, bias).to(x.dtype)   # float16: no native path
 
     return linear

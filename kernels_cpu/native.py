@@ -14,6 +14,7 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [str(CSRC / name) for name in
            ("paged_attention.cpp", "linear_bf16.cpp", "linear_int8.cpp", "fused_ops.cpp")]
+NAME = "kvserve_cpu_ops"
 DISABLE_ENV = "KVSERVE_CPU_NATIVE"   # "0" keeps the CPU platform on its torch implementations
 # Without errno and trapping semantics, loops calling floorf (in fast_exp) vectorize. torch rebuilds a cached
 # extension when its sources or flags change, not its headers: the headers' digest joins the flags.
@@ -32,7 +33,7 @@ def load() -> tuple[ModuleType | None, str]:
     try:
         from torch.utils.cpp_extension import load as build
 
-        module = build("kvserve_cpu_ops", SOURCES, extra_cflags=FLAGS,
+        module = build(NAME, SOURCES, extra_cflags=FLAGS,
                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:   # no compiler, or a failed build: the torch implementations still work
         last_line = (str(exc).strip().splitlines() or [""])[-1]
@@ -42,29 +43,37 @@ def load() -> tuple[ModuleType | None, str]:
     return module, ""
 
 
+@functools.cache
+def op(name: str) -> torch._ops.OpOverload:
+    """A kernel as the operator the extension registers (torch.ops.kvserve_cpu_ops.<name>), which CPU graphs
+    record and replay like torch's own."""
+    load()
+    return getattr(getattr(torch.ops, NAME), name).default
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return load()[0].rms_norm(x, None, weight, eps)[0]
+    return op("rms_norm")(x, None, weight, eps)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    normed, summed = load()[0].rms_norm(x, residual, weight, eps)
+    normed, summed = op("rms_norm")(x, residual, weight, eps)
     return normed, summed
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    return load()[0].silu_and_mul(x)
+    return op("silu_and_mul")(x)
 
 
 def rotary_embedding(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ops = load()[0]
-    return ops.rotary_embedding(query, cos, sin), ops.rotary_embedding(key, cos, sin)
+    rotate = op("rotary_embedding")
+    return rotate(query, cos, sin), rotate(key, cos, sin)
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Like paged_attention.store_kv, but keys go into their block transposed, [head, block_size]."""
-    load()[0].store_kv(key, value, kv_cache, slot_mapping)
+    op("store_kv")(key, value, kv_cache, slot_mapping)
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -72,8 +81,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
                     sliding_window: int | None) -> torch.Tensor:
     """Every sequence's new queries, [tokens, heads, head], over its cache as store_kv wrote it: causal, within
     the window."""
-    return load()[0].paged_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale,
-                                     sliding_window or 0)
+    return op("paged_attention")(query, kv_cache, block_tables, seq_lens, query_start_loc, scale,
+                                 sliding_window or 0)
 
 
 FUSED_OPS = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "silu_and_mul": silu_and_mul,

@@ -164,16 +164,32 @@ torch::Tensor rotary_embedding(const torch::Tensor& x, const torch::Tensor& cos,
   return out;
 }
 
+// The kernels are operators (torch.ops.<extension name>.*), so that a TorchDispatchMode sees their calls like
+// torch's own; weight packing and feature checks run once, at load, from Python.
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, "
+        "Tensor query_start_loc, float scale, int window) -> Tensor");
+  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
+  m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor packed, Tensor shift, Tensor w_scales, Tensor? bias) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> Tensor[]");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("store_kv", &store_kv);
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_int8", &linear_int8);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rotary_embedding", &rotary_embedding);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "paged attention of decodes and prefill chunks over the cache");
-  m.def("store_kv", &store_kv, "write new keys and values into their cache slots");
-  m.def("linear_bf16", &linear_bf16, "bfloat16 x @ weight.T (+ bias) on a weight from pack_linear_bf16");
   m.def("pack_linear_bf16", &pack_linear_bf16, "lay a bfloat16 [out, in] weight out for linear_bf16");
   m.def("linear_bf16_supported", &linear_bf16_supported, "whether this build has linear_bf16 (AVX512-BF16)");
-  m.def("linear_int8", &linear_int8, "x quantized per row @ int8 weight.T, scaled per output (+ bias)");
   m.def("pack_linear_int8", &pack_linear_int8, "lay an int8 [out, in] weight out for linear_int8, with its shift");
   m.def("linear_int8_supported", &linear_int8_supported, "whether this build has linear_int8 (AVX512-VNNI)");
-  m.def("rms_norm", &rms_norm, "RMSNorm, after adding the residual when one is given");
-  m.def("silu_and_mul", &silu_and_mul, "silu(first half) * second half");
-  m.def("rotary_embedding", &rotary_embedding, "rotate-half rotary embedding");
 }
