@@ -213,11 +213,6 @@ def test_cpu_attention_backend_lists_every_reason_it_cannot_run(cpu):
         cpu.attention_backend(bad)
 
 
-def test_cpu_graph_runner_is_eager(cpu):
-    backend = cpu.attention_backend(SPEC)(SPEC, cpu.device)
-    assert cpu.graph_runner(torch.nn.Linear(4, 4), backend, EngineConfig()) is None
-
-
 def test_cpu_communicator_single_rank_is_identity(cpu):
     comm = cpu.communicator(0, 1)
     assert isinstance(comm, Communicator) and (comm.rank, comm.world_size) == (0, 1)

@@ -27,6 +27,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swap-space", default="4", help="GiB (or a size like 512MiB) of host memory for swapped-out "
                         "KV blocks, with --preemption-mode swap")
     parser.add_argument("--device", default=None, help="platform name (see `kvserve plugins`)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run every step eagerly, without the platform's graphs (CUDA/HIP graphs, CPU replays)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
     parser.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
@@ -46,7 +48,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "kv_cache_memory", "num_gpu_blocks_override", "enable_chunked_prefill", "enable_prefix_caching",
-                  "preemption_mode", "swap_space", "device", "seed", "quantization", "load_format")
+                  "preemption_mode", "swap_space", "device", "enforce_eager", "seed", "quantization",
+                  "load_format")
 
 
 def engine_options(args) -> dict:

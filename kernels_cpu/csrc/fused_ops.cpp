@@ -118,6 +118,7 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
                           const torch::Tensor& w_scales, const c10::optional<torch::Tensor>& bias);
 std::vector<torch::Tensor> pack_linear_int8(const torch::Tensor& qweight);
 bool linear_int8_supported();
+void bind_replay(pybind11::module_& m);
 
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                                     const torch::Tensor& weight, double eps) {
@@ -164,7 +165,7 @@ torch::Tensor rotary_embedding(const torch::Tensor& x, const torch::Tensor& cos,
   return out;
 }
 
-// The kernels are operators (torch.ops.<extension name>.*), so that a TorchDispatchMode sees their calls like
+// The kernels are operators (torch.ops.<extension name>.*), so that CPU graphs record and replay their calls like
 // torch's own; weight packing and feature checks run once, at load, from Python.
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, "
@@ -192,4 +193,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16_supported", &linear_bf16_supported, "whether this build has linear_bf16 (AVX512-BF16)");
   m.def("pack_linear_int8", &pack_linear_int8, "lay an int8 [out, in] weight out for linear_int8, with its shift");
   m.def("linear_int8_supported", &linear_int8_supported, "whether this build has linear_int8 (AVX512-VNNI)");
+  bind_replay(m);
 }

@@ -95,6 +95,7 @@ class NativePagedAttention(CpuPagedAttention):
 
     name = "cpu-native"
     store_kv = staticmethod(native.store_kv)
+    replays_decode_steps = True   # forward's Python depends on a decode step only through shapes: CPU graphs
 
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:

@@ -56,7 +56,11 @@ def platform_attention_backend(spec: AttentionSpec) -> type[AttentionBackend]:
 
 @hookimpl
 def platform_graph_runner(model, backend, config):
-    return None
+    from kvserve.platforms.cpu.graphs import CpuGraphRunner
+
+    if config.device.enforce_eager or not getattr(backend, "replays_decode_steps", False):
+        return None
+    return CpuGraphRunner(model)
 
 @hookimpl
 def platform_communicator(rank: int, world_size: int):
