@@ -44,6 +44,13 @@ class HostReadingModel(torch.nn.Module):
         return input_ids.float() * float(positions.max())
 
 
+class PythonDataModel(torch.nn.Module):
+    """A forward that builds a tensor from a host value of this step, which a recording would bake in."""
+
+    def forward(self, input_ids, positions, metadata):
+        return input_ids.float() * torch.tensor(metadata.max_seq_len - 1, dtype=torch.float32)
+
+
 def metadata_for(positions: torch.Tensor) -> AttentionMetadata:
     count = len(positions)
     return AttentionMetadata(positions=positions, slot_mapping=positions, query_start_loc=torch.arange(count + 1),
@@ -51,8 +58,9 @@ def metadata_for(positions: torch.Tensor) -> AttentionMetadata:
                              num_decodes=count, max_query_len=1, max_seq_len=int(positions.max()) + 1)
 
 
-def test_a_forward_reading_host_values_stays_eager():
-    runner = CpuGraphRunner(HostReadingModel())
+@pytest.mark.parametrize("model_cls", [HostReadingModel, PythonDataModel])
+def test_a_forward_reading_host_values_stays_eager(model_cls):
+    runner = CpuGraphRunner(model_cls())
     positions = torch.tensor([4, 9])
     assert runner.can_run(metadata_for(positions), 2)
     assert runner.run(torch.tensor([1, 2]), positions, metadata_for(positions)).tolist() == [9.0, 18.0]
