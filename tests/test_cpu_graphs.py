@@ -58,12 +58,20 @@ def metadata_for(positions: torch.Tensor) -> AttentionMetadata:
                              num_decodes=count, max_query_len=1, max_seq_len=int(positions.max()) + 1)
 
 
-@pytest.mark.parametrize("model_cls", [HostReadingModel, PythonDataModel])
-def test_a_forward_reading_host_values_stays_eager(model_cls):
+class ValueShapedModel(torch.nn.Module):
+    """A forward whose Python reads a shape that depends on values, which a recording would bake in."""
+
+    def forward(self, input_ids, positions, metadata):
+        return input_ids.float() * positions.nonzero().numel()
+
+
+@pytest.mark.parametrize("model_cls, expected", [(HostReadingModel, [9.0, 18.0]), (PythonDataModel, [9.0, 18.0]),
+                                                 (ValueShapedModel, [2.0, 4.0])])
+def test_a_forward_reading_host_values_stays_eager(model_cls, expected):
     runner = CpuGraphRunner(model_cls())
     positions = torch.tensor([4, 9])
     assert runner.can_run(metadata_for(positions), 2)
-    assert runner.run(torch.tensor([1, 2]), positions, metadata_for(positions)).tolist() == [9.0, 18.0]
+    assert runner.run(torch.tensor([1, 2]), positions, metadata_for(positions)).tolist() == expected
     assert runner.refused == {2} and not runner.graphs
     assert not runner.can_run(metadata_for(positions), 2)   # the engine runs this size eagerly from now on
     assert runner.can_run(metadata_for(torch.tensor([4, 9, 11])), 3)

@@ -5,8 +5,8 @@ by the C++ kernels' Replay without Python. Module calls, views and the Python ar
 A recording holds the step's inputs (token ids, positions, the attention metadata's tensors) as slots and every
 other tensor it met (weights, the KV cache, rotary tables) as a constant; Python values are baked in. That is
 sound for forwards whose Python depends on a step only through tensor shapes, which a decode step's batch size
-fixes; a backend declares it with ``replays_decode_steps``. A forward that reads tensor values on the host or
-builds tensors from Python data is refused and stays eager."""
+fixes; a backend declares it with ``replays_decode_steps``. A forward that reads tensor values on the host,
+builds tensors from Python data or makes tensors whose shape depends on values is refused and stays eager."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,10 +20,17 @@ from kvserve.plugins.interfaces import AttentionMetadata, GraphRunner
 
 logger = logging.getLogger("kvserve")
 
-REFUSED = {
-    torch.ops.aten._local_scalar_dense.default: "reads a tensor's value on the host",
-    torch.ops.aten.lift_fresh.default: "builds a tensor from Python data",
-}
+def refusal(func, args) -> str | None:
+    """Why a call cannot be replayed: its result, or the shapes Python would read from it, depend on values."""
+    if torch.Tag.data_dependent_output in func.tags:
+        return "reads a tensor's value on the host"
+    if func is torch.ops.aten.lift_fresh.default:
+        return "builds a tensor from Python data"
+    if torch.Tag.dynamic_output_shape in func.tags and not (   # indexing by integer tensors keeps its shape
+            func is torch.ops.aten.index.Tensor and all(i is None or not i.is_floating_point() and i.dtype not in
+                                                         (torch.bool, torch.uint8) for i in args[1])):
+        return "has an output shape that depends on values"
+    return None
 
 
 class CaptureRefused(Exception):
@@ -63,8 +70,9 @@ class Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in REFUSED:
-            raise CaptureRefused(f"{func} {REFUSED[func]}")
+        why = refusal(func, args)
+        if why:
+            raise CaptureRefused(f"{func} {why}")
         out = func(*args, **kwargs)
         arguments = [self._argument(args[i]) if i < len(args) else
                      self._argument(kwargs[formal.name]) if formal.name in kwargs else ("default", None)
@@ -93,9 +101,7 @@ def compile_replay(recorder: Recorder, output: torch.Tensor):
             releases.setdefault(index, []).append(slot)
     replay = native.load()[0].Replay(len(recorder.seen))
     for index, (func, arguments, returns) in enumerate(recorder.calls):
-        namespace, name = func._schema.name.split("::")
-        replay.add(f"{namespace}::{name}", func._overloadname if func._overloadname != "default" else "",
-                   arguments, returns, releases.get(index, []))
+        replay.add(func._schema.name, func._schema.overload_name, arguments, returns, releases.get(index, []))
     return replay, output_slot
 
 
