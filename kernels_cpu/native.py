@@ -85,5 +85,11 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
                                  sliding_window or 0)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 2 or x.dtype != torch.float32:
+        return x.argmax(dim=-1)
+    return op("argmax")(x)
+
+
 FUSED_OPS = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "silu_and_mul": silu_and_mul,
-             "rotary_embedding": rotary_embedding}
+             "rotary_embedding": rotary_embedding, "argmax": argmax}

@@ -39,3 +39,14 @@ def check_rotary_on_strided_views(ops: dict, dtype: torch.dtype, device: torch.d
     got = ops["rotary_embedding"](q, k, angles.cos(), angles.sin())
     for g, e in zip(got, reference.rotary_embedding(q, k, angles.cos(), angles.sin())):
         torch.testing.assert_close(g, e, **tolerance_of(dtype, ulps))
+
+
+def check_argmax(ops: dict, device: torch.device) -> None:
+    # Rows wider than a vector and with a tail; ties, NaN (the largest, as torch.argmax) and all -inf rows.
+    logits = torch.randn(7, 1000 + 13, device=device)
+    logits[1, [5, 700]] = 1e9
+    logits[2, [900, 40]] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, -1] = 1e9
+    assert torch.equal(ops["argmax"](logits), reference.argmax(logits))
+    assert ops["argmax"](logits)[[1, 2, 3, 4]].tolist() == [5, 40, 0, 1012]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from op_cases import TOLERANCE, check_rms_norm, check_rotary_on_strided_views, check_silu_and_mul
+from op_cases import TOLERANCE, check_argmax, check_rms_norm, check_rotary_on_strided_views, check_silu_and_mul
 from kvserve.core.quantization.int8 import quantize_weight, reference_kernel
 from kvserve.kernels_cpu import native
 from kvserve.kernels_cpu.linear import int8_linear, packed_linear
@@ -30,6 +30,11 @@ def test_silu_and_mul(dtype):
 @pytest.mark.parametrize("head_size, rotary_dim", [(64, 64), (24, 16)])
 def test_rotary_embedding_on_strided_views(dtype, head_size, rotary_dim):
     check_rotary_on_strided_views(native.FUSED_OPS, dtype, CPU, head_size, rotary_dim)
+
+
+def test_argmax():
+    check_argmax(native.FUSED_OPS, CPU)
+    assert native.argmax(torch.randn(3, 4, 5)).shape == (3, 4)   # other shapes keep torch's
 
 
 def test_platform_uses_fused_ops():

@@ -55,8 +55,9 @@ class ModelRunner:
         self.dtype = choose_dtype(config, checkpoint, platform)
         hf_config = checkpoint.hf_config
         self.vocab_size = hf_config.vocab_size
+        self.ops = Ops(platform.ops())
         with torch.device("meta"):   # no time spent initializing weights the checkpoint replaces
-            model = model_cls(hf_config, Ops(platform.ops()))
+            model = model_cls(hf_config, self.ops)
         model.to_empty(device=self.device)
         getattr(model, "tie_weights", lambda: None)()
         if config.model.load_format == "dummy":
@@ -182,7 +183,7 @@ class ModelRunner:
         raw_logprobs = logits[wants_logprobs].log_softmax(dim=-1) if wants_logprobs else None
         self._mask_stop_tokens_before_min(logits, seqs)
         logits = self._apply_processors(logits, seqs)
-        tokens = sample(logits, self._sampling_batch(seqs))
+        tokens = sample(logits, self._sampling_batch(seqs), self.ops.argmax)
         out.sampled = list(zip(seqs, tokens.tolist()))
         if wants_logprobs:
             width = max(seqs[row].params.logprobs for row in wants_logprobs)

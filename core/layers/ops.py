@@ -42,11 +42,17 @@ def rotary_embedding(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
     return rotate(query), rotate(key)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's largest value over the last dimension, the first on ties, NaN as the largest."""
+    return x.argmax(dim=-1)
+
+
 REFERENCE_OPS: dict[str, Callable] = {
     "rms_norm": rms_norm,
     "add_rms_norm": add_rms_norm,
     "silu_and_mul": silu_and_mul,
     "rotary_embedding": rotary_embedding,
+    "argmax": argmax,
 }
 
 

@@ -7,8 +7,11 @@ output does not depend on what else is in the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from kvserve.core.layers import ops
 
 
 @dataclass
@@ -24,9 +27,10 @@ class SamplingBatch:
     generators: dict[int, torch.Generator]   # row -> the request's own generator
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Token ids [rows] from float32 logits [rows, vocab]."""
-    greedy_tokens = logits.argmax(dim=-1)
+def sample(logits: torch.Tensor, batch: SamplingBatch,
+           argmax: Callable[[torch.Tensor], torch.Tensor] = ops.argmax) -> torch.Tensor:
+    """Token ids [rows] from float32 logits [rows, vocab]; ``argmax`` is the platform's (ops.argmax)."""
+    greedy_tokens = argmax(logits)
     if batch.all_greedy:
         return greedy_tokens
     greedy_rows = batch.temperatures == 0
@@ -41,7 +45,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     noise = torch.empty_like(probs).exponential_()
     for row, generator in batch.generators.items():
         noise[row].exponential_(generator=generator)
-    sampled = (probs / noise).argmax(dim=-1)
+    sampled = argmax(probs / noise)
     return torch.where(greedy_rows, greedy_tokens, sampled)
 
 

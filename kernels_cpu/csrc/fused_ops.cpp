@@ -1,5 +1,8 @@
 // Per-token ops that torch runs as several passes over memory: RMSNorm (after a residual add), SiLU-and-mul,
-// rotary embedding; and the module's bindings.
+// rotary embedding; a row argmax for greedy sampling; and the module's bindings.
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -103,6 +106,29 @@ void rotary_kernel(T* out, const T* x, int64_t token_stride, int64_t head_stride
     }
   });
 }
+int64_t argmax_row(const float* __restrict__ row, int64_t n) {
+  Floats<16> top = splat<16>(-std::numeric_limits<float>::infinity());
+  Ints<16> nan = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const Floats<16> v = load<16>(row + i);
+    top = v > top ? v : top;
+    nan |= v != v;
+  }
+  float best = -std::numeric_limits<float>::infinity();
+  bool has_nan = false;
+  for (int lane = 0; lane < 16; ++lane) {
+    best = std::max(best, top[lane]);
+    has_nan |= nan[lane] != 0;
+  }
+  for (; i < n; ++i) {
+    best = std::max(best, row[i]);
+    has_nan |= std::isnan(row[i]);
+  }
+  int64_t found = 0;
+  while (found < n && !(has_nan ? std::isnan(row[found]) : row[found] == best)) ++found;
+  return found < n ? found : 0;
+}
 }  // namespace
 
 torch::Tensor paged_attention(const torch::Tensor& query, const torch::Tensor& kv_cache,
@@ -152,6 +178,21 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
   return out;
 }
 
+// Each row's first largest value, NaN counting as the largest, as torch.argmax (whose CPU loop is scalar: 1.3 ms
+// for a [32, 49152] float32 batch of logits here, against 0.27 ms for a vector max and a scan for its index).
+torch::Tensor argmax(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "argmax takes float32 [rows, n]");
+  auto input = x.contiguous();
+  auto out = torch::empty({input.size(0)}, input.options().dtype(at::kLong));
+  const float* data = input.data_ptr<float>();
+  int64_t* index = out.data_ptr<int64_t>();
+  const int64_t n = input.size(1);
+  at::parallel_for(0, input.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) index[r] = argmax_row(data + r * n, n);
+  });
+  return out;
+}
+
 torch::Tensor rotary_embedding(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "rotary_embedding takes [tokens, heads, head] with a contiguous head");
   auto c = cos.to(torch::kFloat32).contiguous();
@@ -176,6 +217,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> Tensor[]");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("argmax(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
@@ -186,6 +228,7 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_embedding", &rotary_embedding);
+  m.impl("argmax", &argmax);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
