@@ -106,6 +106,8 @@ void rotary_kernel(T* out, const T* x, int64_t token_stride, int64_t head_stride
     }
   });
 }
+
+// The first index of the row's largest value; of its first NaN when it has one.
 int64_t argmax_row(const float* __restrict__ row, int64_t n) {
   Floats<16> top = splat<16>(-std::numeric_limits<float>::infinity());
   Ints<16> nan = {};
