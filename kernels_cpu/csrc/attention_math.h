@@ -3,7 +3,6 @@
 // with bfloat16 dot products.
 #pragma once
 
-#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -13,25 +12,6 @@
 #endif
 
 namespace kvserve {
-
-// Horizontal max and sum, combining halves.
-template <int N, class Combine>
-inline float reduce(Floats<N> v, Combine combine) {
-  if constexpr (N == 1) {
-    return v[0];
-  } else {
-    Floats<N / 2> low, high;
-    std::memcpy(&low, &v, sizeof(low));
-    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
-    return reduce<N / 2>(combine(low, high), combine);
-  }
-}
-
-template <int N>
-inline float max_of(Floats<N> v) { return reduce<N>(v, [](auto a, auto b) { return a > b ? a : b; }); }
-
-template <int N>
-inline float sum_of(Floats<N> v) { return reduce<N>(v, [](auto a, auto b) { return a + b; }); }
 
 // One task's rows: row r is query r / group (at position first_pos + r / group) under head r % group, with its
 // online-softmax state; and the current chunk of keys and values, converted to float32.

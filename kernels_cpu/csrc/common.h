@@ -1,5 +1,5 @@
 // What the CPU kernels share: storage-type conversions, a vectorizable exp (scalar and on vectors of N lanes),
-// vector types, and dtype dispatch.
+// vector types with horizontal max and sum, and dtype dispatch.
 // Arithmetic is float32 whatever the storage dtype; results are rounded where the torch references round.
 #pragma once
 
@@ -78,7 +78,7 @@ using Ints = typename VectorOf<int32_t, N>::type;
 template <int N>
 inline Floats<N> splat(float x) { return Floats<N>{} + x; }
 
-// common.h's fast_exp on N lanes at once, the same arithmetic (floor as truncation corrected below zero).
+// fast_exp on N lanes at once, the same arithmetic (floor as truncation corrected below zero).
 template <int N>
 inline Floats<N> fast_exp(Floats<N> x) {
   x = x < -87.f ? splat<N>(-87.f) : x;
@@ -91,6 +91,25 @@ inline Floats<N> fast_exp(Floats<N> x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return exp2_fraction(t - __builtin_convertvector(whole, Floats<N>)) * scale;
 }
+
+// Horizontal max and sum, combining halves.
+template <int N, class Combine>
+inline float reduce(Floats<N> v, Combine combine) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    Floats<N / 2> low, high;
+    std::memcpy(&low, &v, sizeof(low));
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
+    return reduce<N / 2>(combine(low, high), combine);
+  }
+}
+
+template <int N>
+inline float max_of(Floats<N> v) { return reduce<N>(v, [](auto a, auto b) { return a > b ? a : b; }); }
+
+template <int N>
+inline float sum_of(Floats<N> v) { return reduce<N>(v, [](auto a, auto b) { return a + b; }); }
 
 template <typename S>
 S* ptr(const torch::Tensor& t) { return static_cast<S*>(t.data_ptr()); }

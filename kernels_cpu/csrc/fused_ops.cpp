@@ -117,12 +117,9 @@ int64_t argmax_row(const float* __restrict__ row, int64_t n) {
     top = v > top ? v : top;
     nan |= v != v;
   }
-  float best = -std::numeric_limits<float>::infinity();
+  float best = max_of<16>(top);   // NaN never enters top: comparisons with it are false
   bool has_nan = false;
-  for (int lane = 0; lane < 16; ++lane) {
-    best = std::max(best, top[lane]);
-    has_nan |= nan[lane] != 0;
-  }
+  for (int lane = 0; lane < 16; ++lane) has_nan |= nan[lane] != 0;
   for (; i < n; ++i) {
     best = std::max(best, row[i]);
     has_nan |= std::isnan(row[i]);
