@@ -31,6 +31,18 @@ def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor 
     return linear
 
 
+def gate_up_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """``silu(x @ gate.T) * (x @ up.T)`` for a [gate; up] weight, SiLU-and-mul done on the matmul's tiles (no
+    [tokens, 2 * intermediate] output written and read back); None unless the bfloat16 kernel runs it."""
+    weight, ops = weight.detach(), native.load()[0]
+    intermediate = weight.shape[0] // 2
+    if (weight.dtype != torch.bfloat16 or ops is None or not ops.linear_bf16_supported() or intermediate % 16
+            or weight.shape[1] % 2):
+        return None
+    packed, gate_up_bf16 = ops.pack_gate_up_bf16(weight), native.op("gate_up_bf16")
+    return lambda x, bias: gate_up_bf16(x, packed, bias, intermediate)
+
+
 def int8_linear(qweight: torch.Tensor, scale: torch.Tensor
                 ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
     """W8A8 on an int8 [out, in] weight with float32 scales per output: rows of x quantized per row to

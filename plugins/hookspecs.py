@@ -116,6 +116,19 @@ def platform_linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor, torc
 
 
 @hookspec(firstresult=True)
+def platform_gate_up_kernel(
+        weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """Prepare a gated MLP's gate-up projection fused with its activation: ``weight`` is [gate; up] ([2 * I, in],
+    unquantized, in the model dtype), and ``kernel(x, bias)`` returns ``silu(x @ gate.T + b_gate) * (x @ up.T +
+    b_up)``, [..., I], rounded as ``platform_linear_kernel``'s matmul followed by the ``silu_and_mul`` op would
+    round it. Called once per gate-up layer instead of ``platform_linear_kernel``; the layer drops its weight.
+    Return None for the matmul of ``platform_linear_kernel`` and then ``silu_and_mul``. Optional.
+
+    :param weight: the layer's weight on the platform's device.
+    """
+
+
+@hookspec(firstresult=True)
 def platform_quant_kernel(
         weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
     """Prepare a matmul for one quantized linear weight, called once per quantized layer after loading; the layer

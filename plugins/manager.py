@@ -55,7 +55,7 @@ class Platform:
                        for name in ("platform_update_config", "platform_memory_info",
                                     "platform_attention_backend", "platform_graph_runner",
                                     "platform_communicator", "platform_ops", "platform_linear_kernel",
-                                    "platform_quant_kernel", "platform_seed",
+                                    "platform_gate_up_kernel", "platform_quant_kernel", "platform_seed",
                                     "platform_synchronize")}
 
     def _call(self, hook: str, **kwargs) -> Any:
@@ -81,6 +81,9 @@ class Platform:
 
     def linear_kernel(self, weight: torch.Tensor):
         return self._call("platform_linear_kernel", weight=weight)
+
+    def gate_up_kernel(self, weight: torch.Tensor):
+        return self._call("platform_gate_up_kernel", weight=weight)
 
     def quant_kernel(self, weight: QuantizedWeight):
         return self._call("platform_quant_kernel", weight=weight)

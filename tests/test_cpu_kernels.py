@@ -7,7 +7,7 @@ import torch
 from op_cases import TOLERANCE, check_argmax, check_rms_norm, check_rotary_on_strided_views, check_silu_and_mul
 from kvserve.core.quantization.int8 import quantize_weight, reference_kernel
 from kvserve.kernels_cpu import native
-from kvserve.kernels_cpu.linear import int8_linear, packed_linear
+from kvserve.kernels_cpu.linear import gate_up_linear, int8_linear, packed_linear
 
 pytestmark = pytest.mark.skipif(native.load()[0] is None, reason=f"native kernels unavailable: {native.load()[1]}")
 CPU = torch.device("cpu")
@@ -74,6 +74,22 @@ def test_linear_bf16_tiles_and_tails(rows, out_features):
                                **TOLERANCE[torch.bfloat16])
 
 
+@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_bf16_supported(),
+                    reason="the bfloat16 linear kernel needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("rows", [1, 8, 13, 300])
+@pytest.mark.parametrize("intermediate", [16, 48])   # one and three blocks of gate outputs
+def test_gate_up_kernel_equals_the_matmul_then_silu_and_mul(rows, intermediate):
+    torch.manual_seed(rows + intermediate)
+    weight = torch.randn(2 * intermediate, 72, dtype=torch.bfloat16)
+    bias = torch.randn(2 * intermediate, dtype=torch.bfloat16)
+    x = torch.randn(2, rows, 100, dtype=torch.bfloat16)[..., :72]
+    fused, matmul = gate_up_linear(weight), packed_linear(weight)
+    for b in (None, bias):   # the same roundings: equal bit for bit
+        assert torch.equal(fused(x, b), native.silu_and_mul(matmul(x, b)))
+    for unfusable in (weight[2:], weight.float()):   # an intermediate size not a multiple of 16; not bfloat16
+        assert gate_up_linear(unfusable) is None
+
+
 @pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_int8_supported(),
                     reason="the int8 linear kernel needs a CPU with AVX512-VNNI")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -88,3 +104,19 @@ def test_linear_int8_equals_the_w8a8_reference(dtype, rows, out_features, in_fea
     kernel, reference = int8_linear(weight.tensors["qweight"], weight.tensors["scale"]), reference_kernel(weight)
     for b in (None, bias):
         torch.testing.assert_close(kernel(x, b), reference(x, b), **TOLERANCE[dtype])
+
+
+@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_bf16_supported(),
+                    reason="the bfloat16 linear kernel needs a CPU with AVX512-BF16")
+def test_bfloat16_models_fuse_gate_up_with_silu_and_mul(tiny_model):
+    from kvserve import LLM
+    from kvserve.core.layers.linear import GateUpLinear
+
+    def gate_ups(dtype, quantization=None):
+        llm = LLM(tiny_model("qwen2"), dtype=dtype, quantization=quantization, kv_cache_memory="16MiB")
+        return [m for m in llm.llm_engine.runner.model.modules() if isinstance(m, GateUpLinear)]
+
+    fused = gate_ups("bfloat16")
+    assert len(fused) == 2 and all(m.activated and m.weight is None for m in fused)   # one a layer
+    # float32 has no fused kernel and int8 layers keep their scheme's matmul: both run silu_and_mul after it.
+    assert not any(m.activated for m in gate_ups("float32") + gate_ups("bfloat16", "int8"))

@@ -19,7 +19,7 @@ from kvserve.core.layers.ops import Ops
 from kvserve.core.layers.sampler import SamplingBatch, sample
 from kvserve.core.loader.model_loader import Checkpoint
 from kvserve.core.loader.weights import fill_random, load_weights
-from kvserve.core.quantization.online import kernel_factory
+from kvserve.core.quantization.online import gate_up_kernel_factory, kernel_factory
 from kvserve.plugins.interfaces import AttentionSpec, StepLayout
 from kvserve.plugins.manager import Platform
 
@@ -65,7 +65,9 @@ class ModelRunner:
         else:
             load_weights(model, checkpoint.weights())
         self.model = model.to(self.dtype).eval()
-        use_platform_kernels(self.model, kernel_factory(config.model.quantization, platform))
+        quantization = config.model.quantization
+        use_platform_kernels(self.model, kernel_factory(quantization, platform),
+                             gate_up_kernel_factory(quantization, platform))
 
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         block_size = config.cache.block_size

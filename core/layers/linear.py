@@ -1,5 +1,6 @@
 """Linear layers: a platform may replace their matmul with a kernel prepared once from the loaded weight
-(platform_linear_kernel, or platform_quant_kernel for a quantized one); merged layers fuse several checkpoint tensors (qkv, gate-up) into one matmul."""
+(platform_linear_kernel, platform_gate_up_kernel for a gated MLP's gate-up layer, or platform_quant_kernel for a
+quantized one); merged layers fuse several checkpoint tensors (qkv, gate-up) into one matmul."""
 from __future__ import annotations
 
 from typing import Callable
@@ -30,16 +31,24 @@ class Linear(nn.Linear):
         return head
 
 
-def use_platform_kernels(model: nn.Module,
-                         make_kernel: Callable[[str, torch.Tensor], LinearKernel | None]) -> None:
-    """Give every Linear of ``model`` the kernel ``make_kernel(name, weight)`` prepares for it, if any; the kernel
-    holds the weight in its own layout (or quantized), so the layer drops its reference to the original."""
+KernelFactory = Callable[[str, torch.Tensor], LinearKernel | None]
+
+
+def use_platform_kernels(model: nn.Module, make_kernel: KernelFactory, make_gate_up_kernel: KernelFactory) -> None:
+    """Give every Linear of ``model`` the kernel ``make_kernel(name, weight)`` prepares for it, if any, and every
+    GateUpLinear the one ``make_gate_up_kernel`` fuses with its activation, if any; the kernel holds the weight in
+    its own layout (or quantized), so the layer drops its reference to the original."""
     for name, module in model.named_modules():
-        if isinstance(module, Linear):
+        if not isinstance(module, Linear):
+            continue
+        kernel = make_gate_up_kernel(name, module.weight) if isinstance(module, GateUpLinear) else None
+        if kernel is not None:
+            module.activated = True
+        else:
             kernel = make_kernel(name, module.weight)
-            if kernel is not None:
-                module.kernel = kernel
-                module.weight = None
+        if kernel is not None:
+            module.kernel = kernel
+            module.weight = None
 
 
 class MergedLinear(Linear):
@@ -60,3 +69,18 @@ class MergedLinear(Linear):
         if target.shape != loaded.shape:
             raise ValueError(f"shard {shard!r} has shape {tuple(loaded.shape)}, expected {tuple(target.shape)}")
         target.copy_(loaded)
+
+
+class GateUpLinear(MergedLinear):
+    """A gated MLP's gate and up projections as one matmul, then silu(gate) * up: in one kernel where the
+    platform fuses the two (platform_gate_up_kernel), else the matmul and the silu_and_mul op."""
+
+    activated = False   # whether the kernel applies silu_and_mul itself
+
+    def __init__(self, in_features: int, intermediate_size: int, silu_and_mul: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__(in_features, {"gate": intermediate_size, "up": intermediate_size})
+        self.silu_and_mul = silu_and_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out if self.activated else self.silu_and_mul(out)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from kvserve.core.layers.attention import Attention
-from kvserve.core.layers.linear import Linear, MergedLinear
+from kvserve.core.layers.linear import GateUpLinear, Linear, MergedLinear
 from kvserve.core.layers.ops import Ops
 from kvserve.core.layers.rotary import RotaryEmbedding, rope_parameters
 from kvserve.plugins.interfaces import AttentionMetadata
@@ -46,12 +46,11 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, ops: Ops):
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size})
+        self.gate_up_proj = GateUpLinear(hidden_size, intermediate_size, ops.silu_and_mul)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
-        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))
 
 
 def head_size_of(config) -> int:

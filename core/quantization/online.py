@@ -2,11 +2,9 @@
 float weights are loaded, and runs on the platform's kernel for the scheme or on the portable reference."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from kvserve.core.layers.linear import LinearKernel
+from kvserve.core.layers.linear import KernelFactory, LinearKernel
 from kvserve.core.quantization import int8
 from kvserve.plugins.manager import Platform
 
@@ -14,7 +12,7 @@ SCHEMES = {"int8": (int8.quantize_weight, int8.reference_kernel)}
 UNQUANTIZED = ("lm_head",)   # as in vLLM, the output head keeps the model dtype: logits are the most sensitive
 
 
-def kernel_factory(quantization: str | None, platform: Platform) -> Callable[[str, torch.Tensor], LinearKernel | None]:
+def kernel_factory(quantization: str | None, platform: Platform) -> KernelFactory:
     """make(layer name, loaded weight) -> the layer's kernel, or None to keep torch's linear."""
     if quantization not in SCHEMES:
         return lambda name, weight: platform.linear_kernel(weight)
@@ -27,3 +25,11 @@ def kernel_factory(quantization: str | None, platform: Platform) -> Callable[[st
         return platform.quant_kernel(quantized) or reference(quantized)
 
     return make
+
+
+def gate_up_kernel_factory(quantization: str | None, platform: Platform) -> KernelFactory:
+    """make(layer name, loaded weight) -> a gate-up layer's kernel fused with its activation, or None; quantized
+    layers keep the scheme's matmul."""
+    if quantization in SCHEMES:
+        return lambda name, weight: None
+    return lambda name, weight: platform.gate_up_kernel(weight)

@@ -137,7 +137,10 @@ void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tenso
               const torch::Tensor& slot_mapping);
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
                           int64_t n);
+torch::Tensor gate_up_bf16(const torch::Tensor& x, const torch::Tensor& packed,
+                           const c10::optional<torch::Tensor>& bias, int64_t intermediate);
 torch::Tensor pack_linear_bf16(const torch::Tensor& weight);
+torch::Tensor pack_gate_up_bf16(const torch::Tensor& weight);
 bool linear_bf16_supported();
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& shift,
                           const torch::Tensor& w_scales, const c10::optional<torch::Tensor>& bias);
@@ -212,6 +215,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
         "Tensor query_start_loc, float scale, int window) -> Tensor");
   m.def("store_kv(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  m.def("gate_up_bf16(Tensor x, Tensor packed, Tensor? bias, int intermediate_size) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor packed, Tensor shift, Tensor w_scales, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> Tensor[]");
   m.def("silu_and_mul(Tensor x) -> Tensor");
@@ -223,6 +227,7 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("paged_attention", &paged_attention);
   m.impl("store_kv", &store_kv);
   m.impl("linear_bf16", &linear_bf16);
+  m.impl("gate_up_bf16", &gate_up_bf16);
   m.impl("linear_int8", &linear_int8);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
@@ -232,6 +237,7 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear_bf16", &pack_linear_bf16, "lay a bfloat16 [out, in] weight out for linear_bf16");
+  m.def("pack_gate_up_bf16", &pack_gate_up_bf16, "lay a bfloat16 [gate; up] weight out for gate_up_bf16");
   m.def("linear_bf16_supported", &linear_bf16_supported, "whether this build has linear_bf16 (AVX512-BF16)");
   m.def("pack_linear_int8", &pack_linear_int8, "lay an int8 [out, in] weight out for linear_int8, with its shift");
   m.def("linear_int8_supported", &linear_int8_supported, "whether this build has linear_int8 (AVX512-VNNI)");

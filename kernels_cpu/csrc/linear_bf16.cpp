@@ -1,6 +1,7 @@
 // bfloat16 linear layers on CPUs with AVX512-BF16: out = x @ weight.T (+ bias), float32 sums of bfloat16
 // products (vdpbf16ps). The weight is packed once so that each 16 outputs' pairs of inputs lie together:
-// [N / 16, K / 2, 16, 2].
+// [N / 16, K / 2, 16, 2]. A gated MLP's gate-up layer can also end in its SiLU-and-mul: its gate and up blocks
+// are packed in turns, so that a tile's two blocks hold 16 gate outputs and their up outputs.
 #include <cstring>
 
 #include "common.h"
@@ -18,12 +19,18 @@ struct Bf16Linear {
   const uint16_t* weight;   // packed
   const uint16_t* bias;     // or nullptr
   uint16_t* out;
+  int64_t gated = 0;        // a gate-up layer's intermediate size, its output silu(gate) * up; 0 for x @ weight.T
+
+  // Where block `block`'s outputs sit in the unpacked weight (and its bias).
+  int64_t first_output(int64_t block) const {
+    return gated ? block % 2 * gated + block / 2 * kOutBlock : block * kOutBlock;
+  }
 
   template <int R, int B>
   void tile(int64_t row, int64_t block, Prefetch prefetch) const {
     __m512 sums[R][B];
     for (int b = 0; b < B; ++b) {
-      const int64_t first = (block + b) * kOutBlock;
+      const int64_t first = first_output(block + b);
       __m512 start = _mm512_setzero_ps();
       if (bias) {
         const __m256i bits = _mm256_maskz_loadu_epi16(valid_outputs(first, n), bias + first);
@@ -44,6 +51,9 @@ struct Bf16Linear {
         for (int b = 0; b < B; ++b) sums[r][b] = _mm512_dpbf16_ps(sums[r][b], xs, w[b]);
       }
     }
+    if constexpr (B == 2) {
+      if (gated) return store_silu_and_mul(sums, row, block / 2 * kOutBlock);
+    }
     for (int b = 0; b < B; ++b) {
       const int64_t first = (block + b) * kOutBlock;
       for (int r = 0; r < R; ++r)
@@ -51,12 +61,32 @@ struct Bf16Linear {
                                  (__m256i)_mm512_cvtneps_pbh(sums[r][b]));
     }
   }
+
+  // out = silu(gate) * up with the roundings of the linear layer, then silu_and_mul: gate and up rounded to
+  // bfloat16, silu(gate) rounded, the product rounded.
+  template <int R>
+  void store_silu_and_mul(const __m512 (&sums)[R][2], int64_t row, int64_t first) const {
+    const auto rounded = [](__m512 v) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+    };
+    for (int r = 0; r < R; ++r) {
+      Floats<16> gate, up;
+      const __m512 g = rounded(sums[r][0]), u = rounded(sums[r][1]);
+      std::memcpy(&gate, &g, sizeof(g));
+      std::memcpy(&up, &u, sizeof(u));
+      const Floats<16> silu = gate / (1.f + fast_exp<16>(-gate));
+      __m512 activated;
+      std::memcpy(&activated, &silu, sizeof(silu));
+      const __m512 product = _mm512_mul_ps(rounded(activated), u);
+      _mm256_mask_storeu_epi16(out + (row + r) * gated + first, valid_outputs(first, gated),
+                               (__m256i)_mm512_cvtneps_pbh(product));
+    }
+  }
 };
 
-}  // namespace
-
-torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
-                          int64_t n) {
+// x @ weight.T + bias for n outputs; with `gated`, silu(gate) * up of the gate-up layer's `gated` outputs.
+torch::Tensor run_bf16_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                              const c10::optional<torch::Tensor>& bias, int64_t n, int64_t gated) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
               "linear_bf16 takes bfloat16 inputs and weights");
   auto input = x.reshape({-1, x.size(-1)});
@@ -65,18 +95,41 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, c
   TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 2 == input.size(1) && num_blocks * kOutBlock >= n,
               "linear_bf16: the input's width does not match the packed weight");
   auto b = bias ? bias->to(at::kBFloat16).contiguous() : torch::Tensor();
-  auto out = torch::empty({m, n}, input.options());
+  const int64_t width = gated ? gated : n;
+  auto out = torch::empty({m, width}, input.options());
   auto sizes = x.sizes().vec();
-  sizes.back() = n;
+  sizes.back() = width;
   const Bf16Linear kernel{ptr<const uint16_t>(input), input.stride(0), packed.size(1), n, ptr<const uint16_t>(packed),
-                          bias ? ptr<const uint16_t>(b) : nullptr, ptr<uint16_t>(out)};
+                          bias ? ptr<const uint16_t>(b) : nullptr, ptr<uint16_t>(out), gated};
   for_each_tile(kernel, m, num_blocks);
   return out.view(sizes);
+}
+
+}  // namespace
+
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
+                          int64_t n) {
+  return run_bf16_linear(x, packed, bias, n, 0);
+}
+
+torch::Tensor gate_up_bf16(const torch::Tensor& x, const torch::Tensor& packed,
+                           const c10::optional<torch::Tensor>& bias, int64_t intermediate) {
+  TORCH_CHECK(packed.size(0) * kOutBlock == 2 * intermediate, "gate_up_bf16: the packed weight has ",
+              packed.size(0) * kOutBlock, " outputs, not twice the intermediate size ", intermediate);
+  return run_bf16_linear(x, packed, bias, 2 * intermediate, intermediate);
 }
 
 torch::Tensor pack_linear_bf16(const torch::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) % 2 == 0, "pack_linear_bf16 takes [out, in] with an even in");
   return pack_blocked(weight.to(at::kBFloat16), 2);
+}
+
+torch::Tensor pack_gate_up_bf16(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % (2 * kOutBlock) == 0 && weight.size(1) % 2 == 0,
+              "pack_gate_up_bf16 takes [gate; up] of an intermediate size divisible by 16, and an even in");
+  const int64_t blocks = weight.size(0) / kOutBlock / 2, in = weight.size(1);
+  auto turns = weight.view({2, blocks, kOutBlock, in}).transpose(0, 1).reshape({-1, in});   // g0 u0 g1 u1 ...
+  return pack_linear_bf16(turns);
 }
 
 bool linear_bf16_supported() { return true; }
@@ -86,7 +139,13 @@ bool linear_bf16_supported() { return true; }
 torch::Tensor linear_bf16(const torch::Tensor&, const torch::Tensor&, const c10::optional<torch::Tensor>&, int64_t) {
   TORCH_CHECK(false, "linear_bf16 needs a CPU with AVX512-BF16");
 }
+torch::Tensor gate_up_bf16(const torch::Tensor&, const torch::Tensor&, const c10::optional<torch::Tensor>&, int64_t) {
+  TORCH_CHECK(false, "gate_up_bf16 needs a CPU with AVX512-BF16");
+}
 torch::Tensor pack_linear_bf16(const torch::Tensor&) { TORCH_CHECK(false, "linear_bf16 needs a CPU with AVX512-BF16"); }
+torch::Tensor pack_gate_up_bf16(const torch::Tensor&) {
+  TORCH_CHECK(false, "gate_up_bf16 needs a CPU with AVX512-BF16");
+}
 bool linear_bf16_supported() { return false; }
 
 #endif

@@ -81,6 +81,12 @@ def platform_linear_kernel(weight: torch.Tensor):
     return packed_linear(weight)
 
 @hookimpl
+def platform_gate_up_kernel(weight: torch.Tensor):
+    from kvserve.kernels_cpu.linear import gate_up_linear
+
+    return gate_up_linear(weight)
+
+@hookimpl
 def platform_quant_kernel(weight: QuantizedWeight):
     from kvserve.kernels_cpu.linear import int8_linear
 
