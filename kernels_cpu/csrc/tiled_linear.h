@@ -5,6 +5,7 @@
 #pragma once
 
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include "common.h"
 
@@ -19,6 +20,25 @@ inline __mmask16 valid_outputs(int64_t first, int64_t n) {
   return static_cast<__mmask16>((1u << std::min<int64_t>(kOutBlock, n - first)) - 1);
 }
 
+// A packed weight of 1 MiB or more gets fresh memory on 2 MiB pages where the kernel grants them (transparent
+// huge pages in madvise or always mode; else ordinary pages): every decode step streams every weight, and one TLB
+// miss per 2 MiB instead of per 4 KiB measured 1.09-1.15x faster one-row decodes over SmolLM2's layers. At most
+// half of such a mapping is padding.
+inline torch::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  constexpr size_t kHugePage = size_t{2} << 20;
+  const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  if (bytes < kHugePage / 2) return torch::empty(sizes, options);
+  const size_t length = (bytes + kHugePage - 1) / kHugePage * kHugePage, mapped = length + kHugePage;
+  void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(base != MAP_FAILED, "out of memory for a packed weight of ", bytes, " bytes");
+  char* start = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + kHugePage - 1) / kHugePage * kHugePage);
+  const size_t before = start - static_cast<char*>(base);
+  if (before) munmap(base, before);
+  if (mapped - before > length) munmap(start + length, mapped - before - length);
+  madvise(start, length, MADV_HUGEPAGE);
+  return torch::from_blob(start, sizes, [length](void* data) { munmap(data, length); }, options);
+}
+
 // [N, K] -> [N / 16, K / group, 16, group]: each 16 outputs' groups of inputs together, N and K padded with zeros
 // to whole blocks and groups.
 inline torch::Tensor pack_blocked(const torch::Tensor& weight, int64_t group) {
@@ -26,7 +46,8 @@ inline torch::Tensor pack_blocked(const torch::Tensor& weight, int64_t group) {
   const int64_t blocks = (n + kOutBlock - 1) / kOutBlock, groups = (k + group - 1) / group;
   auto padded = torch::zeros({blocks * kOutBlock, groups * group}, weight.options());
   padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
-  return padded.view({blocks, kOutBlock, groups, group}).permute({0, 2, 1, 3}).contiguous();
+  auto packed = empty_on_huge_pages({blocks, groups, kOutBlock, group}, weight.options());
+  return packed.copy_(padded.view({blocks, kOutBlock, groups, group}).permute({0, 2, 1, 3}));
 }
 
 // A packed weight block holds 64 bytes (one cache line) for each step of a kernel's loop over its inputs. While a
