@@ -4,5 +4,6 @@ reference matmul every platform gets. Kernels come from the platform (``platform
 # --quantization values; checkpoints that carry a quantization_config will add theirs.
 METHODS = {
     "gguf": "GGUF files, dequantized at load",
+    "int4": "online W4A16: weights quantized at load in groups of 32 inputs (16 levels each), activations unquantized",
     "int8": "online W8A8: weights quantized per channel at load, activations per token at run time",
 }

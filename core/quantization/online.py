@@ -1,14 +1,15 @@
-"""Online quantization (``quantization="int8"``): each linear layer but the output head is quantized once its
-float weights are loaded, and runs on the platform's kernel for the scheme or on the portable reference."""
+"""Online quantization (``quantization="int8"`` or ``"int4"``): each linear layer but the output head is quantized
+once its float weights are loaded, and runs on the platform's kernel for the scheme or on the portable reference."""
 from __future__ import annotations
 
 import torch
 
 from kvserve.core.layers.linear import KernelFactory, LinearKernel
-from kvserve.core.quantization import int8
+from kvserve.core.quantization import int4, int8
 from kvserve.plugins.manager import Platform
 
-SCHEMES = {"int8": (int8.quantize_weight, int8.reference_kernel)}
+SCHEMES = {"int8": (int8.quantize_weight, int8.reference_kernel),
+           "int4": (int4.quantize_weight, int4.reference_kernel)}
 UNQUANTIZED = ("lm_head",)   # as in vLLM, the output head keeps the model dtype: logits are the most sensitive
 
 
