@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvserve import LLM
 from kvserve.core.quantization.int4 import dequantize, quantize_weight
 from quant_cases import assert_logprobs_match_transformers, smollm2_perplexity
 
@@ -52,3 +53,11 @@ def test_smollm2_int4_perplexity_is_within_a_few_percent_of_float32(smollm2_path
     reference, quantized = smollm2_perplexity(smollm2_path, None), smollm2_perplexity(smollm2_path, "int4")
     assert 5 < reference < 30   # the model reads English
     assert quantized == pytest.approx(reference, rel=0.02)
+
+
+def test_a_scheme_without_a_platform_kernel_warns_once_at_load(tiny_model, caplog):
+    with caplog.at_level("WARNING", logger="kvserve"):
+        LLM(tiny_model("qwen2"), dtype="float32", quantization="int4", kv_cache_memory="8MiB")
+    warnings = [r.getMessage() for r in caplog.records if "portable reference" in r.getMessage()]
+    assert warnings == ["quantization 'int4' runs on the portable reference on platform 'cpu' (no kernel for "
+                        "w4a16_int4): slower than the unquantized model"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvserve.core.layers.linear import KernelFactory, LinearKernel
+from kvserve.core.log import logger
 from kvserve.core.quantization import int4, int8
 from kvserve.plugins.manager import Platform
 
@@ -18,12 +19,21 @@ def kernel_factory(quantization: str | None, platform: Platform) -> KernelFactor
     if quantization not in SCHEMES:
         return lambda name, weight: platform.linear_kernel(weight)
     quantize, reference = SCHEMES[quantization]
+    warned = False
 
     def make(name: str, weight: torch.Tensor) -> LinearKernel | None:
+        nonlocal warned
         if name.rsplit(".", 1)[-1] in UNQUANTIZED:
             return platform.linear_kernel(weight)
         quantized = quantize(weight)
-        return platform.quant_kernel(quantized) or reference(quantized)
+        kernel = platform.quant_kernel(quantized)
+        if kernel is not None:
+            return kernel
+        if not warned:
+            warned = True
+            logger.warning("quantization %r runs on the portable reference on platform %r (no kernel for %s): "
+                           "slower than the unquantized model", quantization, platform.name, quantized.scheme)
+        return reference(quantized)
 
     return make
 
