@@ -1,17 +1,40 @@
-"""Online W8A8 int8 quantization (quantization="int8"): the engine computes what a float32 transformers model with
-the same dequantized weights and per-token quantized activations computes, and SmolLM2 keeps its perplexity."""
+"""Online quantization (quantization="int8" or "int4"): the engine computes what a float32 transformers model
+given the scheme's arithmetic computes, SmolLM2 keeps its perplexity, and a scheme without a platform kernel is
+named at load. The int8 quantizer's rounding is here; int4's is in test_quantization_int4.py."""
 from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from kvserve.core.quantization.int8 import quantize_tokens, quantize_weight
-from quant_cases import assert_logprobs_match_transformers, smollm2_perplexity
+from kvserve import LLM, SamplingParams
+from kvserve.core.quantization import int4, int8
+
+TEXT = Path(__file__).with_name("data") / "english.txt"
+
+
+def perplexity(llm: LLM, text: str) -> float:
+    ids = llm.get_tokenizer().encode(text)
+    out = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    logprobs = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], ids[1:])]
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
+@functools.cache
+def smollm2_perplexity(path: str, quantization: str | None) -> float:
+    """SmolLM2's perplexity on TEXT in float32 (no quantization) or under ``quantization``."""
+    dtype = "float32" if quantization is None else "auto"
+    llm = LLM(path, dtype=dtype, quantization=quantization, kv_cache_memory="64MiB", max_model_len=1024)
+    return perplexity(llm, TEXT.read_text())
 
 
 def test_weights_round_to_the_nearest_step_of_their_channel():
     weight = torch.randn(24, 40) * torch.linspace(0.01, 3, 24)[:, None]
-    quantized = quantize_weight(weight)
+    quantized = int8.quantize_weight(weight)
     qweight, scale = quantized.tensors["qweight"], quantized.tensors["scale"]
     assert quantized.scheme == "w8a8_int8" and quantized.shape == (24, 40) and qweight.dtype == torch.int8
     assert qweight.abs().amax(dim=1).tolist() == [127] * 24   # each channel's largest weight uses the full range
@@ -20,26 +43,59 @@ def test_weights_round_to_the_nearest_step_of_their_channel():
 
 
 def rounded_to_int8_steps(module, args):
-    q, scale = quantize_tokens(args[0])
+    q, scale = int8.quantize_tokens(args[0])
     return (q * scale,)
 
 
-def fake_quantized(hf: torch.nn.Module) -> torch.nn.Module:
+def fake_int8(hf: torch.nn.Module) -> torch.nn.Module:
     """The W8A8 arithmetic in float32: dequantized weights, and inputs rounded to their row's int8 steps."""
     for name, module in hf.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            quantized = quantize_weight(module.weight)
+            quantized = int8.quantize_weight(module.weight)
             module.weight.data = quantized.tensors["qweight"].float() * quantized.tensors["scale"][:, None]
             module.register_forward_pre_hook(rounded_to_int8_steps)
     return hf
 
 
+def fake_int4(hf: torch.nn.Module) -> torch.nn.Module:
+    """The W4A16 arithmetic in float32: dequantized weights, inputs as they are."""
+    for name, module in hf.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            module.weight.data = int4.dequantize(int4.quantize_weight(module.weight), torch.float32)
+    return hf
+
+
+FAKES = {"int8": fake_int8, "int4": fake_int4}
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
 @pytest.mark.parametrize("architecture", ["llama-tied-gqa", "qwen2"])   # tied head; q/k/v biases
-def test_int8_logprobs_equal_fake_quantized_transformers(tiny_model, architecture):
-    assert_logprobs_match_transformers(tiny_model(architecture), "int8", fake_quantized)
+def test_logprobs_equal_transformers_given_the_schemes_arithmetic(tiny_model, architecture, quantization):
+    path = tiny_model(architecture)
+    prompt = [5, 17, 301, 44, 9, 250, 3, 88, 120, 7, 61, 372]
+    llm = LLM(path, dtype="float32", quantization=quantization, kv_cache_memory="8MiB")
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0,
+                                                logprobs=0), use_tqdm=False)[0]
+    ids = prompt + list(out.outputs[0].token_ids)
+    hf = FAKES[quantization](AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+    ours = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], prompt[1:])]
+    ours += [entry[token].logprob for entry, token in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
+    assert ours == pytest.approx([expected[i - 1, token].item() for i, token in enumerate(ids) if i > 0], abs=1e-3)
 
 
-def test_smollm2_int8_perplexity_is_within_a_few_percent_of_float32(smollm2_path):
-    reference, quantized = smollm2_perplexity(smollm2_path, None), smollm2_perplexity(smollm2_path, "int8")
+# int4's groups of 32 on 16 levels recover SmolLM2's own weights, which are Q4_1 blocks of that shape.
+@pytest.mark.parametrize("quantization, tolerance", [("int8", 0.05), ("int4", 0.02)])
+def test_smollm2_perplexity_is_within_a_few_percent_of_float32(smollm2_path, quantization, tolerance):
+    reference, quantized = smollm2_perplexity(smollm2_path, None), smollm2_perplexity(smollm2_path, quantization)
     assert 5 < reference < 30   # the model reads English
-    assert quantized == pytest.approx(reference, rel=0.05)
+    assert quantized == pytest.approx(reference, rel=tolerance)
+
+
+def test_a_scheme_without_a_platform_kernel_warns_once_at_load(tiny_model, caplog):
+    with caplog.at_level("WARNING", logger="kvserve"):
+        LLM(tiny_model("qwen2"), dtype="float32", quantization="int4", kv_cache_memory="8MiB")
+    warnings = [r.getMessage() for r in caplog.records if "portable reference" in r.getMessage()]
+    assert warnings == ["quantization 'int4' runs on the portable reference on platform 'cpu' (no kernel for "
+                        "w4a16_int4): slower than the unquantized model"]
