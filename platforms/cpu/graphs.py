@@ -20,6 +20,7 @@ from kvserve.plugins.interfaces import AttentionMetadata, GraphRunner
 
 logger = logging.getLogger("kvserve")
 
+
 def refusal(func, args) -> str | None:
     """Why a call cannot be replayed: its result, or the shapes Python would read from it, depend on values."""
     if torch.Tag.data_dependent_output in func.tags:
