@@ -1,5 +1,6 @@
 """Linear layers with weights laid out once for the kernel that multiplies them: the C++ bfloat16 kernel on CPUs
-with AVX512-BF16, oneDNN's blocked layout otherwise, and the C++ int8 kernel for W8A8 on CPUs with AVX512-VNNI."""
+with AVX512-BF16, oneDNN's blocked layout otherwise, and the C++ kernels for W8A8 int8 (AVX512-VNNI) and W4A16
+int4 (AVX512-BF16)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -59,3 +60,16 @@ def int8_linear(qweight: torch.Tensor, scale: torch.Tensor
         return linear_int8(x.float(), packed, shift, scale, bias).to(x.dtype)   # float16: no native path
 
     return linear
+
+
+def int4_linear(qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
+                ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """W4A16 for bfloat16 inputs on uint8 levels [out, in] with float16 scales and offsets per group: the levels
+    packed two to a byte and multiplied where they lie, each group's sums scaled once; None without AVX512-BF16
+    or unless the width and the group size are multiples of 16."""
+    ops = native.load()[0]
+    if ops is None or not ops.linear_int4_supported() or qweight.shape[1] % 16 or group_size % 16:
+        return None
+    packed, scales = ops.pack_linear_int4(qweight, scale, offset, group_size)
+    linear_int4, out_features = native.op("linear_int4"), qweight.shape[0]
+    return lambda x, bias: linear_int4(x, packed, scales, bias, out_features, group_size)

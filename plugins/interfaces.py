@@ -195,7 +195,7 @@ class QuantizedWeight:
       activations are quantized per token at run time, symmetric with scale ``max|x| / 127``, and the product's
       integer sums are scaled by both scales.
     - ``"w4a16_int4"``: ``qweight`` uint8 ``[out, in]`` of values 0-15, and per group of ``group_size`` inputs
-      (input k in group k // group_size, the last group possibly shorter) ``scale`` and ``offset`` float32
+      (input k in group k // group_size, the last group possibly shorter) ``scale`` and ``offset`` float16
       ``[out, groups]``: weight = qweight * scale + offset; activations stay in the model dtype.
     """
 
@@ -203,3 +203,4 @@ class QuantizedWeight:
     tensors: dict[str, torch.Tensor]
     shape: tuple[int, int]   # [out, in] of the weight it stands for
     group_size: int | None = None   # inputs that share a scale, for grouped schemes
+    dtype: torch.dtype | None = None   # the model dtype: what the layer's inputs and outputs are

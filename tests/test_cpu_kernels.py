@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from op_cases import TOLERANCE, check_argmax, check_rms_norm, check_rotary_on_strided_views, check_silu_and_mul
+from kvserve.core.quantization import int4
 from kvserve.core.quantization.int8 import quantize_weight, reference_kernel
 from kvserve.kernels_cpu import native
-from kvserve.kernels_cpu.linear import gate_up_linear, int8_linear, packed_linear
+from kvserve.kernels_cpu.linear import gate_up_linear, int4_linear, int8_linear, packed_linear
 
 pytestmark = pytest.mark.skipif(native.load()[0] is None, reason=f"native kernels unavailable: {native.load()[1]}")
 CPU = torch.device("cpu")
@@ -104,6 +105,28 @@ def test_linear_int8_equals_the_w8a8_reference(dtype, rows, out_features, in_fea
     kernel, reference = int8_linear(weight.tensors["qweight"], weight.tensors["scale"]), reference_kernel(weight)
     for b in (None, bias):
         torch.testing.assert_close(kernel(x, b), reference(x, b), **TOLERANCE[dtype])
+
+
+@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_int4_supported(),
+                    reason="the int4 linear kernel needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 300])   # each tile height's number of chains of sums
+@pytest.mark.parametrize("out_features,in_features,group_size", [(16, 64, 32), (40, 160, 128), (97, 576, 32)])
+def test_linear_int4_equals_the_dequantized_weight_times_x(rows, out_features, in_features, group_size):
+    torch.manual_seed(rows + out_features)
+    weight = int4.quantize_weight(torch.randn(out_features, in_features) * 0.1, group_size)   # 160: a short group
+    bias = torch.randn(out_features, dtype=torch.bfloat16)
+    x = torch.randn(2, rows, in_features + 16, dtype=torch.bfloat16)[..., :in_features]
+    kernel = int4_linear(*(weight.tensors[name] for name in ("qweight", "scale", "offset")), group_size)
+    exact = x.double() @ int4.dequantize(weight, torch.float64).T
+    for b in (None, bias):
+        expected = (exact if b is None else exact + b.double()).bfloat16()
+        torch.testing.assert_close(kernel(x, b), expected, **TOLERANCE[torch.bfloat16])
+
+
+def test_int4_layers_the_kernel_cannot_take_keep_the_reference():
+    for in_features, group_size in ((72, 24), (72, 32)):   # a group or a width that is not a multiple of 16
+        weight = int4.quantize_weight(torch.randn(32, in_features), group_size)
+        assert int4_linear(*(weight.tensors[name] for name in ("qweight", "scale", "offset")), group_size) is None
 
 
 @pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_bf16_supported(),

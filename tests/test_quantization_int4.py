@@ -26,9 +26,11 @@ def test_weights_round_to_the_nearest_step_of_their_group(group_size):
 
 
 def test_sixteen_level_groups_are_kept_exactly():
-    # Weights that already sit on 16 levels of their group (as a GGUF Q4_1 model's do) come back unchanged.
+    # Weights that already sit on 16 levels of their group, with a float16 scale and offset (as a GGUF Q4_1
+    # model's do), come back unchanged.
     torch.manual_seed(0)
-    levels, scale, low = torch.randint(0, 16, (8, 64)), torch.rand(8, 2) + 0.1, torch.randn(8, 2)
+    levels, scale, low = torch.randint(0, 16, (8, 64)), (torch.rand(8, 2) + 0.1).half(), torch.randn(8, 2).half()
+    scale, low = scale.float(), low.float()
     levels[:, 0], levels[:, 32], levels[:, 1], levels[:, 33] = 0, 0, 15, 15
     weight = levels * scale.repeat_interleave(32, dim=1) + low.repeat_interleave(32, dim=1)
     assert torch.allclose(dequantize(quantize_weight(weight, 32), torch.float32), weight, atol=1e-6)

@@ -1,6 +1,6 @@
 """W4A16 int4: each output channel's inputs in groups of ``group_size`` (the last group may be shorter), each group
-spread over 16 levels from its smallest to its largest weight (a scale and an offset per group, as GGUF's Q4_1
-rounds), round to nearest; activations stay in the model dtype. GPTQ and AWQ weights ((q - zero) * scale) and
+spread over 16 levels from its smallest to its largest weight (a float16 scale and offset per group, as GGUF's
+Q4_1 rounds), round to nearest; activations stay in the model dtype. GPTQ and AWQ weights ((q - zero) * scale) and
 GGUF Q4_0 / Q4_1 blocks (d * q + m) are the same arithmetic once unpacked."""
 from __future__ import annotations
 
@@ -11,29 +11,34 @@ from kvserve.plugins.interfaces import QuantizedWeight
 
 SCHEME = "w4a16_int4"
 GROUP_SIZE = 32
-MIN_SCALE = 1e-8   # a group of equal weights still gets a finite scale
+MIN_SCALE = 2.0 ** -24   # a group of equal weights still gets a scale: float16's smallest
+FLOAT16_MAX = 65504.0
 
 
 def quantize_weight(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> QuantizedWeight:
     """weight ~= qweight * scale[:, g] + offset[:, g] for input k in group g = k // group_size."""
     w = weight.detach().float()
+    if w.abs().amax() > FLOAT16_MAX / 2:   # a group's range must be a float16 too
+        raise ValueError(f"int4 stores scales and offsets in float16: a weight of {w.abs().amax().item():g} "
+                         f"exceeds the range it allows, |weight| <= {FLOAT16_MAX / 2:g}")
     out_features, in_features = w.shape
     groups = -(-in_features // group_size)
     # A short last group is padded with copies of its last weight, which leave its range as it is.
     padded = torch.cat([w, w[:, -1:].expand(-1, groups * group_size - in_features)], dim=1)
     padded = padded.view(out_features, groups, group_size)
-    low, high = padded.amin(dim=2), padded.amax(dim=2)
-    scale = ((high - low) / 15).clamp(min=MIN_SCALE)
-    q = torch.round((padded - low[..., None]) / scale[..., None]).clamp(0, 15)
+    low = padded.amin(dim=2).half()
+    # The levels are chosen for the scale and offset as stored: float16, rounded first.
+    scale = ((padded.amax(dim=2) - low.float()) / 15).clamp(min=MIN_SCALE).half()
+    q = torch.round((padded - low.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
     qweight = q.view(out_features, -1)[:, :in_features].to(torch.uint8)
     return QuantizedWeight(SCHEME, {"qweight": qweight, "scale": scale, "offset": low}, (out_features, in_features),
-                           group_size)
+                           group_size, weight.dtype)
 
 
 def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     qweight, scale, offset = (weight.tensors[name] for name in ("qweight", "scale", "offset"))
     group = torch.arange(weight.shape[1], device=qweight.device) // weight.group_size
-    return (qweight.float() * scale[:, group] + offset[:, group]).to(dtype)
+    return (qweight.float() * scale[:, group].float() + offset[:, group].float()).to(dtype)
 
 
 def reference_kernel(weight: QuantizedWeight):

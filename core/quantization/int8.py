@@ -15,7 +15,7 @@ def quantize_weight(weight: torch.Tensor) -> QuantizedWeight:
     w = weight.detach().float()
     scale = w.abs().amax(dim=1).clamp(min=MIN_ABS_MAX) / 127
     qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return QuantizedWeight(SCHEME, {"qweight": qweight, "scale": scale}, tuple(weight.shape))
+    return QuantizedWeight(SCHEME, {"qweight": qweight, "scale": scale}, tuple(weight.shape), dtype=weight.dtype)
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace {
 
@@ -130,23 +131,6 @@ int64_t argmax_row(const float* __restrict__ row, int64_t n) {
 }
 }  // namespace
 
-torch::Tensor paged_attention(const torch::Tensor& query, const torch::Tensor& kv_cache,
-                              const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-                              const torch::Tensor& query_start_loc, double scale, int64_t window);
-void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
-              const torch::Tensor& slot_mapping);
-torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
-                          int64_t n);
-torch::Tensor gate_up_bf16(const torch::Tensor& x, const torch::Tensor& packed,
-                           const c10::optional<torch::Tensor>& bias, int64_t intermediate);
-torch::Tensor pack_linear_bf16(const torch::Tensor& weight);
-torch::Tensor pack_gate_up_bf16(const torch::Tensor& weight);
-bool linear_bf16_supported();
-torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& shift,
-                          const torch::Tensor& w_scales, const c10::optional<torch::Tensor>& bias);
-std::vector<torch::Tensor> pack_linear_int8(const torch::Tensor& qweight);
-bool linear_int8_supported();
-void bind_replay(pybind11::module_& m);
 
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                                     const torch::Tensor& weight, double eps) {
@@ -217,6 +201,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.def("gate_up_bf16(Tensor x, Tensor packed, Tensor? bias, int intermediate_size) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor packed, Tensor shift, Tensor w_scales, Tensor? bias) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int out_features, int group_size) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> Tensor[]");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin) -> Tensor");
@@ -229,6 +214,7 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("gate_up_bf16", &gate_up_bf16);
   m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int4", &linear_int4);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_embedding", &rotary_embedding);
@@ -241,5 +227,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16_supported", &linear_bf16_supported, "whether this build has linear_bf16 (AVX512-BF16)");
   m.def("pack_linear_int8", &pack_linear_int8, "lay an int8 [out, in] weight out for linear_int8, with its shift");
   m.def("linear_int8_supported", &linear_int8_supported, "whether this build has linear_int8 (AVX512-VNNI)");
+  m.def("pack_linear_int4", &pack_linear_int4, "lay int4 levels, scales and offsets out for linear_int4");
+  m.def("linear_int4_supported", &linear_int4_supported, "whether this build has linear_int4 (AVX512-BF16)");
   bind_replay(m);
 }

@@ -1,0 +1,173 @@
+// W4A16 int4 linear layers on CPUs with AVX512-BF16: weight = level * scale + offset per group of inputs, levels
+// 0-15, float16 scales and offsets, bfloat16 activations. A level becomes the bfloat16 number 128 + level by one
+// bit operation (0x4300 is 128, and levels fill its low mantissa bits), so that vdpbf16ps sums a group's
+// x * (128 + level) exactly as it sums bfloat16 products; each group's sums then take its scale and offset:
+//   out += scale * sum + (offset - 128 * scale) * sum_x,   sum_x the group's sum of inputs.
+// The weight is packed as [N / 16, K / 8, 32] 16-bit words: word 2j + i of a step holds, in its four nibbles,
+// output j's inputs 8 * step + 2t + i for t = 0..3, the input pairs that vdpbf16ps takes, four steps in one load.
+#include <cstring>
+
+#include "common.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include "tiled_linear.h"
+
+namespace {
+
+using namespace kvserve;
+
+constexpr int kPairsPerStep = 4;   // a step's 64 bytes hold 4 input pairs of 16 outputs
+constexpr int kStepInputs = 2 * kPairsPerStep;
+constexpr int kSumChunk = 16;      // sum_x adds 16 inputs at a time
+
+struct Int4Linear {
+  const uint16_t* x;
+  int64_t x_stride, steps, n;
+  const float* x_sums;      // [m, groups]
+  int64_t groups, group_steps;
+  const uint16_t* weight;   // packed
+  const uint16_t* scales;   // float16 [N / 16, groups, 2, 16]: each block's scales, then its offsets
+  const uint16_t* bias;     // bfloat16, or nullptr
+  uint16_t* out;
+
+  template <int R, int B>
+  void tile(int64_t row, int64_t block, Prefetch prefetch) const {
+    // Two blocks' group sums and outputs would not fit the 32 vector registers at 8 rows: one block at a time.
+    block_tile<R, B>(row, block, prefetch);
+    if constexpr (B == 2) block_tile<R, 0>(row, block + 1, prefetch);
+  }
+
+  template <int R, int PrefetchBlocks>
+  void block_tile(int64_t row, int64_t block, Prefetch prefetch) const {
+    const int64_t first = block * kOutBlock;
+    const __mmask16 valid = valid_outputs(first, n);
+    __m512 outs[R];
+    __m512 start = _mm512_setzero_ps();
+    if (bias) start = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                              _mm256_maskz_loadu_epi16(valid, bias + first)), 16));
+    for (int r = 0; r < R; ++r) outs[r] = start;
+    const __m512i low_nibble = _mm512_set1_epi16(0x000F), bf16_128 = _mm512_set1_epi16(0x4300);
+    const uint16_t* words = weight + block * steps * 32;
+    const uint16_t* rows = x + row * x_stride;
+    for (int64_t g = 0; g < groups; ++g) {
+      // vdpbf16ps waits for its previous sum: a few rows keep several chains of sums in flight.
+      constexpr int A = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+      __m512 sums[R][A];
+      for (int r = 0; r < R; ++r)
+        for (int a = 0; a < A; ++a) sums[r][a] = _mm512_setzero_ps();
+      const int64_t end = std::min(steps, (g + 1) * group_steps);
+      for (int64_t s = g * group_steps; s < end; ++s) {
+        prefetch.step<PrefetchBlocks>(s);
+        const __m512i packed = _mm512_loadu_si512(words + s * 32);
+#pragma GCC unroll 4
+        for (int t = 0; t < kPairsPerStep; ++t) {
+          // (packed >> 4t) & 0xF | 0x4300: the bfloat16 bits of 128 + level
+          const __m512bh w = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(packed, 4 * t), low_nibble,
+                                                                 bf16_128, 0xEA);
+          const int a = t % A;   // known at compile time: the sums stay in registers
+          for (int r = 0; r < R; ++r) {
+            int32_t pair;
+            std::memcpy(&pair, rows + r * x_stride + s * kStepInputs + 2 * t, sizeof(pair));
+            sums[r][a] = _mm512_dpbf16_ps(sums[r][a], (__m512bh)_mm512_set1_epi32(pair), w);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int a = 1; a < A; ++a) sums[r][0] = _mm512_add_ps(sums[r][0], sums[r][a]);
+      const uint16_t* group_scales = scales + (block * groups + g) * 2 * kOutBlock;
+      const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_scales)));
+      const __m512 offset =
+          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_scales + kOutBlock)));
+      // offset - 128 * scale is exact in float32 unless the two are more than 2^13 apart
+      const __m512 shifted_offset = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), scale, offset);
+      for (int r = 0; r < R; ++r) {
+        const __m512 sum_x = _mm512_set1_ps(x_sums[(row + r) * groups + g]);
+        outs[r] = _mm512_fmadd_ps(shifted_offset, sum_x, _mm512_fmadd_ps(scale, sums[r][0], outs[r]));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      _mm256_mask_storeu_epi16(out + (row + r) * n + first, valid, (__m256i)_mm512_cvtneps_pbh(outs[r]));
+  }
+};
+
+// Each row's sum of inputs in every group of `group` inputs (both multiples of 16).
+torch::Tensor group_sums(const torch::Tensor& input, int64_t group, int64_t groups) {
+  const int64_t m = input.size(0), k = input.size(1), stride = input.stride(0);
+  auto sums = torch::empty({m, groups}, input.options().dtype(at::kFloat));
+  const uint16_t* x = ptr<const uint16_t>(input);
+  float* out = ptr<float>(sums);
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = g * group; i < std::min(k, (g + 1) * group); i += kSumChunk) {
+          const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * stride + i));
+          acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
+        }
+        out[r * groups + g] = _mm512_reduce_add_ps(acc);
+      }
+  });
+  return sums;
+}
+
+}  // namespace
+
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                          const c10::optional<torch::Tensor>& bias, int64_t n, int64_t group_size) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_int4 takes bfloat16 inputs");
+  TORCH_CHECK(packed.scalar_type() == at::kShort && packed.dim() == 3 && scales.scalar_type() == at::kHalf &&
+              scales.dim() == 4, "linear_int4 takes a weight and scales from pack_linear_int4");
+  auto input = x.reshape({-1, x.size(-1)});
+  if (input.stride(1) != 1) input = input.contiguous();
+  const int64_t m = input.size(0), k = input.size(1), groups = scales.size(1);
+  TORCH_CHECK(packed.size(1) * kStepInputs == k && packed.size(0) * kOutBlock >= n &&
+              groups == (k + group_size - 1) / group_size,
+              "linear_int4: the input's width does not match the packed weight");
+  auto b = bias ? bias->to(at::kBFloat16).contiguous() : torch::Tensor();
+  auto out = torch::empty({m, n}, input.options());
+  const auto sums = group_sums(input, group_size, groups);
+  const Int4Linear kernel{ptr<const uint16_t>(input), input.stride(0), packed.size(1), n, ptr<const float>(sums),
+                          groups, group_size / kStepInputs, ptr<const uint16_t>(packed), ptr<const uint16_t>(scales),
+                          bias ? ptr<const uint16_t>(b) : nullptr, ptr<uint16_t>(out)};
+  for_each_tile(kernel, m, packed.size(0));
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  return out.view(sizes);
+}
+
+std::vector<torch::Tensor> pack_linear_int4(const torch::Tensor& qweight, const torch::Tensor& scale,
+                                            const torch::Tensor& offset, int64_t group_size) {
+  const int64_t n = qweight.size(0), k = qweight.size(1), groups = scale.size(1);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && k % kSumChunk == 0 &&
+              group_size % kSumChunk == 0 && groups == (k + group_size - 1) / group_size,
+              "pack_linear_int4 takes uint8 levels [out, in] with in and the group size multiples of 16");
+  const int64_t blocks = (n + kOutBlock - 1) / kOutBlock, steps = k / kStepInputs;
+  auto levels = torch::zeros({blocks * kOutBlock, k}, qweight.options().dtype(at::kInt));
+  levels.narrow(0, 0, n).copy_(qweight);
+  // [block, j, step, t, i] -> [block, step, j, i, t], then the four nibbles t of each word together
+  auto nibbles = levels.view({blocks, kOutBlock, steps, kPairsPerStep, 2}).permute({0, 2, 1, 4, 3});
+  auto nibble_values = torch::tensor({1, 1 << 4, 1 << 8, 1 << 12}, levels.options());
+  auto words = (nibbles * nibble_values).sum(-1).to(at::kShort).reshape({blocks, steps, 2 * kOutBlock});
+  auto packed = empty_on_huge_pages(words.sizes(), words.options()).copy_(words);
+  auto both = torch::zeros({2, blocks * kOutBlock, groups}, scale.options().dtype(at::kHalf));
+  both[0].narrow(0, 0, n).copy_(scale);
+  both[1].narrow(0, 0, n).copy_(offset);
+  auto packed_scales = both.view({2, blocks, kOutBlock, groups}).permute({1, 3, 0, 2}).contiguous();
+  return {packed, packed_scales};
+}
+
+bool linear_int4_supported() { return true; }
+
+#else
+
+torch::Tensor linear_int4(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                          const c10::optional<torch::Tensor>&, int64_t, int64_t) {
+  TORCH_CHECK(false, "linear_int4 needs a CPU with AVX512-BF16");
+}
+std::vector<torch::Tensor> pack_linear_int4(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                            int64_t) {
+  TORCH_CHECK(false, "linear_int4 needs a CPU with AVX512-BF16");
+}
+bool linear_int4_supported() { return false; }
+
+#endif
