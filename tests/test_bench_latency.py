@@ -19,11 +19,12 @@ def test_latency_reports_percentiles(tiny_model, tmp_path):
     # The workload draws token ids up to 30000: a tiny model with that vocabulary.
     result = bench_latency("--model", tiny_model("qwen2-big-vocab"), "--dtype", "float32", "--kv-cache-memory",
                            "16MiB", "--input-len", "16", "--output-len", "4", "--num-iters", "2",
-                           "--num-iters-warmup", "1", "--output-json", str(path))
+                           "--num-iters-warmup", "1", "--batch-size", "3", "--output-json", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(path.read_text())
-    assert {"model", "dtype", "input_len", "output_len", "num_iters", *LATENCIES} <= report.keys(), report
-    assert (report["dtype"], report["input_len"], report["output_len"], report["num_iters"]) == ("float32", 16, 4, 2)
+    assert {"model", "dtype", "input_len", "output_len", "batch_size", "num_iters", *LATENCIES} <= report.keys()
+    assert (report["dtype"], report["input_len"], report["output_len"], report["batch_size"],
+            report["num_iters"]) == ("float32", 16, 4, 3, 2)
     for name in LATENCIES:
         stats = report[name]
         assert set(stats) == {"mean", "median", "p50", "p90", "p99"}
@@ -32,7 +33,8 @@ def test_latency_reports_percentiles(tiny_model, tmp_path):
     assert "Latency Benchmark Result" in result.stdout and "tpot_ms" in result.stdout
 
 
-@pytest.mark.parametrize("option, value", [("--num-iters", "0"), ("--output-len", "0"), ("--num-iters-warmup", "-1")])
+@pytest.mark.parametrize("option, value", [("--num-iters", "0"), ("--output-len", "0"), ("--num-iters-warmup", "-1"),
+                                           ("--batch-size", "0")])
 def test_bad_options_are_clear_errors(option, value):
     # Checked before the model loads.
     result = bench_latency(option, value)

@@ -34,3 +34,10 @@ def test_sixteen_level_groups_are_kept_exactly():
     levels[:, 0], levels[:, 32], levels[:, 1], levels[:, 33] = 0, 0, 15, 15
     weight = levels * scale.repeat_interleave(32, dim=1) + low.repeat_interleave(32, dim=1)
     assert torch.allclose(dequantize(quantize_weight(weight, 32), torch.float32), weight, atol=1e-6)
+
+
+def test_weights_beyond_float16s_range_are_a_clear_error():
+    weight = torch.randn(4, 32)
+    weight[2, 5] = 40000.0   # a group's range, 40000 - min, would overflow float16's 65504
+    with pytest.raises(ValueError, match="float16.*40000.*32752"):
+        quantize_weight(weight)

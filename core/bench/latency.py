@@ -1,5 +1,5 @@
-"""`kvserve bench latency`: vLLM's `bench latency`: one request at a time on the offline engine, timing its
-first token and every later one."""
+"""`kvserve bench latency`: vLLM's `bench latency`: a batch of requests at a time (one by default) on the offline
+engine, timing each one's first token and every later one."""
 from __future__ import annotations
 
 import time
@@ -10,46 +10,47 @@ from kvserve.core.bench.report import dtype_name, emit, percentiles
 from kvserve.core.bench.throughput import random_workload
 
 
-def time_request(engine, request_id: str, prompt: list[int], params) -> list[float]:
-    """Seconds from adding the request to each of its output tokens."""
+def time_requests(engine, prompts: dict[str, list[int]], params) -> dict[str, list[float]]:
+    """Seconds from adding the requests, together, to each of their output tokens."""
     engine.platform.synchronize()
     start = time.perf_counter()
-    engine.add_request(request_id, prompt, params)
-    stamps: list[float] = []
-    finished = False
-    while not finished:
-        for output in engine.step():
-            if output.request_id != request_id:
-                continue
-            engine.platform.synchronize()
-            now = time.perf_counter()
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, params)
+    stamps: dict[str, list[float]] = {request_id: [] for request_id in prompts}
+    while engine.has_unfinished_requests():
+        outputs = [output for output in engine.step() if output.request_id in stamps]
+        engine.platform.synchronize()
+        now = time.perf_counter()
+        for output in outputs:
             # A step may add more than one token (never today); each gets the step's time.
-            stamps += [now - start] * (len(output.outputs[0].token_ids) - len(stamps))
-            finished = output.finished
+            times = stamps[output.request_id]
+            times += [now - start] * (len(output.outputs[0].token_ids) - len(times))
     return stamps
 
 
-def run(llm, input_len: int, output_len: int, num_iters: int, num_warmup: int, seed: int,
+def run(llm, input_len: int, output_len: int, num_iters: int, num_warmup: int, seed: int, batch_size: int = 1,
         show_progress: bool = True) -> dict:
     from kvserve.core.sampling_params import SamplingParams
 
     engine = llm.llm_engine
     if engine.has_unfinished_requests():
-        raise ValueError("bench latency needs an idle engine: it times one request at a time")
+        raise ValueError("bench latency needs an idle engine: it times its own requests only")
     engine.runner.wait_for_kv_cache()
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    # A fresh prompt each iteration, so that the prefix cache never skips a prefill.
-    prompts = [random_workload(1, (input_len, input_len), seed + i)[0] for i in range(num_warmup + num_iters)]
     ttfts, tpots, itls, e2els = [], [], [], []
-    for i, prompt in enumerate(tqdm(prompts, desc="iterations", disable=not show_progress)):
-        stamps = time_request(engine, f"latency-{i}", prompt, params)
+    for i in tqdm(range(num_warmup + num_iters), desc="iterations", disable=not show_progress):
+        # Fresh prompts each iteration, so that the prefix cache never skips a prefill.
+        workload = random_workload(batch_size, (input_len, input_len), seed + i)
+        prompts = {f"latency-{i}-{j}": prompt for j, prompt in enumerate(workload)}
+        batch = time_requests(engine, prompts, params)
         if i < num_warmup:
             continue
-        ttfts.append(stamps[0])
-        e2els.append(stamps[-1])
-        if len(stamps) > 1:
-            tpots.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
-            itls += [b - a for a, b in zip(stamps, stamps[1:])]
+        for stamps in batch.values():
+            ttfts.append(stamps[0])
+            e2els.append(stamps[-1])
+            if len(stamps) > 1:
+                tpots.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+                itls += [b - a for a, b in zip(stamps, stamps[1:])]
     return {"ttft_ms": percentiles(ttfts), "tpot_ms": percentiles(tpots), "itl_ms": percentiles(itls),
             "e2el_ms": percentiles(e2els)}
 
@@ -58,8 +59,9 @@ def add_parser(commands, add_engine_args) -> None:
     parser = commands.add_parser("latency", help="offline latency of one request at a time")
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens")
     parser.add_argument("--output-len", type=int, default=128, help="generated tokens")
-    parser.add_argument("--num-iters", type=int, default=10, help="timed requests")
-    parser.add_argument("--num-iters-warmup", type=int, default=2, help="untimed requests first")
+    parser.add_argument("--num-iters", type=int, default=10, help="timed iterations")
+    parser.add_argument("--num-iters-warmup", type=int, default=2, help="untimed iterations first")
+    parser.add_argument("--batch-size", type=int, default=1, help="requests each iteration runs together")
     parser.add_argument("--output-json", default=None, help="also save the result here as JSON")
     parser.add_argument("--disable-tqdm", action="store_true")
     add_engine_args(parser)   # its --seed seeds the prompts too
@@ -67,7 +69,7 @@ def add_parser(commands, add_engine_args) -> None:
     def bench(args) -> None:
         from kvserve.core.entrypoints.cli import DEFAULT_SERVED_NAME, build_llm
 
-        for name in ("input_len", "output_len", "num_iters"):
+        for name in ("input_len", "output_len", "num_iters", "batch_size"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.num_iters_warmup < 0:
@@ -76,10 +78,10 @@ def add_parser(commands, add_engine_args) -> None:
         engine = llm.llm_engine
         result = {"model": args.model or DEFAULT_SERVED_NAME, "platform": engine.platform.name,
                   "dtype": dtype_name(engine.runner.dtype), "input_len": args.input_len,
-                  "output_len": args.output_len, "num_iters": args.num_iters,
+                  "output_len": args.output_len, "batch_size": args.batch_size, "num_iters": args.num_iters,
                   "num_iters_warmup": args.num_iters_warmup, "seed": args.seed}
         result.update(run(llm, args.input_len, args.output_len, args.num_iters, args.num_iters_warmup, args.seed,
-                          not args.disable_tqdm))
+                          args.batch_size, not args.disable_tqdm))
         emit(result, args.output_json, "Latency Benchmark Result")
 
     parser.set_defaults(bench=bench)
