@@ -12,8 +12,11 @@ import transformers
 from transformers import AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from kvserve.core.layers.linear import MergedLinear
 from kvserve.core.layers.rotary import inverse_frequencies, rope_parameters
 from kvserve.core.loader.gguf import iter_gguf_weights, load_gguf_config, load_gguf_tokenizer
+from kvserve.core.quantization import int4
+from kvserve.plugins.interfaces import QuantizedWeight
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "max_position_embeddings",
@@ -107,11 +110,13 @@ def write_gguf(path, arch="llama", tensors=None, extra=lambda writer: None) -> s
     return str(path)
 
 
-def tiny_model(tmp_path, arch, tied=False):
-    """Writes a tiny GGUF the way llama.cpp would, and returns its path and the HF weights it came from."""
+def tiny_model(tmp_path, arch, tied=False, types=None):
+    """Writes a tiny GGUF the way llama.cpp would (``types``: gguf name -> a type other than NAMES'), and returns its
+    path and the HF weights it came from."""
     rng = np.random.default_rng(0)
     hf, stored = {}, {}
     for name, (hf_name, shape, qtype) in NAMES.items():
+        qtype = (types or {}).get(name, qtype)
         if tied and name == "output.weight":
             continue
         hf[hf_name] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
@@ -140,6 +145,46 @@ def test_tiny_model_round_trips(tmp_path, arch, tied):
         assert torch.equal(tensor, torch.from_numpy(expected.astype(np.float32))), name
         tolerance = 0.0 if qtype == QType.F32 else 0.02
         torch.testing.assert_close(tensor, torch.from_numpy(hf[name]), atol=tolerance, rtol=0)
+
+
+def test_int4_blocks_load_as_stored(tmp_path):
+    # Q4_0 and Q4_1 blocks of the linear layers, q and k among them (whose rows llama.cpp permutes), come out as
+    # int4 weights that dequantize to the floats the plain path reads; every other tensor is unchanged.
+    path, _ = tiny_model(tmp_path, "llama", types={"blk.0.attn_q.weight": QType.Q4_0,
+                                                    "blk.0.attn_k.weight": QType.Q4_1})
+    floats, blocks = dict(iter_gguf_weights(path)), dict(iter_gguf_weights(path, int4_blocks=True))
+    quantized = {name for name, weight in blocks.items() if isinstance(weight, QuantizedWeight)}
+    assert quantized == {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"}
+    for name, weight in blocks.items():
+        if name in quantized:
+            assert (weight.scheme, weight.group_size, weight.shape) == (int4.SCHEME, 32, tuple(floats[name].shape))
+            weight = int4.dequantize(weight, torch.float32)
+        assert torch.equal(weight, floats[name]), name
+
+
+def test_a_merged_layer_is_quantized_only_when_all_its_shards_are_alike():
+    torch.manual_seed(0)
+    shards = {"q": torch.randn(32, 64), "k": torch.randn(16, 64), "v": torch.randn(16, 64)}
+
+    def loaded(quantized_shards: str) -> MergedLinear:
+        layer = MergedLinear(64, {name: w.shape[0] for name, w in shards.items()})
+        for name, weight in shards.items():
+            if name in quantized_shards:
+                layer.load_quantized(int4.quantize_weight(weight), name)
+            else:
+                layer.load_shard(layer.weight, weight, name)
+        layer.finish_loading(lambda weight: int4.dequantize(weight, torch.float32))
+        return layer
+
+    def dequantized(name: str) -> torch.Tensor:
+        return int4.dequantize(int4.quantize_weight(shards[name]), torch.float32)
+
+    whole = loaded("qkv")
+    assert whole.weight is None and whole.quantized.shape == (64, 64)
+    assert torch.equal(int4.dequantize(whole.quantized, torch.float32), torch.cat([dequantized(n) for n in "qkv"]))
+    mixed = loaded("qk")   # v is not quantized: the layer keeps a float weight
+    assert mixed.quantized is None
+    assert torch.equal(mixed.weight.data, torch.cat([dequantized("q"), dequantized("k"), shards["v"]]))
 
 
 def test_linear_rope_scaling(tmp_path):

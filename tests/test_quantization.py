@@ -1,6 +1,7 @@
-"""Online quantization (quantization="int8" or "int4"): the engine computes what a float32 transformers model
-given the scheme's arithmetic computes, SmolLM2 keeps its perplexity, and a scheme without a platform kernel is
-named at load. The int8 quantizer's rounding is here; int4's is in test_quantization_int4.py."""
+"""Online quantization (quantization="int8" or "int4") and a GGUF file's own int4 blocks ("gguf"): the engine
+computes what a float32 transformers model given the scheme's arithmetic computes, SmolLM2 keeps its perplexity,
+and a scheme without a platform kernel is named at load. The int8 quantizer's rounding is here; int4's is in
+test_quantization_int4.py."""
 from __future__ import annotations
 
 import functools
@@ -86,12 +87,34 @@ def test_logprobs_equal_transformers_given_the_schemes_arithmetic(tiny_model, ar
     assert ours == pytest.approx([expected[i - 1, token].item() for i, token in enumerate(ids) if i > 0], abs=1e-3)
 
 
-# int4's groups of 32 on 16 levels recover SmolLM2's own weights, which are Q4_1 blocks of that shape.
-@pytest.mark.parametrize("quantization, tolerance", [("int8", 0.05), ("int4", 0.02)])
+# int4's groups of 32 on 16 levels recover SmolLM2's own weights, which are Q4_1 blocks of that shape; "gguf" runs
+# those blocks as they are stored.
+@pytest.mark.parametrize("quantization, tolerance", [("int8", 0.05), ("int4", 0.02), ("gguf", 0.02)])
 def test_smollm2_perplexity_is_within_a_few_percent_of_float32(smollm2_path, quantization, tolerance):
     reference, quantized = smollm2_perplexity(smollm2_path, None), smollm2_perplexity(smollm2_path, quantization)
     assert 5 < reference < 30   # the model reads English
     assert quantized == pytest.approx(reference, rel=tolerance)
+
+
+def test_gguf_int4_blocks_compute_what_int4_recovers_from_them(smollm2_path):
+    # SmolLM2's Q4_1 blocks, run as stored, and online int4 on their dequantized floats (which recovers them
+    # exactly): the same weights on the same kernels, so the same logprobs, bit for bit.
+    prompt = [5, 17, 301, 44, 9, 250, 3, 88, 120, 7, 61, 372]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+
+    def run(quantization: str) -> tuple[list[int], list[float]]:
+        llm = LLM(smollm2_path, quantization=quantization, kv_cache_memory="64MiB", max_model_len=1024)
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        entries = out.prompt_logprobs[1:] + out.outputs[0].logprobs
+        return list(out.outputs[0].token_ids), [next(iter(entry.values())).logprob for entry in entries]
+
+    assert run("gguf") == run("int4")
+
+
+def test_gguf_quantization_needs_a_gguf_file(tiny_model):
+    with pytest.raises(ValueError, match=r"quantization='gguf' runs a \.gguf file's quantized blocks.*allowed for "
+                                         r"it: None, 'int4', 'int8'"):
+        LLM(tiny_model("qwen2"), quantization="gguf", kv_cache_memory="8MiB")
 
 
 def test_a_scheme_without_a_platform_kernel_warns_once_at_load(tiny_model, caplog):

@@ -63,10 +63,10 @@ class ModelRunner:
         if config.model.load_format == "dummy":
             fill_random(model, config.model.seed)
         else:
-            load_weights(model, checkpoint.weights())
+            load_weights(model, checkpoint.weights(config.model.quantization))
         self.model = model.to(self.dtype).eval()
         quantization = config.model.quantization
-        use_platform_kernels(self.model, kernel_factory(quantization, platform),
+        use_platform_kernels(self.model, kernel_factory(quantization, platform, self.dtype),
                              gate_up_kernel_factory(quantization, platform))
 
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]

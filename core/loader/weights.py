@@ -6,10 +6,16 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from kvserve.core.layers.linear import Linear
+from kvserve.core.quantization import int4
+from kvserve.plugins.interfaces import QuantizedWeight
+
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
+    """A QuantizedWeight (from GGUF's int4 blocks today) stays quantized in its Linear layer, which drops its float
+    weight, unless the layer's other shards are not quantized alike."""
     params = dict(model.named_parameters())
     mapping: dict[str, tuple[str, str]] = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
@@ -26,7 +32,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
         with torch.no_grad():
-            if shard is not None:
+            if isinstance(tensor, QuantizedWeight):
+                model.get_submodule(target.rpartition(".")[0]).load_quantized(tensor, shard)
+            elif shard is not None:
                 model.get_submodule(target.rpartition(".")[0]).load_shard(param, tensor, shard)
             elif param.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
@@ -38,6 +46,10 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
                      for name, shard in _expected(model) - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.finish_loading(lambda weight: int4.dequantize(weight, torch.float32))
 
 
 def _expected(model: nn.Module) -> set[tuple[str, str | None]]:

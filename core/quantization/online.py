@@ -1,31 +1,31 @@
-"""Online quantization (``quantization="int8"`` or ``"int4"``): each linear layer but the output head is quantized
-once its float weights are loaded, and runs on the platform's kernel for the scheme or on the portable reference."""
+"""The linear layers' kernels under a quantization method: online quantization (``quantization="int8"`` or
+``"int4"``) quantizes each linear layer but the output head once its float weights are loaded; a checkpoint's own
+quantized weights (``"gguf"``) arrive quantized. Either runs on the platform's kernel for its scheme, or on the
+portable reference."""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from kvserve.core.layers.linear import KernelFactory, LinearKernel
 from kvserve.core.log import logger
 from kvserve.core.quantization import int4, int8
+from kvserve.plugins.interfaces import QuantizedWeight
 from kvserve.plugins.manager import Platform
 
-SCHEMES = {"int8": (int8.quantize_weight, int8.reference_kernel),
-           "int4": (int4.quantize_weight, int4.reference_kernel)}
+QUANTIZERS = {"int8": int8.quantize_weight, "int4": int4.quantize_weight}
+REFERENCES = {int8.SCHEME: int8.reference_kernel, int4.SCHEME: int4.reference_kernel}
 UNQUANTIZED = ("lm_head",)   # as in vLLM, the output head keeps the model dtype: logits are the most sensitive
 
 
-def kernel_factory(quantization: str | None, platform: Platform) -> KernelFactory:
-    """make(layer name, loaded weight) -> the layer's kernel, or None to keep torch's linear."""
-    if quantization not in SCHEMES:
-        return lambda name, weight: platform.linear_kernel(weight)
-    quantize, reference = SCHEMES[quantization]
+def kernel_factory(quantization: str | None, platform: Platform, dtype: torch.dtype) -> KernelFactory:
+    """make(layer name, loaded float or quantized weight) -> the layer's kernel, or None to keep torch's linear;
+    ``dtype`` is the model's."""
     warned = False
 
-    def make(name: str, weight: torch.Tensor) -> LinearKernel | None:
+    def quant_kernel(quantized: QuantizedWeight) -> LinearKernel:
         nonlocal warned
-        if name.rsplit(".", 1)[-1] in UNQUANTIZED:
-            return platform.linear_kernel(weight)
-        quantized = quantize(weight)
         kernel = platform.quant_kernel(quantized)
         if kernel is not None:
             return kernel
@@ -33,7 +33,14 @@ def kernel_factory(quantization: str | None, platform: Platform) -> KernelFactor
             warned = True
             logger.warning("quantization %r runs on the portable reference on platform %r (no kernel for %s): "
                            "slower than the unquantized model", quantization, platform.name, quantized.scheme)
-        return reference(quantized)
+        return REFERENCES[quantized.scheme](quantized)
+
+    def make(name: str, weight: torch.Tensor | QuantizedWeight) -> LinearKernel | None:
+        if isinstance(weight, QuantizedWeight):
+            return quant_kernel(dataclasses.replace(weight, dtype=dtype))
+        if quantization not in QUANTIZERS or name.rsplit(".", 1)[-1] in UNQUANTIZED:
+            return platform.linear_kernel(weight)
+        return quant_kernel(QUANTIZERS[quantization](weight))
 
     return make
 
@@ -41,6 +48,6 @@ def kernel_factory(quantization: str | None, platform: Platform) -> KernelFactor
 def gate_up_kernel_factory(quantization: str | None, platform: Platform) -> KernelFactory:
     """make(layer name, loaded weight) -> a gate-up layer's kernel fused with its activation, or None; quantized
     layers keep the scheme's matmul."""
-    if quantization in SCHEMES:
+    if quantization in QUANTIZERS:
         return lambda name, weight: None
     return lambda name, weight: platform.gate_up_kernel(weight)
