@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from kvserve.kernels_cpu import native
+from kvserve.plugins.interfaces import QuantizedWeight
 
 # The batch size oneDNN picks the packed layout for: a decode step of a busy server. Other sizes still run.
 PACKING_BATCH_SIZE = 32
@@ -62,14 +63,25 @@ def int8_linear(qweight: torch.Tensor, scale: torch.Tensor
     return linear
 
 
-def int4_linear(qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
-                ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
-    """W4A16 for bfloat16 inputs on uint8 levels [out, in] with float16 scales and offsets per group: the levels
-    packed two to a byte and multiplied where they lie, each group's sums scaled once; None without AVX512-BF16
-    or unless the width and the group size are multiples of 16."""
-    ops = native.load()[0]
-    if ops is None or not ops.linear_int4_supported() or qweight.shape[1] % 16 or group_size % 16:
+def int4_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """W4A16 for bfloat16 inputs on a "w4a16_int4" weight: the levels packed two to a byte and multiplied where
+    they lie, each group's sums scaled once. Act-order inputs (``g_idx``) are gathered into their groups, the
+    weight's columns once and each input row at every call. None without AVX512-BF16, unless the width and the
+    group size are multiples of 16, or for groups of unequal sizes."""
+    ops, tensors, group_size = native.load()[0], weight.tensors, weight.group_size
+    if ops is None or not ops.linear_int4_supported() or weight.shape[1] % 16 or group_size % 16:
         return None
-    packed, scales = ops.pack_linear_int4(qweight, scale, offset, group_size)
-    linear_int4, out_features = native.op("linear_int4"), qweight.shape[0]
-    return lambda x, bias: linear_int4(x, packed, scales, bias, out_features, group_size)
+    qweight, order = tensors["qweight"], None
+    if "g_idx" in tensors:
+        order = torch.argsort(tensors["g_idx"], stable=True)
+        if not torch.equal(tensors["g_idx"][order].long(), torch.arange(weight.shape[1]) // group_size):
+            return None
+        qweight = qweight[:, order]
+    zero_points = "zero" in tensors
+    second = tensors["zero"] if zero_points else tensors["offset"]
+    packed, scales = ops.pack_linear_int4(qweight, tensors["scale"], second, group_size)
+    linear_int4, out_features = native.op("linear_int4"), weight.shape[0]
+    if order is None:
+        return lambda x, bias: linear_int4(x, packed, scales, bias, out_features, group_size, zero_points)
+    return lambda x, bias: linear_int4(x.index_select(-1, order), packed, scales, bias, out_features, group_size,
+                                       zero_points)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -195,8 +195,10 @@ class QuantizedWeight:
       activations are quantized per token at run time, symmetric with scale ``max|x| / 127``, and the product's
       integer sums are scaled by both scales.
     - ``"w4a16_int4"``: ``qweight`` uint8 ``[out, in]`` of values 0-15, and per group of ``group_size`` inputs
-      (input k in group k // group_size, the last group possibly shorter) ``scale`` and ``offset`` float16
-      ``[out, groups]``: weight = qweight * scale + offset; activations stay in the model dtype.
+      (input k in group k // group_size, the last group possibly shorter) ``scale`` float16 ``[out, groups]`` and
+      either ``offset`` float16 (weight = qweight * scale + offset: online int4, GGUF) or ``zero`` uint8 zero
+      points (weight = (qweight - zero) * scale: GPTQ, AWQ); with ``g_idx`` int ``[in]``, input k is in group
+      g_idx[k] instead (GPTQ's act-order). Activations stay in the model dtype.
     """
 
     scheme: str

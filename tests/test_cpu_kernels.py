@@ -1,6 +1,8 @@
 """The CPU platform's compiled fused ops agree with the torch references they replace."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -111,12 +113,20 @@ def test_linear_int8_equals_the_w8a8_reference(dtype, rows, out_features, in_fea
                     reason="the int4 linear kernel needs a CPU with AVX512-BF16")
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 300])   # each tile height's number of chains of sums
 @pytest.mark.parametrize("out_features,in_features,group_size", [(16, 64, 32), (40, 160, 128), (97, 576, 32)])
-def test_linear_int4_equals_the_dequantized_weight_times_x(rows, out_features, in_features, group_size):
+@pytest.mark.parametrize("variant", ["offset", "zero", "zero+g_idx"])   # Q4_1-like, GPTQ/AWQ, GPTQ act-order
+def test_linear_int4_equals_the_dequantized_weight_times_x(rows, out_features, in_features, group_size, variant):
     torch.manual_seed(rows + out_features)
     weight = int4.quantize_weight(torch.randn(out_features, in_features) * 0.1, group_size)   # 160: a short group
+    if variant != "offset":
+        groups = -(-in_features // group_size)
+        tensors = {"qweight": weight.tensors["qweight"], "scale": weight.tensors["scale"],
+                   "zero": torch.randint(0, 16, (out_features, groups), dtype=torch.uint8)}
+        if variant == "zero+g_idx":
+            tensors["g_idx"] = (torch.arange(in_features) // group_size)[torch.randperm(in_features)].int()
+        weight = dataclasses.replace(weight, tensors=tensors)
     bias = torch.randn(out_features, dtype=torch.bfloat16)
     x = torch.randn(2, rows, in_features + 16, dtype=torch.bfloat16)[..., :in_features]
-    kernel = int4_linear(*(weight.tensors[name] for name in ("qweight", "scale", "offset")), group_size)
+    kernel = int4_linear(weight)
     exact = x.double() @ int4.dequantize(weight, torch.float64).T
     for b in (None, bias):
         expected = (exact if b is None else exact + b.double()).bfloat16()
@@ -125,8 +135,10 @@ def test_linear_int4_equals_the_dequantized_weight_times_x(rows, out_features, i
 
 def test_int4_layers_the_kernel_cannot_take_keep_the_reference():
     for in_features, group_size in ((72, 24), (72, 32)):   # a group or a width that is not a multiple of 16
-        weight = int4.quantize_weight(torch.randn(32, in_features), group_size)
-        assert int4_linear(*(weight.tensors[name] for name in ("qweight", "scale", "offset")), group_size) is None
+        assert int4_linear(int4.quantize_weight(torch.randn(32, in_features), group_size)) is None
+    weight = int4.quantize_weight(torch.randn(32, 64))
+    uneven = torch.tensor([0] * 40 + [1] * 24, dtype=torch.int32)   # act-order groups of 40 and 24 inputs
+    assert int4_linear(dataclasses.replace(weight, tensors={**weight.tensors, "g_idx": uneven})) is None
 
 
 @pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_bf16_supported(),

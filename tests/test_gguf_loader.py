@@ -1,4 +1,5 @@
 """GGUF loading: the real SmolLM2 Q4_1 file against transformers, and tiny files written here."""
+import dataclasses
 import math
 import os
 from importlib import metadata
@@ -185,6 +186,23 @@ def test_a_merged_layer_is_quantized_only_when_all_its_shards_are_alike():
     mixed = loaded("qk")   # v is not quantized: the layer keeps a float weight
     assert mixed.quantized is None
     assert torch.equal(mixed.weight.data, torch.cat([dequantized("q"), dequantized("k"), shards["v"]]))
+
+
+def test_act_order_shards_join_when_they_order_their_input_alike():
+    torch.manual_seed(0)
+    order = (torch.arange(64) // 32)[torch.randperm(64)].int()
+
+    def joined(*orders: torch.Tensor):
+        layer = MergedLinear(64, {"gate": 16, "up": 16})
+        for shard, g_idx in zip(("gate", "up"), orders):
+            weight = int4.quantize_weight(torch.randn(16, 64))
+            layer.load_quantized(dataclasses.replace(weight, tensors={**weight.tensors, "g_idx": g_idx}), shard)
+        layer.finish_loading(lambda weight: int4.dequantize(weight, torch.float32))
+        return layer
+
+    alike = joined(order, order.clone())
+    assert torch.equal(alike.quantized.tensors["g_idx"], order) and alike.quantized.tensors["qweight"].shape == (32, 64)
+    assert joined(order, order.flip(0)).quantized is None   # each its own order: dequantized into a float weight
 
 
 def test_linear_rope_scaling(tmp_path):

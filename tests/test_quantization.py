@@ -12,6 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import quant_packers
+
 from kvserve import LLM, SamplingParams
 from kvserve.core.quantization import int4, int8
 from kvserve.kernels_cpu import native
@@ -70,16 +72,29 @@ def fake_int4(hf: torch.nn.Module) -> torch.nn.Module:
 FAKES = {"int8": fake_int8, "int4": fake_int4}
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def fake_checkpoint(hf: torch.nn.Module, path: str, name: str) -> torch.nn.Module:
+    """The float32 weights a GPTQ or AWQ checkpoint written by quant_packers stands for."""
+    for layer, (levels, zero, scale, g_idx) in quant_packers.quantized_layers(path, name).items():
+        hf.get_submodule(layer).weight.data = quant_packers.dequantized(levels, zero, scale, g_idx)
+    return hf
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4", *quant_packers.FORMATS])
 @pytest.mark.parametrize("architecture", ["llama-tied-gqa", "qwen2"])   # tied head; q/k/v biases
-def test_logprobs_equal_transformers_given_the_schemes_arithmetic(tiny_model, architecture, quantization):
+def test_logprobs_equal_transformers_given_the_schemes_arithmetic(tiny_model, tmp_path, architecture, quantization):
     path = tiny_model(architecture)
     prompt = [5, 17, 301, 44, 9, 250, 3, 88, 120, 7, 61, 372]
-    llm = LLM(path, dtype="float32", quantization=quantization, kv_cache_memory="8MiB")
+    if quantization in quant_packers.FORMATS:   # a checkpoint in the format: its quantization_config says so
+        llm = LLM(quant_packers.write_checkpoint(path, quantization, tmp_path / quantization), dtype="float32",
+                  kv_cache_memory="8MiB")
+        hf = fake_checkpoint(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), path,
+                             quantization)
+    else:
+        llm = LLM(path, dtype="float32", quantization=quantization, kv_cache_memory="8MiB")
+        hf = FAKES[quantization](AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0,
                                                 logprobs=0), use_tqdm=False)[0]
     ids = prompt + list(out.outputs[0].token_ids)
-    hf = FAKES[quantization](AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
     ours = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], prompt[1:])]
@@ -117,15 +132,18 @@ def test_gguf_quantization_needs_a_gguf_file(tiny_model):
         LLM(tiny_model("qwen2"), quantization="gguf", kv_cache_memory="8MiB")
 
 
-def test_a_scheme_without_a_platform_kernel_warns_once_at_load(tiny_model, caplog):
-    def warnings(dtype: str) -> list[str]:
+def test_a_scheme_without_a_platform_kernel_warns_once_at_load(tiny_model, tmp_path, caplog):
+    act_order = quant_packers.write_checkpoint(tiny_model("qwen2"), "gptq-desc-act", tmp_path / "gptq")
+
+    def warnings(dtype: str, path: str = tiny_model("qwen2"), quantization: str | None = "int4") -> list[str]:
         caplog.clear()
         with caplog.at_level("WARNING", logger="kvserve"):
-            LLM(tiny_model("qwen2"), dtype=dtype, quantization="int4", kv_cache_memory="8MiB")
+            LLM(path, dtype=dtype, quantization=quantization, kv_cache_memory="8MiB")
         return [r.getMessage() for r in caplog.records if "portable reference" in r.getMessage()]
 
-    # The CPU platform's int4 kernel takes bfloat16 activations only.
+    # The CPU platform's int4 kernel takes bfloat16 activations only, with offsets or zero points, act-order too.
     assert warnings("float32") == ["quantization 'int4' runs on the portable reference on platform 'cpu' (no "
                                    "kernel for w4a16_int4): slower than the unquantized model"]
+    assert len(warnings("float32", act_order, None)) == 1
     if native.load()[0] is not None and native.load()[0].linear_int4_supported():
-        assert warnings("bfloat16") == []
+        assert warnings("bfloat16") == warnings("bfloat16", act_order, None) == []

@@ -1,7 +1,6 @@
 """`kvserve bench throughput`: offline throughput on a random token-id workload that other engines can replay."""
 from __future__ import annotations
 
-import json
 import os
 import time
 

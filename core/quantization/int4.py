@@ -35,10 +35,19 @@ def quantize_weight(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Quant
                            group_size, weight.dtype)
 
 
+def groups_of_inputs(weight: QuantizedWeight) -> torch.Tensor:
+    """The group of each input: ``g_idx`` where a checkpoint reorders them (GPTQ's act-order), else k // group."""
+    if "g_idx" in weight.tensors:
+        return weight.tensors["g_idx"].long()
+    return torch.arange(weight.shape[1], device=weight.tensors["qweight"].device) // weight.group_size
+
+
 def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    qweight, scale, offset = (weight.tensors[name] for name in ("qweight", "scale", "offset"))
-    group = torch.arange(weight.shape[1], device=qweight.device) // weight.group_size
-    return (qweight.float() * scale[:, group].float() + offset[:, group].float()).to(dtype)
+    qweight, scale = weight.tensors["qweight"].float(), weight.tensors["scale"].float()
+    group = groups_of_inputs(weight)
+    if "zero" in weight.tensors:
+        return ((qweight - weight.tensors["zero"].float()[:, group]) * scale[:, group]).to(dtype)
+    return (qweight * scale[:, group] + weight.tensors["offset"].float()[:, group]).to(dtype)
 
 
 def reference_kernel(weight: QuantizedWeight):

@@ -1,8 +1,10 @@
-// W4A16 int4 linear layers on CPUs with AVX512-BF16: weight = level * scale + offset per group of inputs, levels
-// 0-15, float16 scales and offsets, bfloat16 activations. A level becomes the bfloat16 number 128 + level by one
+// W4A16 int4 linear layers on CPUs with AVX512-BF16: weight = level * scale + offset per group of inputs, or
+// (level - zero) * scale with integer zero points (GPTQ, AWQ), levels 0-15, float16 scales and offsets, bfloat16
+// activations. A level becomes the bfloat16 number 128 + level by one
 // bit operation (0x4300 is 128, and levels fill its low mantissa bits), so that vdpbf16ps sums a group's
 // x * (128 + level) exactly as it sums bfloat16 products; each group's sums then take its scale and offset:
-//   out += scale * sum + (offset - 128 * scale) * sum_x,   sum_x the group's sum of inputs.
+//   out += scale * sum + (offset - 128 * scale) * sum_x,   sum_x the group's sum of inputs,
+// where a zero point's offset - 128 * scale is -(128 + zero) * scale, exact in float32.
 // The weight is packed as [N / 16, K / 8, 32] 16-bit words: word 2j + i of a step holds, in its four nibbles,
 // output j's inputs 8 * step + 2t + i for t = 0..3, the input pairs that vdpbf16ps takes, four steps in one load.
 #include <cstring>
@@ -26,9 +28,10 @@ struct Int4Linear {
   const float* x_sums;      // [m, groups]
   int64_t groups, group_steps;
   const uint16_t* weight;   // packed
-  const uint16_t* scales;   // float16 [N / 16, groups, 2, 16]: each block's scales, then its offsets
+  const uint16_t* scales;   // float16 [N / 16, groups, 2, 16]: each block's scales, then its offsets or zeros
   const uint16_t* bias;     // bfloat16, or nullptr
   uint16_t* out;
+  bool zero_points;
 
   template <int R, int B>
   void tile(int64_t row, int64_t block, Prefetch prefetch) const {
@@ -76,10 +79,13 @@ struct Int4Linear {
         for (int a = 1; a < A; ++a) sums[r][0] = _mm512_add_ps(sums[r][0], sums[r][a]);
       const uint16_t* group_scales = scales + (block * groups + g) * 2 * kOutBlock;
       const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_scales)));
-      const __m512 offset =
+      const __m512 second =
           _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_scales + kOutBlock)));
       // offset - 128 * scale is exact in float32 unless the two are more than 2^13 apart
-      const __m512 shifted_offset = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), scale, offset);
+      const __m512 c128 = _mm512_set1_ps(128.f);
+      const __m512 shifted_offset = zero_points
+                                        ? _mm512_fnmadd_ps(_mm512_add_ps(second, c128), scale, _mm512_setzero_ps())
+                                        : _mm512_fnmadd_ps(c128, scale, second);
       for (int r = 0; r < R; ++r) {
         const __m512 sum_x = _mm512_set1_ps(x_sums[(row + r) * groups + g]);
         outs[r] = _mm512_fmadd_ps(shifted_offset, sum_x, _mm512_fmadd_ps(scale, sums[r][0], outs[r]));
@@ -113,7 +119,7 @@ torch::Tensor group_sums(const torch::Tensor& input, int64_t group, int64_t grou
 }  // namespace
 
 torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
-                          const c10::optional<torch::Tensor>& bias, int64_t n, int64_t group_size) {
+                          const c10::optional<torch::Tensor>& bias, int64_t n, int64_t group_size, bool zero_points) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_int4 takes bfloat16 inputs");
   TORCH_CHECK(packed.scalar_type() == at::kShort && packed.dim() == 3 && scales.scalar_type() == at::kHalf &&
               scales.dim() == 4, "linear_int4 takes a weight and scales from pack_linear_int4");
@@ -128,15 +134,16 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, c
   const auto sums = group_sums(input, group_size, groups);
   const Int4Linear kernel{ptr<const uint16_t>(input), input.stride(0), packed.size(1), n, ptr<const float>(sums),
                           groups, group_size / kStepInputs, ptr<const uint16_t>(packed), ptr<const uint16_t>(scales),
-                          bias ? ptr<const uint16_t>(b) : nullptr, ptr<uint16_t>(out)};
+                          bias ? ptr<const uint16_t>(b) : nullptr, ptr<uint16_t>(out), zero_points};
   for_each_tile(kernel, m, packed.size(0));
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   return out.view(sizes);
 }
 
+// `second` is the offsets (float16) or the zero points (integers) per output and group.
 std::vector<torch::Tensor> pack_linear_int4(const torch::Tensor& qweight, const torch::Tensor& scale,
-                                            const torch::Tensor& offset, int64_t group_size) {
+                                            const torch::Tensor& second, int64_t group_size) {
   const int64_t n = qweight.size(0), k = qweight.size(1), groups = scale.size(1);
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && k % kSumChunk == 0 &&
               group_size % kSumChunk == 0 && groups == (k + group_size - 1) / group_size,
@@ -151,7 +158,7 @@ std::vector<torch::Tensor> pack_linear_int4(const torch::Tensor& qweight, const 
   auto packed = empty_on_huge_pages(words.sizes(), words.options()).copy_(words);
   auto both = torch::zeros({2, blocks * kOutBlock, groups}, scale.options().dtype(at::kHalf));
   both[0].narrow(0, 0, n).copy_(scale);
-  both[1].narrow(0, 0, n).copy_(offset);
+  both[1].narrow(0, 0, n).copy_(second);
   auto packed_scales = both.view({2, blocks, kOutBlock, groups}).permute({1, 3, 0, 2}).contiguous();
   return {packed, packed_scales};
 }
@@ -161,7 +168,7 @@ bool linear_int4_supported() { return true; }
 #else
 
 torch::Tensor linear_int4(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                          const c10::optional<torch::Tensor>&, int64_t, int64_t) {
+                          const c10::optional<torch::Tensor>&, int64_t, int64_t, bool) {
   TORCH_CHECK(false, "linear_int4 needs a CPU with AVX512-BF16");
 }
 std::vector<torch::Tensor> pack_linear_int4(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,

@@ -93,8 +93,7 @@ def platform_quant_kernel(weight: QuantizedWeight):
     if weight.scheme == "w8a8_int8":
         return int8_linear(weight.tensors["qweight"], weight.tensors["scale"])
     if weight.scheme == "w4a16_int4" and weight.dtype == torch.bfloat16:
-        return int4_linear(weight.tensors["qweight"], weight.tensors["scale"], weight.tensors["offset"],
-                           weight.group_size)
+        return int4_linear(weight)
     return None
 
 @hookimpl
