@@ -1,8 +1,10 @@
-"""GPTQ and AWQ checkpoints: our packer (quant_packers) writes the documented layouts word for word, kvserve reads
-them back to the levels, zero points and scales they hold, and checkpoints it cannot read are clear errors. That
-the engine computes what transformers computes on their dequantized weights is in test_quantization.py."""
+"""GPTQ, AWQ and AutoRound checkpoints: our packer (quant_packers) writes the documented layouts word for word and
+kvserve reads them back to the levels, zero points and scales they hold; AutoRound's own exports (GPTQ and AWQ
+packings) read as the weights AutoRound means, and run as transformers runs those weights; checkpoints kvserve
+cannot read are clear errors. The packer's checkpoints on the engine are in test_quantization.py."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 import quant_packers
-from kvserve import LLM
+from kvserve import LLM, SamplingParams
 from kvserve.core.quantization import checkpoints, int4
 
 
@@ -55,7 +57,13 @@ def with_quantization_config(path: str, tmp_path, **config) -> str:
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"quant_method": "bitsandbytes"}, r"method 'bitsandbytes' is not supported; supported: 'gptq', 'awq'"),
+    ({"quant_method": "bitsandbytes"},
+     r"method 'bitsandbytes' is not supported; supported: 'gptq', 'awq', 'auto-round'"),
+    ({"quant_method": "auto-round", "bits": 4, "data_type": "nv_fp"},
+     r"data_type='nv_fp' are not supported; supported: 'int'"),
+    ({"quant_method": "auto-round", "bits": 4, "packing_format": "auto_round:llm_compressor"},
+     r"packing_format='auto_round:llm_compressor' are not supported; supported: 'auto_round:auto_gptq', "
+     r"'auto_round:auto_awq'"),
     ({"quant_method": "gptq", "bits": 8}, r"gptq checkpoints of 8 bits are not supported; supported: 4"),
     ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"},
      r"checkpoint_format='marlin' are not supported; supported: 'gptq', 'gptq_v2'"),
@@ -73,3 +81,72 @@ def test_quantization_must_name_the_checkpoints_own_method(qwen2_path, tmp_path)
     with pytest.raises(ValueError, match=r"quantization='gptq' reads a gptq checkpoint's layers; .* has no "
                                          r"quantization_config with quant_method 'gptq'"):
         LLM(qwen2_path, quantization="gptq", kv_cache_memory="8MiB")
+
+
+# (format, symmetric) -> where AutoRound saved it: each export of the same rounding, in the GPTQ or AWQ packing.
+AUTO_ROUND_EXPORTS = [("auto_round", True), ("auto_gptq", True), ("auto_round", False), ("auto_gptq", False),
+                      ("auto_awq", False)]
+
+
+@pytest.fixture(scope="module")
+def auto_round_exports(qwen2_path, tmp_path_factory) -> dict[tuple[str, bool], str]:
+    """The tiny qwen2 model quantized by AutoRound itself (round to nearest: no calibration data), saved in each of
+    its export formats."""
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exports = {}
+    for export_format, sym in AUTO_ROUND_EXPORTS:
+        model = AutoModelForCausalLM.from_pretrained(qwen2_path, dtype=torch.float32)
+        rounder = AutoRound(model, AutoTokenizer.from_pretrained(qwen2_path), bits=4, group_size=32, sym=sym, iters=0,
+                            disable_opt_rtn=True)
+        folder = tmp_path_factory.mktemp(f"{export_format}-{'sym' if sym else 'asym'}")
+        rounder.quantize_and_save(str(folder), format=export_format)
+        exports[export_format, sym] = str(next(folder.glob("*/config.json")).parent)
+    return exports
+
+
+def read_layers(path: str) -> dict[str, torch.Tensor]:
+    """Each quantized layer's weight, dequantized, as kvserve reads the checkpoint."""
+    with safe_open(f"{path}/model.safetensors", framework="pt") as f:
+        read = checkpoints.read_quantized(((key, f.get_tensor(key)) for key in f.keys()), AutoConfig.from_pretrained(path))
+        return {name.removesuffix(".weight"): int4.dequantize(weight, torch.float32)
+                for name, weight in read if not torch.is_tensor(weight)}
+
+
+def test_auto_round_exports_read_as_autorounds_own_dequantized_weights(auto_round_exports):
+    from transformers import AutoModelForCausalLM
+
+    # AutoRound's own layers (loaded by transformers through AutoRound's CPU backend, in float16) applied to the
+    # identity matrix give the weights it means (plus the bias, added in float16).
+    path = auto_round_exports["auto_round", True]
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu").eval()
+    ours = read_layers(path)
+    assert len(ours) == 14   # 2 layers of q, k, v, o, gate, up, down
+    for name, weight in ours.items():
+        layer = model.get_submodule(name)
+        with torch.no_grad():
+            theirs = layer(torch.eye(weight.shape[1], dtype=torch.float16))
+        expected = weight.T.half() + (layer.bias.half() if layer.bias is not None else 0)
+        assert torch.equal(theirs, expected), name
+    # Every export of the same rounding holds the same weights, whichever packing it uses.
+    for sym in (True, False):
+        layers = [read_layers(auto_round_exports[key]) for key in AUTO_ROUND_EXPORTS if key[1] == sym]
+        for other in layers[1:]:
+            assert other.keys() == layers[0].keys()
+            assert all(torch.equal(other[name], layers[0][name]) for name in other)
+
+
+@pytest.mark.parametrize("export", AUTO_ROUND_EXPORTS, ids=lambda key: f"{key[0]}-{'sym' if key[1] else 'asym'}")
+def test_auto_round_exports_compute_what_transformers_computes_on_their_weights(auto_round_exports, hf_model,
+                                                                                export):
+    path, prompt = auto_round_exports[export], [5, 17, 301, 44, 9, 250, 3, 88, 120, 7, 61, 372]
+    out = LLM(path, dtype="float32", kv_cache_memory="8MiB").generate(
+        [prompt], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    hf = copy.deepcopy(hf_model("qwen2"))
+    for name, weight in read_layers(path).items():
+        hf.get_submodule(name).weight.data = weight
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    ours = [next(iter(entry.values())).logprob for entry in out.prompt_logprobs[1:]]
+    assert ours == pytest.approx([expected[i - 1, token].item() for i, token in enumerate(prompt) if i > 0], abs=1e-3)

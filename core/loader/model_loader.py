@@ -70,7 +70,7 @@ class Checkpoint:
         if requested == "gguf" and not self.is_gguf:
             raise ValueError(f"quantization='gguf' runs a .gguf file's quantized blocks; {self.path!r} is a Hugging "
                              f"Face folder (allowed for it: None, 'int4', 'int8')")
-        if requested in checkpoints.PARTS and own is None:
+        if requested in checkpoints.METHODS and own is None:
             raise ValueError(f"quantization={requested!r} reads a {requested} checkpoint's layers; {self.path!r} has "
                              f"no quantization_config with quant_method {requested!r}")
         return own or requested
@@ -81,7 +81,7 @@ class Checkpoint:
         if self.is_gguf:
             yield from gguf.iter_gguf_weights(self.path, int4_blocks=quantization == "gguf")
             return
-        if quantization in checkpoints.PARTS:
+        if quantization in checkpoints.METHODS:
             yield from checkpoints.read_quantized(self._safetensors(), self.hf_config)
             return
         yield from self._safetensors()

@@ -4,8 +4,10 @@ import torch
 
 from kvserve.plugins.interfaces import QuantizedWeight
 
-# --quantization values; a GPTQ or AWQ checkpoint's own comes from its quantization_config.
+# --quantization values; a GPTQ, AWQ or AutoRound checkpoint's own comes from its quantization_config.
 METHODS = {
+    "auto-round": "AutoRound checkpoints (4 bits, its auto_round format in GPTQ or AWQ packing), read from its "
+                  "quantization_config",
     "awq": "AWQ checkpoints (AutoAWQ's 4-bit GEMM packing), read from the checkpoint's quantization_config",
     "gguf": "a GGUF file's Q4_0 and Q4_1 linear layers run as int4 weights, as stored (other types dequantized)",
     "gptq": "GPTQ checkpoints (4 bits, as AutoGPTQ and GPTQModel write them), read from its quantization_config",

@@ -22,6 +22,10 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # nibble j of a packed word holds output 
 NIBBLES = torch.arange(0, 32, 4, dtype=torch.int32)
 PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
 REQUIRED = ("qweight", "qzeros", "scales")
+# method -> (the config key naming its packing, the values kvserve reads, its default first)
+METHODS = {"gptq": ("checkpoint_format", ("gptq", "gptq_v2")), "awq": ("version", ("gemm",)),
+           "auto-round": ("packing_format", ("auto_round:auto_gptq", "auto_round:auto_awq"))}
+AUTO_ROUND_ZEROS_MINUS_ONE = True
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -30,24 +34,35 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def method_of(config) -> str | None:
-    """The checkpoint's quantization method ("gptq", "awq"), or None if it has no quantization_config; a method or
-    a variant kvserve does not read is a clear error."""
+    """The checkpoint's quantization method ("gptq", "awq", "auto-round"), or None if it has no
+    quantization_config; a method or a variant kvserve does not read is a clear error."""
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
         return None
     method = quantization.get("quant_method")
-    if method not in PARTS:
+    if method not in METHODS:
         raise ValueError(f"checkpoint quantization method {method!r} is not supported; supported: "
-                         f"{', '.join(map(repr, PARTS))}")
+                         f"{', '.join(map(repr, METHODS))}")
     if quantization.get("bits", 4) != 4:
         raise ValueError(f"{method} checkpoints of {quantization['bits']} bits are not supported; supported: 4")
-    formats = {"gptq": ("checkpoint_format", ("gptq", "gptq_v2")), "awq": ("version", ("gemm",))}
-    key, allowed = formats[method]
+    if quantization.get("data_type", "int") != "int":
+        raise ValueError(f"{method} checkpoints with data_type={quantization['data_type']!r} are not supported; "
+                         f"supported: 'int'")
+    layout_of(quantization)
+    return method
+
+
+def layout_of(quantization: dict) -> tuple[str, bool]:
+    """("gptq", whether zero points are stored minus one) or ("awq", False): how the layers are packed."""
+    method = quantization["quant_method"]
+    key, allowed = METHODS[method]
     value = str(quantization.get(key, allowed[0])).lower()
     if value not in allowed:
         raise ValueError(f"{method} checkpoints with {key}={value!r} are not supported; supported: "
                          f"{', '.join(map(repr, allowed))}")
-    return method
+    if method == "auto-round":
+        return ("awq", False) if "awq" in value else ("gptq", AUTO_ROUND_ZEROS_MINUS_ONE)
+    return (method, value == "gptq")
 
 
 def gptq_weight(parts: dict[str, torch.Tensor], group_size: int, zeros_minus_one: bool) -> QuantizedWeight:
@@ -79,9 +94,9 @@ def read_quantized(weights: Iterable[tuple[str, torch.Tensor]], config
                    ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """The checkpoint's tensors, each quantized layer's parts joined into one QuantizedWeight named
     ``<layer>.weight`` once all of them have been read."""
-    method = method_of(config)
-    quantization = config.quantization_config
-    parts_of = PARTS[method]
+    method, quantization = method_of(config), config.quantization_config
+    packing, zeros_minus_one = layout_of(quantization)
+    parts_of = PARTS[packing]
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in weights:
         layer, _, part = name.rpartition(".")
@@ -93,18 +108,19 @@ def read_quantized(weights: Iterable[tuple[str, torch.Tensor]], config
         if set(parts) != set(parts_of):
             continue
         del pending[layer]
-        yield f"{layer}.weight", build(method, parts, quantization)
+        yield f"{layer}.weight", build(packing, zeros_minus_one, parts, quantization)
     for layer, parts in pending.items():   # AutoAWQ writes no g_idx, and GPTQ checkpoints may not either
         missing = [part for part in REQUIRED if part not in parts]
         if missing:
             raise ValueError(f"{method} layer {layer!r} lacks {', '.join(missing)}")
-        yield f"{layer}.weight", build(method, parts, quantization)
+        yield f"{layer}.weight", build(packing, zeros_minus_one, parts, quantization)
 
 
-def build(method: str, parts: dict[str, torch.Tensor], quantization: dict) -> QuantizedWeight:
-    in_features = parts["qweight"].shape[0] * (8 if method == "gptq" else 1)
+def build(packing: str, zeros_minus_one: bool, parts: dict[str, torch.Tensor], quantization: dict
+          ) -> QuantizedWeight:
+    in_features = parts["qweight"].shape[0] * (8 if packing == "gptq" else 1)
     group_size = quantization.get("group_size", 128)
     group_size = in_features if group_size in (-1, None) else group_size
-    if method == "gptq":
-        return gptq_weight(parts, group_size, quantization.get("checkpoint_format", "gptq") == "gptq")
+    if packing == "gptq":
+        return gptq_weight(parts, group_size, zeros_minus_one)
     return awq_weight(parts, group_size)
