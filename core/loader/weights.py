@@ -14,8 +14,8 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
-    """A QuantizedWeight (from GGUF's int4 blocks today) stays quantized in its Linear layer, which drops its float
-    weight, unless the layer's other shards are not quantized alike."""
+    """A QuantizedWeight (GGUF's int4 blocks, a GPTQ, AWQ or AutoRound layer) stays quantized in its Linear layer,
+    which drops its float weight, unless the layer's other shards are not quantized alike."""
     params = dict(model.named_parameters())
     mapping: dict[str, tuple[str, str]] = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
