@@ -76,7 +76,8 @@ def test_checkpoints_kvserve_cannot_read_are_clear_errors(qwen2_path, tmp_path, 
 
 def test_quantization_must_name_the_checkpoints_own_method(qwen2_path, tmp_path):
     path = quant_packers.write_checkpoint(qwen2_path, "awq", tmp_path / "awq")
-    with pytest.raises(ValueError, match=r"holds an 'awq' quantization_config: quantization must be None or 'awq', got 'int8'"):
+    with pytest.raises(ValueError, match=r"holds an 'awq' quantization_config: quantization must be None or 'awq', "
+                                         r"got 'int8'"):
         LLM(path, quantization="int8", kv_cache_memory="8MiB")
     with pytest.raises(ValueError, match=r"quantization='gptq' reads a gptq checkpoint's layers; .* has no "
                                          r"quantization_config with quant_method 'gptq'"):
@@ -109,7 +110,8 @@ def auto_round_exports(qwen2_path, tmp_path_factory) -> dict[tuple[str, bool], s
 def read_layers(path: str) -> dict[str, torch.Tensor]:
     """Each quantized layer's weight, dequantized, as kvserve reads the checkpoint."""
     with safe_open(f"{path}/model.safetensors", framework="pt") as f:
-        read = checkpoints.read_quantized(((key, f.get_tensor(key)) for key in f.keys()), AutoConfig.from_pretrained(path))
+        tensors = ((key, f.get_tensor(key)) for key in f.keys())
+        read = checkpoints.read_quantized(tensors, AutoConfig.from_pretrained(path))
         return {name.removesuffix(".weight"): int4.dequantize(weight, torch.float32)
                 for name, weight in read if not torch.is_tensor(weight)}
 

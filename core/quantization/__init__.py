@@ -23,8 +23,9 @@ def join_shards(parts: list[QuantizedWeight], shape: tuple[int, int]) -> Quantiz
     are not alike: another scheme, group size or set of tensors, or different per-input tensors (GPTQ's act-order
     g_idx, which shards sharing an input share)."""
     first = parts[0]
+    kind = (first.scheme, first.group_size, first.tensors.keys())
     for part in parts[1:]:
-        if (part.scheme, part.group_size, part.tensors.keys()) != (first.scheme, first.group_size, first.tensors.keys()):
+        if (part.scheme, part.group_size, part.tensors.keys()) != kind:
             return None
         if any(not torch.equal(part.tensors[key], first.tensors[key]) for key in PER_INPUT if key in first.tensors):
             return None

@@ -1,5 +1,6 @@
 """Checkpoints that tools export already quantized (their ``quantization_config``): GPTQ, as AutoGPTQ and GPTQModel
-write it, and AWQ's GEMM packing, as AutoAWQ writes it; both 4 bits, read as "w4a16_int4" weights with zero points.
+write it, AWQ's GEMM packing, as AutoAWQ writes it, and AutoRound's auto_round format, in either packing; all 4
+bits, read as "w4a16_int4" weights with zero points.
 
 GPTQ (``checkpoint_format`` "gptq"): a layer's ``qweight`` int32 ``[in / 8, out]`` holds input 8i + j of output o
 in bits 4j to 4j + 3 of ``qweight[i, o]``; ``qzeros`` int32 ``[groups, out / 8]`` holds output 8i + j's zero point
@@ -25,7 +26,6 @@ REQUIRED = ("qweight", "qzeros", "scales")
 # method -> (the config key naming its packing, the values kvserve reads, its default first)
 METHODS = {"gptq": ("checkpoint_format", ("gptq", "gptq_v2")), "awq": ("version", ("gemm",)),
            "auto-round": ("packing_format", ("auto_round:auto_gptq", "auto_round:auto_awq"))}
-AUTO_ROUND_ZEROS_MINUS_ONE = True
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -60,8 +60,8 @@ def layout_of(quantization: dict) -> tuple[str, bool]:
     if value not in allowed:
         raise ValueError(f"{method} checkpoints with {key}={value!r} are not supported; supported: "
                          f"{', '.join(map(repr, allowed))}")
-    if method == "auto-round":
-        return ("awq", False) if "awq" in value else ("gptq", AUTO_ROUND_ZEROS_MINUS_ONE)
+    if method == "auto-round":   # its GPTQ packing stores zero points minus one, as GPTQ's own format does
+        return ("awq", False) if "awq" in value else ("gptq", True)
     return (method, value == "gptq")
 
 

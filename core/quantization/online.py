@@ -1,7 +1,7 @@
 """The linear layers' kernels under a quantization method: online quantization (``quantization="int8"`` or
 ``"int4"``) quantizes each linear layer but the output head once its float weights are loaded; a checkpoint's own
-quantized weights (``"gguf"``, GPTQ, AWQ, AutoRound) arrive quantized. Either runs on the platform's kernel for its scheme, or on the
-portable reference."""
+quantized weights (``"gguf"``, GPTQ, AWQ, AutoRound) arrive quantized. Either runs on the platform's kernel for
+its scheme, or on the portable reference."""
 from __future__ import annotations
 
 import dataclasses
