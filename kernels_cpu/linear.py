@@ -67,9 +67,12 @@ def int4_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tensor
     """W4A16 for bfloat16 inputs on a "w4a16_int4" weight: the levels packed two to a byte and multiplied where
     they lie, each group's sums scaled once. Act-order inputs (``g_idx``) are gathered into their groups, the
     weight's columns once and each input row at every call. None without AVX512-BF16, unless the width and the
-    group size are multiples of 16, or for groups of unequal sizes."""
+    group size are multiples of 16, for groups of unequal sizes, or for scales float16 does not hold exactly (the
+    kernel's)."""
     ops, tensors, group_size = native.load()[0], weight.tensors, weight.group_size
     if ops is None or not ops.linear_int4_supported() or weight.shape[1] % 16 or group_size % 16:
+        return None
+    if not torch.equal(tensors["scale"].half().to(tensors["scale"].dtype), tensors["scale"]):
         return None
     qweight, order = tensors["qweight"], None
     if "g_idx" in tensors:

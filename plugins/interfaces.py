@@ -195,10 +195,12 @@ class QuantizedWeight:
       activations are quantized per token at run time, symmetric with scale ``max|x| / 127``, and the product's
       integer sums are scaled by both scales.
     - ``"w4a16_int4"``: ``qweight`` uint8 ``[out, in]`` of values 0-15, and per group of ``group_size`` inputs
-      (input k in group k // group_size, the last group possibly shorter) ``scale`` float16 ``[out, groups]`` and
-      either ``offset`` float16 (weight = qweight * scale + offset: online int4, GGUF) or ``zero`` uint8 zero
-      points (weight = (qweight - zero) * scale: GPTQ, AWQ); with ``g_idx`` int ``[in]``, input k is in group
-      g_idx[k] instead (GPTQ's act-order). Activations stay in the model dtype.
+      (input k in group k // group_size, the last group possibly shorter) ``scale`` ``[out, groups]`` (float16, or
+      the float dtype a compressed-tensors checkpoint stores) and either ``offset`` float16 (weight = qweight *
+      scale + offset: online int4, GGUF) or ``zero`` integer zero points (weight = (qweight - zero) * scale: GPTQ,
+      AWQ, compressed-tensors); with ``g_idx`` int ``[in]``, input k is in group g_idx[k] instead (GPTQ's
+      act-order). Activations stay in the model dtype.
+    - ``"w8a16_int8"``: the same with values 0-255 (8-bit GPTQ, compressed-tensors W8A16).
     """
 
     scheme: str

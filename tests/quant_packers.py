@@ -1,10 +1,10 @@
 """GPTQ and AWQ checkpoints written here, as AutoGPTQ / GPTQModel and AutoAWQ lay them out (neither installs on a
-CPU-only machine): weights rounded to the nearest of 16 levels per group with integer zero points, then packed
-eight 4-bit values to an int32 by the documented layouts.
+CPU-only machine): weights rounded to the nearest of 2^b levels per group with integer zero points, then packed
+32 / b b-bit values to an int32 by the documented layouts.
 
-- GPTQ ("gptq" checkpoint format): ``qweight[i, o]`` holds input 8i + j of output o in bits 4j..4j+3;
-  ``qzeros[g, i]`` holds output 8i + j's zero point minus one likewise; ``scales`` [groups, out] float16;
-  ``g_idx`` [in] each input's group (a permutation of the groups with desc_act).
+- GPTQ ("gptq" checkpoint format, 4 or 8 bits): ``qweight[i, o]`` holds input (32 / b) i + j of output o in bits
+  b j..b j + b - 1; ``qzeros[g, i]`` holds output (32 / b) i + j's zero point minus one likewise; ``scales``
+  [groups, out] float16; ``g_idx`` [in] each input's group (a permutation of the groups with desc_act).
 - AWQ (GEMM): ``qweight[k, i]`` holds output 8i + (0, 2, 4, 6, 1, 3, 5, 7)[j] of input k in bits 4j..4j+3;
   ``qzeros`` the zero points likewise; ``scales`` [groups, out] float16; no g_idx.
 """
@@ -23,16 +23,18 @@ from safetensors.torch import save_file
 
 GROUP_SIZE = 32
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-FORMATS = {   # name -> (quant_method, desc_act)
-    "gptq": ("gptq", False),
-    "gptq-desc-act": ("gptq", True),
-    "awq": ("awq", False),
+FORMATS = {   # name -> (quant_method, desc_act, bits)
+    "gptq": ("gptq", False, 4),
+    "gptq-desc-act": ("gptq", True, 4),
+    "gptq-8bit-desc-act": ("gptq", True, 8),
+    "awq": ("awq", False, 4),
 }
 
 
-def round_to_levels(weight: torch.Tensor, g_idx: torch.Tensor):
+def round_to_levels(weight: torch.Tensor, g_idx: torch.Tensor, bits: int):
     """(levels [out, in], zero [out, groups], scale [out, groups] float16): each group from its min to its max,
-    zero points kept in 1..15 (GPTQ's format stores zero - 1 and has no room for -1)."""
+    zero points kept in 1..2^bits - 1 (GPTQ's format stores zero - 1 and has no room for -1)."""
+    top = (1 << bits) - 1
     out_features, in_features = weight.shape
     groups = int(g_idx.max()) + 1
     zero = torch.empty(out_features, groups)
@@ -42,10 +44,10 @@ def round_to_levels(weight: torch.Tensor, g_idx: torch.Tensor):
         members = g_idx == g
         w = weight[:, members].float()
         low, high = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
-        scale[:, g] = ((high - low) / 15).clamp(min=1e-4).half()
+        scale[:, g] = ((high - low) / top).clamp(min=1e-4).half()
         step = scale[:, g].float()[:, None]
-        zero[:, g] = torch.round(-low / step[:, 0]).clamp(1, 15)
-        levels[:, members] = torch.round(w / step + zero[:, g:g + 1]).clamp(0, 15)
+        zero[:, g] = torch.round(-low / step[:, 0]).clamp(1, top)
+        levels[:, members] = torch.round(w / step + zero[:, g:g + 1]).clamp(0, top)
     return levels.to(torch.uint8), zero.to(torch.uint8), scale
 
 
@@ -61,20 +63,21 @@ def group_indices(in_features: int, desc_act: bool, seed: int) -> torch.Tensor:
     return g_idx
 
 
-def pack_words(values: np.ndarray) -> np.ndarray:
-    """[..., 8] nibbles -> [...] int32, value j in bits 4j..4j+3."""
+def pack_words(values: np.ndarray, bits: int = 4) -> np.ndarray:
+    """[..., 32 / bits] values -> [...] int32, value j in bits ``bits * j`` on."""
     words = np.zeros(values.shape[:-1], np.uint32)
-    for j in range(8):
-        words |= values[..., j].astype(np.uint32) << np.uint32(4 * j)
+    for j in range(32 // bits):
+        words |= values[..., j].astype(np.uint32) << np.uint32(bits * j)
     return words.view(np.int32)
 
 
-def pack_gptq(levels, zero, scale, g_idx) -> dict[str, torch.Tensor]:
-    out_features, in_features = levels.shape
-    by_input = levels.numpy().T.reshape(in_features // 8, 8, out_features).transpose(0, 2, 1)
-    zeros_minus_one = (zero.numpy().T.astype(np.int64) - 1).reshape(zero.shape[1], out_features // 8, 8)
-    return {"qweight": torch.from_numpy(pack_words(by_input)), "qzeros": torch.from_numpy(pack_words(zeros_minus_one)),
-            "scales": scale.T.contiguous(), "g_idx": g_idx.int()}
+def pack_gptq(levels, zero, scale, g_idx, bits: int = 4) -> dict[str, torch.Tensor]:
+    (out_features, in_features), per_word = levels.shape, 32 // bits
+    by_input = levels.numpy().T.reshape(in_features // per_word, per_word, out_features).transpose(0, 2, 1)
+    zeros_minus_one = (zero.numpy().T.astype(np.int64) - 1).reshape(zero.shape[1], out_features // per_word, per_word)
+    return {"qweight": torch.from_numpy(pack_words(by_input, bits)),
+            "qzeros": torch.from_numpy(pack_words(zeros_minus_one, bits)), "scales": scale.T.contiguous(),
+            "g_idx": g_idx.int()}
 
 
 def pack_awq(levels, zero, scale) -> dict[str, torch.Tensor]:
@@ -88,7 +91,7 @@ def pack_awq(levels, zero, scale) -> dict[str, torch.Tensor]:
 def quantized_layers(path: str, name: str):
     """{layer: (levels, zero, scale, g_idx)} for every linear layer of a tiny checkpoint but its head. Layers that
     share their input share its order (as GPTQ's act-order, from the input's statistics, gives them)."""
-    _, desc_act = FORMATS[name]
+    _, desc_act, bits = FORMATS[name]
     layers = {}
     with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
         for tensor_name in sorted(f.keys()):
@@ -97,13 +100,13 @@ def quantized_layers(path: str, name: str):
                 same_input = re.sub(r"\.(q|k|v)_proj\.", ".qkv.", tensor_name)
                 same_input = re.sub(r"\.(gate|up)_proj\.", ".gate_up.", same_input)
                 g_idx = group_indices(weight.shape[1], desc_act, zlib.crc32(same_input.encode()))
-                layers[tensor_name.removesuffix(".weight")] = (*round_to_levels(weight, g_idx), g_idx)
+                layers[tensor_name.removesuffix(".weight")] = (*round_to_levels(weight, g_idx, bits), g_idx)
     return layers
 
 
 def write_checkpoint(path: str, name: str, destination: Path) -> str:
     """A copy of the checkpoint at ``path`` whose linear layers (the head aside) are in format ``name``."""
-    method, desc_act = FORMATS[name]
+    method, desc_act, bits = FORMATS[name]
     layers = quantized_layers(path, name)
     tensors = {}
     with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
@@ -113,12 +116,13 @@ def write_checkpoint(path: str, name: str, destination: Path) -> str:
                 tensors[tensor_name] = f.get_tensor(tensor_name)
                 continue
             levels, zero, scale, g_idx = layers[layer]
-            packed = pack_gptq(levels, zero, scale, g_idx) if method == "gptq" else pack_awq(levels, zero, scale)
+            packed = (pack_gptq(levels, zero, scale, g_idx, bits) if method == "gptq" else
+                      pack_awq(levels, zero, scale))
             tensors.update({f"{layer}.{part}": value for part, value in packed.items()})
     shutil.copytree(path, destination, ignore=shutil.ignore_patterns("*.safetensors"))
     save_file(tensors, str(destination / "model.safetensors"))
     config = json.loads((destination / "config.json").read_text())
-    config["quantization_config"] = ({"quant_method": "gptq", "bits": 4, "group_size": GROUP_SIZE,
+    config["quantization_config"] = ({"quant_method": "gptq", "bits": bits, "group_size": GROUP_SIZE,
                                       "desc_act": desc_act, "sym": False, "checkpoint_format": "gptq"}
                                      if method == "gptq" else
                                      {"quant_method": "awq", "bits": 4, "group_size": GROUP_SIZE, "zero_point": True,

@@ -16,7 +16,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from kvserve.core.layers.linear import MergedLinear
 from kvserve.core.layers.rotary import inverse_frequencies, rope_parameters
 from kvserve.core.loader.gguf import iter_gguf_weights, load_gguf_config, load_gguf_tokenizer
-from kvserve.core.quantization import int4
+from kvserve.core.quantization import dequantize, int4
 from kvserve.plugins.interfaces import QuantizedWeight
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -159,7 +159,7 @@ def test_int4_blocks_load_as_stored(tmp_path):
     for name, weight in blocks.items():
         if name in quantized:
             assert (weight.scheme, weight.group_size, weight.shape) == (int4.SCHEME, 32, tuple(floats[name].shape))
-            weight = int4.dequantize(weight, torch.float32)
+            weight = dequantize(weight, torch.float32)
         assert torch.equal(weight, floats[name]), name
 
 
@@ -174,15 +174,15 @@ def test_a_merged_layer_is_quantized_only_when_all_its_shards_are_alike():
                 layer.load_quantized(int4.quantize_weight(weight), name)
             else:
                 layer.load_shard(layer.weight, weight, name)
-        layer.finish_loading(lambda weight: int4.dequantize(weight, torch.float32))
+        layer.finish_loading(lambda weight: dequantize(weight, torch.float32))
         return layer
 
     def dequantized(name: str) -> torch.Tensor:
-        return int4.dequantize(int4.quantize_weight(shards[name]), torch.float32)
+        return dequantize(int4.quantize_weight(shards[name]), torch.float32)
 
     whole = loaded("qkv")
     assert whole.weight is None and whole.quantized.shape == (64, 64)
-    assert torch.equal(int4.dequantize(whole.quantized, torch.float32), torch.cat([dequantized(n) for n in "qkv"]))
+    assert torch.equal(dequantize(whole.quantized, torch.float32), torch.cat([dequantized(n) for n in "qkv"]))
     mixed = loaded("qk")   # v is not quantized: the layer keeps a float weight
     assert mixed.quantized is None
     assert torch.equal(mixed.weight.data, torch.cat([dequantized("q"), dequantized("k"), shards["v"]]))
@@ -197,7 +197,7 @@ def test_act_order_shards_join_when_they_order_their_input_alike():
         for shard, g_idx in zip(("gate", "up"), orders):
             weight = int4.quantize_weight(torch.randn(16, 64))
             layer.load_quantized(dataclasses.replace(weight, tensors={**weight.tensors, "g_idx": g_idx}), shard)
-        layer.finish_loading(lambda weight: int4.dequantize(weight, torch.float32))
+        layer.finish_loading(lambda weight: dequantize(weight, torch.float32))
         return layer
 
     alike = joined(order, order.clone())

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import quant_packers
 
 from kvserve import LLM, SamplingParams
-from kvserve.core.quantization import int4, int8
+from kvserve.core.quantization import dequantize, int4, int8
 from kvserve.kernels_cpu import native
 
 TEXT = Path(__file__).with_name("data") / "english.txt"
@@ -65,7 +65,7 @@ def fake_int4(hf: torch.nn.Module) -> torch.nn.Module:
     """The W4A16 arithmetic in float32: dequantized weights, inputs as they are."""
     for name, module in hf.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            module.weight.data = int4.dequantize(int4.quantize_weight(module.weight), torch.float32)
+            module.weight.data = dequantize(int4.quantize_weight(module.weight), torch.float32)
     return hf
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvserve.core.quantization.int4 import dequantize, quantize_weight
+from kvserve.core.quantization import dequantize
+from kvserve.core.quantization.int4 import quantize_weight
 
 
 @pytest.mark.parametrize("group_size", [32, 128])

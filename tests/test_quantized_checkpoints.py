@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 import quant_packers
 from kvserve import LLM, SamplingParams
-from kvserve.core.quantization import checkpoints, int4
+from kvserve.core.quantization import checkpoints, dequantize, grouped
 
 
 def test_packed_words_follow_the_documented_layouts():
@@ -29,6 +29,8 @@ def test_packed_words_follow_the_documented_layouts():
     assert word(gptq["qzeros"]) == 0x76543210    # output j's zero point minus one in bits 4j
     awq = quant_packers.pack_awq(levels, zero, scale)
     assert word(awq["qweight"]) == word(awq["qzeros"]) == 0x86427531   # outputs 0, 2, 4, 6, 1, 3, 5, 7 in bits 0, 4, ..
+    gptq8 = quant_packers.pack_gptq(levels, zero, scale, torch.zeros(32, dtype=torch.int32), bits=8)
+    assert word(gptq8["qweight"]) == 0x04030201 and word(gptq8["qzeros"]) == 0x03020100   # 8 bits each, 4 a word
 
 
 @pytest.mark.parametrize("name", list(quant_packers.FORMATS))
@@ -41,10 +43,11 @@ def test_a_checkpoint_reads_back_as_the_levels_it_holds(qwen2_path, tmp_path, na
     assert {key.removesuffix(".weight") for key, value in read.items() if not torch.is_tensor(value)} == set(layers)
     for layer, (levels, zero, scale, g_idx) in layers.items():
         weight = read[f"{layer}.weight"]
-        assert (weight.scheme, weight.group_size, weight.shape) == (int4.SCHEME, 32, tuple(levels.shape))
+        scheme = grouped.SCHEME_OF_BITS[quant_packers.FORMATS[name][2]]
+        assert (weight.scheme, weight.group_size, weight.shape) == (scheme, 32, tuple(levels.shape))
         assert torch.equal(weight.tensors["qweight"], levels) and torch.equal(weight.tensors["zero"], zero)
         assert torch.equal(weight.tensors["scale"], scale)
-        assert torch.equal(int4.groups_of_inputs(weight), g_idx)   # act-order's g_idx kept, plain groups implied
+        assert torch.equal(grouped.groups_of_inputs(weight), g_idx)   # act-order's g_idx kept, plain groups implied
 
 
 def with_quantization_config(path: str, tmp_path, **config) -> str:
@@ -56,18 +59,36 @@ def with_quantization_config(path: str, tmp_path, **config) -> str:
     return str(tmp_path)
 
 
+CT_W4A16 = {"targets": ["Linear"], "weights": {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 32,
+                                            "symmetric": True}}
+
+
 @pytest.mark.parametrize("config, message", [
     ({"quant_method": "bitsandbytes"},
-     r"method 'bitsandbytes' is not supported; supported: 'gptq', 'awq', 'auto-round'"),
+     r"method 'bitsandbytes' is not supported; supported: 'gptq', 'awq', 'auto-round', 'compressed-tensors'"),
     ({"quant_method": "auto-round", "bits": 4, "data_type": "nv_fp"},
      r"data_type='nv_fp' are not supported; supported: 'int'"),
     ({"quant_method": "auto-round", "bits": 4, "packing_format": "auto_round:llm_compressor"},
      r"packing_format='auto_round:llm_compressor' are not supported; supported: 'auto_round:auto_gptq', "
      r"'auto_round:auto_awq'"),
-    ({"quant_method": "gptq", "bits": 8}, r"gptq checkpoints of 8 bits are not supported; supported: 4"),
+    ({"quant_method": "gptq", "bits": 3}, r"gptq checkpoints of 3 bits are not supported; supported: 4, 8"),
+    ({"quant_method": "awq", "bits": 8}, r"awq checkpoints of 8 bits are not supported; supported: 4"),
     ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"},
      r"checkpoint_format='marlin' are not supported; supported: 'gptq', 'gptq_v2'"),
     ({"quant_method": "awq", "bits": 4, "version": "gemv"}, r"version='gemv' are not supported; supported: 'gemm'"),
+    ({"quant_method": "compressed-tensors", "format": "marlin-24", "config_groups": {"group_0": CT_W4A16}},
+     r"compressed-tensors checkpoints with format='marlin-24' are not supported; supported: 'pack-quantized', "
+     r"'int-quantized', 'naive-quantized'"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized",
+      "config_groups": {"group_0": {**CT_W4A16, "weights": {**CT_W4A16["weights"], "num_bits": 3}}}},
+     r"weights.num_bits=3 are not supported; supported: 4, 8"),
+    ({"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {"group_0": {
+        **CT_W4A16, "weights": {"type": "int", "num_bits": 8, "strategy": "channel", "symmetric": True},
+        "input_activations": {"type": "int", "num_bits": 8, "strategy": "tensor", "dynamic": False}}}},
+     r"input_activations .* are not supported; supported: none \(weight-only\), or with int-quantized 8-bit weights"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": CT_W4A16},
+      "kv_cache_scheme": {"type": "float", "num_bits": 8}},
+     r"compressed-tensors checkpoints with a kv_cache_scheme are not supported"),
 ])
 def test_checkpoints_kvserve_cannot_read_are_clear_errors(qwen2_path, tmp_path, config, message):
     with pytest.raises(ValueError, match=message):
@@ -112,7 +133,7 @@ def read_layers(path: str) -> dict[str, torch.Tensor]:
     with safe_open(f"{path}/model.safetensors", framework="pt") as f:
         tensors = ((key, f.get_tensor(key)) for key in f.keys())
         read = checkpoints.read_quantized(tensors, AutoConfig.from_pretrained(path))
-        return {name.removesuffix(".weight"): int4.dequantize(weight, torch.float32)
+        return {name.removesuffix(".weight"): dequantize(weight, torch.float32)
                 for name, weight in read if not torch.is_tensor(weight)}
 
 

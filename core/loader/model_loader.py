@@ -61,8 +61,8 @@ class Checkpoint:
         return AutoTokenizer.from_pretrained(override or self.path)
 
     def quantization(self, requested: str | None) -> str | None:
-        """The quantization method to run: the checkpoint's own (GPTQ, AWQ, AutoRound), which ``requested`` must
-        then name if it is given, else ``requested``."""
+        """The quantization method to run: the checkpoint's own (GPTQ, AWQ, AutoRound, compressed-tensors), which
+        ``requested`` must then name if it is given, else ``requested``."""
         own = None if self.is_gguf else checkpoints.method_of(self.hf_config)
         if own is not None and requested not in (None, own):
             raise ValueError(f"{self.path!r} holds an {own!r} quantization_config: quantization must be None or "
@@ -77,7 +77,7 @@ class Checkpoint:
 
     def weights(self, quantization: str | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """Name and tensor of every weight; with quantization="gguf", a GGUF file's int4 blocks as they are, and a
-        GPTQ, AWQ or AutoRound checkpoint's layers as quantized weights."""
+        GPTQ, AWQ, AutoRound or compressed-tensors checkpoint's layers as quantized weights."""
         if self.is_gguf:
             yield from gguf.iter_gguf_weights(self.path, int4_blocks=quantization == "gguf")
             return

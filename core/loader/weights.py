@@ -7,15 +7,15 @@ import torch
 from torch import nn
 
 from kvserve.core.layers.linear import Linear
-from kvserve.core.quantization import int4
+from kvserve.core.quantization import dequantize
 from kvserve.plugins.interfaces import QuantizedWeight
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
-    """A QuantizedWeight (GGUF's int4 blocks, a GPTQ, AWQ or AutoRound layer) stays quantized in its Linear layer,
-    which drops its float weight, unless the layer's other shards are not quantized alike."""
+    """A QuantizedWeight (GGUF's int4 blocks, a GPTQ, AWQ, AutoRound or compressed-tensors layer) stays quantized
+    in its Linear layer, which drops its float weight, unless the layer's other shards are not quantized alike."""
     params = dict(model.named_parameters())
     mapping: dict[str, tuple[str, str]] = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
@@ -49,7 +49,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, Linear):
-                module.finish_loading(lambda weight: int4.dequantize(weight, torch.float32))
+                module.finish_loading(lambda weight: dequantize(weight, torch.float32))
 
 
 def _expected(model: nn.Module) -> set[tuple[str, str | None]]:

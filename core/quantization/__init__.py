@@ -2,15 +2,19 @@
 reference matmul every platform gets. Kernels come from the platform (``platform_quant_kernel``)."""
 import torch
 
+from kvserve.core.quantization import grouped, int8
 from kvserve.plugins.interfaces import QuantizedWeight
 
-# --quantization values; a GPTQ, AWQ or AutoRound checkpoint's own comes from its quantization_config.
+# --quantization values; a GPTQ, AWQ, AutoRound or compressed-tensors checkpoint's own comes from its
+# quantization_config.
 METHODS = {
-    "auto-round": "AutoRound checkpoints (4 bits, its auto_round format in GPTQ or AWQ packing), read from its "
+    "auto-round": "AutoRound checkpoints (its auto_round format in GPTQ or AWQ packing), read from its "
                   "quantization_config",
     "awq": "AWQ checkpoints (AutoAWQ's 4-bit GEMM packing), read from the checkpoint's quantization_config",
+    "compressed-tensors": "compressed-tensors checkpoints as llm-compressor writes them (W4A16 and W8A16 "
+                          "pack-quantized, W8A8 int8), read from the checkpoint's quantization_config",
     "gguf": "a GGUF file's Q4_0 and Q4_1 linear layers run as int4 weights, as stored (other types dequantized)",
-    "gptq": "GPTQ checkpoints (4 bits, as AutoGPTQ and GPTQModel write them), read from its quantization_config",
+    "gptq": "GPTQ checkpoints (4 or 8 bits, as AutoGPTQ and GPTQModel write them), read from its quantization_config",
     "int4": "online W4A16: weights quantized at load in groups of 32 inputs (16 levels each), activations unquantized",
     "int8": "online W8A8: weights quantized per channel at load, activations per token at run time",
 }
@@ -32,3 +36,11 @@ def join_shards(parts: list[QuantizedWeight], shape: tuple[int, int]) -> Quantiz
     tensors = {key: first.tensors[key] if key in PER_INPUT else torch.cat([part.tensors[key] for part in parts])
                for key in first.tensors}
     return QuantizedWeight(first.scheme, tensors, shape, first.group_size)
+
+
+DEQUANTIZERS = {int8.SCHEME: int8.dequantize, grouped.W4A16: grouped.dequantize, grouped.W8A16: grouped.dequantize}
+
+
+def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight [out, in] that ``weight`` stands for."""
+    return DEQUANTIZERS[weight.scheme](weight, dtype)

@@ -1,15 +1,15 @@
-"""W4A16 int4: each output channel's inputs in groups of ``group_size`` (the last group may be shorter), each group
-spread over 16 levels from its smallest to its largest weight (a float16 scale and offset per group, as GGUF's
-Q4_1 rounds), round to nearest; activations stay in the model dtype. GPTQ and AWQ weights ((q - zero) * scale) and
-GGUF Q4_0 / Q4_1 blocks (d * q + m) are the same arithmetic once unpacked."""
+"""Online W4A16 int4 (the grouped scheme "w4a16_int4"): each output channel's inputs in groups of ``group_size``
+(the last group may be shorter), each group spread over 16 levels from its smallest to its largest weight (a
+float16 scale and offset per group, as GGUF's Q4_1 rounds), round to nearest; activations stay in the model
+dtype."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from kvserve.core.quantization.grouped import W4A16
 from kvserve.plugins.interfaces import QuantizedWeight
 
-SCHEME = "w4a16_int4"
+SCHEME = W4A16
 GROUP_SIZE = 32
 MIN_SCALE = 2.0 ** -24   # a group of equal weights still gets a scale: float16's smallest
 FLOAT16_MAX = 65504.0
@@ -33,27 +33,3 @@ def quantize_weight(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Quant
     qweight = q.view(out_features, -1)[:, :in_features].to(torch.uint8)
     return QuantizedWeight(SCHEME, {"qweight": qweight, "scale": scale, "offset": low}, (out_features, in_features),
                            group_size, weight.dtype)
-
-
-def groups_of_inputs(weight: QuantizedWeight) -> torch.Tensor:
-    """The group of each input: ``g_idx`` where a checkpoint reorders them (GPTQ's act-order), else k // group."""
-    if "g_idx" in weight.tensors:
-        return weight.tensors["g_idx"].long()
-    return torch.arange(weight.shape[1], device=weight.tensors["qweight"].device) // weight.group_size
-
-
-def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    qweight, scale = weight.tensors["qweight"].float(), weight.tensors["scale"].float()
-    group = groups_of_inputs(weight)
-    if "zero" in weight.tensors:
-        return ((qweight - weight.tensors["zero"].float()[:, group]) * scale[:, group]).to(dtype)
-    return (qweight * scale[:, group] + weight.tensors["offset"].float()[:, group]).to(dtype)
-
-
-def reference_kernel(weight: QuantizedWeight):
-    """The portable matmul: the layer's weight dequantized to the input's dtype at each call (only one layer's at a
-    time, so the model's memory stays quantized), then torch's linear."""
-    def linear(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, dequantize(weight, x.dtype), None if bias is None else bias.to(x.dtype))
-
-    return linear

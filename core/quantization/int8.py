@@ -24,6 +24,10 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x.float() / scale), scale
 
 
+def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    return (weight.tensors["qweight"].float() * weight.tensors["scale"].float()[:, None]).to(dtype)
+
+
 def reference_kernel(weight: QuantizedWeight):
     """The portable matmul: the integer products summed in float32, then both scales, as the kernels do."""
     qweight, scale = weight.tensors["qweight"], weight.tensors["scale"]

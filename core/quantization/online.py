@@ -1,7 +1,7 @@
 """The linear layers' kernels under a quantization method: online quantization (``quantization="int8"`` or
 ``"int4"``) quantizes each linear layer but the output head once its float weights are loaded; a checkpoint's own
-quantized weights (``"gguf"``, GPTQ, AWQ, AutoRound) arrive quantized. Either runs on the platform's kernel for
-its scheme, or on the portable reference."""
+quantized weights (``"gguf"``, GPTQ, AWQ, AutoRound, compressed-tensors) arrive quantized. Either runs on the
+platform's kernel for its scheme, or on the portable reference."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,12 +10,13 @@ import torch
 
 from kvserve.core.layers.linear import KernelFactory, LinearKernel
 from kvserve.core.log import logger
-from kvserve.core.quantization import int4, int8
+from kvserve.core.quantization import grouped, int4, int8
 from kvserve.plugins.interfaces import QuantizedWeight
 from kvserve.plugins.manager import Platform
 
 QUANTIZERS = {"int8": int8.quantize_weight, "int4": int4.quantize_weight}
-REFERENCES = {int8.SCHEME: int8.reference_kernel, int4.SCHEME: int4.reference_kernel}
+REFERENCES = {int8.SCHEME: int8.reference_kernel, grouped.W4A16: grouped.reference_kernel,
+              grouped.W8A16: grouped.reference_kernel}
 UNQUANTIZED = ("lm_head",)   # as in vLLM, the output head keeps the model dtype: logits are the most sensitive
 
 
