@@ -1,6 +1,6 @@
 """Linear layers with weights laid out once for the kernel that multiplies them: the C++ bfloat16 kernel on CPUs
-with AVX512-BF16, oneDNN's blocked layout otherwise, and the C++ kernels for W8A8 int8 (AVX512-VNNI) and W4A16
-int4 (AVX512-BF16)."""
+with AVX512-BF16, oneDNN's blocked layout otherwise, and the C++ kernels for W8A8 int8 (AVX512-VNNI) and
+weight-only W4A16 / W8A16 (AVX512-BF16)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -12,6 +12,7 @@ from kvserve.plugins.interfaces import QuantizedWeight
 
 # The batch size oneDNN picks the packed layout for: a decode step of a busy server. Other sizes still run.
 PACKING_BATCH_SIZE = 32
+GROUPED_BITS = {"w4a16_int4": 4, "w8a16_int8": 8}
 
 
 def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
@@ -63,14 +64,14 @@ def int8_linear(qweight: torch.Tensor, scale: torch.Tensor
     return linear
 
 
-def int4_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
-    """W4A16 for bfloat16 inputs on a "w4a16_int4" weight: the levels packed two to a byte and multiplied where
-    they lie, each group's sums scaled once. Act-order inputs (``g_idx``) are gathered into their groups, the
-    weight's columns once and each input row at every call. None without AVX512-BF16, unless the width and the
-    group size are multiples of 16, for groups of unequal sizes, or for scales float16 does not hold exactly (the
-    kernel's)."""
+def grouped_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """W4A16 or W8A16 for bfloat16 inputs on a "w4a16_int4" or "w8a16_int8" weight: the levels packed in nibbles
+    and multiplied where they lie, each group's sums scaled once. Act-order inputs (``g_idx``) are gathered into
+    their groups, the weight's columns once and each input row at every call. None without AVX512-BF16, unless the
+    width and the group size are multiples of 16, for groups of unequal sizes, or for scales float16 does not hold
+    exactly (the kernel's)."""
     ops, tensors, group_size = native.load()[0], weight.tensors, weight.group_size
-    if ops is None or not ops.linear_int4_supported() or weight.shape[1] % 16 or group_size % 16:
+    if ops is None or not ops.linear_grouped_supported() or weight.shape[1] % 16 or group_size % 16:
         return None
     if not torch.equal(tensors["scale"].half().to(tensors["scale"].dtype), tensors["scale"]):
         return None
@@ -80,11 +81,11 @@ def int4_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tensor
         if not torch.equal(tensors["g_idx"][order].long(), torch.arange(weight.shape[1]) // group_size):
             return None
         qweight = qweight[:, order]
-    zero_points = "zero" in tensors
+    zero_points, bits = "zero" in tensors, GROUPED_BITS[weight.scheme]
     second = tensors["zero"] if zero_points else tensors["offset"]
-    packed, scales = ops.pack_linear_int4(qweight, tensors["scale"], second, group_size)
-    linear_int4, out_features = native.op("linear_int4"), weight.shape[0]
+    packed, scales = ops.pack_linear_grouped(qweight, tensors["scale"], second, group_size, bits)
+    linear_grouped, out_features = native.op("linear_grouped"), weight.shape[0]
     if order is None:
-        return lambda x, bias: linear_int4(x, packed, scales, bias, out_features, group_size, zero_points)
-    return lambda x, bias: linear_int4(x.index_select(-1, order), packed, scales, bias, out_features, group_size,
-                                       zero_points)
+        return lambda x, bias: linear_grouped(x, packed, scales, bias, out_features, group_size, zero_points, bits)
+    return lambda x, bias: linear_grouped(x.index_select(-1, order), packed, scales, bias, out_features, group_size,
+                                          zero_points, bits)

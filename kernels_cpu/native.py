@@ -13,7 +13,7 @@ import torch
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [str(CSRC / name) for name in
-           ("paged_attention.cpp", "linear_bf16.cpp", "linear_int8.cpp", "linear_int4.cpp", "fused_ops.cpp",
+           ("paged_attention.cpp", "linear_bf16.cpp", "linear_int8.cpp", "linear_grouped.cpp", "fused_ops.cpp",
             "replay.cpp")]
 NAME = "kvserve_cpu_ops"
 DISABLE_ENV = "KVSERVE_CPU_NATIVE"   # "0" keeps the CPU platform on its torch implementations

@@ -10,7 +10,7 @@ from op_cases import TOLERANCE, check_argmax, check_rms_norm, check_rotary_on_st
 from kvserve.core.quantization import dequantize, int4
 from kvserve.core.quantization.int8 import quantize_weight, reference_kernel
 from kvserve.kernels_cpu import native
-from kvserve.kernels_cpu.linear import gate_up_linear, int4_linear, int8_linear, packed_linear
+from kvserve.kernels_cpu.linear import gate_up_linear, grouped_linear, int8_linear, packed_linear
 
 pytestmark = pytest.mark.skipif(native.load()[0] is None, reason=f"native kernels unavailable: {native.load()[1]}")
 CPU = torch.device("cpu")
@@ -109,19 +109,25 @@ def test_linear_int8_equals_the_w8a8_reference(dtype, rows, out_features, in_fea
         torch.testing.assert_close(kernel(x, b), reference(x, b), **TOLERANCE[dtype])
 
 
-@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_int4_supported(),
-                    reason="the int4 linear kernel needs a CPU with AVX512-BF16")
+@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_grouped_supported(),
+                    reason="the grouped linear kernel needs a CPU with AVX512-BF16")
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 300])   # each tile height's number of chains of sums
 @pytest.mark.parametrize("out_features,in_features,group_size", [(16, 64, 32), (40, 160, 128), (97, 576, 32)])
 # Q4_1-like, GPTQ/AWQ, GPTQ act-order, compressed-tensors (int32 zero points, bfloat16 scales)
 @pytest.mark.parametrize("variant", ["offset", "zero", "zero+g_idx", "zero+bf16"])
-def test_linear_int4_equals_the_dequantized_weight_times_x(rows, out_features, in_features, group_size, variant):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_grouped_linear_equals_the_dequantized_weight_times_x(rows, out_features, in_features, group_size, variant,
+                                                              bits):
     torch.manual_seed(rows + out_features)
     weight = int4.quantize_weight(torch.randn(out_features, in_features) * 0.1, group_size)   # 160: a short group
+    groups, top = -(-in_features // group_size), (1 << bits) - 1
+    if bits == 8:   # levels over the whole byte, at a sixteenth of the int4 step
+        weight = dataclasses.replace(weight, scheme="w8a16_int8", tensors={
+            **weight.tensors, "qweight": torch.randint(0, top + 1, (out_features, in_features), dtype=torch.uint8),
+            "scale": weight.tensors["scale"] / 16})
     if variant != "offset":
-        groups = -(-in_features // group_size)
         tensors = {"qweight": weight.tensors["qweight"], "scale": weight.tensors["scale"],
-                   "zero": torch.randint(0, 16, (out_features, groups), dtype=torch.uint8)}
+                   "zero": torch.randint(0, top + 2, (out_features, groups))}   # GPTQ's zero minus one, plus one
         if variant == "zero+g_idx":
             tensors["g_idx"] = (torch.arange(in_features) // group_size)[torch.randperm(in_features)].int()
         if variant == "zero+bf16":
@@ -129,21 +135,21 @@ def test_linear_int4_equals_the_dequantized_weight_times_x(rows, out_features, i
         weight = dataclasses.replace(weight, tensors=tensors)
     bias = torch.randn(out_features, dtype=torch.bfloat16)
     x = torch.randn(2, rows, in_features + 16, dtype=torch.bfloat16)[..., :in_features]
-    kernel = int4_linear(weight)
+    kernel = grouped_linear(weight)
     exact = x.double() @ dequantize(weight, torch.float64).T
     for b in (None, bias):
         expected = (exact if b is None else exact + b.double()).bfloat16()
         torch.testing.assert_close(kernel(x, b), expected, **TOLERANCE[torch.bfloat16])
 
 
-def test_int4_layers_the_kernel_cannot_take_keep_the_reference():
+def test_grouped_layers_the_kernel_cannot_take_keep_the_reference():
     for in_features, group_size in ((72, 24), (72, 32)):   # a group or a width that is not a multiple of 16
-        assert int4_linear(int4.quantize_weight(torch.randn(32, in_features), group_size)) is None
+        assert grouped_linear(int4.quantize_weight(torch.randn(32, in_features), group_size)) is None
     weight = int4.quantize_weight(torch.randn(32, 64))
     uneven = torch.tensor([0] * 40 + [1] * 24, dtype=torch.int32)   # act-order groups of 40 and 24 inputs
-    assert int4_linear(dataclasses.replace(weight, tensors={**weight.tensors, "g_idx": uneven})) is None
+    assert grouped_linear(dataclasses.replace(weight, tensors={**weight.tensors, "g_idx": uneven})) is None
     tiny = torch.full_like(weight.tensors["scale"], 1.2345e-7, dtype=torch.bfloat16)   # float16 rounds it
-    assert int4_linear(dataclasses.replace(weight, tensors={**weight.tensors, "scale": tiny})) is None
+    assert grouped_linear(dataclasses.replace(weight, tensors={**weight.tensors, "scale": tiny})) is None
 
 
 @pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_bf16_supported(),

@@ -134,6 +134,7 @@ def test_gguf_quantization_needs_a_gguf_file(tiny_model):
 
 def test_a_scheme_without_a_platform_kernel_warns_once_at_load(tiny_model, tmp_path, caplog):
     act_order = quant_packers.write_checkpoint(tiny_model("qwen2"), "gptq-desc-act", tmp_path / "gptq")
+    eight_bits = quant_packers.write_checkpoint(tiny_model("qwen2"), "gptq-8bit-desc-act", tmp_path / "gptq8")
 
     def warnings(dtype: str, path: str = tiny_model("qwen2"), quantization: str | None = "int4") -> list[str]:
         caplog.clear()
@@ -141,9 +142,11 @@ def test_a_scheme_without_a_platform_kernel_warns_once_at_load(tiny_model, tmp_p
             LLM(path, dtype=dtype, quantization=quantization, kv_cache_memory="8MiB")
         return [r.getMessage() for r in caplog.records if "portable reference" in r.getMessage()]
 
-    # The CPU platform's int4 kernel takes bfloat16 activations only, with offsets or zero points, act-order too.
+    # The CPU platform's int4 / int8 weight-only kernel takes bfloat16 activations only, with offsets or zero points,
+    # act-order too.
     assert warnings("float32") == ["quantization 'int4' runs on the portable reference on platform 'cpu' (no "
                                    "kernel for w4a16_int4): slower than the unquantized model"]
-    assert len(warnings("float32", act_order, None)) == 1
-    if native.load()[0] is not None and native.load()[0].linear_int4_supported():
+    assert len(warnings("float32", act_order, None)) == len(warnings("float32", eight_bits, None)) == 1
+    if native.load()[0] is not None and native.load()[0].linear_grouped_supported():
         assert warnings("bfloat16") == warnings("bfloat16", act_order, None) == []
+        assert warnings("bfloat16", eight_bits, None) == []

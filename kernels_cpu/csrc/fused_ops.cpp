@@ -201,8 +201,8 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.def("gate_up_bf16(Tensor x, Tensor packed, Tensor? bias, int intermediate_size) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor packed, Tensor shift, Tensor w_scales, Tensor? bias) -> Tensor");
-  m.def("linear_int4(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int out_features, int group_size, "
-        "bool zero_points) -> Tensor");
+  m.def("linear_grouped(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int out_features, int group_size, "
+        "bool zero_points, int bits) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> Tensor[]");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin) -> Tensor");
@@ -215,7 +215,7 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("gate_up_bf16", &gate_up_bf16);
   m.impl("linear_int8", &linear_int8);
-  m.impl("linear_int4", &linear_int4);
+  m.impl("linear_grouped", &linear_grouped);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_embedding", &rotary_embedding);
@@ -228,7 +228,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16_supported", &linear_bf16_supported, "whether this build has linear_bf16 (AVX512-BF16)");
   m.def("pack_linear_int8", &pack_linear_int8, "lay an int8 [out, in] weight out for linear_int8, with its shift");
   m.def("linear_int8_supported", &linear_int8_supported, "whether this build has linear_int8 (AVX512-VNNI)");
-  m.def("pack_linear_int4", &pack_linear_int4, "lay int4 levels, scales and offsets out for linear_int4");
-  m.def("linear_int4_supported", &linear_int4_supported, "whether this build has linear_int4 (AVX512-BF16)");
+  m.def("pack_linear_grouped", &pack_linear_grouped,
+        "lay int4 or int8 levels, scales and offsets or zero points out for linear_grouped");
+  m.def("linear_grouped_supported", &linear_grouped_supported,
+        "whether this build has linear_grouped (AVX512-BF16)");
   bind_replay(m);
 }

@@ -19,9 +19,10 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
                           const torch::Tensor& w_scales, const c10::optional<torch::Tensor>& bias);
 std::vector<torch::Tensor> pack_linear_int8(const torch::Tensor& qweight);
 bool linear_int8_supported();
-torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
-                          const c10::optional<torch::Tensor>& bias, int64_t n, int64_t group_size, bool zero_points);
-std::vector<torch::Tensor> pack_linear_int4(const torch::Tensor& qweight, const torch::Tensor& scale,
-                                            const torch::Tensor& second, int64_t group_size);
-bool linear_int4_supported();
+torch::Tensor linear_grouped(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                             const c10::optional<torch::Tensor>& bias, int64_t n, int64_t group_size,
+                             bool zero_points, int64_t bits);
+std::vector<torch::Tensor> pack_linear_grouped(const torch::Tensor& qweight, const torch::Tensor& scale,
+                                               const torch::Tensor& second, int64_t group_size, int64_t bits);
+bool linear_grouped_supported();
 void bind_replay(pybind11::module_& m);

@@ -1,12 +1,15 @@
-// W4A16 int4 linear layers on CPUs with AVX512-BF16: weight = level * scale + offset per group of inputs, or
-// (level - zero) * scale with integer zero points (GPTQ, AWQ), levels 0-15, float16 scales and offsets, bfloat16
-// activations. A level becomes the bfloat16 number 128 + level by one
-// bit operation (0x4300 is 128, and levels fill its low mantissa bits), so that vdpbf16ps sums a group's
-// x * (128 + level) exactly as it sums bfloat16 products; each group's sums then take its scale and offset:
-//   out += scale * sum + (offset - 128 * scale) * sum_x,   sum_x the group's sum of inputs,
-// where a zero point's offset - 128 * scale is -(128 + zero) * scale, exact in float32.
-// The weight is packed as [N / 16, K / 8, 32] 16-bit words: word 2j + i of a step holds, in its four nibbles,
-// output j's inputs 8 * step + 2t + i for t = 0..3, the input pairs that vdpbf16ps takes, four steps in one load.
+// Weight-only int4 and int8 linear layers (W4A16, W8A16) on CPUs with AVX512-BF16: weight = level * scale +
+// offset per group of inputs, or (level - zero) * scale with integer zero points (GPTQ, AWQ, compressed-tensors),
+// levels 0-15 or 0-255, float16 scales and offsets, bfloat16 activations. A 4-bit level (a nibble) becomes the
+// bfloat16 number 128 + level by one bit operation (0x4300 is 128, and levels fill its low mantissa bits), so that
+// vdpbf16ps sums a group's x * (128 + level) exactly as it sums bfloat16 products. An 8-bit level's low nibble
+// does the same, and its high nibble h becomes 2048 + 16 h (0x4500: at 2048 the mantissa's step is 16), so that the
+// two products sum x * (base + level) with base 2176. Each group's sums then take its scale and offset:
+//   out += scale * sum + (offset - base * scale) * sum_x,   sum_x the group's sum of inputs,
+// where a zero point's offset - base * scale is -(base + zero) * scale, exact in float32.
+// The weight is packed as [N / 16, K / 8 or K / 4, 32] 16-bit words: word 2j + i of a step holds, in its four
+// nibbles t = 0..3, output j's inputs 8 * step + 2t + i (4 bits), or nibble t % 2 of its input
+// 4 * step + 2 (t / 2) + i (8 bits): the input pairs that vdpbf16ps takes, four nibbles in one load.
 #include <cstring>
 
 #include "common.h"
@@ -18,11 +21,15 @@ namespace {
 
 using namespace kvserve;
 
-constexpr int kPairsPerStep = 4;   // a step's 64 bytes hold 4 input pairs of 16 outputs
-constexpr int kStepInputs = 2 * kPairsPerStep;
+constexpr int kNibblesPerWord = 4;
 constexpr int kSumChunk = 16;      // sum_x adds 16 inputs at a time
 
-struct Int4Linear {
+constexpr int64_t step_inputs(int bits) { return bits == 4 ? 8 : 4; }
+
+template <int Bits>
+struct GroupedLinear {
+  static constexpr float kBase = Bits == 4 ? 128.f : 2176.f;
+
   const uint16_t* x;
   int64_t x_stride, steps, n;
   const float* x_sums;      // [m, groups]
@@ -49,7 +56,8 @@ struct Int4Linear {
     if (bias) start = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                                               _mm256_maskz_loadu_epi16(valid, bias + first)), 16));
     for (int r = 0; r < R; ++r) outs[r] = start;
-    const __m512i low_nibble = _mm512_set1_epi16(0x000F), bf16_128 = _mm512_set1_epi16(0x4300);
+    const __m512i low_nibble = _mm512_set1_epi16(0x000F), bf16_128 = _mm512_set1_epi16(0x4300),
+                  bf16_2048 = _mm512_set1_epi16(0x4500);
     const uint16_t* words = weight + block * steps * 32;
     const uint16_t* rows = x + row * x_stride;
     for (int64_t g = 0; g < groups; ++g) {
@@ -63,14 +71,15 @@ struct Int4Linear {
         prefetch.step<PrefetchBlocks>(s);
         const __m512i packed = _mm512_loadu_si512(words + s * 32);
 #pragma GCC unroll 4
-        for (int t = 0; t < kPairsPerStep; ++t) {
-          // (packed >> 4t) & 0xF | 0x4300: the bfloat16 bits of 128 + level
+        for (int t = 0; t < kNibblesPerWord; ++t) {
+          // (packed >> 4t) & 0xF | 0x4300: the bfloat16 bits of 128 + nibble (2048 + 16 nibble for a high one)
+          const __m512i exponent = Bits == 8 && t % 2 ? bf16_2048 : bf16_128;
           const __m512bh w = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(packed, 4 * t), low_nibble,
-                                                                 bf16_128, 0xEA);
-          const int a = t % A;   // known at compile time: the sums stay in registers
+                                                                 exponent, 0xEA);
+          const int a = t % A, pair_index = Bits == 4 ? t : t / 2;   // known at compile time
           for (int r = 0; r < R; ++r) {
             int32_t pair;
-            std::memcpy(&pair, rows + r * x_stride + s * kStepInputs + 2 * t, sizeof(pair));
+            std::memcpy(&pair, rows + r * x_stride + s * step_inputs(Bits) + 2 * pair_index, sizeof(pair));
             sums[r][a] = _mm512_dpbf16_ps(sums[r][a], (__m512bh)_mm512_set1_epi32(pair), w);
           }
         }
@@ -81,11 +90,11 @@ struct Int4Linear {
       const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_scales)));
       const __m512 second =
           _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_scales + kOutBlock)));
-      // offset - 128 * scale is exact in float32 unless the two are more than 2^13 apart
-      const __m512 c128 = _mm512_set1_ps(128.f);
+      // offset - base * scale is exact in float32 unless the two are more than 2^13 apart
+      const __m512 base = _mm512_set1_ps(kBase);
       const __m512 shifted_offset = zero_points
-                                        ? _mm512_fnmadd_ps(_mm512_add_ps(second, c128), scale, _mm512_setzero_ps())
-                                        : _mm512_fnmadd_ps(c128, scale, second);
+                                        ? _mm512_fnmadd_ps(_mm512_add_ps(second, base), scale, _mm512_setzero_ps())
+                                        : _mm512_fnmadd_ps(base, scale, second);
       for (int r = 0; r < R; ++r) {
         const __m512 sum_x = _mm512_set1_ps(x_sums[(row + r) * groups + g]);
         outs[r] = _mm512_fmadd_ps(shifted_offset, sum_x, _mm512_fmadd_ps(scale, sums[r][0], outs[r]));
@@ -116,43 +125,61 @@ torch::Tensor group_sums(const torch::Tensor& input, int64_t group, int64_t grou
   return sums;
 }
 
+template <int Bits>
+void run_grouped(const torch::Tensor& input, const torch::Tensor& packed, const torch::Tensor& scales,
+                 const torch::Tensor& bias, torch::Tensor& out, int64_t group_size, bool zero_points) {
+  const int64_t n = out.size(1), groups = scales.size(1);
+  const auto sums = group_sums(input, group_size, groups);
+  const GroupedLinear<Bits> kernel{
+      ptr<const uint16_t>(input), input.stride(0), packed.size(1), n, ptr<const float>(sums), groups,
+      group_size / step_inputs(Bits), ptr<const uint16_t>(packed), ptr<const uint16_t>(scales),
+      bias.defined() ? ptr<const uint16_t>(bias) : nullptr, ptr<uint16_t>(out), zero_points};
+  for_each_tile(kernel, input.size(0), packed.size(0));
+}
+
 }  // namespace
 
-torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
-                          const c10::optional<torch::Tensor>& bias, int64_t n, int64_t group_size, bool zero_points) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_int4 takes bfloat16 inputs");
+torch::Tensor linear_grouped(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                             const c10::optional<torch::Tensor>& bias, int64_t n, int64_t group_size,
+                             bool zero_points, int64_t bits) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_grouped takes bfloat16 inputs");
   TORCH_CHECK(packed.scalar_type() == at::kShort && packed.dim() == 3 && scales.scalar_type() == at::kHalf &&
-              scales.dim() == 4, "linear_int4 takes a weight and scales from pack_linear_int4");
+              scales.dim() == 4 && (bits == 4 || bits == 8),
+              "linear_grouped takes a weight and scales from pack_linear_grouped, of 4 or 8 bits");
   auto input = x.reshape({-1, x.size(-1)});
   if (input.stride(1) != 1) input = input.contiguous();
   const int64_t m = input.size(0), k = input.size(1), groups = scales.size(1);
-  TORCH_CHECK(packed.size(1) * kStepInputs == k && packed.size(0) * kOutBlock >= n &&
+  TORCH_CHECK(packed.size(1) * step_inputs(bits) == k && packed.size(0) * kOutBlock >= n &&
               groups == (k + group_size - 1) / group_size,
-              "linear_int4: the input's width does not match the packed weight");
+              "linear_grouped: the input's width does not match the packed weight");
   auto b = bias ? bias->to(at::kBFloat16).contiguous() : torch::Tensor();
   auto out = torch::empty({m, n}, input.options());
-  const auto sums = group_sums(input, group_size, groups);
-  const Int4Linear kernel{ptr<const uint16_t>(input), input.stride(0), packed.size(1), n, ptr<const float>(sums),
-                          groups, group_size / kStepInputs, ptr<const uint16_t>(packed), ptr<const uint16_t>(scales),
-                          bias ? ptr<const uint16_t>(b) : nullptr, ptr<uint16_t>(out), zero_points};
-  for_each_tile(kernel, m, packed.size(0));
+  if (bits == 4) run_grouped<4>(input, packed, scales, b, out, group_size, zero_points);
+  else run_grouped<8>(input, packed, scales, b, out, group_size, zero_points);
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   return out.view(sizes);
 }
 
 // `second` is the offsets (float16) or the zero points (integers) per output and group.
-std::vector<torch::Tensor> pack_linear_int4(const torch::Tensor& qweight, const torch::Tensor& scale,
-                                            const torch::Tensor& second, int64_t group_size) {
+std::vector<torch::Tensor> pack_linear_grouped(const torch::Tensor& qweight, const torch::Tensor& scale,
+                                               const torch::Tensor& second, int64_t group_size, int64_t bits) {
   const int64_t n = qweight.size(0), k = qweight.size(1), groups = scale.size(1);
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && k % kSumChunk == 0 &&
-              group_size % kSumChunk == 0 && groups == (k + group_size - 1) / group_size,
-              "pack_linear_int4 takes uint8 levels [out, in] with in and the group size multiples of 16");
-  const int64_t blocks = (n + kOutBlock - 1) / kOutBlock, steps = k / kStepInputs;
+              group_size % kSumChunk == 0 && groups == (k + group_size - 1) / group_size && (bits == 4 || bits == 8),
+              "pack_linear_grouped takes uint8 levels [out, in] of 4 or 8 bits with in and the group size "
+              "multiples of 16");
+  const int64_t blocks = (n + kOutBlock - 1) / kOutBlock, steps = k / step_inputs(bits);
   auto levels = torch::zeros({blocks * kOutBlock, k}, qweight.options().dtype(at::kInt));
   levels.narrow(0, 0, n).copy_(qweight);
-  // [block, j, step, t, i] -> [block, step, j, i, t], then the four nibbles t of each word together
-  auto nibbles = levels.view({blocks, kOutBlock, steps, kPairsPerStep, 2}).permute({0, 2, 1, 4, 3});
+  torch::Tensor nibbles;   // [block, step, j, i, t]
+  if (bits == 4) {   // [block, j, step, t, i]
+    nibbles = levels.view({blocks, kOutBlock, steps, kNibblesPerWord, 2}).permute({0, 2, 1, 4, 3});
+  } else {   // [block, j, step, pair, i, half]: nibble t = 2 pair + half
+    auto halves = torch::stack({levels.bitwise_and(0xF), levels.__rshift__(4)}, -1)
+                      .view({blocks, kOutBlock, steps, 2, 2, 2});
+    nibbles = halves.permute({0, 2, 1, 4, 3, 5}).reshape({blocks, steps, kOutBlock, 2, kNibblesPerWord});
+  }
   auto nibble_values = torch::tensor({1, 1 << 4, 1 << 8, 1 << 12}, levels.options());
   auto words = (nibbles * nibble_values).sum(-1).to(at::kShort).reshape({blocks, steps, 2 * kOutBlock});
   auto packed = empty_on_huge_pages(words.sizes(), words.options()).copy_(words);
@@ -163,18 +190,18 @@ std::vector<torch::Tensor> pack_linear_int4(const torch::Tensor& qweight, const 
   return {packed, packed_scales};
 }
 
-bool linear_int4_supported() { return true; }
+bool linear_grouped_supported() { return true; }
 
 #else
 
-torch::Tensor linear_int4(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                          const c10::optional<torch::Tensor>&, int64_t, int64_t, bool) {
-  TORCH_CHECK(false, "linear_int4 needs a CPU with AVX512-BF16");
+torch::Tensor linear_grouped(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                             const c10::optional<torch::Tensor>&, int64_t, int64_t, bool, int64_t) {
+  TORCH_CHECK(false, "linear_grouped needs a CPU with AVX512-BF16");
 }
-std::vector<torch::Tensor> pack_linear_int4(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                            int64_t) {
-  TORCH_CHECK(false, "linear_int4 needs a CPU with AVX512-BF16");
+std::vector<torch::Tensor> pack_linear_grouped(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                               int64_t, int64_t) {
+  TORCH_CHECK(false, "linear_grouped needs a CPU with AVX512-BF16");
 }
-bool linear_int4_supported() { return false; }
+bool linear_grouped_supported() { return false; }
 
 #endif
