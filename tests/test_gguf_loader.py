@@ -16,7 +16,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from kvserve.core.layers.linear import MergedLinear
 from kvserve.core.layers.rotary import inverse_frequencies, rope_parameters
 from kvserve.core.loader.gguf import iter_gguf_weights, load_gguf_config, load_gguf_tokenizer
-from kvserve.core.quantization import dequantize, int4
+from kvserve.core.quantization import dequantize, grouped, int4
 from kvserve.plugins.interfaces import QuantizedWeight
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -148,17 +148,26 @@ def test_tiny_model_round_trips(tmp_path, arch, tied):
         torch.testing.assert_close(tensor, torch.from_numpy(hf[name]), atol=tolerance, rtol=0)
 
 
-def test_int4_blocks_load_as_stored(tmp_path):
-    # Q4_0 and Q4_1 blocks of the linear layers, q and k among them (whose rows llama.cpp permutes), come out as
-    # int4 weights that dequantize to the floats the plain path reads; every other tensor is unchanged.
-    path, _ = tiny_model(tmp_path, "llama", types={"blk.0.attn_q.weight": QType.Q4_0,
-                                                    "blk.0.attn_k.weight": QType.Q4_1})
-    floats, blocks = dict(iter_gguf_weights(path)), dict(iter_gguf_weights(path, int4_blocks=True))
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantized_blocks_load_as_stored(tmp_path, tied):
+    # Q4_0, Q4_1 and Q8_0 blocks of the linear layers and the head, q and k among them (whose rows llama.cpp
+    # permutes), come out as weights that dequantize to the floats the plain path reads; a tied head comes from the
+    # embedding's blocks, and the embedding stays float; every other tensor is unchanged.
+    types = {"token_embd.weight": QType.Q8_0, "blk.0.attn_q.weight": QType.Q4_0, "blk.0.attn_k.weight": QType.Q4_1}
+    path, _ = tiny_model(tmp_path, "llama", tied, types=types)
+    floats, blocks = dict(iter_gguf_weights(path)), dict(iter_gguf_weights(path, quantized_blocks=True))
+    stored = {hf_name: types.get(name, qtype) for name, (hf_name, _, qtype) in NAMES.items()}
+    if tied:
+        floats["lm_head.weight"], stored["lm_head.weight"] = floats["model.embed_tokens.weight"], QType.Q8_0
     quantized = {name for name, weight in blocks.items() if isinstance(weight, QuantizedWeight)}
-    assert quantized == {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"}
+    layers = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.down_proj")   # up_proj is bfloat16
+    assert quantized == {f"model.layers.0.{layer}.weight" for layer in layers} | {"lm_head.weight"}
+    assert blocks.keys() == floats.keys()
     for name, weight in blocks.items():
         if name in quantized:
-            assert (weight.scheme, weight.group_size, weight.shape) == (int4.SCHEME, 32, tuple(floats[name].shape))
+            scheme = grouped.W8A16 if stored[name] == QType.Q8_0 else grouped.W4A16
+            assert (weight.scheme, weight.group_size, weight.shape) == (scheme, 32, tuple(floats[name].shape))
             weight = dequantize(weight, torch.float32)
         assert torch.equal(weight, floats[name]), name
 

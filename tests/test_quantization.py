@@ -16,7 +16,9 @@ import quant_packers
 
 from kvserve import LLM, SamplingParams
 from kvserve.core.quantization import dequantize, int4, int8
+from kvserve.core.loader.gguf import iter_gguf_weights
 from kvserve.kernels_cpu import native
+from kvserve.plugins.interfaces import QuantizedWeight
 
 TEXT = Path(__file__).with_name("data") / "english.txt"
 
@@ -111,19 +113,17 @@ def test_smollm2_perplexity_is_within_a_few_percent_of_float32(smollm2_path, qua
     assert quantized == pytest.approx(reference, rel=tolerance)
 
 
-def test_gguf_int4_blocks_compute_what_int4_recovers_from_them(smollm2_path):
-    # SmolLM2's Q4_1 blocks, run as stored, and online int4 on their dequantized floats (which recovers them
-    # exactly): the same weights on the same kernels, so the same logprobs, bit for bit.
-    prompt = [5, 17, 301, 44, 9, 250, 3, 88, 120, 7, 61, 372]
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0, prompt_logprobs=0)
-
-    def run(quantization: str) -> tuple[list[int], list[float]]:
-        llm = LLM(smollm2_path, quantization=quantization, kv_cache_memory="64MiB", max_model_len=1024)
-        out = llm.generate([prompt], params, use_tqdm=False)[0]
-        entries = out.prompt_logprobs[1:] + out.outputs[0].logprobs
-        return list(out.outputs[0].token_ids), [next(iter(entry.values())).logprob for entry in entries]
-
-    assert run("gguf") == run("int4")
+def test_int4_recovers_smollm2s_q4_1_blocks_as_gguf_runs_them(smollm2_path):
+    # SmolLM2's Q4_1 layers as "gguf" runs them (the file's blocks) and as online int4 quantizes their dequantized
+    # floats: the same levels, scales and offsets, so the same weights on the same kernel.
+    floats = dict(iter_gguf_weights(smollm2_path))
+    blocks = [(name, weight) for name, weight in iter_gguf_weights(smollm2_path, quantized_blocks=True)
+              if isinstance(weight, QuantizedWeight) and weight.scheme == int4.SCHEME]
+    assert len(blocks) == 210   # 30 layers of q, k, v, o, gate, up, down
+    for name, weight in blocks:
+        recovered = int4.quantize_weight(floats[name])
+        assert recovered.tensors.keys() == weight.tensors.keys()
+        assert all(torch.equal(recovered.tensors[key], weight.tensors[key]) for key in weight.tensors), name
 
 
 def test_gguf_quantization_needs_a_gguf_file(tiny_model):

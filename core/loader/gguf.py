@@ -2,8 +2,9 @@
 
 Only dense Llama (with linear or llama3 rope scaling) and Qwen2 models are supported, with F32, F16, BF16, Q4_0,
 Q4_1 and Q8_0 tensors.
-Quantized tensors are dequantized to float32 on load, except that on request the linear layers' Q4_0 and Q4_1
-blocks become int4 weights as they are; names and layouts follow Hugging Face.
+Quantized tensors are dequantized to float32 on load, except that on request the linear layers' Q4_0, Q4_1 and
+Q8_0 blocks (the output head's too, a tied head's from the embedding's blocks) become int4 / int8 weight-only
+weights as they are; names and layouts follow Hugging Face.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import transformers
 from gguf import GGMLQuantizationType as QType
 
-from kvserve.core.quantization import int4
+from kvserve.core.quantization import grouped
 from kvserve.plugins.interfaces import QuantizedWeight
 
 ARCHITECTURES = {
@@ -27,8 +28,8 @@ ARCHITECTURES = {
     "qwen2": (transformers.Qwen2Config, "Qwen2ForCausalLM"),
 }
 SUPPORTED_TYPES = (QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q8_0)
-INT4_TYPES = (QType.Q4_0, QType.Q4_1)
-BLOCK_SIZE = 32   # inputs in a Q4_0 or Q4_1 block
+BLOCK_TYPES = {QType.Q4_0: grouped.W4A16, QType.Q4_1: grouped.W4A16, QType.Q8_0: grouped.W8A16}
+BLOCK_SIZE = 32   # inputs in a Q4_0, Q4_1 or Q8_0 block
 
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -93,12 +94,16 @@ def load_gguf_config(path: str) -> transformers.PretrainedConfig:
     return config_cls(**kwargs)
 
 
-def iter_gguf_weights(path: str, int4_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
-    """HF names and float32 tensors; with ``int4_blocks``, the linear layers' Q4_0 and Q4_1 weights as int4 ones."""
+def iter_gguf_weights(path: str, quantized_blocks: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """HF names and float32 tensors; with ``quantized_blocks``, the linear layers' and the output head's Q4_0,
+    Q4_1 and Q8_0 weights as they are stored (a head tied to the embedding as the embedding's blocks, while the
+    embedding itself stays float)."""
     reader = _open(path)
     arch = _arch(reader)
     num_heads = _field(reader, f"{arch}.attention.head_count")
     num_kv_heads = _field(reader, f"{arch}.attention.head_count_kv", num_heads)
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":   # part of the config (rope_freq_factors), not a weight
             continue
@@ -107,8 +112,12 @@ def iter_gguf_weights(path: str, int4_blocks: bool = False) -> Iterator[tuple[st
             raise ValueError(f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, supported: "
                              f"{', '.join(q.name for q in SUPPORTED_TYPES)}")
         shape = tuple(int(d) for d in reversed(t.shape))
-        if int4_blocks and t.tensor_type in INT4_TYPES and name.endswith("_proj.weight"):
-            tensors = int4_levels(t.data, t.tensor_type, shape)
+        as_blocks = quantized_blocks and t.tensor_type in BLOCK_TYPES
+        if as_blocks and tied and name == "model.embed_tokens.weight":
+            yield "lm_head.weight", QuantizedWeight(BLOCK_TYPES[t.tensor_type], block_levels(t.data, t.tensor_type,
+                                                                                            shape), shape, BLOCK_SIZE)
+        if as_blocks and name.endswith(("_proj.weight", "lm_head.weight")):
+            tensors = block_levels(t.data, t.tensor_type, shape)
         else:
             tensors = {"": torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
                        .reshape(shape)}
@@ -121,17 +130,22 @@ def iter_gguf_weights(path: str, int4_blocks: bool = False) -> Iterator[tuple[st
         if "" in tensors:
             yield name, tensors[""]
         else:
-            yield name, QuantizedWeight(int4.SCHEME, tensors, shape, BLOCK_SIZE)
+            yield name, QuantizedWeight(BLOCK_TYPES[t.tensor_type], tensors, shape, BLOCK_SIZE)
 
 
-def int4_levels(data: np.ndarray, qtype: QType, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """A Q4_0 or Q4_1 tensor's blocks as int4's levels, scales and offsets. A Q4_1 block is a float16 scale d and
-    minimum m, then 16 bytes of levels (weight = d * level + m); a Q4_0 block has no m (weight = d * (level - 8)).
-    Byte j holds inputs j (low nibble) and j + 16 (high nibble)."""
+def block_levels(data: np.ndarray, qtype: QType, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """A Q4_0, Q4_1 or Q8_0 tensor's blocks of 32 inputs as levels, scales and offsets. Each starts with a float16
+    scale d. A Q4_1 block has a float16 minimum m, then 16 bytes of levels (weight = d * level + m), a Q4_0 block
+    the 16 bytes (weight = d * (level - 8)); byte j holds inputs j (low nibble) and j + 16 (high nibble). A Q8_0
+    block has 32 signed bytes q (weight = d * q, here the level q + 128 less the zero point 128)."""
     out_features, in_features = shape
     blocks = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True))   # the file is mapped read-only
     blocks = blocks.reshape(out_features, in_features // BLOCK_SIZE, -1)
     scale = blocks[..., :2].contiguous().view(torch.float16)[..., 0]
+    if qtype == QType.Q8_0:
+        levels = (blocks[..., 2:].contiguous().view(torch.int8).int() + 128).to(torch.uint8)
+        return {"qweight": levels.reshape(out_features, in_features), "scale": scale,
+                "zero": torch.full(scale.shape, 128, dtype=torch.int32)}
     if qtype == QType.Q4_1:
         offset, levels = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0], blocks[..., 4:]
     else:

@@ -76,10 +76,10 @@ class Checkpoint:
         return own or requested
 
     def weights(self, quantization: str | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
-        """Name and tensor of every weight; with quantization="gguf", a GGUF file's int4 blocks as they are, and a
-        GPTQ, AWQ, AutoRound or compressed-tensors checkpoint's layers as quantized weights."""
+        """Name and tensor of every weight; with quantization="gguf", a GGUF file's quantized blocks as they are,
+        and a GPTQ, AWQ, AutoRound or compressed-tensors checkpoint's layers as quantized weights."""
         if self.is_gguf:
-            yield from gguf.iter_gguf_weights(self.path, int4_blocks=quantization == "gguf")
+            yield from gguf.iter_gguf_weights(self.path, quantized_blocks=quantization == "gguf")
             return
         if quantization in checkpoints.METHODS:
             yield from checkpoints.read_quantized(self._safetensors(), self.hf_config)

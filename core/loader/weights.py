@@ -21,19 +21,22 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[tuple[str, str | None]] = set()
     for name, tensor in weights:
-        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+        quantized = isinstance(tensor, QuantizedWeight)
+        # A tied head shares the embedding's parameter, unless the checkpoint quantized it (GGUF's blocks).
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and not quantized):
             continue
         target, shard = name, None
         for source, (packed, shard_id) in mapping.items():
             if f".{source}." in name:
                 target, shard = name.replace(f".{source}.", f".{packed}."), shard_id
                 break
+        module = _module_of(model, target) if quantized else None
         param = params.get(target)
-        if param is None:
+        if param is None and not isinstance(module, Linear):
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
         with torch.no_grad():
-            if isinstance(tensor, QuantizedWeight):
-                model.get_submodule(target.rpartition(".")[0]).load_quantized(tensor, shard)
+            if quantized:
+                module.load_quantized(tensor, shard)
             elif shard is not None:
                 model.get_submodule(target.rpartition(".")[0]).load_shard(param, tensor, shard)
             elif param.shape != tensor.shape:
@@ -50,6 +53,13 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
         for module in model.modules():
             if isinstance(module, Linear):
                 module.finish_loading(lambda weight: dequantize(weight, torch.float32))
+
+
+def _module_of(model: nn.Module, parameter: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(parameter.rpartition(".")[0])
+    except AttributeError:
+        return None
 
 
 def _expected(model: nn.Module) -> set[tuple[str, str | None]]:
