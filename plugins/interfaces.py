@@ -200,7 +200,12 @@ class QuantizedWeight:
       scale + offset: online int4, GGUF) or ``zero`` integer zero points (weight = (qweight - zero) * scale: GPTQ,
       AWQ, compressed-tensors); with ``g_idx`` int ``[in]``, input k is in group g_idx[k] instead (GPTQ's
       act-order). Activations stay in the model dtype.
-    - ``"w8a16_int8"``: the same with values 0-255 (8-bit GPTQ, compressed-tensors W8A16).
+    - ``"w8a16_int8"``: the same with values 0-255 (8-bit GPTQ, compressed-tensors W8A16, GGUF Q8_0).
+    - ``"w8a8_fp8"``: ``weight`` float8_e4m3fn ``[out, in]`` and ``scale`` float32, ``[out]`` or ``[out, ceil(in /
+      group_size)]`` (weight = weight * scale); activations are quantized to e4m3 at run time, with the static
+      ``input_scale`` float32 ``[]`` if there is one, else per token (or per group of ``group_size`` inputs) with
+      scale ``max|x| / 448``, and the products summed in float32. ``"w8a16_fp8"``: the same weights, activations
+      in the model dtype.
     """
 
     scheme: str

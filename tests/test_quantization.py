@@ -1,7 +1,7 @@
-"""Online quantization (quantization="int8" or "int4") and a GGUF file's own int4 blocks ("gguf"): the engine
+"""Online quantization (quantization="int8", "int4" or "fp8") and a GGUF file's own blocks ("gguf"): the engine
 computes what a float32 transformers model given the scheme's arithmetic computes, SmolLM2 keeps its perplexity,
-and a scheme without a platform kernel is named at load. The int8 quantizer's rounding is here; int4's is in
-test_quantization_int4.py."""
+and a scheme without a platform kernel is named at load. The int8 and fp8 quantizers' rounding is here; int4's is
+in test_quantization_int4.py."""
 from __future__ import annotations
 
 import functools
@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import quant_packers
 
 from kvserve import LLM, SamplingParams
-from kvserve.core.quantization import dequantize, int4, int8
+from kvserve.core.quantization import dequantize, fp8, int4, int8
 from kvserve.core.loader.gguf import iter_gguf_weights
 from kvserve.kernels_cpu import native
 from kvserve.plugins.interfaces import QuantizedWeight
@@ -48,6 +48,18 @@ def test_weights_round_to_the_nearest_step_of_their_channel():
     assert (error <= scale[:, None] / 2 + 1e-7).all()
 
 
+def test_fp8_weights_take_their_channels_scale():
+    torch.manual_seed(0)
+    weight = torch.randn(24, 40) * torch.linspace(0.01, 3, 24)[:, None]
+    quantized = fp8.quantize_weight(weight)
+    stored, scale = quantized.tensors["weight"], quantized.tensors["scale"]
+    assert quantized.scheme == "w8a8_fp8" and stored.dtype == torch.float8_e4m3fn and scale.shape == (24,)
+    assert stored.float().abs().amax(dim=1).tolist() == [448.0] * 24   # each channel's largest weight at e4m3's max
+    relative = (dequantize(quantized, torch.float32) - weight).abs() / weight.abs()
+    normal = weight.abs() >= scale[:, None] * 2 ** -6   # e4m3's smallest normal number, 2^-6
+    assert relative[normal].max() <= 2 ** -4   # 3 mantissa bits: half a step is at most 1/16 of a normal number
+
+
 def rounded_to_int8_steps(module, args):
     q, scale = int8.quantize_tokens(args[0])
     return (q * scale,)
@@ -71,7 +83,17 @@ def fake_int4(hf: torch.nn.Module) -> torch.nn.Module:
     return hf
 
 
-FAKES = {"int8": fake_int8, "int4": fake_int4}
+def fake_fp8(hf: torch.nn.Module) -> torch.nn.Module:
+    """The online FP8 arithmetic in float32: dequantized weights, inputs rounded to their row's e4m3 steps."""
+    for name, module in hf.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            quantized = fp8.quantize_weight(module.weight)
+            module.weight.data = dequantize(quantized, torch.float32)
+            module.register_forward_pre_hook(lambda m, args, q=quantized: (fp8.fake_quantize_inputs(q, args[0]),))
+    return hf
+
+
+FAKES = {"int8": fake_int8, "int4": fake_int4, "fp8": fake_fp8}
 
 
 def fake_checkpoint(hf: torch.nn.Module, path: str, name: str) -> torch.nn.Module:
@@ -81,7 +103,7 @@ def fake_checkpoint(hf: torch.nn.Module, path: str, name: str) -> torch.nn.Modul
     return hf
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4", *quant_packers.FORMATS])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "fp8", *quant_packers.FORMATS])
 @pytest.mark.parametrize("architecture", ["llama-tied-gqa", "qwen2"])   # tied head; q/k/v biases
 def test_logprobs_equal_transformers_given_the_schemes_arithmetic(tiny_model, tmp_path, architecture, quantization):
     path = tiny_model(architecture)
@@ -106,7 +128,7 @@ def test_logprobs_equal_transformers_given_the_schemes_arithmetic(tiny_model, tm
 
 # int4's groups of 32 on 16 levels recover SmolLM2's own weights, which are Q4_1 blocks of that shape; "gguf" runs
 # those blocks as they are stored.
-@pytest.mark.parametrize("quantization, tolerance", [("int8", 0.05), ("int4", 0.02), ("gguf", 0.02)])
+@pytest.mark.parametrize("quantization, tolerance", [("int8", 0.05), ("int4", 0.02), ("gguf", 0.02), ("fp8", 0.05)])
 def test_smollm2_perplexity_is_within_a_few_percent_of_float32(smollm2_path, quantization, tolerance):
     reference, quantized = smollm2_perplexity(smollm2_path, None), smollm2_perplexity(smollm2_path, quantization)
     assert 5 < reference < 30   # the model reads English
@@ -128,7 +150,7 @@ def test_int4_recovers_smollm2s_q4_1_blocks_as_gguf_runs_them(smollm2_path):
 
 def test_gguf_quantization_needs_a_gguf_file(tiny_model):
     with pytest.raises(ValueError, match=r"quantization='gguf' runs a \.gguf file's quantized blocks.*allowed for "
-                                         r"it: None, 'int4', 'int8'"):
+                                         r"it: None, 'fp8', 'int4', 'int8'"):
         LLM(tiny_model("qwen2"), quantization="gguf", kv_cache_memory="8MiB")
 
 

@@ -65,7 +65,8 @@ CT_W4A16 = {"targets": ["Linear"], "weights": {"type": "int", "num_bits": 4, "st
 
 @pytest.mark.parametrize("config, message", [
     ({"quant_method": "bitsandbytes"},
-     r"method 'bitsandbytes' is not supported; supported: 'gptq', 'awq', 'auto-round', 'compressed-tensors'"),
+     r"method 'bitsandbytes' is not supported; supported: 'gptq', 'awq', 'auto-round', 'compressed-tensors', "
+     r"'fp8'"),
     ({"quant_method": "auto-round", "bits": 4, "data_type": "nv_fp"},
      r"data_type='nv_fp' are not supported; supported: 'int'"),
     ({"quant_method": "auto-round", "bits": 4, "packing_format": "auto_round:llm_compressor"},
@@ -78,7 +79,7 @@ CT_W4A16 = {"targets": ["Linear"], "weights": {"type": "int", "num_bits": 4, "st
     ({"quant_method": "awq", "bits": 4, "version": "gemv"}, r"version='gemv' are not supported; supported: 'gemm'"),
     ({"quant_method": "compressed-tensors", "format": "marlin-24", "config_groups": {"group_0": CT_W4A16}},
      r"compressed-tensors checkpoints with format='marlin-24' are not supported; supported: 'pack-quantized', "
-     r"'int-quantized', 'naive-quantized'"),
+     r"'int-quantized', 'float-quantized', 'naive-quantized'"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized",
       "config_groups": {"group_0": {**CT_W4A16, "weights": {**CT_W4A16["weights"], "num_bits": 3}}}},
      r"weights.num_bits=3 are not supported; supported: 4, 8"),
@@ -89,6 +90,15 @@ CT_W4A16 = {"targets": ["Linear"], "weights": {"type": "int", "num_bits": 4, "st
     ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": CT_W4A16},
       "kv_cache_scheme": {"type": "float", "num_bits": 8}},
      r"compressed-tensors checkpoints with a kv_cache_scheme are not supported"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"type": "float", "num_bits": 8, "strategy": "channel"},
+        "input_activations": {"type": "float", "num_bits": 8, "strategy": "group", "group_size": 64,
+                              "dynamic": True}}}},
+     r"FP8 input_activations .* are not supported with channel weights; supported: none \(weight-only\)"),
+    ({"quant_method": "fp8", "activation_scheme": "per-block"},
+     r"fp8 checkpoints with activation_scheme='per-block' are not supported; supported: 'dynamic', 'static'"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 64]},
+     r"weight_block_size=\[128, 64\] .* supported: square blocks with dynamic activations"),
 ])
 def test_checkpoints_kvserve_cannot_read_are_clear_errors(qwen2_path, tmp_path, config, message):
     with pytest.raises(ValueError, match=message):

@@ -65,9 +65,9 @@ class ModelRunner:
         else:
             load_weights(model, checkpoint.weights(config.model.quantization))
         self.model = model.to(self.dtype).eval()
-        quantization = config.model.quantization
-        use_platform_kernels(self.model, kernel_factory(quantization, platform, self.dtype),
-                             gate_up_kernel_factory(quantization, platform))
+        quantization, online = config.model.quantization, checkpoint.own_quantization is None
+        use_platform_kernels(self.model, kernel_factory(quantization, platform, self.dtype, online),
+                             gate_up_kernel_factory(quantization, platform, online))
 
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         block_size = config.cache.block_size

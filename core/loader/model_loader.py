@@ -1,6 +1,7 @@
 """Find a checkpoint (a Hugging Face folder or a GGUF file), and load its config, tokenizer and model."""
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from dataclasses import dataclass
@@ -60,17 +61,22 @@ class Checkpoint:
             return gguf.load_gguf_tokenizer(self.path)
         return AutoTokenizer.from_pretrained(override or self.path)
 
+    @functools.cached_property
+    def own_quantization(self) -> str | None:
+        """The quantization method of a checkpoint that tools exported quantized (its quantization_config)."""
+        return None if self.is_gguf else checkpoints.method_of(self.hf_config)
+
     def quantization(self, requested: str | None) -> str | None:
-        """The quantization method to run: the checkpoint's own (GPTQ, AWQ, AutoRound, compressed-tensors), which
-        ``requested`` must then name if it is given, else ``requested``."""
-        own = None if self.is_gguf else checkpoints.method_of(self.hf_config)
+        """The quantization method to run: the checkpoint's own (GPTQ, AWQ, AutoRound, compressed-tensors, fp8),
+        which ``requested`` must then name if it is given, else ``requested``."""
+        own = self.own_quantization
         if own is not None and requested not in (None, own):
             raise ValueError(f"{self.path!r} holds an {own!r} quantization_config: quantization must be None or "
                              f"{own!r}, got {requested!r}")
         if requested == "gguf" and not self.is_gguf:
             raise ValueError(f"quantization='gguf' runs a .gguf file's quantized blocks; {self.path!r} is a Hugging "
-                             f"Face folder (allowed for it: None, 'int4', 'int8')")
-        if requested in checkpoints.METHODS and own is None:
+                             f"Face folder (allowed for it: None, 'fp8', 'int4', 'int8')")
+        if requested in checkpoints.CHECKPOINT_ONLY and own is None:
             raise ValueError(f"quantization={requested!r} reads a {requested} checkpoint's layers; {self.path!r} has "
                              f"no quantization_config with quant_method {requested!r}")
         return own or requested
@@ -81,7 +87,7 @@ class Checkpoint:
         if self.is_gguf:
             yield from gguf.iter_gguf_weights(self.path, quantized_blocks=quantization == "gguf")
             return
-        if quantization in checkpoints.METHODS:
+        if self.own_quantization is not None:
             yield from checkpoints.read_quantized(self._safetensors(), self.hf_config)
             return
         yield from self._safetensors()

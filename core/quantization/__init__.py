@@ -2,7 +2,7 @@
 reference matmul every platform gets. Kernels come from the platform (``platform_quant_kernel``)."""
 import torch
 
-from kvserve.core.quantization import grouped, int8
+from kvserve.core.quantization import fp8, grouped, int8
 from kvserve.plugins.interfaces import QuantizedWeight
 
 # --quantization values; a GPTQ, AWQ, AutoRound or compressed-tensors checkpoint's own comes from its
@@ -13,6 +13,8 @@ METHODS = {
     "awq": "AWQ checkpoints (AutoAWQ's 4-bit GEMM packing), read from the checkpoint's quantization_config",
     "compressed-tensors": "compressed-tensors checkpoints as llm-compressor writes them (W4A16 and W8A16 "
                           "pack-quantized, W8A8 int8), read from the checkpoint's quantization_config",
+    "fp8": "FP8 (e4m3) W8A8: an fp8 checkpoint's own (quant_method fp8), else online, weights per channel at load "
+           "and activations per token at run time",
     "gguf": "a GGUF file's Q4_0, Q4_1 and Q8_0 linear layers and output head run as int4 / int8 weight-only weights, "
             "as stored (other types dequantized)",
     "gptq": "GPTQ checkpoints (4 or 8 bits, as AutoGPTQ and GPTQModel write them), read from its quantization_config",
@@ -20,13 +22,13 @@ METHODS = {
     "int8": "online W8A8: weights quantized per channel at load, activations per token at run time",
 }
 
-PER_INPUT = ("g_idx",)   # tensors that describe a layer's inputs, not its outputs
+PER_INPUT = ("g_idx", "input_scale")   # tensors that describe a layer's inputs, not its outputs
 
 
 def join_shards(parts: list[QuantizedWeight], shape: tuple[int, int]) -> QuantizedWeight | None:
     """One QuantizedWeight of ``shape`` for the shards ``parts`` (in row order) of a merged layer, or None when they
     are not alike: another scheme, group size or set of tensors, or different per-input tensors (GPTQ's act-order
-    g_idx, which shards sharing an input share)."""
+    g_idx, which shards sharing an input share; a static FP8 input scale)."""
     first = parts[0]
     kind = (first.scheme, first.group_size, first.tensors.keys())
     for part in parts[1:]:
@@ -39,7 +41,8 @@ def join_shards(parts: list[QuantizedWeight], shape: tuple[int, int]) -> Quantiz
     return QuantizedWeight(first.scheme, tensors, shape, first.group_size)
 
 
-DEQUANTIZERS = {int8.SCHEME: int8.dequantize, grouped.W4A16: grouped.dequantize, grouped.W8A16: grouped.dequantize}
+DEQUANTIZERS = {int8.SCHEME: int8.dequantize, grouped.W4A16: grouped.dequantize, grouped.W8A16: grouped.dequantize,
+                fp8.SCHEME: fp8.dequantize, fp8.WEIGHT_ONLY: fp8.dequantize}
 
 
 def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Checkpoints that tools export already quantized (their ``quantization_config``): GPTQ, as AutoGPTQ and GPTQModel
 write it (4 or 8 bits), AWQ's GEMM packing, as AutoAWQ writes it (4 bits), AutoRound's auto_round format in either
-packing, and compressed-tensors (``compressed_tensors``); read as "w4a16_int4" or "w8a16_int8" weights with zero
-points, or "w8a8_int8".
+packing, compressed-tensors (``compressed_tensors``), and FP8; read as "w4a16_int4" or "w8a16_int8" weights with
+zero points, "w8a8_int8", or "w8a8_fp8".
 
 GPTQ (``checkpoint_format`` "gptq"): with b bits, a layer's ``qweight`` int32 ``[in * b / 32, out]`` holds input
 (32 / b) i + j of output o in bits b j to b j + b - 1 of ``qweight[i, o]``; ``qzeros`` int32 ``[groups, out * b /
@@ -10,6 +10,9 @@ is); ``scales`` float16 ``[groups, out]``; ``g_idx`` int32 ``[in]``, each input'
 (``desc_act``) permutes. AWQ (``version`` "gemm"): ``qweight`` int32 ``[in, out / 8]`` holds output 8i + ORDER[j]
 of input k in bits 4j to 4j + 3 of ``qweight[k, i]``, ``qzeros`` int32 ``[groups, out / 8]`` the zero points
 likewise, ``scales`` float16 ``[groups, out]``. In both, weight = (level - zero) * scale.
+FP8 (``quant_method`` "fp8"): ``weight`` float8_e4m3fn with ``weight_scale_inv`` ``[out / b, in / b]`` per block
+(``weight_block_size`` [b, b]; inputs dynamic per group of b, as DeepSeek and transformers write it), or a
+per-tensor ``weight_scale`` and, with ``activation_scheme`` "static", ``input_scale`` (weight = fp8 * scale).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from kvserve.core.quantization import compressed_tensors, grouped
+from kvserve.core.quantization import compressed_tensors, fp8, grouped
 from kvserve.plugins.interfaces import QuantizedWeight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # nibble j of a packed word holds output AWQ_ORDER[j] of its 8
@@ -26,7 +29,8 @@ REQUIRED = ("qweight", "qzeros", "scales")
 # method -> (the config key naming its packing, the values kvserve reads, its default first)
 PACKINGS = {"gptq": ("checkpoint_format", ("gptq", "gptq_v2")), "awq": ("version", ("gemm",)),
             "auto-round": ("packing_format", ("auto_round:auto_gptq", "auto_round:auto_awq"))}
-METHODS = (*PACKINGS, "compressed-tensors")
+CHECKPOINT_ONLY = (*PACKINGS, "compressed-tensors")   # methods that only read a checkpoint ("fp8" is online too)
+METHODS = (*CHECKPOINT_ONLY, "fp8")
 
 
 def method_of(config) -> str | None:
@@ -41,6 +45,9 @@ def method_of(config) -> str | None:
                          f"{', '.join(map(repr, METHODS))}")
     if method == "compressed-tensors":
         compressed_tensors.config_groups(quantization)
+        return method
+    if method == "fp8":
+        fp8_layout(quantization)
         return method
     packing, _ = layout_of(quantization)
     allowed_bits = (4, 8) if packing == "gptq" else (4,)
@@ -127,6 +134,9 @@ def read_quantized(weights: Iterable[tuple[str, torch.Tensor]], config
     if method == "compressed-tensors":
         yield from gather_layers(weights, method, *compressed_tensors.reader(quantization))
         return
+    if method == "fp8":
+        yield from gather_layers(weights, method, *fp8_reader(quantization))
+        return
     packing, zeros_minus_one = layout_of(quantization)
     bits = quantization.get("bits", 4)
 
@@ -141,3 +151,42 @@ def read_quantized(weights: Iterable[tuple[str, torch.Tensor]], config
     expected = (PARTS[packing], REQUIRED)
     yield from gather_layers(weights, method, lambda layer, part, tensor: expected if part in expected[0] else None,
                              build)
+
+
+def fp8_layout(quantization: dict) -> tuple[int | None, bool]:
+    """(the weight blocks' size, or None for per-tensor scales; whether inputs have static scales) of an fp8
+    checkpoint, or a clear error."""
+    allowed = ("dynamic", "static")
+    scheme = quantization.get("activation_scheme", "dynamic")
+    if scheme not in allowed:
+        raise ValueError(f"fp8 checkpoints with activation_scheme={scheme!r} are not supported; supported: "
+                         f"{', '.join(map(repr, allowed))}")
+    if quantization.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(f"fp8 checkpoints with fmt={quantization['fmt']!r} are not supported; supported: 'e4m3'")
+    block = quantization.get("weight_block_size")
+    if block is not None and (len(block) != 2 or block[0] != block[1] or scheme != "dynamic"):
+        raise ValueError(f"fp8 checkpoints with weight_block_size={block} and activation_scheme={scheme!r} are not "
+                         f"supported; supported: square blocks with dynamic activations")
+    return (block[0] if block else None), scheme == "static"
+
+
+def fp8_reader(quantization: dict):
+    """(parts_of, build) of an fp8 checkpoint's layers for ``gather_layers``."""
+    block, static = fp8_layout(quantization)
+    parts = ("weight", "weight_scale_inv") if block else ("weight", "weight_scale") + (("input_scale",) if static
+                                                                                      else ())
+
+    def parts_of(layer: str, part: str, tensor: torch.Tensor):
+        fp8_weight = part == "weight" and tensor.dtype == torch.float8_e4m3fn
+        return (parts, parts) if fp8_weight or (part in parts and part != "weight") else None
+
+    def build(layer: str, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+        weight = tensors["weight"]
+        scale = (fp8.from_blocks(tensors["weight_scale_inv"], weight.shape[0], block) if block else
+                 tensors["weight_scale"].float().reshape(-1).expand(weight.shape[0]).contiguous())
+        quantized = {"weight": weight, "scale": scale}
+        if static:
+            quantized["input_scale"] = tensors["input_scale"].float().reshape(())
+        return QuantizedWeight(fp8.SCHEME, quantized, tuple(weight.shape), block)
+
+    return parts_of, build

@@ -9,6 +9,9 @@ their inputs are; ``ignore`` lists layers left in the model dtype (the output he
   ``weight_shape`` ``[out, in]``; ``weight_g_idx`` (act-order). Read as "w4a16_int4" or "w8a16_int8".
 - "int-quantized" / "naive-quantized": ``weight`` int8 ``[out, in]`` and ``weight_scale`` ``[out, 1]`` (per
   channel) or ``[1]``: with dynamic per-token int8 inputs, the W8A8 scheme "w8a8_int8", else "w8a16_int8".
+- "float-quantized" / "naive-quantized" of float weights: ``weight`` float8_e4m3fn, ``weight_scale`` per tensor,
+  channel or square block (``block_structure``), and with static inputs ``input_scale``: "w8a8_fp8" (inputs
+  dynamic per token, or per group of a block's width of inputs, or static) or the weight-only "w8a16_fp8".
 
 Weight = (level - zero point) * scale throughout.
 """
@@ -18,12 +21,13 @@ import re
 
 import torch
 
-from kvserve.core.quantization import int8
+from kvserve.core.quantization import fp8, int8
 from kvserve.core.quantization.grouped import SCHEME_OF_BITS, unpack_fields
 from kvserve.plugins.interfaces import QuantizedWeight
 
-FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")
-PARTS = ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx")
+FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
+PARTS = ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx", "input_scale")
+STORED = (torch.int8, torch.float8_e4m3fn)   # the dtypes of a quantized layer's ``weight``
 
 
 def allowed(what: str, value, supported) -> None:
@@ -40,7 +44,10 @@ def check_group(name: str, group: dict, default_format: str | None) -> tuple[str
     if weights is None:
         raise ValueError(f"compressed-tensors config group {name!r} quantizes no weights; kvserve runs weight "
                          f"quantization (W4A16, W8A16, W8A8)")
-    allowed("weights.type", weights.get("type"), ("int",))
+    allowed("weights.type", weights.get("type"), ("int", "float"))
+    if weights["type"] == "float":
+        check_float_group(fmt, weights, inputs)
+        return fmt, weights, inputs
     allowed("weights.num_bits", weights.get("num_bits"), tuple(SCHEME_OF_BITS) if fmt == "pack-quantized" else (8,))
     allowed("weights.strategy", weights.get("strategy"), ("group", "channel", "tensor"))
     if group.get("output_activations") is not None:
@@ -54,6 +61,25 @@ def check_group(name: str, group: dict, default_format: str | None) -> tuple[str
             raise ValueError("compressed-tensors W8A8 checkpoints with asymmetric weights are not supported; "
                              "supported: symmetric")
     return fmt, weights, inputs
+
+
+def check_float_group(fmt: str, weights: dict, inputs: dict | None) -> None:
+    allowed("format of float weights", fmt, ("float-quantized", "naive-quantized"))
+    allowed("weights.num_bits", weights.get("num_bits"), (8,))
+    allowed("weights.strategy", weights.get("strategy"), ("tensor", "channel", "block"))
+    block = weights.get("block_structure")
+    if weights["strategy"] == "block" and (len(block) != 2 or block[0] != block[1]):
+        raise ValueError(f"compressed-tensors FP8 blocks of {block} are not supported; supported: square blocks")
+    if inputs is None:
+        return
+    dynamic = ({"strategy": "group", "group_size": block[0]} if weights["strategy"] == "block" else
+               {"strategy": "token"})
+    supported = [{"type": "float", "num_bits": 8, "dynamic": True, **dynamic},
+                 {"type": "float", "num_bits": 8, "dynamic": False, "strategy": "tensor"}]
+    if not any(all(inputs.get(key) == value for key, value in case.items()) for case in supported):
+        raise ValueError(f"compressed-tensors FP8 input_activations {inputs} are not supported with "
+                         f"{weights['strategy']} weights; supported: none (weight-only), {supported[0]} or "
+                         f"{supported[1]}")
 
 
 def config_groups(quantization: dict) -> list[tuple[list[str], tuple[str, dict, dict | None]]]:
@@ -91,18 +117,22 @@ def reader(quantization: dict):
         raise ValueError(f"compressed-tensors layer {layer!r} is quantized but no config group targets it")
 
     def parts_of(layer: str, part: str, tensor: torch.Tensor):
-        quantized = part in PARTS or (part == "weight" and tensor.dtype == torch.int8)
+        quantized = part in PARTS or (part == "weight" and tensor.dtype in STORED)
         if not quantized or matches(layer, [target for target in ignore if target != "Linear"]):
             return None
-        fmt, weights, _ = scheme_of(layer)
+        fmt, weights, inputs = scheme_of(layer)
         parts = ("weight_packed", "weight_shape", "weight_scale") if fmt == "pack-quantized" else ("weight",
                                                                                                   "weight_scale")
+        if inputs is not None and not inputs.get("dynamic", True):
+            parts += ("input_scale",)
         if not weights.get("symmetric", True):
             parts += ("weight_zero_point",)
         return parts + (("weight_g_idx",) if weights.get("actorder") else ()), parts
 
     def build(layer: str, parts: dict[str, torch.Tensor]) -> QuantizedWeight:
         fmt, weights, inputs = scheme_of(layer)
+        if weights["type"] == "float":
+            return fp8_weight(parts, weights, inputs)
         bits, scale = weights["num_bits"], parts["weight_scale"]
         if fmt == "pack-quantized":
             out_features, in_features = (int(n) for n in parts["weight_shape"])
@@ -128,3 +158,14 @@ def reader(quantization: dict):
         return QuantizedWeight(SCHEME_OF_BITS[bits], tensors, (out_features, in_features), group_size)
 
     return parts_of, build
+
+
+def fp8_weight(parts: dict[str, torch.Tensor], weights: dict, inputs: dict | None) -> QuantizedWeight:
+    weight, scale = parts["weight"], parts["weight_scale"].float()
+    block = weights["block_structure"][0] if weights["strategy"] == "block" else None
+    scale = fp8.from_blocks(scale, weight.shape[0], block) if block else scale.reshape(-1).expand(weight.shape[0])
+    tensors = {"weight": weight, "scale": scale.contiguous()}
+    if "input_scale" in parts:
+        tensors["input_scale"] = parts["input_scale"].float().reshape(())
+    scheme = fp8.WEIGHT_ONLY if inputs is None else fp8.SCHEME
+    return QuantizedWeight(scheme, tensors, tuple(weight.shape), block)
