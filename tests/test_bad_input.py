@@ -110,7 +110,7 @@ def test_bad_request_leaves_running_requests_unharmed(llm):
     (dict(tensor_parallel_size=2), "tensor_parallel_size=2 is not supported"),
     (dict(pipeline_parallel_size=0), "pipeline_parallel_size must be >= 1"),
     (dict(speculative_config={"method": "ngram"}), "speculative_config"),
-    (dict(quantization="fp8"), "quantization 'fp8' is not supported yet; allowed: None, 'auto-round'"),
+    (dict(quantization="nf4"), "quantization 'nf4' is not supported yet; allowed: None, 'auto-round'"),
     (dict(dtype="int8"), "dtype must be one of"),
     (dict(block_size=7), "block_size must be one of"),
     (dict(kv_cache_memory="lots"), "kv_cache_memory must be a byte count"),

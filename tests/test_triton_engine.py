@@ -1,6 +1,6 @@
-"""The engine end to end on the GPU platforms' Triton attention and fused ops: on CPU tensors under Triton's
-interpreter (conftest chooses it without a GPU), through a platform registered for the test, greedy tokens equal
-the CPU platform's in float32, across chunked prefill, a prefix-cache hit and decodes."""
+"""The engine end to end on the GPU platforms' Triton attention, fused ops and W4A16 / W8A16 GEMM: on CPU tensors
+under Triton's interpreter (conftest chooses it without a GPU), through a platform registered for the test, greedy
+tokens equal the CPU platform's in float32, across chunked prefill, a prefix-cache hit and decodes."""
 from __future__ import annotations
 
 import pytest
@@ -42,6 +42,12 @@ class TritonOnCpu:
 
         return FUSED_OPS
 
+    @hookimpl
+    def platform_quant_kernel(self, weight):
+        from kvserve.kernels_cuda.quant_gemm import BITS, grouped_gemm
+
+        return grouped_gemm(weight) if weight.scheme in BITS else None
+
 
 def greedy_tokens(path: str, device: str, manager: PluginManager) -> list[list[int]]:
     config = build_engine_config(path, dtype="float32", device=device, kv_cache_memory="16MiB",
@@ -64,4 +70,14 @@ def test_greedy_tokens_equal_the_cpu_platform(tiny_model):
     manager = PluginManager()
     manager.register(TritonOnCpu(), "triton-cpu")
     path = tiny_model("llama-tied-gqa")   # grouped-query attention: 4 heads over 2 kv heads
+    assert greedy_tokens(path, "triton-cpu", manager) == greedy_tokens(path, "cpu", manager)
+
+
+@pytest.mark.parametrize("checkpoint", ["gptq", "gptq-8bit-desc-act", "awq"])
+def test_quantized_checkpoints_give_the_cpu_platforms_greedy_tokens(tiny_model, tmp_path, checkpoint):
+    import quant_packers
+
+    manager = PluginManager()
+    manager.register(TritonOnCpu(), "triton-cpu")
+    path = quant_packers.write_checkpoint(tiny_model("llama-tied-gqa"), checkpoint, tmp_path / checkpoint)
     assert greedy_tokens(path, "triton-cpu", manager) == greedy_tokens(path, "cpu", manager)

@@ -8,7 +8,7 @@ import torch
 
 from kvserve.plugins.backend_choice import choose_backend
 from kvserve.plugins.hookspecs import hookimpl
-from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo
+from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo, QuantizedWeight
 
 OPTIONAL_KERNELS = ("triton", "flash_attn", "flashinfer")
 # Until the engine profiles a forward at start-up, the KV cache takes this share of the memory free when the
@@ -73,6 +73,12 @@ class GpuPlatform:
         from kvserve.kernels_cuda.fused_ops import FUSED_OPS
 
         return FUSED_OPS
+
+    @hookimpl
+    def platform_quant_kernel(self, weight: QuantizedWeight):
+        from kvserve.kernels_cuda.quant_gemm import BITS, grouped_gemm
+
+        return grouped_gemm(weight) if weight.scheme in BITS else None
 
     @hookimpl
     def platform_communicator(self, rank: int, world_size: int):
