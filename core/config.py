@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
+from kvserve.core.quantization.int4 import GROUP_SIZES as INT4_GROUP_SIZES
 
 DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
@@ -75,6 +76,7 @@ class ModelConfig:
     quantization: str | None = None
     chat_template: str | None = None
     load_format: str = "auto"
+    quantization_group_size: int | None = None   # online int4's inputs per group; None: its default, 32
 
     def __post_init__(self):
         self.torch_dtype = resolve_dtype(self.dtype)
@@ -85,6 +87,13 @@ class ModelConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization {self.quantization!r} is not supported yet; allowed: None, "
                              f"{', '.join(map(repr, QUANTIZATION_METHODS))}")
+        if self.quantization_group_size is not None:
+            if self.quantization != "int4":
+                raise ValueError(f"quantization_group_size applies to quantization='int4' (online int4), not to "
+                                 f"quantization={self.quantization!r}")
+            if self.quantization_group_size not in INT4_GROUP_SIZES:
+                raise ValueError(f"quantization_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
+                                 f"got {self.quantization_group_size!r}")
 
 
 @dataclass
@@ -180,10 +189,11 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                         speculative_config: dict | None = None, block_size: int = 16,
                         kv_cache_memory: int | str | None = None, device: str | None = None,
                         enforce_eager: bool = False, chat_template: str | None = None,
-                        load_format: str = "auto") -> EngineConfig:
+                        load_format: str = "auto", quantization_group_size: int | None = None) -> EngineConfig:
     """An EngineConfig from the flat keyword arguments that ``LLM(...)`` and the command line take (vLLM's names)."""
     return EngineConfig(
-        model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template, load_format),
+        model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template, load_format,
+                          quantization_group_size),
         cache=CacheConfig(block_size, kv_cache_memory, num_gpu_blocks_override, enable_prefix_caching,
                           preemption_mode, swap_space),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),

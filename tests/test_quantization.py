@@ -75,11 +75,11 @@ def fake_int8(hf: torch.nn.Module) -> torch.nn.Module:
     return hf
 
 
-def fake_int4(hf: torch.nn.Module) -> torch.nn.Module:
+def fake_int4(hf: torch.nn.Module, group_size: int = int4.GROUP_SIZE) -> torch.nn.Module:
     """The W4A16 arithmetic in float32: dequantized weights, inputs as they are."""
     for name, module in hf.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            module.weight.data = dequantize(int4.quantize_weight(module.weight), torch.float32)
+            module.weight.data = dequantize(int4.quantize_weight(module.weight, group_size), torch.float32)
     return hf
 
 
@@ -93,7 +93,8 @@ def fake_fp8(hf: torch.nn.Module) -> torch.nn.Module:
     return hf
 
 
-FAKES = {"int8": fake_int8, "int4": fake_int4, "fp8": fake_fp8}
+FAKES = {"int8": fake_int8, "int4": fake_int4, "fp8": fake_fp8, "int4-g16": functools.partial(fake_int4, group_size=16),
+         "int4-g128": functools.partial(fake_int4, group_size=128)}
 
 
 def fake_checkpoint(hf: torch.nn.Module, path: str, name: str) -> torch.nn.Module:
@@ -103,7 +104,7 @@ def fake_checkpoint(hf: torch.nn.Module, path: str, name: str) -> torch.nn.Modul
     return hf
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4", "fp8", *quant_packers.FORMATS])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "int4-g16", "int4-g128", "fp8", *quant_packers.FORMATS])
 @pytest.mark.parametrize("architecture", ["llama-tied-gqa", "qwen2"])   # tied head; q/k/v biases
 def test_logprobs_equal_transformers_given_the_schemes_arithmetic(tiny_model, tmp_path, architecture, quantization):
     path = tiny_model(architecture)
@@ -113,8 +114,10 @@ def test_logprobs_equal_transformers_given_the_schemes_arithmetic(tiny_model, tm
                   kv_cache_memory="8MiB")
         hf = fake_checkpoint(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), path,
                              quantization)
-    else:
-        llm = LLM(path, dtype="float32", quantization=quantization, kv_cache_memory="8MiB")
+    else:   # "int4-g16": online int4 in groups of 16 inputs
+        method, _, group = quantization.partition("-g")
+        llm = LLM(path, dtype="float32", quantization=method, kv_cache_memory="8MiB",
+                  quantization_group_size=int(group) if group else None)
         hf = FAKES[quantization](AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0,
                                                 logprobs=0), use_tqdm=False)[0]

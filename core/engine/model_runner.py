@@ -66,7 +66,8 @@ class ModelRunner:
             load_weights(model, checkpoint.weights(config.model.quantization))
         self.model = model.to(self.dtype).eval()
         quantization, online = config.model.quantization, checkpoint.own_quantization is None
-        use_platform_kernels(self.model, kernel_factory(quantization, platform, self.dtype, online),
+        use_platform_kernels(self.model, kernel_factory(quantization, platform, self.dtype, online,
+                                                        config.model.quantization_group_size),
                              gate_up_kernel_factory(quantization, platform, online))
 
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]

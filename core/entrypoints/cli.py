@@ -33,6 +33,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
     parser.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
                         help="; ".join(f"{name}: {what}" for name, what in QUANTIZATION_METHODS.items()))
+    parser.add_argument("--quantization-group-size", type=int, default=None,
+                        help="with -q int4: inputs per group (16, 32, 64, 128 or 256; default 32)")
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                         help="dummy: random weights of the model's shapes, no checkpoint tensors read (benchmarks)")
 
@@ -49,7 +51,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "kv_cache_memory", "num_gpu_blocks_override", "enable_chunked_prefill", "enable_prefix_caching",
                   "preemption_mode", "swap_space", "device", "enforce_eager", "seed", "quantization",
-                  "load_format")
+                  "quantization_group_size", "load_format")
 
 
 def engine_options(args) -> dict:

@@ -18,7 +18,8 @@ METHODS = {
     "gguf": "a GGUF file's Q4_0, Q4_1 and Q8_0 linear layers and output head run as int4 / int8 weight-only weights, "
             "as stored (other types dequantized)",
     "gptq": "GPTQ checkpoints (4 or 8 bits, as AutoGPTQ and GPTQModel write them), read from its quantization_config",
-    "int4": "online W4A16: weights quantized at load in groups of 32 inputs (16 levels each), activations unquantized",
+    "int4": "online W4A16: weights quantized at load in groups of 32 inputs (or --quantization-group-size), 16 "
+            "levels each, activations unquantized",
     "int8": "online W8A8: weights quantized per channel at load, activations per token at run time",
 }
 

@@ -11,6 +11,7 @@ from kvserve.plugins.interfaces import QuantizedWeight
 
 SCHEME = W4A16
 GROUP_SIZE = 32
+GROUP_SIZES = (16, 32, 64, 128, 256)   # quantization_group_size's choices: multiples of the CPU kernel's 16
 MIN_SCALE = 2.0 ** -24   # a group of equal weights still gets a scale: float16's smallest
 FLOAT16_MAX = 65504.0
 

@@ -22,9 +22,12 @@ REFERENCES = {int8.SCHEME: int8.reference_kernel, grouped.W4A16: grouped.referen
 UNQUANTIZED = ("lm_head",)   # as in vLLM, the output head keeps the model dtype: logits are the most sensitive
 
 
-def kernel_factory(quantization: str | None, platform: Platform, dtype: torch.dtype, online: bool) -> KernelFactory:
+def kernel_factory(quantization: str | None, platform: Platform, dtype: torch.dtype, online: bool,
+                   group_size: int | None = None) -> KernelFactory:
     """make(layer name, loaded float or quantized weight) -> the layer's kernel, or None to keep torch's linear;
-    ``dtype`` is the model's; ``online``: float layers are to be quantized (not a quantized checkpoint's)."""
+    ``dtype`` is the model's; ``online``: float layers are to be quantized (not a quantized checkpoint's), int4's
+    in groups of ``group_size`` inputs (None: its default)."""
+    options = {} if group_size is None else {"group_size": group_size}
     warned = False
 
     def quant_kernel(quantized: QuantizedWeight) -> LinearKernel:
@@ -43,7 +46,7 @@ def kernel_factory(quantization: str | None, platform: Platform, dtype: torch.dt
             return quant_kernel(dataclasses.replace(weight, dtype=dtype))
         if not online or quantization not in QUANTIZERS or name.rsplit(".", 1)[-1] in UNQUANTIZED:
             return platform.linear_kernel(weight)
-        return quant_kernel(QUANTIZERS[quantization](weight))
+        return quant_kernel(QUANTIZERS[quantization](weight, **options))
 
     return make
 
