@@ -95,6 +95,11 @@ CT_W4A16 = {"targets": ["Linear"], "weights": {"type": "int", "num_bits": 4, "st
         "input_activations": {"type": "float", "num_bits": 8, "strategy": "group", "group_size": 64,
                               "dynamic": True}}}},
      r"FP8 input_activations .* are not supported with channel weights; supported: none \(weight-only\)"),
+    ({"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {"group_0": {
+        **CT_W4A16, "weights": {"type": "int", "num_bits": 8, "strategy": "group", "group_size": 32},
+        "input_activations": {"type": "int", "num_bits": 8, "strategy": "token", "dynamic": True,
+                              "symmetric": True}}}},
+     r"W8A8 checkpoints with symmetric=True group weights are not supported; supported: symmetric, per channel"),
     ({"quant_method": "fp8", "activation_scheme": "per-block"},
      r"fp8 checkpoints with activation_scheme='per-block' are not supported; supported: 'dynamic', 'static'"),
     ({"quant_method": "fp8", "weight_block_size": [128, 64]},

@@ -45,21 +45,22 @@ def check_group(name: str, group: dict, default_format: str | None) -> tuple[str
         raise ValueError(f"compressed-tensors config group {name!r} quantizes no weights; kvserve runs weight "
                          f"quantization (W4A16, W8A16, W8A8)")
     allowed("weights.type", weights.get("type"), ("int", "float"))
+    if group.get("output_activations") is not None:
+        raise ValueError("compressed-tensors checkpoints with output_activations are not supported")
     if weights["type"] == "float":
         check_float_group(fmt, weights, inputs)
         return fmt, weights, inputs
     allowed("weights.num_bits", weights.get("num_bits"), tuple(SCHEME_OF_BITS) if fmt == "pack-quantized" else (8,))
     allowed("weights.strategy", weights.get("strategy"), ("group", "channel", "tensor"))
-    if group.get("output_activations") is not None:
-        raise ValueError("compressed-tensors checkpoints with output_activations are not supported")
     if inputs is not None:
         w8a8 = {"type": "int", "num_bits": 8, "strategy": "token", "dynamic": True, "symmetric": True}
         if fmt == "pack-quantized" or any(inputs.get(key) != value for key, value in w8a8.items()):
             raise ValueError(f"compressed-tensors input_activations {inputs} are not supported; supported: none "
                              f"(weight-only), or with int-quantized 8-bit weights {w8a8}")
-        if not weights.get("symmetric", True):
-            raise ValueError("compressed-tensors W8A8 checkpoints with asymmetric weights are not supported; "
-                             "supported: symmetric")
+        if not weights.get("symmetric", True) or weights["strategy"] == "group":
+            raise ValueError(f"compressed-tensors W8A8 checkpoints with symmetric={weights.get('symmetric', True)} "
+                             f"{weights['strategy']} weights are not supported; supported: symmetric, per channel "
+                             f"or per tensor")
     return fmt, weights, inputs
 
 
