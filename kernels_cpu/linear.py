@@ -7,12 +7,12 @@ from typing import Callable
 
 import torch
 
+from kvserve.core.quantization import grouped
 from kvserve.kernels_cpu import native
 from kvserve.plugins.interfaces import QuantizedWeight
 
 # The batch size oneDNN picks the packed layout for: a decode step of a busy server. Other sizes still run.
 PACKING_BATCH_SIZE = 32
-GROUPED_BITS = {"w4a16_int4": 4, "w8a16_int8": 8}
 
 
 def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
@@ -75,13 +75,11 @@ def grouped_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Ten
         return None
     if not torch.equal(tensors["scale"].half().to(tensors["scale"].dtype), tensors["scale"]):
         return None
-    qweight, order = tensors["qweight"], None
-    if "g_idx" in tensors:
-        order = torch.argsort(tensors["g_idx"], stable=True)
-        if not torch.equal(tensors["g_idx"][order].long(), torch.arange(weight.shape[1]) // group_size):
-            return None
-        qweight = qweight[:, order]
-    zero_points, bits = "zero" in tensors, GROUPED_BITS[weight.scheme]
+    order, whole_groups = grouped.input_order(weight)
+    if not whole_groups:
+        return None
+    qweight = tensors["qweight"] if order is None else tensors["qweight"][:, order]
+    zero_points, bits = "zero" in tensors, grouped.BITS[weight.scheme]
     second = tensors["zero"] if zero_points else tensors["offset"]
     packed, scales = ops.pack_linear_grouped(qweight, tensors["scale"], second, group_size, bits)
     linear_grouped, out_features = native.op("linear_grouped"), weight.shape[0]

@@ -11,10 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kvserve.core.quantization import grouped
 from kvserve.kernels_cuda.paged_attention import DOTS_IN_FLOAT32, _dot
 from kvserve.plugins.interfaces import QuantizedWeight
 
-BITS = {"w4a16_int4": 4, "w8a16_int8": 8}
 BLOCK_K = 32
 
 
@@ -59,15 +59,11 @@ def grouped_gemm(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tenso
     K step's) and act-order groups (``g_idx``) are of equal sizes; act-order inputs are gathered into their
     groups, the weight's columns once and each input row at every call."""
     out_features, in_features = weight.shape
-    tensors, group_size, bits = weight.tensors, weight.group_size, BITS[weight.scheme]
-    if in_features % BLOCK_K or group_size % BLOCK_K:
+    tensors, group_size, bits = weight.tensors, weight.group_size, grouped.BITS[weight.scheme]
+    order, whole_groups = grouped.input_order(weight)
+    if in_features % BLOCK_K or group_size % BLOCK_K or not whole_groups:
         return None
-    levels, order = tensors["qweight"], None
-    if "g_idx" in tensors:
-        order = torch.argsort(tensors["g_idx"], stable=True)
-        if not torch.equal(tensors["g_idx"][order].long().cpu(), torch.arange(in_features) // group_size):
-            return None
-        levels = levels[:, order]
+    levels = tensors["qweight"] if order is None else tensors["qweight"][:, order]
     scale = tensors["scale"].float()
     shift = -tensors["zero"].float() * scale if "zero" in tensors else tensors["offset"].float()
     words, scales, shifts = pack_levels(levels, bits), scale.T.contiguous(), shift.T.contiguous()

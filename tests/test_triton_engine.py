@@ -44,7 +44,8 @@ class TritonOnCpu:
 
     @hookimpl
     def platform_quant_kernel(self, weight):
-        from kvserve.kernels_cuda.quant_gemm import BITS, grouped_gemm
+        from kvserve.core.quantization.grouped import BITS
+        from kvserve.kernels_cuda.quant_gemm import grouped_gemm
 
         return grouped_gemm(weight) if weight.scheme in BITS else None
 

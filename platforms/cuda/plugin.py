@@ -76,7 +76,8 @@ class GpuPlatform:
 
     @hookimpl
     def platform_quant_kernel(self, weight: QuantizedWeight):
-        from kvserve.kernels_cuda.quant_gemm import BITS, grouped_gemm
+        from kvserve.core.quantization.grouped import BITS
+        from kvserve.kernels_cuda.quant_gemm import grouped_gemm
 
         return grouped_gemm(weight) if weight.scheme in BITS else None
 
