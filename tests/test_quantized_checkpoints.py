@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 import quant_packers
@@ -108,6 +109,18 @@ CT_W4A16 = {"targets": ["Linear"], "weights": {"type": "int", "num_bits": 4, "st
 def test_checkpoints_kvserve_cannot_read_are_clear_errors(qwen2_path, tmp_path, config, message):
     with pytest.raises(ValueError, match=message):
         LLM(with_quantization_config(qwen2_path, tmp_path, **config), kv_cache_memory="8MiB")
+
+
+def test_a_quantized_tensor_for_a_layer_that_is_not_linear_is_a_clear_error(qwen2_path, tmp_path):
+    path = quant_packers.write_checkpoint(qwen2_path, "gptq", tmp_path / "gptq")
+    tensors = load_file(f"{path}/model.safetensors")
+    layer = "model.layers.0.self_attn.q_proj"
+    tensors.update({f"model.embed_tokens.{part}": tensors[f"{layer}.{part}"].clone()
+                    for part in ("qweight", "qzeros", "scales")})
+    save_file(tensors, f"{path}/model.safetensors")
+    with pytest.raises(ValueError, match=r"tensor 'model.embed_tokens.weight' is quantized, but Qwen2ForCausalLM has "
+                                         r"no linear layer 'model.embed_tokens' to hold it"):
+        LLM(path, kv_cache_memory="8MiB")
 
 
 def test_quantization_must_name_the_checkpoints_own_method(qwen2_path, tmp_path):

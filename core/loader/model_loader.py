@@ -83,7 +83,7 @@ class Checkpoint:
 
     def weights(self, quantization: str | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """Name and tensor of every weight; with quantization="gguf", a GGUF file's quantized blocks as they are,
-        and a GPTQ, AWQ, AutoRound or compressed-tensors checkpoint's layers as quantized weights."""
+        and a GPTQ, AWQ, AutoRound, compressed-tensors or fp8 checkpoint's layers as quantized weights."""
         if self.is_gguf:
             yield from gguf.iter_gguf_weights(self.path, quantized_blocks=quantization == "gguf")
             return

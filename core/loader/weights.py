@@ -14,7 +14,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
-    """A QuantizedWeight (GGUF's int4 blocks, a GPTQ, AWQ, AutoRound or compressed-tensors layer) stays quantized
+    """A QuantizedWeight (GGUF's blocks, a GPTQ, AWQ, AutoRound, compressed-tensors or fp8 layer) stays quantized
     in its Linear layer, which drops its float weight, unless the layer's other shards are not quantized alike."""
     params = dict(model.named_parameters())
     mapping: dict[str, tuple[str, str]] = getattr(model, "packed_modules_mapping", {})
@@ -32,7 +32,10 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
                 break
         module = _module_of(model, target) if quantized else None
         param = params.get(target)
-        if param is None and not isinstance(module, Linear):
+        if quantized and not isinstance(module, Linear):
+            raise ValueError(f"checkpoint tensor {name!r} is quantized, but {type(model).__name__} has no linear "
+                             f"layer {target.rpartition('.')[0]!r} to hold it")
+        if param is None and not quantized:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
         with torch.no_grad():
             if quantized:

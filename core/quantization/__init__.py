@@ -5,14 +5,14 @@ import torch
 from kvserve.core.quantization import fp8, grouped, int8
 from kvserve.plugins.interfaces import QuantizedWeight
 
-# --quantization values; a GPTQ, AWQ, AutoRound or compressed-tensors checkpoint's own comes from its
+# --quantization values; a GPTQ, AWQ, AutoRound, compressed-tensors or fp8 checkpoint's own comes from its
 # quantization_config.
 METHODS = {
     "auto-round": "AutoRound checkpoints (its auto_round format in GPTQ or AWQ packing), read from its "
                   "quantization_config",
     "awq": "AWQ checkpoints (AutoAWQ's 4-bit GEMM packing), read from the checkpoint's quantization_config",
     "compressed-tensors": "compressed-tensors checkpoints as llm-compressor writes them (W4A16 and W8A16 "
-                          "pack-quantized, W8A8 int8), read from the checkpoint's quantization_config",
+                          "pack-quantized, W8A8 int8, FP8), read from the checkpoint's quantization_config",
     "fp8": "FP8 (e4m3) W8A8: an fp8 checkpoint's own (quant_method fp8), else online, weights per channel at load "
            "and activations per token at run time",
     "gguf": "a GGUF file's Q4_0, Q4_1 and Q8_0 linear layers and output head run as int4 / int8 weight-only weights, "

@@ -1,7 +1,7 @@
 """Checkpoints that tools export already quantized (their ``quantization_config``): GPTQ, as AutoGPTQ and GPTQModel
 write it (4 or 8 bits), AWQ's GEMM packing, as AutoAWQ writes it (4 bits), AutoRound's auto_round format in either
 packing, compressed-tensors (``compressed_tensors``), and FP8; read as "w4a16_int4" or "w8a16_int8" weights with
-zero points, "w8a8_int8", or "w8a8_fp8".
+zero points, "w8a8_int8", "w8a8_fp8" or "w8a16_fp8".
 
 GPTQ (``checkpoint_format`` "gptq"): with b bits, a layer's ``qweight`` int32 ``[in * b / 32, out]`` holds input
 (32 / b) i + j of output o in bits b j to b j + b - 1 of ``qweight[i, o]``; ``qzeros`` int32 ``[groups, out * b /
@@ -34,8 +34,8 @@ METHODS = (*CHECKPOINT_ONLY, "fp8")
 
 
 def method_of(config) -> str | None:
-    """The checkpoint's quantization method ("gptq", "awq", "auto-round", "compressed-tensors"), or None if it has
-    no quantization_config; a method or a variant kvserve does not read is a clear error."""
+    """The checkpoint's quantization method ("gptq", "awq", "auto-round", "compressed-tensors", "fp8"), or None if
+    it has no quantization_config; a method or a variant kvserve does not read is a clear error."""
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
         return None
