@@ -7,9 +7,8 @@ from typing import Callable
 
 import torch
 
-from kvserve.core.quantization import grouped
 from kvserve.kernels_cpu import native
-from kvserve.plugins.interfaces import QuantizedWeight
+from kvserve.plugins.interfaces import GROUPED_BITS, QuantizedWeight
 
 # The batch size oneDNN picks the packed layout for: a decode step of a busy server. Other sizes still run.
 PACKING_BATCH_SIZE = 32
@@ -75,11 +74,11 @@ def grouped_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Ten
         return None
     if not torch.equal(tensors["scale"].half().to(tensors["scale"].dtype), tensors["scale"]):
         return None
-    order, whole_groups = grouped.input_order(weight)
+    order, whole_groups = weight.input_order()
     if not whole_groups:
         return None
     qweight = tensors["qweight"] if order is None else tensors["qweight"][:, order]
-    zero_points, bits = "zero" in tensors, grouped.BITS[weight.scheme]
+    zero_points, bits = "zero" in tensors, GROUPED_BITS[weight.scheme]
     second = tensors["zero"] if zero_points else tensors["offset"]
     packed, scales = ops.pack_linear_grouped(qweight, tensors["scale"], second, group_size, bits)
     linear_grouped, out_features = native.op("linear_grouped"), weight.shape[0]

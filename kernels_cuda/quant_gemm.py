@@ -11,9 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvserve.core.quantization import grouped
 from kvserve.kernels_cuda.paged_attention import DOTS_IN_FLOAT32, _dot
-from kvserve.plugins.interfaces import QuantizedWeight
+from kvserve.plugins.interfaces import GROUPED_BITS, QuantizedWeight
 
 BLOCK_K = 32
 
@@ -59,8 +58,8 @@ def grouped_gemm(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tenso
     K step's) and act-order groups (``g_idx``) are of equal sizes; act-order inputs are gathered into their
     groups, the weight's columns once and each input row at every call."""
     out_features, in_features = weight.shape
-    tensors, group_size, bits = weight.tensors, weight.group_size, grouped.BITS[weight.scheme]
-    order, whole_groups = grouped.input_order(weight)
+    tensors, group_size, bits = weight.tensors, weight.group_size, GROUPED_BITS[weight.scheme]
+    order, whole_groups = weight.input_order()
     if in_features % BLOCK_K or group_size % BLOCK_K or not whole_groups:
         return None
     levels = tensors["qweight"] if order is None else tensors["qweight"][:, order]

@@ -185,6 +185,10 @@ class Communicator(ABC):
         """Wait for every rank."""
 
 
+# The weight-only integer schemes in groups of inputs (see QuantizedWeight) and their levels' bits.
+GROUPED_BITS = {"w4a16_int4": 4, "w8a16_int8": 8}
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
     """One linear layer's weight in a quantization scheme, laid out by ``kvserve.core.quantization``.
@@ -213,3 +217,13 @@ class QuantizedWeight:
     shape: tuple[int, int]   # [out, in] of the weight it stands for
     group_size: int | None = None   # inputs that share a scale, for grouped schemes
     dtype: torch.dtype | None = None   # the model dtype: what the layer's inputs and outputs are
+
+    def input_order(self) -> tuple[torch.Tensor | None, bool]:
+        """(the order that gathers act-order inputs (``g_idx``) into whole groups in turn, or None without
+        ``g_idx``; whether that order exists: False for groups of unequal sizes), for kernels that take groups of
+        consecutive inputs."""
+        if "g_idx" not in self.tensors:
+            return None, True
+        g_idx = self.tensors["g_idx"]
+        order = torch.argsort(g_idx, stable=True)
+        return order, torch.equal(g_idx[order].long().cpu(), torch.arange(self.shape[1]) // self.group_size)

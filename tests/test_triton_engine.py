@@ -44,10 +44,10 @@ class TritonOnCpu:
 
     @hookimpl
     def platform_quant_kernel(self, weight):
-        from kvserve.core.quantization.grouped import BITS
+        from kvserve.plugins.interfaces import GROUPED_BITS
         from kvserve.kernels_cuda.quant_gemm import grouped_gemm
 
-        return grouped_gemm(weight) if weight.scheme in BITS else None
+        return grouped_gemm(weight) if weight.scheme in GROUPED_BITS else None
 
 
 def greedy_tokens(path: str, device: str, manager: PluginManager) -> list[list[int]]:

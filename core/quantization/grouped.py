@@ -13,7 +13,6 @@ from kvserve.plugins.interfaces import QuantizedWeight
 W4A16 = "w4a16_int4"
 W8A16 = "w8a16_int8"
 SCHEME_OF_BITS = {4: W4A16, 8: W8A16}
-BITS = {W4A16: 4, W8A16: 8}
 
 
 def unpack_fields(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -28,17 +27,6 @@ def groups_of_inputs(weight: QuantizedWeight) -> torch.Tensor:
     if "g_idx" in weight.tensors:
         return weight.tensors["g_idx"].long()
     return torch.arange(weight.shape[1], device=weight.tensors["qweight"].device) // weight.group_size
-
-
-def input_order(weight: QuantizedWeight) -> tuple[torch.Tensor | None, bool]:
-    """(the order that gathers act-order inputs into whole groups in turn, None without ``g_idx``; whether that
-    order exists: False for groups of unequal sizes), for kernels that take groups of consecutive inputs."""
-    if "g_idx" not in weight.tensors:
-        return None, True
-    g_idx = weight.tensors["g_idx"]
-    order = torch.argsort(g_idx, stable=True)
-    whole = torch.equal(g_idx[order].long().cpu(), torch.arange(weight.shape[1]) // weight.group_size)
-    return order, whole
 
 
 def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:

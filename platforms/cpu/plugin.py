@@ -5,7 +5,8 @@ import torch
 
 from kvserve.plugins.backend_choice import choose_backend
 from kvserve.plugins.hookspecs import hookimpl
-from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo, QuantizedWeight
+from kvserve.plugins.interfaces import (GROUPED_BITS, AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo,
+                                       QuantizedWeight)
 
 DEFAULT_KV_CACHE_BYTES = 4 << 30
 
@@ -88,12 +89,11 @@ def platform_gate_up_kernel(weight: torch.Tensor):
 
 @hookimpl
 def platform_quant_kernel(weight: QuantizedWeight):
-    from kvserve.core.quantization.grouped import BITS
     from kvserve.kernels_cpu.linear import grouped_linear, int8_linear
 
     if weight.scheme == "w8a8_int8":
         return int8_linear(weight.tensors["qweight"], weight.tensors["scale"])
-    if weight.scheme in BITS and weight.dtype == torch.bfloat16:
+    if weight.scheme in GROUPED_BITS and weight.dtype == torch.bfloat16:
         return grouped_linear(weight)
     return None
 

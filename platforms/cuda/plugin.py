@@ -8,7 +8,8 @@ import torch
 
 from kvserve.plugins.backend_choice import choose_backend
 from kvserve.plugins.hookspecs import hookimpl
-from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo, QuantizedWeight
+from kvserve.plugins.interfaces import (GROUPED_BITS, AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo,
+                                       QuantizedWeight)
 
 OPTIONAL_KERNELS = ("triton", "flash_attn", "flashinfer")
 # Until the engine profiles a forward at start-up, the KV cache takes this share of the memory free when the
@@ -76,10 +77,9 @@ class GpuPlatform:
 
     @hookimpl
     def platform_quant_kernel(self, weight: QuantizedWeight):
-        from kvserve.core.quantization.grouped import BITS
         from kvserve.kernels_cuda.quant_gemm import grouped_gemm
 
-        return grouped_gemm(weight) if weight.scheme in BITS else None
+        return grouped_gemm(weight) if weight.scheme in GROUPED_BITS else None
 
     @hookimpl
     def platform_communicator(self, rank: int, world_size: int):
