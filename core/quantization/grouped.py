@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvserve.plugins.interfaces import QuantizedWeight
+from kvserve.plugins.interfaces import GROUPED_BITS, QuantizedWeight
 
 W4A16 = "w4a16_int4"
 W8A16 = "w8a16_int8"
-SCHEME_OF_BITS = {4: W4A16, 8: W8A16}
+SCHEME_OF_BITS = {bits: scheme for scheme, bits in GROUPED_BITS.items()}
 
 
 def unpack_fields(packed: torch.Tensor, bits: int) -> torch.Tensor:
