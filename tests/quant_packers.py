@@ -23,11 +23,12 @@ from safetensors.torch import save_file
 
 GROUP_SIZE = 32
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-FORMATS = {   # name -> (quant_method, desc_act, bits)
-    "gptq": ("gptq", False, 4),
-    "gptq-desc-act": ("gptq", True, 4),
-    "gptq-8bit-desc-act": ("gptq", True, 8),
-    "awq": ("awq", False, 4),
+FORMATS = {   # name -> (quant_method, desc_act, bits, group_size: -1 for one group of all inputs)
+    "gptq": ("gptq", False, 4, GROUP_SIZE),
+    "gptq-desc-act": ("gptq", True, 4, GROUP_SIZE),
+    "gptq-8bit-desc-act": ("gptq", True, 8, GROUP_SIZE),
+    "gptq-per-channel": ("gptq", False, 4, -1),
+    "awq": ("awq", False, 4, GROUP_SIZE),
 }
 
 
@@ -55,9 +56,9 @@ def dequantized(levels, zero, scale, g_idx) -> torch.Tensor:
     return (levels.float() - zero.float()[:, g_idx]) * scale.float()[:, g_idx]
 
 
-def group_indices(in_features: int, desc_act: bool, seed: int) -> torch.Tensor:
+def group_indices(in_features: int, desc_act: bool, seed: int, group_size: int) -> torch.Tensor:
     """Each input's group; with desc_act the inputs of a group are scattered (GPTQ's act-order)."""
-    g_idx = torch.arange(in_features) // GROUP_SIZE
+    g_idx = torch.arange(in_features) // (in_features if group_size == -1 else group_size)
     if desc_act:
         g_idx = g_idx[torch.randperm(in_features, generator=torch.Generator().manual_seed(seed))]
     return g_idx
@@ -91,7 +92,7 @@ def pack_awq(levels, zero, scale) -> dict[str, torch.Tensor]:
 def quantized_layers(path: str, name: str):
     """{layer: (levels, zero, scale, g_idx)} for every linear layer of a tiny checkpoint but its head. Layers that
     share their input share its order (as GPTQ's act-order, from the input's statistics, gives them)."""
-    _, desc_act, bits = FORMATS[name]
+    _, desc_act, bits, group_size = FORMATS[name]
     layers = {}
     with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
         for tensor_name in sorted(f.keys()):
@@ -99,14 +100,14 @@ def quantized_layers(path: str, name: str):
                 weight = f.get_tensor(tensor_name)
                 same_input = re.sub(r"\.(q|k|v)_proj\.", ".qkv.", tensor_name)
                 same_input = re.sub(r"\.(gate|up)_proj\.", ".gate_up.", same_input)
-                g_idx = group_indices(weight.shape[1], desc_act, zlib.crc32(same_input.encode()))
+                g_idx = group_indices(weight.shape[1], desc_act, zlib.crc32(same_input.encode()), group_size)
                 layers[tensor_name.removesuffix(".weight")] = (*round_to_levels(weight, g_idx, bits), g_idx)
     return layers
 
 
 def write_checkpoint(path: str, name: str, destination: Path) -> str:
     """A copy of the checkpoint at ``path`` whose linear layers (the head aside) are in format ``name``."""
-    method, desc_act, bits = FORMATS[name]
+    method, desc_act, bits, group_size = FORMATS[name]
     layers = quantized_layers(path, name)
     tensors = {}
     with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
@@ -122,10 +123,10 @@ def write_checkpoint(path: str, name: str, destination: Path) -> str:
     shutil.copytree(path, destination, ignore=shutil.ignore_patterns("*.safetensors"))
     save_file(tensors, str(destination / "model.safetensors"))
     config = json.loads((destination / "config.json").read_text())
-    config["quantization_config"] = ({"quant_method": "gptq", "bits": bits, "group_size": GROUP_SIZE,
+    config["quantization_config"] = ({"quant_method": "gptq", "bits": bits, "group_size": group_size,
                                       "desc_act": desc_act, "sym": False, "checkpoint_format": "gptq"}
                                      if method == "gptq" else
-                                     {"quant_method": "awq", "bits": 4, "group_size": GROUP_SIZE, "zero_point": True,
+                                     {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
                                       "version": "gemm"})
     (destination / "config.json").write_text(json.dumps(config))
     return str(destination)

@@ -44,8 +44,10 @@ def test_a_checkpoint_reads_back_as_the_levels_it_holds(qwen2_path, tmp_path, na
     assert {key.removesuffix(".weight") for key, value in read.items() if not torch.is_tensor(value)} == set(layers)
     for layer, (levels, zero, scale, g_idx) in layers.items():
         weight = read[f"{layer}.weight"]
-        scheme = grouped.SCHEME_OF_BITS[quant_packers.FORMATS[name][2]]
-        assert (weight.scheme, weight.group_size, weight.shape) == (scheme, 32, tuple(levels.shape))
+        _, _, bits, group_size = quant_packers.FORMATS[name]
+        group_size = levels.shape[1] if group_size == -1 else group_size
+        assert (weight.scheme, weight.group_size, weight.shape) == (grouped.SCHEME_OF_BITS[bits], group_size,
+                                                                    tuple(levels.shape))
         assert torch.equal(weight.tensors["qweight"], levels) and torch.equal(weight.tensors["zero"], zero)
         assert torch.equal(weight.tensors["scale"], scale)
         assert torch.equal(grouped.groups_of_inputs(weight), g_idx)   # act-order's g_idx kept, plain groups implied
