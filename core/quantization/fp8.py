@@ -44,7 +44,7 @@ def fake_quantize_inputs(weight: QuantizedWeight, x: torch.Tensor) -> torch.Tens
     if "input_scale" in weight.tensors:
         scale = weight.tensors["input_scale"].float().reshape(())
         return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
-    group = weight.tensors["scale"].dim() == 2 and weight.group_size or x.shape[-1]
+    group = weight.group_size if weight.tensors["scale"].dim() == 2 else x.shape[-1]   # else per token
     padded = F.pad(x, (0, -x.shape[-1] % group)).unflatten(-1, (-1, group))
     scale = padded.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_ABS_MAX) / FP8_MAX
     rounded = (padded / scale).to(torch.float8_e4m3fn).float() * scale
