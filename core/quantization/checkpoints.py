@@ -181,12 +181,7 @@ def fp8_reader(quantization: dict):
         return (parts, parts) if fp8_weight or (part in parts and part != "weight") else None
 
     def build(layer: str, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
-        weight = tensors["weight"]
-        scale = (fp8.from_blocks(tensors["weight_scale_inv"], weight.shape[0], block) if block else
-                 tensors["weight_scale"].float().reshape(-1).expand(weight.shape[0]).contiguous())
-        quantized = {"weight": weight, "scale": scale}
-        if static:
-            quantized["input_scale"] = tensors["input_scale"].float().reshape(())
-        return QuantizedWeight(fp8.SCHEME, quantized, tuple(weight.shape), block)
+        scale = tensors["weight_scale_inv"] if block else tensors["weight_scale"]
+        return fp8.stored_weight(tensors["weight"], scale, block, tensors.get("input_scale"))
 
     return parts_of, build

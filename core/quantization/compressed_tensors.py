@@ -162,11 +162,6 @@ def reader(quantization: dict):
 
 
 def fp8_weight(parts: dict[str, torch.Tensor], weights: dict, inputs: dict | None) -> QuantizedWeight:
-    weight, scale = parts["weight"], parts["weight_scale"].float()
     block = weights["block_structure"][0] if weights["strategy"] == "block" else None
-    scale = fp8.from_blocks(scale, weight.shape[0], block) if block else scale.reshape(-1).expand(weight.shape[0])
-    tensors = {"weight": weight, "scale": scale.contiguous()}
-    if "input_scale" in parts:
-        tensors["input_scale"] = parts["input_scale"].float().reshape(())
-    scheme = fp8.WEIGHT_ONLY if inputs is None else fp8.SCHEME
-    return QuantizedWeight(scheme, tensors, tuple(weight.shape), block)
+    return fp8.stored_weight(parts["weight"], parts["weight_scale"], block, parts.get("input_scale"),
+                             fp8.WEIGHT_ONLY if inputs is None else fp8.SCHEME)

@@ -64,6 +64,14 @@ def reference_kernel(weight: QuantizedWeight):
     return linear
 
 
-def from_blocks(scale: torch.Tensor, out_features: int, block: int) -> torch.Tensor:
-    """A checkpoint's scales of g x g blocks, [ceil(out / g), ceil(in / g)], as the scheme's [out, ceil(in / g)]."""
-    return scale.float().repeat_interleave(block, 0)[:out_features].contiguous()
+def stored_weight(weight: torch.Tensor, scale: torch.Tensor, block: int | None, input_scale: torch.Tensor | None,
+                  scheme: str = SCHEME) -> QuantizedWeight:
+    """A checkpoint's e4m3 ``weight`` and its ``scale``: per tensor or channel, or per g x g block (``block`` g,
+    [ceil(out / g), ceil(in / g)], each block's scale then repeated for its outputs); a static ``input_scale``."""
+    out_features = weight.shape[0]
+    scale = (scale.float().repeat_interleave(block, 0)[:out_features] if block else
+             scale.float().reshape(-1).expand(out_features))
+    tensors = {"weight": weight, "scale": scale.contiguous()}
+    if input_scale is not None:
+        tensors["input_scale"] = input_scale.float().reshape(())
+    return QuantizedWeight(scheme, tensors, tuple(weight.shape), block)
