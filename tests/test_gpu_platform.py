@@ -35,7 +35,8 @@ def test_both_gpu_platforms_register_and_report_their_state():
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("architecture", ["llama-tied-gqa", "qwen2"])
-def test_greedy_tokens_equal_the_cpu_platform_in_float32(tiny_model, architecture):
+@pytest.mark.parametrize("quantization", [None, "fp8"])   # fp8: torch._scaled_mm on sm89+ / MI300+
+def test_greedy_tokens_equal_the_cpu_platform_in_float32(tiny_model, architecture, quantization):
     from kvserve import LLM, SamplingParams
 
     prompts = [[5, 17, 42] * 11, [7], [9, 10, 11, 12]]
@@ -43,7 +44,7 @@ def test_greedy_tokens_equal_the_cpu_platform_in_float32(tiny_model, architectur
     tokens = {}
     for device in ("cpu", VENDOR):
         llm = LLM(tiny_model(architecture), dtype="float32", device=device, kv_cache_memory="64MiB",
-                  max_num_batched_tokens=16, max_num_seqs=4)
+                  max_num_batched_tokens=16, max_num_seqs=4, quantization=quantization)
         assert llm.llm_engine.platform.name == device
         tokens[device] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert tokens[VENDOR] == tokens["cpu"]

@@ -75,11 +75,25 @@ class GpuPlatform:
 
         return FUSED_OPS
 
+    def fp8_dtype(self, model_dtype: torch.dtype) -> torch.dtype | None:
+        """The FP8 type this GPU's ``torch._scaled_mm`` multiplies into ``model_dtype`` outputs, or None."""
+        if self.vendor == "cuda":
+            return torch.float8_e4m3fn if torch.cuda.get_device_capability() >= (8, 9) else None
+        arch = torch.cuda.get_device_properties(0).gcnArchName
+        if model_dtype != torch.bfloat16:   # hipBLASLt's row-wise scaled GEMM writes bfloat16 only
+            return None
+        return torch.float8_e4m3fnuz if arch.startswith("gfx94") else (
+            torch.float8_e4m3fn if arch.startswith(("gfx95", "gfx12")) else None)
+
     @hookimpl
     def platform_quant_kernel(self, weight: QuantizedWeight):
+        from kvserve.kernels_cuda.fp8_gemm import fp8_gemm
         from kvserve.kernels_cuda.quant_gemm import grouped_gemm
 
-        return grouped_gemm(weight) if weight.scheme in GROUPED_BITS else None
+        if weight.scheme in GROUPED_BITS:
+            return grouped_gemm(weight)
+        fp8_dtype = self.fp8_dtype(weight.dtype) if weight.scheme == "w8a8_fp8" else None
+        return fp8_gemm(weight, fp8_dtype) if fp8_dtype is not None else None
 
     @hookimpl
     def platform_communicator(self, rank: int, world_size: int):
