@@ -12,6 +12,9 @@ from kvserve.core.quantization.int4 import GROUP_SIZES as INT4_GROUP_SIZES
 
 DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
+# "auto": the model dtype; the FP8 ones store fp8(x / scale) with each layer's checkpoint scales, else 1.0 (vLLM's)
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                   "fp8_e5m2": torch.float8_e5m2}
 PREEMPTION_MODES = ("recompute", "swap")
 LOAD_FORMATS = ("auto", "dummy")   # dummy: random weights of the checkpoint's shapes, for benchmarks
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
@@ -104,8 +107,12 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"     # or "swap", on platforms with device memory
     swap_space: float | str = 4             # GiB (or a size string) of host memory for swapped-out blocks
+    cache_dtype: str = "auto"               # one of KV_CACHE_DTYPES
 
     def __post_init__(self):
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.cache_dtype!r}")
+        self.torch_cache_dtype = KV_CACHE_DTYPES[self.cache_dtype]
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size!r}")
         if self.kv_cache_memory is not None:
@@ -189,13 +196,14 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                         speculative_config: dict | None = None, block_size: int = 16,
                         kv_cache_memory: int | str | None = None, device: str | None = None,
                         enforce_eager: bool = False, chat_template: str | None = None,
-                        load_format: str = "auto", quantization_group_size: int | None = None) -> EngineConfig:
+                        load_format: str = "auto", quantization_group_size: int | None = None,
+                        kv_cache_dtype: str = "auto") -> EngineConfig:
     """An EngineConfig from the flat keyword arguments that ``LLM(...)`` and the command line take (vLLM's names)."""
     return EngineConfig(
         model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template, load_format,
                           quantization_group_size),
         cache=CacheConfig(block_size, kv_cache_memory, num_gpu_blocks_override, enable_prefix_caching,
-                          preemption_mode, swap_space),
+                          preemption_mode, swap_space, kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
         parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, data_parallel_size),
         device=DeviceConfig(device, enforce_eager),

@@ -17,7 +17,10 @@ import triton.language as tl
 MIN_DOT = 16   # tl.dot's smallest M, N and K on GPUs
 # Triton's interpreter (CPU tensors, TRITON_INTERPRET=1) returns garbage from tl.dot on 16-bit operands (triton
 # 3.9): there the operands, already rounded to their dtype, are multiplied in float32.
-DOTS_IN_FLOAT32 = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DOTS_IN_FLOAT32 = INTERPRETED
+# (mantissa bits, smallest normal exponent) of the FP8 cache types, for the interpreter's casts (see _on_fp8_grid)
+FP8_GRIDS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 
 
 @triton.jit
@@ -33,8 +36,19 @@ def _dot(a, b, IN_FLOAT32: tl.constexpr):
 
 
 @triton.jit
+def _on_fp8_grid(x, MANTISSA: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """float32 ``x`` rounded to the nearest (ties to even) value of an FP8 type: Triton's interpreter casts values
+    just below a power of two to half of it (triton 3.9), and values already on the grid exactly."""
+    exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    step = ((tl.maximum(exponent, MIN_EXPONENT) - MANTISSA + 127) << 23).to(tl.float32, bitcast=True)
+    return ((x / step + 12582912.0) - 12582912.0) * step   # adding 1.5 * 2^23 rounds to an integer
+
+
+@triton.jit
 def _store_kv_kernel(key, value, cache, slots, stride_kt, stride_kh, stride_vt, stride_vh, values_offset,
-                     NUM_KV_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_P: tl.constexpr):
+                     key_scale, value_scale, NUM_KV_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_P: tl.constexpr,
+                     FP8_MAX: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXPONENT: tl.constexpr,
+                     INTERPRETED: tl.constexpr):
     token, kv_head = tl.program_id(0), tl.program_id(1)
     slot = tl.load(slots + token)
     if slot >= 0:   # a negative slot pads a captured batch
@@ -43,14 +57,19 @@ def _store_kv_kernel(key, value, cache, slots, stride_kt, stride_kh, stride_vt, 
         to = slot * NUM_KV_HEADS * HEAD + kv_head * HEAD + d
         k = tl.load(key + token * stride_kt + kv_head * stride_kh + d, mask=ok)
         v = tl.load(value + token * stride_vt + kv_head * stride_vh + d, mask=ok)
+        if FP8_MAX > 0:   # an FP8 cache: fp8(x / scale), saturated
+            k = tl.clamp(k.to(tl.float32) / key_scale, -FP8_MAX, FP8_MAX)
+            v = tl.clamp(v.to(tl.float32) / value_scale, -FP8_MAX, FP8_MAX)
+            if INTERPRETED:
+                k, v = _on_fp8_grid(k, MANTISSA, MIN_EXPONENT), _on_fp8_grid(v, MANTISSA, MIN_EXPONENT)
         tl.store(cache + to, k.to(cache.dtype.element_ty), mask=ok)
         tl.store(cache + values_offset + to, v.to(cache.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _attention_kernel(out, partials_acc, partials_max, partials_sum, query, cache, block_tables, seq_lens,
-                      query_start, scale, window, values_offset, stride_qt, stride_qh, stride_ot, stride_oh,
-                      stride_table, partition_len,
+                      query_start, scale, value_scale, window, values_offset, stride_qt, stride_qh, stride_ot,
+                      stride_oh, stride_table, partition_len,
                       NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                       BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                       HEAD: tl.constexpr, HEAD_P: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
@@ -87,8 +106,8 @@ def _attention_kernel(out, partials_acc, partials_max, partials_sum, query, cach
             block = tl.load(block_tables + seq * stride_table + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
             at = (block * BLOCK_SIZE + k_pos % BLOCK_SIZE) * NUM_KV_HEADS * HEAD + kv_head * HEAD
             kv_mask = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(cache + at[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(cache + values_offset + at[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(cache + at[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+            v = tl.load(cache + values_offset + at[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             scores = _dot(q, tl.trans(k), DOTS_IN_FLOAT32) * scale
             in_window = (q_pos[:, None] - k_pos[None, :] < window) | (window <= 0)
             allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :] & in_window
@@ -102,6 +121,7 @@ def _attention_kernel(out, partials_acc, partials_max, partials_sum, query, cach
             top = new_top
 
         token = first_token + q_index
+        acc = acc * value_scale
         if NUM_PARTITIONS == 1:
             result = acc / tl.where(total == 0.0, 1.0, total)[:, None]
             tl.store(out + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -131,20 +151,27 @@ def _combine_partitions_kernel(out, partials_acc, partials_max, partials_sum, st
     tl.store(out + token * stride_ot + head * stride_oh + d, result.to(out.dtype.element_ty), mask=d < HEAD)
 
 
-def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write [tokens, kv_heads, head] keys and values into their cache slots (block * block_size + offset)."""
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             kv_scales: tuple[float, float] = (1.0, 1.0)) -> None:
+    """Write [tokens, kv_heads, head] keys and values into their cache slots (block * block_size + offset); an FP8
+    cache holds fp8(x / scale)."""
     num_tokens, num_kv_heads, head = key.shape
     if num_tokens == 0:
         return
+    fp8_max = torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_GRIDS else 0.0
+    mantissa, min_exponent = FP8_GRIDS.get(kv_cache.dtype, (0, 0))
     _store_kv_kernel[(num_tokens, num_kv_heads)](
         key, value, kv_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        kv_cache.stride(0), NUM_KV_HEADS=num_kv_heads, HEAD=head, HEAD_P=_padded(head))
+        kv_cache.stride(0), *kv_scales, NUM_KV_HEADS=num_kv_heads, HEAD=head, HEAD_P=_padded(head),
+        FP8_MAX=fp8_max, MANTISSA=mantissa, MIN_EXPONENT=min_exponent, INTERPRETED=INTERPRETED)
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float,
-                    sliding_window: int | None, num_partitions: int = 1, partition_len: int = 0) -> torch.Tensor:
-    """Every sequence's new queries, [tokens, heads, head], over its cache: causal, within the window. With
+                    sliding_window: int | None, num_partitions: int = 1, partition_len: int = 0,
+                    kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """Every sequence's new queries, [tokens, heads, head], over its cache: causal, within the window; an FP8
+    cache's keys and values times their ``kv_scales``. With
     ``num_partitions`` > 1, each program takes ``partition_len`` keys (a multiple of the 16-key chunk) of the
     context, and a second kernel combines them (for decodes of long contexts, which otherwise leave a GPU idle)."""
     num_tokens, num_heads, head = query.shape
@@ -163,8 +190,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_partitions)
     _attention_kernel[grid](
         out, partials_acc, partials_max, partials_sum, query, kv_cache, block_tables, seq_lens, query_start_loc,
-        scale, sliding_window or 0, kv_cache.stride(0), query.stride(0), query.stride(1), out.stride(0),
-        out.stride(1), block_tables.stride(0), partition_len if split else 1 << 62,
+        scale * kv_scales[0], kv_scales[1], sliding_window or 0, kv_cache.stride(0), query.stride(0),
+        query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), partition_len if split else 1 << 62,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_SIZE=block_size,
         BLOCK_N=MIN_DOT, HEAD=head, HEAD_P=_padded(head), NUM_PARTITIONS=num_partitions,
         DOTS_IN_FLOAT32=DOTS_IN_FLOAT32)

@@ -23,11 +23,18 @@ def choose_backend(candidates: list[type[AttentionBackend]], spec: AttentionSpec
     for candidate in candidates:
         if requested is not None and candidate.name != requested:
             continue
-        reasons[candidate.name] = candidate.unsupported_reasons(spec)
+        reasons[candidate.name] = candidate.unsupported_reasons(spec) + cache_reasons(candidate, spec)
         if not reasons[candidate.name]:
             return candidate
     detail = "; ".join(f"{name}: {', '.join(why)}" for name, why in reasons.items())
     raise ValueError(f"no attention backend supports this model ({detail})")
+
+
+def cache_reasons(backend: type[AttentionBackend], spec: AttentionSpec) -> list[str]:
+    """Why ``backend`` cannot keep ``spec``'s KV cache: an FP8 type it does not name in ``kv_cache_dtypes``."""
+    if spec.kv_cache_dtype is None or spec.kv_cache_dtype in backend.kv_cache_dtypes:
+        return []
+    return [f"it keeps no KV cache in {str(spec.kv_cache_dtype).removeprefix('torch.')}"]
 
 
 def common_reasons(spec: AttentionSpec, dtypes: tuple[torch.dtype, ...]) -> list[str]:

@@ -58,6 +58,11 @@ class AttentionSpec:
     dtype: torch.dtype
     block_size: int
     sliding_window: int | None = None
+    kv_cache_dtype: torch.dtype | None = None   # an FP8 type the cache holds (``--kv-cache-dtype``); None: dtype
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.kv_cache_dtype or self.dtype
 
 
 @dataclass
@@ -92,6 +97,9 @@ class AttentionBackend(ABC):
     """Paged attention for one platform: stores new keys/values in the cache and attends over it."""
 
     name: ClassVar[str]
+    # The FP8 types this backend can keep its cache in besides the model dtype; it is handed such a cache (and
+    # ``kv_scales`` with it) only when it names the type here.
+    kv_cache_dtypes: ClassVar[tuple[torch.dtype, ...]] = ()
 
     @classmethod
     @abstractmethod
@@ -143,10 +151,13 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         """Write ``key``/``value`` ([tokens, kv_heads, head]) into ``kv_cache`` at ``metadata.slot_mapping``,
         then attend causally from ``query`` ([tokens, heads, head]) over each sequence's cached context.
-        Returns [tokens, heads, head]."""
+        Returns [tokens, heads, head]. An FP8 cache (``spec.kv_cache_dtype``) stores each key as fp8(key /
+        kv_scales[0]), saturated at the type's largest value, and each value likewise with kv_scales[1]; what is
+        read back is multiplied by its scale. ``kv_scales`` is passed only with such a cache."""
 
 
 class GraphRunner(ABC):

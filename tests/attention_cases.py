@@ -26,13 +26,26 @@ def reference_attention(q, k, v, scale, window):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
+def as_fp8_cache_holds(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x, float32, as an FP8 cache gives it back: fp8(x / scale), saturated, times scale."""
+    top = torch.finfo(cache_dtype).max
+    return (x.float() / scale).clamp(-top, top).to(cache_dtype).float() * scale
+
+
+# An FP8 cache's scales: keys' small enough that some of them saturate at e4m3's 448.
+FP8_KV_SCALES = (0.006, 0.02)
+
+
 def check_against_reference(backend, shapes, head_size: int, block_size: int, dtype: torch.dtype,
-                            window: int | None, device: torch.device = torch.device("cpu")) -> None:
-    """Cache each sequence's old keys with the backend's own store_kv, run one step, compare with the reference."""
+                            window: int | None, device: torch.device = torch.device("cpu"),
+                            cache_dtype: torch.dtype | None = None) -> None:
+    """Cache each sequence's old keys with the backend's own store_kv, run one step, compare with the reference;
+    with an FP8 ``cache_dtype``, the reference attends keys and values as that cache holds them."""
     torch.manual_seed(0)
     num_blocks = 40
-    cache = torch.zeros(backend.kv_cache_shape(num_blocks, block_size, NUM_KV_HEADS, head_size), dtype=dtype,
-                        device=device)
+    fp8 = {} if cache_dtype is None else {"kv_scales": FP8_KV_SCALES}
+    cache = torch.zeros(backend.kv_cache_shape(num_blocks, block_size, NUM_KV_HEADS, head_size),
+                        dtype=cache_dtype or dtype, device=device)
     free = torch.randperm(num_blocks).tolist()
     queries, keys, values, expected, tables = [], [], [], [], []
     for cached, new in shapes:
@@ -41,15 +54,17 @@ def check_against_reference(backend, shapes, head_size: int, block_size: int, dt
         k, v = (torch.randn(total, NUM_KV_HEADS, head_size, dtype=dtype, device=device) for _ in range(2))
         old = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(cached)],
                            dtype=torch.int64, device=device)
-        backend.store_kv(k[:cached], v[:cached], cache, old)
+        backend.store_kv(k[:cached], v[:cached], cache, old, *fp8.values())
         q = torch.randn(new, NUM_HEADS, head_size, dtype=dtype, device=device)
         queries.append(q), keys.append(k[cached:]), values.append(v[cached:]), tables.append(table)
+        if cache_dtype is not None:
+            k, v = (as_fp8_cache_holds(x, cache_dtype, scale) for x, scale in zip((k, v), FP8_KV_SCALES))
         expected.append(reference_attention(q.float(), k.float(), v.float(), 0.3, window).to(dtype))
     num_decodes = sum(1 for cached, new in shapes if new == 1 and cached)
     layout = StepLayout(query_lens=[n for _, n in shapes], seq_lens=[c + n for c, n in shapes],
                         block_tables=tables, num_decodes=num_decodes)
     out = backend.forward(torch.cat(queries), torch.cat(keys), torch.cat(values), cache,
-                          backend.build_metadata(layout), 0.3)
+                          backend.build_metadata(layout), 0.3, **fp8)
     # bfloat16: kernels round probabilities to bfloat16 before multiplying by values.
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out, torch.cat(expected), rtol=tolerance, atol=tolerance)

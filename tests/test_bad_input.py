@@ -116,6 +116,7 @@ def test_bad_request_leaves_running_requests_unharmed(llm):
     (dict(quantization="int4", quantization_group_size=48),
      "quantization_group_size must be one of 16, 32, 64, 128, 256, got 48"),
     (dict(dtype="int8"), "dtype must be one of"),
+    (dict(kv_cache_dtype="int8"), "kv_cache_dtype must be one of auto, fp8, fp8_e4m3, fp8_e5m2, got 'int8'"),
     (dict(block_size=7), "block_size must be one of"),
     (dict(kv_cache_memory="lots"), "kv_cache_memory must be a byte count"),
     (dict(max_num_seqs=0), "max_num_seqs must be >= 1"),

@@ -48,6 +48,18 @@ def exports(qwen2_path, tmp_path_factory) -> dict[tuple[str, bool], str]:
     return saved
 
 
+def on_its_weights(hf: torch.nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+    """The transformers model computing what the quantized layers compute: their weights, dequantized, and W8A8's
+    inputs rounded to their int8 or e4m3 steps."""
+    for layer, weight in quantized.items():
+        hf.get_submodule(layer).weight.data = dequantize(weight, torch.float32)
+        if weight.scheme == int8.SCHEME:
+            hf.get_submodule(layer).register_forward_pre_hook(rounded_to_int8_steps)
+        if weight.scheme == fp8.SCHEME:
+            hf.get_submodule(layer).register_forward_pre_hook(
+                lambda module, args, weight=weight: (fp8.fake_quantize_inputs(weight, args[0]),))
+
+
 def read(path: str):
     """(kvserve's QuantizedWeight of each quantized layer, every tensor of the checkpoint)."""
     with safe_open(f"{path}/model.safetensors", framework="pt") as f:
@@ -100,13 +112,7 @@ def test_the_engine_computes_what_transformers_computes_on_the_weights(exports, 
     out = LLM(path, dtype="float32", kv_cache_memory="8MiB").generate(
         [PROMPT], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
     hf = copy.deepcopy(hf_model("qwen2"))
-    for layer, weight in read(path)[0].items():
-        hf.get_submodule(layer).weight.data = dequantize(weight, torch.float32)
-        if weight.scheme == int8.SCHEME:
-            hf.get_submodule(layer).register_forward_pre_hook(rounded_to_int8_steps)
-        if weight.scheme == fp8.SCHEME:
-            hf.get_submodule(layer).register_forward_pre_hook(
-                lambda module, args, weight=weight: (fp8.fake_quantize_inputs(weight, args[0]),))
+    on_its_weights(hf, read(path)[0])
     with torch.no_grad():
         expected = hf(torch.tensor([PROMPT])).logits[0].log_softmax(-1)
     ours = [next(iter(entry.values())).logprob for entry in out.prompt_logprobs[1:]]

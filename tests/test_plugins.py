@@ -53,6 +53,10 @@ for run, extra in [("env", {}), ("device", {"device": "toy"}), ("cpu", cpu), ("t
                         kv_cache_memory=engine.config.cache.kv_cache_memory,
                         tokens=[o.outputs[0].token_ids for o in outputs],
                         calls={k: CALLS[k] - before[k] for k in CALLS})
+try:   # a backend that names no FP8 cache type is never handed one
+    LLM(model=sys.argv[1], dtype="float32", max_model_len=128, kv_cache_dtype="fp8")
+except ValueError as exc:
+    results["toy-fp8"] = str(exc)
 print(json.dumps(results))
 """
 
@@ -117,6 +121,11 @@ def test_int8_on_the_toy_platform_runs_the_reference_and_equals_the_cpu_kernel(g
     assert toy["platform"] == "toy" and cpu["platform"] == "cpu"
     assert toy["tokens"] == cpu["tokens"]
     assert toy["tokens"] != generations["env"]["tokens"]   # the weights were quantized
+
+
+def test_a_vendor_backend_that_keeps_no_fp8_cache_is_a_clear_error(generations):
+    assert generations["toy-fp8"] == ("platform 'toy''s attention backend 'toy-naive' cannot keep the KV cache in "
+                                      "float8_e4m3fn (FP8 types it keeps: none); use kv_cache_dtype='auto'")
 
 
 def test_plugins_cli_prints_each_plugin(plugin_site):

@@ -91,8 +91,9 @@ CT_W4A16 = {"targets": ["Linear"], "weights": {"type": "int", "num_bits": 4, "st
         "input_activations": {"type": "int", "num_bits": 8, "strategy": "tensor", "dynamic": False}}}},
      r"input_activations .* are not supported; supported: none \(weight-only\), or with int-quantized 8-bit weights"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": CT_W4A16},
-      "kv_cache_scheme": {"type": "float", "num_bits": 8}},
-     r"compressed-tensors checkpoints with a kv_cache_scheme are not supported"),
+      "kv_cache_scheme": {"type": "int", "num_bits": 8, "dynamic": False}},
+     r"compressed-tensors kv_cache_scheme .* is not supported; supported: static FP8 scales \(type 'float', "
+     r"num_bits 8, dynamic false\), used with kv_cache_dtype='fp8'"),
     ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
         "targets": ["Linear"], "weights": {"type": "float", "num_bits": 8, "strategy": "channel"},
         "input_activations": {"type": "float", "num_bits": 8, "strategy": "group", "group_size": 64,

@@ -15,9 +15,10 @@ from kvserve.platforms.cuda.attention import TritonPagedAttention  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def backend(head_size: int, block_size: int, dtype: torch.dtype, window: int | None) -> TritonPagedAttention:
+def backend(head_size: int, block_size: int, dtype: torch.dtype, window: int | None,
+            cache_dtype: torch.dtype | None = None) -> TritonPagedAttention:
     spec = AttentionSpec(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_size=head_size, dtype=dtype,
-                         block_size=block_size, sliding_window=window)
+                         block_size=block_size, sliding_window=window, kv_cache_dtype=cache_dtype)
     return TritonPagedAttention(spec, DEVICE)
 
 
@@ -28,6 +29,15 @@ def backend(head_size: int, block_size: int, dtype: torch.dtype, window: int | N
 def test_paged_attention_matches_reference(shapes, window, head_size, block_size, dtype):
     check_against_reference(backend(head_size, block_size, dtype, window), shapes, head_size, block_size, dtype,
                             window, DEVICE)
+
+
+@pytest.mark.parametrize("shapes", SHAPES)
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fp8_caches_attend_keys_and_values_as_they_hold_them(shapes, cache_dtype, dtype):
+    if TritonPagedAttention.unsupported_reasons(backend(8, 4, dtype, None, cache_dtype).spec):
+        pytest.skip("this GPU keeps no FP8 cache")
+    check_against_reference(backend(8, 4, dtype, None, cache_dtype), shapes, 8, 4, dtype, None, DEVICE, cache_dtype)
 
 
 @pytest.mark.parametrize("window", [None, 20])

@@ -50,9 +50,10 @@ class TritonOnCpu:
         return grouped_gemm(weight) if weight.scheme in GROUPED_BITS else None
 
 
-def greedy_tokens(path: str, device: str, manager: PluginManager) -> list[list[int]]:
+def greedy_tokens(path: str, device: str, manager: PluginManager, kv_cache_dtype: str = "auto") -> list[list[int]]:
     config = build_engine_config(path, dtype="float32", device=device, kv_cache_memory="16MiB",
-                                 max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True)
+                                 max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True,
+                                 kv_cache_dtype=kv_cache_dtype)
     engine = LLMEngine(config, plugins=manager)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     tokens = []
@@ -67,11 +68,13 @@ def greedy_tokens(path: str, device: str, manager: PluginManager) -> list[list[i
     return tokens
 
 
-def test_greedy_tokens_equal_the_cpu_platform(tiny_model):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_greedy_tokens_equal_the_cpu_platform(tiny_model, kv_cache_dtype):
     manager = PluginManager()
     manager.register(TritonOnCpu(), "triton-cpu")
     path = tiny_model("llama-tied-gqa")   # grouped-query attention: 4 heads over 2 kv heads
-    assert greedy_tokens(path, "triton-cpu", manager) == greedy_tokens(path, "cpu", manager)
+    assert (greedy_tokens(path, "triton-cpu", manager, kv_cache_dtype)
+            == greedy_tokens(path, "cpu", manager, kv_cache_dtype))
 
 
 @pytest.mark.parametrize("checkpoint", ["gptq", "gptq-8bit-desc-act", "awq"])

@@ -8,7 +8,7 @@ import torch
 
 from kvserve.core.config import EngineConfig
 from kvserve.core.engine.beam_search import beam_candidates
-from kvserve.core.engine.host_memory import host_zeros
+from kvserve.core.engine.kv_cache import allocate_kv_cache, bind_kv_scales, check_cache_dtype
 from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, prompt_logprobs
 from kvserve.core.engine.scheduler import ScheduledBatch
 from kvserve.core.engine.sequence import Sequence
@@ -71,51 +71,25 @@ class ModelRunner:
                              gate_up_kernel_factory(quantization, platform, online))
 
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        block_size = config.cache.block_size
         first = layers[0]
-        self.spec = AttentionSpec(first.num_heads, first.num_kv_heads, first.head_size, self.dtype, block_size,
-                                  getattr(self.model, "sliding_window", None))
-        self.backend = platform.attention_backend(self.spec)(self.spec, self.device)
-        self.num_blocks = self._count_blocks(len(layers), platform)
-        shape = self.backend.kv_cache_shape(self.num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_size)
-        if self.device.type == "cpu":
-            self.kv_cache, self.populating_kv_cache = host_zeros((len(layers), *shape), self.dtype)
-        else:
-            self.kv_cache = torch.zeros((len(layers), *shape), dtype=self.dtype, device=self.device)
-            self.populating_kv_cache = None
-        swapping = config.cache.preemption_mode == "swap"
-        self.num_host_blocks = config.cache.swap_space // self.block_bytes if swapping else 0
-        host_shape = self.backend.kv_cache_shape(self.num_host_blocks, block_size, self.spec.num_kv_heads,
-                                                 self.spec.head_size)
-        # Pinned host memory makes the copies to and from the device fast; plain memory when the device is the host.
-        self.host_kv_cache = torch.zeros((len(layers), *host_shape), dtype=self.dtype,
-                                         pin_memory=self.device.type != "cpu") if self.num_host_blocks else None
+        self.spec = AttentionSpec(first.num_heads, first.num_kv_heads, first.head_size, self.dtype,
+                                  config.cache.block_size, getattr(self.model, "sliding_window", None),
+                                  config.cache.torch_cache_dtype)
+        backend_cls = platform.attention_backend(self.spec)
+        check_cache_dtype(backend_cls, self.spec, platform)
+        self.backend = backend_cls(self.spec, self.device)
+        cache = allocate_kv_cache(config, self.spec, self.backend, len(layers), platform)
+        self.num_blocks, self.num_host_blocks, self.kv_cache_bytes = (cache.num_blocks, cache.num_host_blocks,
+                                                                      cache.num_bytes)
+        self.kv_cache, self.host_kv_cache = cache.device_cache, cache.host_cache
+        self.populating_kv_cache = cache.populating
         for i, layer in enumerate(layers):
             layer.backend, layer.kv_cache = self.backend, self.kv_cache[i]
+        bind_kv_scales(layers, self.spec)
         self.graph_runner = platform.graph_runner(self.model, self.backend, config)
         self.generators: dict[int, torch.Generator] = {}
         self.bad_words: dict[int, list[list[int]]] = {}    # seq_id -> token ids of each bad word
         self.prompt_logprobs = PromptLogprobsPlanner()
-
-    def _count_blocks(self, num_layers: int, platform: Platform) -> int:
-        cache, spec = self.config.cache, self.spec
-        shape = self.backend.kv_cache_shape(1, spec.block_size, spec.num_kv_heads, spec.head_size)
-        block_bytes = self.block_bytes = num_layers * torch.Size(shape).numel() * self.dtype.itemsize
-        if cache.num_gpu_blocks_override is not None:
-            num_blocks = cache.num_gpu_blocks_override
-        else:
-            free = platform.memory_info().free_bytes
-            if cache.kv_cache_memory > free:
-                raise ValueError(f"kv_cache_memory={cache.kv_cache_memory} bytes exceeds the {free} bytes free "
-                                 f"on {platform.name}; lower kv_cache_memory")
-            num_blocks = cache.kv_cache_memory // block_bytes
-        self.kv_cache_bytes = num_blocks * block_bytes
-        max_len = self.config.model.max_model_len
-        if num_blocks * spec.block_size < max_len:
-            raise ValueError(f"the KV cache holds {num_blocks * spec.block_size} tokens ({num_blocks} blocks), "
-                             f"fewer than max_model_len={max_len}; raise kv_cache_memory (or "
-                             f"num_gpu_blocks_override) or lower max_model_len")
-        return num_blocks
 
     def wait_for_kv_cache(self) -> None:
         """Return once the KV cache's memory is resident. Benchmarks time the steady state, as they would on an

@@ -16,10 +16,13 @@ class Attention(nn.Module):
         self.scale = scale
         self.backend: AttentionBackend | None = None   # bound by the model runner with the KV cache
         self.kv_cache: torch.Tensor | None = None
+        self.checkpoint_kv_scales: tuple[float, float] | None = None   # (keys', values'), if the checkpoint has them
+        self.kv_scales: tuple[float, float] | None = None   # those an FP8 cache uses; None for other caches
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        fp8 = {} if self.kv_scales is None else {"kv_scales": self.kv_scales}
         out = self.backend.forward(q.view(-1, self.num_heads, self.head_size),
                                    k.view(-1, self.num_kv_heads, self.head_size),
                                    v.view(-1, self.num_kv_heads, self.head_size),
-                                   self.kv_cache, metadata, self.scale)
+                                   self.kv_cache, metadata, self.scale, **fp8)
         return out.reshape(-1, self.num_heads * self.head_size)

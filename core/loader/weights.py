@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from kvserve.core.layers.linear import Linear
+from kvserve.core.loader.kv_scales import KvScaleReader
 from kvserve.core.quantization import dequantize
 from kvserve.plugins.interfaces import QuantizedWeight
 
@@ -15,8 +16,10 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
     """A QuantizedWeight (GGUF's blocks, a GPTQ, AWQ, AutoRound, compressed-tensors or fp8 layer) stays quantized
-    in its Linear layer, which drops its float weight, unless the layer's other shards are not quantized alike."""
+    in its Linear layer, which drops its float weight, unless the layer's other shards are not quantized alike.
+    KV cache scales go to their attention layers."""
     params = dict(model.named_parameters())
+    kv_scales = KvScaleReader(model)
     mapping: dict[str, tuple[str, str]] = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[tuple[str, str | None]] = set()
@@ -24,6 +27,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
         quantized = isinstance(tensor, QuantizedWeight)
         # A tied head shares the embedding's parameter, unless the checkpoint quantized it (GGUF's blocks).
         if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and not quantized):
+            continue
+        if not quantized and kv_scales.take(name, tensor):
             continue
         target, shard = name, None
         for source, (packed, shard_id) in mapping.items():
@@ -52,6 +57,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
                      for name, shard in _expected(model) - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {', '.join(missing[:5])}")
+    kv_scales.finish()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, Linear):

@@ -86,9 +86,12 @@ def check_float_group(fmt: str, weights: dict, inputs: dict | None) -> None:
 def config_groups(quantization: dict) -> list[tuple[list[str], tuple[str, dict, dict | None]]]:
     """[(targets, (format, weight args, input args))] of each config group, checked."""
     allowed("quantization_status", quantization.get("quantization_status", "compressed"), ("compressed",))
-    for key in ("kv_cache_scheme", "sparsity_config"):
-        if quantization.get(key):
-            raise ValueError(f"compressed-tensors checkpoints with a {key} are not supported")
+    if quantization.get("sparsity_config"):
+        raise ValueError("compressed-tensors checkpoints with a sparsity_config are not supported")
+    kv_cache = quantization.get("kv_cache_scheme")
+    if kv_cache and (kv_cache.get("type"), kv_cache.get("num_bits"), kv_cache.get("dynamic")) != ("float", 8, False):
+        raise ValueError(f"compressed-tensors kv_cache_scheme {kv_cache} is not supported; supported: static FP8 "
+                         f"scales (type 'float', num_bits 8, dynamic false), used with kv_cache_dtype='fp8'")
     groups = quantization.get("config_groups") or {}
     if not groups:
         raise ValueError("compressed-tensors quantization_config has no config_groups")

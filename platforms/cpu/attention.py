@@ -46,6 +46,7 @@ class TorchPagedAttention(CpuPagedAttention):
 
     name = "torch-paged"
     store_kv = staticmethod(kernels.store_kv)
+    kv_cache_dtypes = (torch.float8_e4m3fn, torch.float8_e5m2)
 
     def build_metadata(self, layout: StepLayout) -> TorchAttentionMetadata:
         m = TorchAttentionMetadata(**vars(super().build_metadata(layout)))
@@ -75,17 +76,19 @@ class TorchPagedAttention(CpuPagedAttention):
         return -(-num_tokens // self.spec.block_size)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: TorchAttentionMetadata, scale: float,
+                kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         m, d = metadata, metadata.num_decodes
-        self.store_kv(key, value, kv_cache, m.slot_mapping)
+        self.store_kv(key, value, kv_cache, m.slot_mapping, kv_scales)
         outputs = []
         if d:
-            outputs.append(kernels.decode_attention(query[:d], kv_cache, m.decode_block_ids, m.decode_bias, scale))
+            outputs.append(kernels.decode_attention(query[:d], kv_cache, m.decode_block_ids, m.decode_bias, scale,
+                                                    kv_scales))
         if m.prefill_token_index is not None:
             num_prefills = len(m.seq_lens) - d
             outputs.append(kernels.prefill_attention(query[d:], key[d:], value[d:], kv_cache, m.prefill_token_index,
                                                      num_prefills, m.max_query_len, m.prefill_block_ids,
-                                                     m.prefill_mask, scale))
+                                                     m.prefill_mask, scale, kv_scales))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 

@@ -24,9 +24,17 @@ class TritonPagedAttention(AttentionBackend):
     # Keys per split-KV program: long enough to amortize the combine, short enough to give every SM work.
     partition_len = 512
 
+    kv_cache_dtypes = (torch.float8_e4m3fn, torch.float8_e5m2)
+
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
-        return common_reasons(spec, (torch.float16, torch.bfloat16, torch.float32))
+        reasons = common_reasons(spec, (torch.float16, torch.bfloat16, torch.float32))
+        if spec.kv_cache_dtype is not None and torch.cuda.is_available():   # not under Triton's interpreter
+            if torch.version.hip is not None:
+                reasons.append("an FP8 KV cache is not supported on ROCm yet")
+            elif torch.cuda.get_device_capability() < (8, 9):
+                reasons.append("an FP8 KV cache needs compute capability 8.9 or newer")
+        return reasons
 
     def build_metadata(self, layout: StepLayout) -> TritonAttentionMetadata:
         m = TritonAttentionMetadata(**vars(super().build_metadata(layout)))
@@ -35,8 +43,10 @@ class TritonPagedAttention(AttentionBackend):
         return m
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                metadata: TritonAttentionMetadata, scale: float) -> torch.Tensor:
-        self.store_kv(key, value, kv_cache, metadata.slot_mapping)
+                metadata: TritonAttentionMetadata, scale: float,
+                kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+        self.store_kv(key, value, kv_cache, metadata.slot_mapping, kv_scales)
         return kernels.paged_attention(query, kv_cache, metadata.block_tables, metadata.seq_lens,
                                        metadata.query_start_loc, metadata.max_query_len, scale,
-                                       self.spec.sliding_window, metadata.num_partitions, self.partition_len)
+                                       self.spec.sliding_window, metadata.num_partitions, self.partition_len,
+                                       kv_scales)

@@ -1,0 +1,87 @@
+"""The paged KV cache's size and memory: blocks in the budget, the device cache and the host cache for swapping,
+in the model dtype or the FP8 type of ``kv_cache_dtype``."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.core.config import EngineConfig
+from kvserve.core.engine.host_memory import host_zeros
+from kvserve.core.layers.attention import Attention
+from kvserve.core.log import logger
+from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec
+from kvserve.plugins.manager import Platform
+
+
+def check_cache_dtype(backend: type[AttentionBackend], spec: AttentionSpec, platform: Platform) -> None:
+    """A clear error where the platform's chosen backend cannot keep an FP8 cache (a vendor's, say)."""
+    if spec.kv_cache_dtype is not None and spec.kv_cache_dtype not in backend.kv_cache_dtypes:
+        kept = ", ".join(str(d).removeprefix("torch.") for d in backend.kv_cache_dtypes) or "none"
+        raise ValueError(f"platform {platform.name!r}'s attention backend {backend.name!r} cannot keep the KV cache "
+                         f"in {str(spec.kv_cache_dtype).removeprefix('torch.')} (FP8 types it keeps: {kept}); "
+                         f"use kv_cache_dtype='auto'")
+
+
+@dataclass
+class KvCache:
+    num_blocks: int
+    block_bytes: int   # one block of every layer
+    device_cache: torch.Tensor   # [layers, *backend.kv_cache_shape(num_blocks, ...)]
+    host_cache: torch.Tensor | None   # the same for num_host_blocks, where swapped-out blocks wait
+    num_host_blocks: int
+    populating: threading.Thread | None = None   # the thread still faulting a CPU cache's pages in, if any
+
+    @property
+    def num_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+
+def allocate_kv_cache(config: EngineConfig, spec: AttentionSpec, backend: AttentionBackend, num_layers: int,
+                      platform: Platform) -> KvCache:
+    cache, dtype = config.cache, spec.cache_dtype
+
+    def shape_of(blocks: int) -> tuple[int, ...]:
+        return (num_layers, *backend.kv_cache_shape(blocks, spec.block_size, spec.num_kv_heads, spec.head_size))
+
+    block_bytes = torch.Size(shape_of(1)).numel() * dtype.itemsize
+    if cache.num_gpu_blocks_override is not None:
+        num_blocks = cache.num_gpu_blocks_override
+    else:
+        free = platform.memory_info().free_bytes
+        if cache.kv_cache_memory > free:
+            raise ValueError(f"kv_cache_memory={cache.kv_cache_memory} bytes exceeds the {free} bytes free "
+                             f"on {platform.name}; lower kv_cache_memory")
+        num_blocks = cache.kv_cache_memory // block_bytes
+    max_len = config.model.max_model_len
+    if num_blocks * spec.block_size < max_len:
+        raise ValueError(f"the KV cache holds {num_blocks * spec.block_size} tokens ({num_blocks} blocks), "
+                         f"fewer than max_model_len={max_len}; raise kv_cache_memory (or "
+                         f"num_gpu_blocks_override) or lower max_model_len")
+    device = platform.device
+    populating = None
+    if device.type == "cpu":
+        device_cache, populating = host_zeros(shape_of(num_blocks), dtype)
+    else:
+        device_cache = torch.zeros(shape_of(num_blocks), dtype=dtype, device=device)
+    num_host_blocks = cache.swap_space // block_bytes if cache.preemption_mode == "swap" else 0
+    # Pinned host memory makes the copies to and from the device fast; plain memory when the device is the host.
+    host_cache = torch.zeros(shape_of(num_host_blocks), dtype=dtype,
+                             pin_memory=device.type != "cpu") if num_host_blocks else None
+    return KvCache(num_blocks, block_bytes, device_cache, host_cache, num_host_blocks, populating)
+
+
+def bind_kv_scales(layers: list[Attention], spec: AttentionSpec) -> None:
+    """Give an FP8 cache's layers their checkpoint's scales, or 1.0; other caches ignore a checkpoint's."""
+    scaled = [layer.checkpoint_kv_scales is not None for layer in layers]
+    if spec.kv_cache_dtype is None:
+        if any(scaled):
+            logger.info("the checkpoint's KV cache scales are unused: the KV cache is in %s (kv_cache_dtype='auto')",
+                        str(spec.dtype).removeprefix("torch."))
+        return
+    if not all(scaled):
+        logger.warning("%d of %d attention layers have no KV cache scales in the checkpoint; they use 1.0, "
+                       "which may cost accuracy", scaled.count(False), len(layers))
+    for layer in layers:
+        layer.kv_scales = layer.checkpoint_kv_scales or (1.0, 1.0)
