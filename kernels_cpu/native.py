@@ -72,18 +72,19 @@ def rotary_embedding(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
     return rotate(query, cos, sin), rotate(key, cos, sin)
 
 
-def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             kv_scales: tuple[float, float] = (1.0, 1.0)) -> None:
     """Like paged_attention.store_kv, but keys go into their block transposed, [head, block_size]."""
-    op("store_kv")(key, value, kv_cache, slot_mapping)
+    op("store_kv")(key, value, kv_cache, slot_mapping, *kv_scales)
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                    sliding_window: int | None) -> torch.Tensor:
+                    sliding_window: int | None, kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """Every sequence's new queries, [tokens, heads, head], over its cache as store_kv wrote it: causal, within
-    the window."""
-    return op("paged_attention")(query, kv_cache, block_tables, seq_lens, query_start_loc, scale,
-                                 sliding_window or 0)
+    the window; an FP8 cache's keys and values times their ``kv_scales``."""
+    return op("paged_attention")(query, kv_cache, block_tables, seq_lens, query_start_loc, scale * kv_scales[0],
+                                 sliding_window or 0, kv_scales[1])
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -38,12 +38,17 @@ def test_paged_attention_matches_reference(shapes, window, head_size, block_size
                     reason="no C++ compiler, or native kernels disabled")
 @pytest.mark.parametrize("shapes", SHAPES)
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("head_size, block_size", [(8, 4), (64, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_fp8_caches_attend_keys_and_values_as_they_hold_them(shapes, cache_dtype, dtype):
-    attention_spec = spec(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_size=8, block_size=4, dtype=dtype,
-                          kv_cache_dtype=cache_dtype)
-    check_against_reference(TorchPagedAttention(attention_spec, torch.device("cpu")), shapes, 8, 4, dtype, None,
-                            cache_dtype=cache_dtype)
+@pytest.mark.parametrize("backend_cls", [TorchPagedAttention, NativePagedAttention])
+def test_fp8_caches_attend_keys_and_values_as_they_hold_them(shapes, cache_dtype, head_size, block_size, dtype,
+                                                             backend_cls):
+    if native.load()[1] and backend_cls is NativePagedAttention:
+        pytest.skip(f"native kernels unavailable: {native.load()[1]}")
+    attention_spec = spec(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_size=head_size,
+                          block_size=block_size, dtype=dtype, kv_cache_dtype=cache_dtype)
+    check_against_reference(backend_cls(attention_spec, torch.device("cpu")), shapes, head_size, block_size, dtype,
+                            None, cache_dtype=cache_dtype)
 
 
 @pytest.mark.skipif(shutil.which("c++") is None or os.environ.get(native.DISABLE_ENV) == "0",

@@ -132,6 +132,13 @@ def test_bad_checkpoint_scales_are_clear_errors(scaled_checkpoint, tmp_path, cha
         LLM(str(tmp_path), dtype="float32", kv_cache_memory="8MiB", kv_cache_dtype="fp8")
 
 
+def test_smollm2_keeps_its_perplexity_with_an_fp8_cache(smollm2_path):
+    from test_quantization import TEXT, perplexity, smollm2_perplexity
+
+    llm = LLM(smollm2_path, dtype="float32", kv_cache_dtype="fp8", kv_cache_memory="64MiB", max_model_len=1024)
+    assert perplexity(llm, TEXT.read_text()) == pytest.approx(smollm2_perplexity(smollm2_path, None), rel=0.01)
+
+
 def test_checkpoint_scales_are_unused_by_a_cache_in_the_model_dtype(scaled_checkpoint):
     path, _ = scaled_checkpoint
     tokens, ours = engine_logprobs(LLM(path, dtype="float32", kv_cache_memory="8MiB", max_num_seqs=4), PROMPT)

@@ -196,8 +196,9 @@ torch::Tensor rotary_embedding(const torch::Tensor& x, const torch::Tensor& cos,
 // torch's own; weight packing and feature checks run once, at load, from Python.
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, "
-        "Tensor query_start_loc, float scale, int window) -> Tensor");
-  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
+        "Tensor query_start_loc, float scale, int window, float value_scale) -> Tensor");
+  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, float key_scale, "
+        "float value_scale) -> ()");
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.def("gate_up_bf16(Tensor x, Tensor packed, Tensor? bias, int intermediate_size) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor packed, Tensor shift, Tensor w_scales, Tensor? bias) -> Tensor");

@@ -5,9 +5,10 @@
 
 torch::Tensor paged_attention(const torch::Tensor& query, const torch::Tensor& kv_cache,
                               const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-                              const torch::Tensor& query_start_loc, double scale, int64_t window);
+                              const torch::Tensor& query_start_loc, double scale, int64_t window,
+                              double value_scale);
 void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
-              const torch::Tensor& slot_mapping);
+              const torch::Tensor& slot_mapping, double key_scale, double value_scale);
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
                           int64_t n);
 torch::Tensor gate_up_bf16(const torch::Tensor& x, const torch::Tensor& packed,

@@ -4,7 +4,8 @@
 //
 // Cache layout per kv head: keys [blocks, head, block_size], each block stored transposed so that one query's
 // scores for a block are head_size vector FMAs across the block's positions (no horizontal sums); values
-// [blocks, block_size, head].
+// [blocks, block_size, head]. The cache holds the queries' dtype, or FP8: x / scale, whose key scale the caller
+// folds into the softmax scale and whose value scale multiplies the output.
 #include <algorithm>
 #include <atomic>
 #include <limits>
@@ -72,11 +73,12 @@ void attend_rows(Tile& tile, int64_t row, int64_t num_rows, const T* keys, int64
 }
 
 // One task: its queries (already offset to its first query and kv head's first head) over the cached positions
-// they attend, chunk by chunk of CW positions (CW divides the block size).
-template <typename T, int CW>
-void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const T* key_cache, const T* value_cache,
+// they attend, chunk by chunk of CW positions (CW divides the block size); T is the queries' storage type, C the
+// cache's.
+template <typename T, typename C, int CW>
+void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const C* key_cache, const C* value_cache,
                  const int64_t* table, int64_t first_pos, int64_t num_queries, int64_t group, float scale,
-                 int64_t window, int64_t block_size, int64_t head) {
+                 float value_scale, int64_t window, int64_t block_size, int64_t head) {
   const int64_t rows = num_queries * group;
   tile.scale = scale;
   for (int64_t r = 0; r < rows; ++r) {
@@ -95,24 +97,25 @@ void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const T
   const int64_t last_pos = first_pos + num_queries - 1;
   for (int64_t base = tile.from[0] / CW * CW; base <= last_pos; base += CW) {
     const int64_t block = base / block_size, offset = base % block_size;
-    const T* k_in = key_cache + table[block] * block_size * head + offset;
-    const T* v_in = value_cache + (table[block] * block_size + offset) * head;
+    const C* k_in = key_cache + table[block] * block_size * head + offset;
+    const C* v_in = value_cache + (table[block] * block_size + offset) * head;
     // The next block streams into L2 while this one computes (prefetching into L1 instead measured 10-16% slower).
     if (offset == 0 && block + 1 <= last_pos / block_size) {
       const char* next_k = reinterpret_cast<const char*>(key_cache + table[block + 1] * block_size * head);
       const char* next_v = reinterpret_cast<const char*>(value_cache + table[block + 1] * block_size * head);
-      for (int64_t b = 0; b < static_cast<int64_t>(block_size * head * sizeof(T)); b += 64) {
+      for (int64_t b = 0; b < static_cast<int64_t>(block_size * head * sizeof(C)); b += 64) {
         __builtin_prefetch(next_k + b, 0, 1);
         __builtin_prefetch(next_v + b, 0, 1);
       }
     }
     const int64_t valid = std::min<int64_t>(CW, last_pos - base + 1);
-    if constexpr (!std::is_same<T, c10::Half>::value) {   // one group of rows (a decode) reads in place
+    // One group of rows (a decode) reads a float32 or bfloat16 cache in place.
+    if constexpr (std::is_same<T, C>::value && !std::is_same<T, c10::Half>::value) {
       if (rows <= kRowGroup) {
         attend_rows<T, CW>(tile, 0, rows, k_in, block_size, v_in, base, valid, head);
         continue;
       }
-    }   // more rows share keys and values converted once
+    }   // more rows (or an FP8 cache's) share keys and values converted once
 
     for (int64_t d = 0; d < head; ++d)
       for (int t = 0; t < CW; ++t) tile.keys[d * CW + t] = to_f32(k_in[d * block_size + t]);
@@ -125,7 +128,7 @@ void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const T
   }
   for (int64_t r = 0; r < rows; ++r) {
     T* o = out + (r / group) * row_stride + (r % group) * head;
-    const float inv = 1.f / tile.total[r];
+    const float inv = value_scale / tile.total[r];
     for (int64_t d = 0; d < head; ++d) o[d] = from_f32<T>(tile.acc[r * head + d] * inv);
   }
 }
@@ -148,16 +151,17 @@ std::vector<Task> plan_tasks(const int64_t* seq_lens, const int64_t* query_start
   return tasks;
 }
 
-template <typename T>
-void paged_attention_kernel(T* out, const T* query, const T* key_cache, const T* value_cache,
+template <typename T, typename C>
+void paged_attention_kernel(T* out, const T* query, const C* key_cache, const C* value_cache,
                             const int64_t* block_tables, const int64_t* seq_lens, const int64_t* query_start,
                             int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_size,
-                            int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale, int64_t window) {
+                            int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale, float value_scale,
+                            int64_t window) {
   const int64_t group = num_heads / num_kv_heads, row_stride = num_heads * head_size;
   const int64_t head_stride = num_blocks * block_size * head_size;
   const std::vector<Task> tasks = plan_tasks(seq_lens, query_start, num_seqs, num_kv_heads, window);
   const int64_t chunk = std::min<int64_t>(block_size, 16);
-  const auto run = chunk == 16 ? attend_tile<T, 16> : chunk == 8 ? attend_tile<T, 8> : attend_tile<T, 4>;
+  const auto run = chunk == 16 ? attend_tile<T, C, 16> : chunk == 8 ? attend_tile<T, C, 8> : attend_tile<T, C, 4>;
   std::atomic<int64_t> next{0};
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1, [&](int64_t, int64_t) {
@@ -174,18 +178,32 @@ void paged_attention_kernel(T* out, const T* query, const T* key_cache, const T*
       const int64_t head_offset = token * row_stride + task.kv_head * group * head_size;
       run(tile, out + head_offset, query + head_offset, row_stride, key_cache + task.kv_head * head_stride,
           value_cache + task.kv_head * head_stride, block_tables + task.seq * max_blocks, first_pos,
-          task.num_queries, group, scale, window, block_size, head_size);
+          task.num_queries, group, scale, value_scale, window, block_size, head_size);
     }
   });
 }
 
 }  // namespace
 
+// Calls body(C{}) with C the storage type of an FP8 cache, or body(Same{}) for a cache in the queries' dtype.
+template <typename Same, typename Body>
+void dispatch_cache(at::ScalarType cache_type, Body&& body) {
+  switch (cache_type) {
+    case at::kFloat8_e4m3fn: return body(E4m3{});
+    case at::kFloat8_e5m2: return body(E5m2{});
+    default: return body(Same{});
+  }
+}
+
+bool is_fp8(at::ScalarType type) { return type == at::kFloat8_e4m3fn || type == at::kFloat8_e5m2; }
+
 torch::Tensor paged_attention(const torch::Tensor& query, const torch::Tensor& kv_cache,
                               const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-                              const torch::Tensor& query_start_loc, double scale, int64_t window) {
+                              const torch::Tensor& query_start_loc, double scale, int64_t window,
+                              double value_scale) {
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 5 && kv_cache.is_contiguous(), "bad paged_attention shapes");
-  auto q = query.to(kv_cache.scalar_type()).contiguous();
+  const bool fp8 = is_fp8(kv_cache.scalar_type());
+  auto q = (fp8 ? query : query.to(kv_cache.scalar_type())).contiguous();
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   auto starts = query_start_loc.contiguous();
@@ -193,45 +211,66 @@ torch::Tensor paged_attention(const torch::Tensor& query, const torch::Tensor& k
   const int64_t num_kv_heads = kv_cache.size(1), num_blocks = kv_cache.size(2), block_size = kv_cache.size(3);
   dispatch(q.scalar_type(), "paged_attention", [&](auto zero) {
     using scalar_t = decltype(zero);
-    const scalar_t* cache = ptr<scalar_t>(kv_cache);
-    paged_attention_kernel<scalar_t>(ptr<scalar_t>(out), ptr<scalar_t>(q), cache, cache + kv_cache.stride(0),
-                                     tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
-                                     starts.data_ptr<int64_t>(), lens.size(0), q.size(1), num_kv_heads, q.size(2),
-                                     num_blocks, block_size, tables.size(1), static_cast<float>(scale), window);
+    dispatch_cache<scalar_t>(kv_cache.scalar_type(), [&](auto cache_zero) {
+      using cache_t = decltype(cache_zero);
+      const cache_t* cache = ptr<cache_t>(kv_cache);
+      paged_attention_kernel<scalar_t, cache_t>(
+          ptr<scalar_t>(out), ptr<scalar_t>(q), cache, cache + kv_cache.stride(0), tables.data_ptr<int64_t>(),
+          lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lens.size(0), q.size(1), num_kv_heads, q.size(2),
+          num_blocks, block_size, tables.size(1), static_cast<float>(scale), static_cast<float>(value_scale),
+          window);
+    });
   });
   return out.to(query.scalar_type());
 }
 
 // Writes each token's [kv_heads, head] key and value into its slot (block * block_size + offset) of the cache,
-// keys transposed within their block.
+// keys transposed within their block; an FP8 cache holds x / scale, saturated at the type's largest value.
 void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
-              const torch::Tensor& slot_mapping) {
+              const torch::Tensor& slot_mapping, double key_scale, double value_scale) {
   TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && kv_cache.dim() == 5 && kv_cache.is_contiguous(),
               "bad store_kv shapes");
-  auto k = key.to(kv_cache.scalar_type());
-  auto v = value.to(kv_cache.scalar_type());
+  const bool fp8 = is_fp8(kv_cache.scalar_type());
+  auto k = fp8 ? key : key.to(kv_cache.scalar_type());
+  auto v = fp8 ? value : value.to(kv_cache.scalar_type());
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "store_kv takes keys and values with a contiguous head");
   auto slots = slot_mapping.contiguous();
   const int64_t num_kv_heads = k.size(1), head = k.size(2), num_blocks = kv_cache.size(2), bs = kv_cache.size(3);
+  const float top = fp8 ? static_cast<float>(kv_cache.scalar_type() == at::kFloat8_e4m3fn
+                                                 ? std::numeric_limits<c10::Float8_e4m3fn>::max()
+                                                 : std::numeric_limits<c10::Float8_e5m2>::max()) : 0.f;
   dispatch(k.scalar_type(), "store_kv", [&](auto zero) {
     using scalar_t = decltype(zero);
-    scalar_t* keys = ptr<scalar_t>(kv_cache);
-    scalar_t* values = keys + kv_cache.stride(0);
-    const scalar_t* k_in = ptr<scalar_t>(k);
-    const scalar_t* v_in = ptr<scalar_t>(v);
-    const int64_t* slot = slots.data_ptr<int64_t>();
-    at::parallel_for(0, k.size(0), 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t block = slot[i] / bs, offset = slot[i] % bs;
-        for (int64_t h = 0; h < num_kv_heads; ++h) {
-          const scalar_t* kr = k_in + i * k.stride(0) + h * k.stride(1);
-          const scalar_t* vr = v_in + i * v.stride(0) + h * v.stride(1);
-          scalar_t* kb = keys + (h * num_blocks + block) * bs * head;
-          scalar_t* vb = values + ((h * num_blocks + block) * bs + offset) * head;
-          for (int64_t d = 0; d < head; ++d) kb[d * bs + offset] = kr[d];
-          std::copy(vr, vr + head, vb);
+    dispatch_cache<scalar_t>(kv_cache.scalar_type(), [&](auto cache_zero) {
+      using cache_t = decltype(cache_zero);
+      // The same type is copied as it is; into FP8, divided by the scale and saturated.
+      const auto convert = [&](scalar_t x, float inverse_scale) -> cache_t {
+        if constexpr (std::is_same<scalar_t, cache_t>::value) {
+          return x;
+        } else {
+          return from_f32<cache_t>(std::clamp(to_f32(x) * inverse_scale, -top, top));
         }
-      }
+      };
+      const float inverse_key = static_cast<float>(1. / key_scale);
+      const float inverse_value = static_cast<float>(1. / value_scale);
+      cache_t* keys = ptr<cache_t>(kv_cache);
+      cache_t* values = keys + kv_cache.stride(0);
+      const scalar_t* k_in = ptr<scalar_t>(k);
+      const scalar_t* v_in = ptr<scalar_t>(v);
+      const int64_t* slot = slots.data_ptr<int64_t>();
+      at::parallel_for(0, k.size(0), 64, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t block = slot[i] / bs, offset = slot[i] % bs;
+          for (int64_t h = 0; h < num_kv_heads; ++h) {
+            const scalar_t* kr = k_in + i * k.stride(0) + h * k.stride(1);
+            const scalar_t* vr = v_in + i * v.stride(0) + h * v.stride(1);
+            cache_t* kb = keys + (h * num_blocks + block) * bs * head;
+            cache_t* vb = values + ((h * num_blocks + block) * bs + offset) * head;
+            for (int64_t d = 0; d < head; ++d) kb[d * bs + offset] = convert(kr[d], inverse_key);
+            for (int64_t d = 0; d < head; ++d) vb[d] = convert(vr[d], inverse_value);
+          }
+        }
+      });
     });
   });
 }

@@ -13,7 +13,9 @@ from kvserve.plugins.interfaces import AttentionBackend, AttentionMetadata, Atte
 
 class CpuPagedAttention(AttentionBackend):
     """What the CPU backends share: the dtypes they compute in, and a cache that keeps each kv head's blocks
-    together, [2, kv_heads, blocks, block_size, head]."""
+    together, [2, kv_heads, blocks, block_size, head], in the model dtype or FP8."""
+
+    kv_cache_dtypes = (torch.float8_e4m3fn, torch.float8_e5m2)
 
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
@@ -46,7 +48,6 @@ class TorchPagedAttention(CpuPagedAttention):
 
     name = "torch-paged"
     store_kv = staticmethod(kernels.store_kv)
-    kv_cache_dtypes = (torch.float8_e4m3fn, torch.float8_e5m2)
 
     def build_metadata(self, layout: StepLayout) -> TorchAttentionMetadata:
         m = TorchAttentionMetadata(**vars(super().build_metadata(layout)))
@@ -106,7 +107,8 @@ class NativePagedAttention(CpuPagedAttention):
         return super().unsupported_reasons(spec) + ([f"native kernels: {unavailable}"] if unavailable else [])
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-        self.store_kv(key, value, kv_cache, metadata.slot_mapping)
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+        self.store_kv(key, value, kv_cache, metadata.slot_mapping, kv_scales)
         return native.paged_attention(query, kv_cache, metadata.block_tables, metadata.seq_lens,
-                                      metadata.query_start_loc, scale, self.spec.sliding_window)
+                                      metadata.query_start_loc, scale, self.spec.sliding_window, kv_scales)
