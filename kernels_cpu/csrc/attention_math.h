@@ -7,7 +7,7 @@
 
 #include "common.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -21,6 +21,33 @@ struct Tile {
   std::vector<uint32_t> q_pairs;   // bfloat16 queries, unscaled, two dimensions a word (for dot products)
   float scale = 1.f;
 };
+
+// An FP8 byte as the float16 bits of its value times kFp8Unit, by bit moves alone: e5m2 is float16's top byte;
+// e4m3fn's sign, exponent and mantissa land in float16's places, whose exponent bias is 8 more, subnormals
+// included. NaN and infinity are never stored (stores saturate).
+inline uint16_t half_bits(E4m3 x) { return static_cast<uint16_t>((x.bits & 0x80) << 8 | (x.bits & 0x7F) << 7); }
+inline uint16_t half_bits(E5m2 x) { return static_cast<uint16_t>(x.bits << 8); }
+template <typename C>
+constexpr float kFp8Unit = 1.f;
+template <>
+constexpr float kFp8Unit<E4m3> = 1.f / 256;
+
+// n FP8 values as floats, each times kFp8Unit: the kernel folds 1 / kFp8Unit into its scales.
+template <typename C>
+void decode_fp8(const C* in, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {   // 16 bytes to 16 float16 to 16 floats
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i)));
+    const __m256i half = std::is_same<C, E4m3>::value
+        ? _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8),
+                          _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7F)), 7))
+        : _mm256_slli_epi16(w, 8);
+    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(half));
+  }
+#endif
+  for (; i < n; ++i) out[i] = static_cast<float>(c10::Half(half_bits(in[i]), c10::Half::from_bits()));
+}
 
 // Scores of NR rows for CW positions: the rows' scaled queries against the chunk's keys.
 template <typename T, int NR, int CW>

@@ -16,24 +16,14 @@ inline float to_f32(float x) { return x; }
 inline float to_f32(uint16_t bf16) { return __builtin_bit_cast(float, static_cast<uint32_t>(bf16) << 16); }
 inline float to_f32(c10::Half x) { return static_cast<float>(x); }
 
-// An FP8 KV cache's bytes: M mantissa bits, exponent bias B. Reads are bit operations that vectorize: a normal
-// value's exponent and mantissa move into float32's place and rebias, a subnormal is its mantissa times the
-// smallest step. NaN and infinity are never stored (stores saturate), so they are not decoded.
+// An FP8 KV cache's bytes: M mantissa bits, exponent bias B. Stores round as torch does (from_f32); reads go
+// through float16 (see decode_fp8 in attention_math.h).
 template <int M, int B>
 struct Fp8 {
   uint8_t bits;
 };
 using E4m3 = Fp8<3, 7>;    // float8_e4m3fn
 using E5m2 = Fp8<2, 15>;   // float8_e5m2
-
-template <int M, int B>
-inline float to_f32(Fp8<M, B> x) {
-  const uint32_t magnitude = x.bits & 0x7Fu;
-  const float normal = __builtin_bit_cast(float, (magnitude << (23 - M)) + (uint32_t{127 - B} << 23));
-  const float subnormal = static_cast<float>(magnitude) * __builtin_bit_cast(float, uint32_t{128 - B - M} << 23);
-  const float value = (magnitude >> M) ? normal : subnormal;
-  return __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, value) | (uint32_t{x.bits & 0x80u} << 24));
-}
 
 template <typename T>
 inline T from_f32(float x) { return static_cast<T>(x); }

@@ -117,9 +117,14 @@ void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const C
       }
     }   // more rows (or an FP8 cache's) share keys and values converted once
 
-    for (int64_t d = 0; d < head; ++d)
-      for (int t = 0; t < CW; ++t) tile.keys[d * CW + t] = to_f32(k_in[d * block_size + t]);
-    for (int64_t i = 0; i < valid * head; ++i) tile.values[i] = to_f32(v_in[i]);
+    if constexpr (std::is_same<C, E4m3>::value || std::is_same<C, E5m2>::value) {
+      for (int64_t d = 0; d < head; ++d) decode_fp8(k_in + d * block_size, tile.keys.data() + d * CW, CW);
+      decode_fp8(v_in, tile.values.data(), valid * head);
+    } else {
+      for (int64_t d = 0; d < head; ++d)
+        for (int t = 0; t < CW; ++t) tile.keys[d * CW + t] = to_f32(k_in[d * block_size + t]);
+      for (int64_t i = 0; i < valid * head; ++i) tile.values[i] = to_f32(v_in[i]);
+    }
     for (int64_t row = 0; row < rows; row += kRowGroup) {
       const int64_t n = std::min<int64_t>(kRowGroup, rows - row);
       if (base > tile.pos[row + n - 1] || base + CW <= tile.from[row]) continue;   // masked for all n rows
@@ -214,11 +219,12 @@ torch::Tensor paged_attention(const torch::Tensor& query, const torch::Tensor& k
     dispatch_cache<scalar_t>(kv_cache.scalar_type(), [&](auto cache_zero) {
       using cache_t = decltype(cache_zero);
       const cache_t* cache = ptr<cache_t>(kv_cache);
+      const float unit = kFp8Unit<cache_t>;   // what decoding an FP8 cache multiplies its values by
       paged_attention_kernel<scalar_t, cache_t>(
           ptr<scalar_t>(out), ptr<scalar_t>(q), cache, cache + kv_cache.stride(0), tables.data_ptr<int64_t>(),
           lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lens.size(0), q.size(1), num_kv_heads, q.size(2),
-          num_blocks, block_size, tables.size(1), static_cast<float>(scale), static_cast<float>(value_scale),
-          window);
+          num_blocks, block_size, tables.size(1), static_cast<float>(scale) / unit,
+          static_cast<float>(value_scale) / unit, window);
     });
   });
   return out.to(query.scalar_type());
