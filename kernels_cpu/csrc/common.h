@@ -10,20 +10,21 @@
 
 namespace kvserve {
 
-// Storage types: float, uint16_t for bfloat16 bits, c10::Half. Loads and stores convert through float32; the
-// bfloat16 ones are bit operations on plain integers, so that loops over them vectorize.
+// Storage types: float, uint16_t for bfloat16 bits, c10::Half, and an FP8 cache's E4m3 / E5m2 (below). Loads and
+// stores convert through float32; the bfloat16 ones are bit operations on plain integers, so that loops over them
+// vectorize.
 inline float to_f32(float x) { return x; }
 inline float to_f32(uint16_t bf16) { return __builtin_bit_cast(float, static_cast<uint32_t>(bf16) << 16); }
 inline float to_f32(c10::Half x) { return static_cast<float>(x); }
 
-// An FP8 KV cache's bytes: M mantissa bits, exponent bias B. Stores round as torch does (from_f32); reads go
-// through float16 (see decode_fp8 in attention_math.h).
-template <int M, int B>
-struct Fp8 {
+// An FP8 KV cache's bytes, float8_e4m3fn and float8_e5m2. Stores round as torch does (from_f32); reads go
+// through float16 (decode_fp8 in attention_math.h).
+struct E4m3 {
   uint8_t bits;
 };
-using E4m3 = Fp8<3, 7>;    // float8_e4m3fn
-using E5m2 = Fp8<2, 15>;   // float8_e5m2
+struct E5m2 {
+  uint8_t bits;
+};
 
 template <typename T>
 inline T from_f32(float x) { return static_cast<T>(x); }
