@@ -22,8 +22,9 @@ NUM_LAYERS = 2
 
 @pytest.fixture(scope="module")
 def scaled_checkpoint(tiny_model, hf_model, tmp_path_factory) -> tuple[str, list[tuple[float, float]]]:
-    """The tiny llama with compressed-tensors' per-layer ``self_attn.k_scale`` / ``v_scale`` added: each a 400th
-    of the largest key (value) the prompt puts in that layer, so that the largest ones saturate at e4m3's 448."""
+    """The tiny llama with compressed-tensors' per-layer ``self_attn.k_scale`` / ``v_scale`` added: each a 600th
+    of the largest output the prompt gives that layer's k_proj (v_proj), so that the largest values (and keys, but
+    for rotary) saturate at e4m3's 448."""
     path, largest = tiny_model("llama-tied-gqa"), {}
     hf = hf_model("llama-tied-gqa")
     hooks = [getattr(layer.self_attn, proj).register_forward_hook(
@@ -34,7 +35,7 @@ def scaled_checkpoint(tiny_model, hf_model, tmp_path_factory) -> tuple[str, list
     for hook in hooks:
         hook.remove()
     as_stored = lambda x: torch.tensor(x).item()   # noqa: E731  (float32, as the checkpoint holds it)
-    scales = [(as_stored(largest[i, "k_proj"] / 400), as_stored(largest[i, "v_proj"] / 400)) for i in range(NUM_LAYERS)]
+    scales = [(as_stored(largest[i, "k_proj"] / 600), as_stored(largest[i, "v_proj"] / 600)) for i in range(NUM_LAYERS)]
     folder = tmp_path_factory.mktemp("kv-scales")
     shutil.copytree(path, folder, dirs_exist_ok=True)
     tensors = load_file(folder / "model.safetensors")
