@@ -11,7 +11,6 @@ import torch
 
 from kvserve.plugins.interfaces import QuantizedWeight
 
-E4M3FN_MAX = 448.0
 MIN_ABS_MAX = 1e-12
 # The widths cuBLASLt and CUTLASS tile by: mat1's K and mat2's K and N.
 DIMENSION_MULTIPLE = 16
@@ -45,7 +44,7 @@ def fp8_gemm(weight: QuantizedWeight, fp8_dtype: torch.dtype = torch.float8_e4m3
     factor = scale_factor(fp8_dtype)
     columns = as_fp8(tensors["weight"], fp8_dtype).T   # column-major [in, out], as _scaled_mm requires
     column_scales = (tensors["scale"].float() * factor)[None, :].contiguous()
-    fp8_max = E4M3FN_MAX / factor
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max / factor
     static_scale = tensors["input_scale"].float() * factor if "input_scale" in tensors else None
 
     def linear(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -11,13 +11,14 @@ from kvserve.core.config import EngineConfig
 from kvserve.core.engine.host_memory import host_zeros
 from kvserve.core.layers.attention import Attention
 from kvserve.core.log import logger
+from kvserve.plugins.backend_choice import cache_reasons
 from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec
 from kvserve.plugins.manager import Platform
 
 
 def check_cache_dtype(backend: type[AttentionBackend], spec: AttentionSpec, platform: Platform) -> None:
     """A clear error where the platform's chosen backend cannot keep an FP8 cache (a vendor's, say)."""
-    if spec.kv_cache_dtype is not None and spec.kv_cache_dtype not in backend.kv_cache_dtypes:
+    if cache_reasons(backend, spec):
         kept = ", ".join(str(d).removeprefix("torch.") for d in backend.kv_cache_dtypes) or "none"
         raise ValueError(f"platform {platform.name!r}'s attention backend {backend.name!r} cannot keep the KV cache "
                          f"in {str(spec.kv_cache_dtype).removeprefix('torch.')} (FP8 types it keeps: {kept}); "
