@@ -15,14 +15,16 @@ PACKING_BATCH_SIZE = 32
 
 
 def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
-    """``x @ weight.T + bias`` on the packed weight; None for float16 (no native float16 matmul on most CPUs)
-    or a torch built without oneDNN."""
+    """``x @ weight.T + bias`` on the packed weight; None for float16 (no native float16 matmul on most CPUs),
+    a torch built without oneDNN, or bfloat16 where oneDNN has no bfloat16 path (CPUs without AVX-512)."""
     weight = weight.detach()
     ops = native.load()[0]
     if weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and ops is not None and ops.linear_bf16_supported():
         packed, width, linear_bf16 = ops.pack_linear_bf16(weight), weight.shape[0], native.op("linear_bf16")
         return lambda x, bias: linear_bf16(x, packed, bias, width)
     if weight.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return None
+    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKING_BATCH_SIZE)
 
