@@ -1,6 +1,6 @@
 """Linear layers with weights laid out once for the kernel that multiplies them: the C++ bfloat16 kernel on CPUs
 with AVX512-BF16, oneDNN's blocked layout otherwise, and the C++ kernels for W8A8 int8 (AVX512-VNNI) and
-weight-only W4A16 / W8A16 (AVX512-BF16)."""
+weight-only W4A16 / W8A16 (AVX512-BF16 or AVX2)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -66,13 +66,15 @@ def int8_linear(qweight: torch.Tensor, scale: torch.Tensor
 
 
 def grouped_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
-    """W4A16 or W8A16 for bfloat16 inputs on a "w4a16_int4" or "w8a16_int8" weight: the levels packed in nibbles
-    and multiplied where they lie, each group's sums scaled once. Act-order inputs (``g_idx``) are gathered into
-    their groups, the weight's columns once and each input row at every call. None without AVX512-BF16, unless the
-    width and the group size are multiples of 16, for groups of unequal sizes, or for scales float16 does not hold
-    exactly (the kernel's)."""
+    """W4A16 or W8A16 on a "w4a16_int4" or "w8a16_int8" weight: bfloat16 inputs on AVX512-BF16 (the levels packed
+    in nibbles and multiplied where they lie, each group's sums scaled once), float32 or bfloat16 on AVX2 (each
+    level turned into its weight in registers). Act-order inputs (``g_idx``) are gathered into their groups, the
+    weight's columns once and each input row at every call. None for other input dtypes or CPUs, unless the width
+    and the group size are multiples of 16, for groups of unequal sizes, or for scales float16 does not hold exactly
+    (the kernel's)."""
     ops, tensors, group_size = native.load()[0], weight.tensors, weight.group_size
-    if ops is None or not ops.linear_grouped_supported() or weight.shape[1] % 16 or group_size % 16:
+    dtype_name = str(weight.dtype).removeprefix("torch.")
+    if ops is None or not ops.linear_grouped_supported(dtype_name) or weight.shape[1] % 16 or group_size % 16:
         return None
     if not torch.equal(tensors["scale"].half().to(tensors["scale"].dtype), tensors["scale"]):
         return None

@@ -97,7 +97,7 @@ def test_gate_up_kernel_equals_the_matmul_then_silu_and_mul(rows, intermediate):
 
 
 @pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_int8_supported(),
-                    reason="the int8 linear kernel needs a CPU with AVX512-VNNI")
+                    reason="the int8 linear kernel needs a CPU with AVX512-VNNI or AVX2")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 5, 8, 300])
 @pytest.mark.parametrize("out_features,in_features", [(16, 64), (40, 70), (97, 9)])   # partial blocks and quads
@@ -112,17 +112,22 @@ def test_linear_int8_equals_the_w8a8_reference(dtype, rows, out_features, in_fea
         torch.testing.assert_close(kernel(x, b), reference(x, b), **TOLERANCE[dtype])
 
 
-@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_grouped_supported(),
-                    reason="the grouped linear kernel needs a CPU with AVX512-BF16")
+def grouped_kernel_takes(dtype: torch.dtype) -> bool:
+    return native.load()[0] is not None and native.load()[0].linear_grouped_supported(str(dtype)[6:])
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 300])   # each tile height's number of chains of sums
 @pytest.mark.parametrize("out_features,in_features,group_size", [(16, 64, 32), (40, 160, 128), (97, 576, 32)])
 # Q4_1-like, GPTQ/AWQ, GPTQ act-order, compressed-tensors (int32 zero points, bfloat16 scales)
 @pytest.mark.parametrize("variant", ["offset", "zero", "zero+g_idx", "zero+bf16"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_grouped_linear_equals_the_dequantized_weight_times_x(rows, out_features, in_features, group_size, variant,
-                                                              bits):
+                                                              bits, dtype):
+    if not grouped_kernel_takes(dtype):
+        pytest.skip(f"this CPU's grouped linear kernel does not take {dtype} (AVX512-BF16: bfloat16; AVX2: both)")
     torch.manual_seed(rows + out_features)
     weight = int4.quantize_weight(torch.randn(out_features, in_features) * 0.1, group_size)   # 160: a short group
+    weight = dataclasses.replace(weight, dtype=dtype)
     groups, top = -(-in_features // group_size), (1 << bits) - 1
     if bits == 8:   # levels over the whole byte, at a sixteenth of the int4 step
         weight = dataclasses.replace(weight, scheme="w8a16_int8", tensors={
@@ -136,19 +141,22 @@ def test_grouped_linear_equals_the_dequantized_weight_times_x(rows, out_features
         if variant == "zero+bf16":
             tensors.update(scale=tensors["scale"].bfloat16(), zero=tensors["zero"].int())
         weight = dataclasses.replace(weight, tensors=tensors)
-    bias = torch.randn(out_features, dtype=torch.bfloat16)
-    x = torch.randn(2, rows, in_features + 16, dtype=torch.bfloat16)[..., :in_features]
+    bias = torch.randn(out_features, dtype=dtype)
+    x = torch.randn(2, rows, in_features + 16, dtype=dtype)[..., :in_features]
     kernel = grouped_linear(weight)
     exact = x.double() @ dequantize(weight, torch.float64).T
     for b in (None, bias):
-        expected = (exact if b is None else exact + b.double()).bfloat16()
-        torch.testing.assert_close(kernel(x, b), expected, **TOLERANCE[torch.bfloat16])
+        expected = (exact if b is None else exact + b.double()).to(dtype)
+        torch.testing.assert_close(kernel(x, b), expected, **TOLERANCE[dtype])
 
 
 def test_grouped_layers_the_kernel_cannot_take_keep_the_reference():
+    bf16 = torch.bfloat16   # which every grouped kernel takes
     for in_features, group_size in ((72, 24), (72, 32)):   # a group or a width that is not a multiple of 16
-        assert grouped_linear(int4.quantize_weight(torch.randn(32, in_features), group_size)) is None
-    weight = int4.quantize_weight(torch.randn(32, 64))
+        assert grouped_linear(int4.quantize_weight(torch.randn(32, in_features, dtype=bf16), group_size)) is None
+    weight = int4.quantize_weight(torch.randn(32, 64, dtype=bf16))
+    assert grouped_kernel_takes(bf16) == (grouped_linear(weight) is not None)
+    assert grouped_linear(dataclasses.replace(weight, dtype=torch.float16)) is None
     uneven = torch.tensor([0] * 40 + [1] * 24, dtype=torch.int32)   # act-order groups of 40 and 24 inputs
     assert grouped_linear(dataclasses.replace(weight, tensors={**weight.tensors, "g_idx": uneven})) is None
     tiny = torch.full_like(weight.tensors["scale"], 1.2345e-7, dtype=torch.bfloat16)   # float16 rounds it

@@ -8,6 +8,23 @@
 
 #include <cstring>
 
+// Which linear kernels a build has: the AVX-512 ones where the CPU has those extensions, else the AVX2 ones.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KVSERVE_AVX512_BF16 1
+#else
+#define KVSERVE_AVX512_BF16 0
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KVSERVE_AVX512_VNNI 1
+#else
+#define KVSERVE_AVX512_VNNI 0
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KVSERVE_AVX2 1
+#else
+#define KVSERVE_AVX2 0
+#endif
+
 namespace kvserve {
 
 // Storage types: float, uint16_t for bfloat16 bits, c10::Half, and an FP8 cache's E4m3 / E5m2 (below). Loads and

@@ -232,6 +232,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear_grouped", &pack_linear_grouped,
         "lay int4 or int8 levels, scales and offsets or zero points out for linear_grouped");
   m.def("linear_grouped_supported", &linear_grouped_supported,
-        "whether this build has linear_grouped (AVX512-BF16)");
+        "whether this build's linear_grouped takes inputs of `dtype` (bfloat16 on AVX512-BF16; float32 and "
+        "bfloat16 on AVX2)");
   bind_replay(m);
 }

@@ -25,5 +25,5 @@ torch::Tensor linear_grouped(const torch::Tensor& x, const torch::Tensor& packed
                              bool zero_points, int64_t bits);
 std::vector<torch::Tensor> pack_linear_grouped(const torch::Tensor& qweight, const torch::Tensor& scale,
                                                const torch::Tensor& second, int64_t group_size, int64_t bits);
-bool linear_grouped_supported();
+bool linear_grouped_supported(const std::string& dtype);
 void bind_replay(pybind11::module_& m);

@@ -14,7 +14,7 @@
 
 #include "common.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if KVSERVE_AVX512_BF16
 #include "tiled_linear.h"
 
 namespace {
@@ -156,19 +156,14 @@ torch::Tensor linear_grouped(const torch::Tensor& x, const torch::Tensor& packed
   auto out = torch::empty({m, n}, input.options());
   if (bits == 4) run_grouped<4>(input, packed, scales, b, out, group_size, zero_points);
   else run_grouped<8>(input, packed, scales, b, out, group_size, zero_points);
-  auto sizes = x.sizes().vec();
-  sizes.back() = n;
-  return out.view(sizes);
+  return shaped_like_input(out, x);
 }
 
 // `second` is the offsets (float16) or the zero points (integers) per output and group.
 std::vector<torch::Tensor> pack_linear_grouped(const torch::Tensor& qweight, const torch::Tensor& scale,
                                                const torch::Tensor& second, int64_t group_size, int64_t bits) {
-  const int64_t n = qweight.size(0), k = qweight.size(1), groups = scale.size(1);
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && k % kSumChunk == 0 &&
-              group_size % kSumChunk == 0 && groups == (k + group_size - 1) / group_size && (bits == 4 || bits == 8),
-              "pack_linear_grouped takes uint8 levels [out, in] of 4 or 8 bits with in and the group size "
-              "multiples of 16");
+  check_grouped_levels(qweight, scale, group_size, bits);
+  const int64_t n = qweight.size(0), k = qweight.size(1);
   const int64_t blocks = (n + kOutBlock - 1) / kOutBlock, steps = k / step_inputs(bits);
   auto levels = torch::zeros({blocks * kOutBlock, k}, qweight.options().dtype(at::kInt));
   levels.narrow(0, 0, n).copy_(qweight);
@@ -183,25 +178,21 @@ std::vector<torch::Tensor> pack_linear_grouped(const torch::Tensor& qweight, con
   auto nibble_values = torch::tensor({1, 1 << 4, 1 << 8, 1 << 12}, levels.options());
   auto words = (nibbles * nibble_values).sum(-1).to(at::kShort).reshape({blocks, steps, 2 * kOutBlock});
   auto packed = empty_on_huge_pages(words.sizes(), words.options()).copy_(words);
-  auto both = torch::zeros({2, blocks * kOutBlock, groups}, scale.options().dtype(at::kHalf));
-  both[0].narrow(0, 0, n).copy_(scale);
-  both[1].narrow(0, 0, n).copy_(second);
-  auto packed_scales = both.view({2, blocks, kOutBlock, groups}).permute({1, 3, 0, 2}).contiguous();
-  return {packed, packed_scales};
+  return {packed, pack_group_scales(scale, second, blocks)};
 }
 
-bool linear_grouped_supported() { return true; }
+bool linear_grouped_supported(const std::string& dtype) { return dtype == "bfloat16"; }
 
-#else
+#elif !KVSERVE_AVX2
 
 torch::Tensor linear_grouped(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                              const c10::optional<torch::Tensor>&, int64_t, int64_t, bool, int64_t) {
-  TORCH_CHECK(false, "linear_grouped needs a CPU with AVX512-BF16");
+  TORCH_CHECK(false, "linear_grouped needs a CPU with AVX512-BF16 or AVX2");
 }
 std::vector<torch::Tensor> pack_linear_grouped(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                                                int64_t, int64_t) {
-  TORCH_CHECK(false, "linear_grouped needs a CPU with AVX512-BF16");
+  TORCH_CHECK(false, "linear_grouped needs a CPU with AVX512-BF16 or AVX2");
 }
-bool linear_grouped_supported() { return false; }
+bool linear_grouped_supported(const std::string&) { return false; }
 
 #endif

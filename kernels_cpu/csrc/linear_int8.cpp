@@ -2,19 +2,17 @@
 // max|x| / 127, the weight was quantized per output; int32 sums of their products (vpdpbusd) are scaled back to
 // floats. vpdpbusd multiplies unsigned by signed bytes, so rows are stored shifted by +128 and 128 times each
 // output's weight sum comes back off. The weight is packed as [N / 16, K / 4, 16, 4] int8.
-#include <cmath>
 #include <cstring>
 
 #include "common.h"
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if KVSERVE_AVX512_VNNI
+#include "int8_rows.h"
 #include "tiled_linear.h"
 
 namespace {
 
 using namespace kvserve;
-
-constexpr float kMinAbsMax = 1e-6f;   // a row of zeros still gets a finite scale
 
 // Round to nearest even like torch, with integer operations any AVX-512 CPU has.
 inline __m256i to_bf16_bits(__m512 v) {
@@ -22,27 +20,6 @@ inline __m256i to_bf16_bits(__m512 v) {
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
-
-inline uint32_t abs_bits(float x) { return __builtin_bit_cast(uint32_t, x) & 0x7FFFFFFFu; }
-inline uint32_t abs_bits(uint16_t bf16) { return (static_cast<uint32_t>(bf16) & 0x7FFFu) << 16; }
-
-// Integer maxima of the magnitudes' bits order like the magnitudes, and unlike a float max the loop vectorizes.
-template <typename T>
-void quantize_rows(const T* x, int64_t stride, int64_t m, int64_t k, int64_t padded, uint8_t* q, float* scales) {
-  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* row = x + r * stride;
-      uint32_t amax = 0;
-      for (int64_t i = 0; i < k; ++i) amax = std::max(amax, abs_bits(row[i]));
-      const float scale = std::max(__builtin_bit_cast(float, amax), kMinAbsMax) / 127.f;
-      scales[r] = scale;
-      uint8_t* out = q + r * padded;
-      for (int64_t i = 0; i < k; ++i)
-        out[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(to_f32(row[i]) / scale)) + 128);
-      std::memset(out + k, 128, padded - k);
-    }
-  });
 }
 
 struct Int8Linear {
@@ -95,30 +72,16 @@ struct Int8Linear {
 
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& shift,
                           const torch::Tensor& w_scales, const c10::optional<torch::Tensor>& bias) {
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "linear_int8 takes float32 or bfloat16 inputs");
-  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && w_scales.scalar_type() == at::kFloat,
-              "linear_int8 takes a weight from pack_linear_int8 and float32 scales");
-  auto input = x.reshape({-1, x.size(-1)});
-  if (input.stride(1) != 1) input = input.contiguous();
-  const int64_t m = input.size(0), k = input.size(1), n = w_scales.size(0), quads = packed.size(1);
-  TORCH_CHECK(quads == (k + 3) / 4 && packed.size(0) * kOutBlock >= n,
-              "linear_int8: the input's width does not match the packed weight");
-  auto quantized = torch::empty({m, quads * 4}, input.options().dtype(at::kByte));
-  auto x_scales = torch::empty({m}, input.options().dtype(at::kFloat));
-  if (bf16) quantize_rows(ptr<const uint16_t>(input), input.stride(0), m, k, quads * 4, ptr<uint8_t>(quantized),
-                          ptr<float>(x_scales));
-  else quantize_rows(ptr<const float>(input), input.stride(0), m, k, quads * 4, ptr<uint8_t>(quantized),
-                     ptr<float>(x_scales));
+  const auto input = int8_input_rows(x, packed, w_scales);
+  const int64_t m = input.size(0), n = w_scales.size(0), quads = packed.size(1);
+  const auto rows = quantize_input(input, quads, 128);
   auto b = bias ? bias->to(at::kFloat).contiguous() : torch::Tensor();
   auto out = torch::empty({m, n}, input.options());
-  const Int8Linear kernel{ptr<const uint8_t>(quantized), ptr<const float>(x_scales), quads, n,
+  const Int8Linear kernel{ptr<const uint8_t>(rows.levels), ptr<const float>(rows.scales), quads, n,
                           ptr<const int8_t>(packed), ptr<const int32_t>(shift), ptr<const float>(w_scales),
-                          bias ? ptr<const float>(b) : nullptr, out.data_ptr(), bf16};
+                          bias ? ptr<const float>(b) : nullptr, out.data_ptr(), x.scalar_type() == at::kBFloat16};
   for_each_tile(kernel, m, packed.size(0));
-  auto sizes = x.sizes().vec();
-  sizes.back() = n;
-  return out.view(sizes);
+  return shaped_like_input(out, x);
 }
 
 std::vector<torch::Tensor> pack_linear_int8(const torch::Tensor& qweight) {
@@ -131,14 +94,14 @@ std::vector<torch::Tensor> pack_linear_int8(const torch::Tensor& qweight) {
 
 bool linear_int8_supported() { return true; }
 
-#else
+#elif !KVSERVE_AVX2
 
 torch::Tensor linear_int8(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                           const c10::optional<torch::Tensor>&) {
-  TORCH_CHECK(false, "linear_int8 needs a CPU with AVX512-VNNI");
+  TORCH_CHECK(false, "linear_int8 needs a CPU with AVX512-VNNI or AVX2");
 }
 std::vector<torch::Tensor> pack_linear_int8(const torch::Tensor&) {
-  TORCH_CHECK(false, "linear_int8 needs a CPU with AVX512-VNNI");
+  TORCH_CHECK(false, "linear_int8 needs a CPU with AVX512-VNNI or AVX2");
 }
 bool linear_int8_supported() { return false; }
 

@@ -50,6 +50,34 @@ inline torch::Tensor pack_blocked(const torch::Tensor& weight, int64_t group) {
   return packed.copy_(padded.view({blocks, kOutBlock, groups, group}).permute({0, 2, 1, 3}));
 }
 
+// A kernel's output [rows, n] viewed as x's leading dimensions and n outputs.
+inline torch::Tensor shaped_like_input(const torch::Tensor& out, const torch::Tensor& x) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = out.size(1);
+  return out.view(sizes);
+}
+
+// What pack_linear_grouped takes on every CPU: levels [out, in] of 4 or 8 bits, in and the group size multiples
+// of 16, scales [out, groups].
+inline void check_grouped_levels(const torch::Tensor& qweight, const torch::Tensor& scale, int64_t group_size,
+                                 int64_t bits) {
+  const int64_t k = qweight.size(1);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && k % 16 == 0 && group_size % 16 == 0 &&
+              scale.size(1) == (k + group_size - 1) / group_size && (bits == 4 || bits == 8),
+              "pack_linear_grouped takes uint8 levels [out, in] of 4 or 8 bits with in and the group size "
+              "multiples of 16");
+}
+
+// A grouped weight's float16 scales and its offsets or zero points (`second`), [n, groups] each, as
+// [N / 16, groups, 2, 16]: each block's 16 scales of a group, then its 16 offsets or zeros.
+inline torch::Tensor pack_group_scales(const torch::Tensor& scale, const torch::Tensor& second, int64_t blocks) {
+  const int64_t n = scale.size(0), groups = scale.size(1);
+  auto both = torch::zeros({2, blocks * kOutBlock, groups}, scale.options().dtype(at::kHalf));
+  both[0].narrow(0, 0, n).copy_(scale);
+  both[1].narrow(0, 0, n).copy_(second);
+  return both.view({2, blocks, kOutBlock, groups}).permute({1, 3, 0, 2}).contiguous();
+}
+
 // A packed weight block holds 64 bytes (one cache line) for each step of a kernel's loop over its inputs. While a
 // tile computes, it pulls the panel of the thread's next task into L2, one step in every ``every``, so that the
 // weight streams from memory during the arithmetic instead of stalling the next task's first tile.

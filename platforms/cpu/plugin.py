@@ -93,7 +93,7 @@ def platform_quant_kernel(weight: QuantizedWeight):
 
     if weight.scheme == "w8a8_int8":
         return int8_linear(weight.tensors["qweight"], weight.tensors["scale"])
-    if weight.scheme in GROUPED_BITS and weight.dtype == torch.bfloat16:
+    if weight.scheme in GROUPED_BITS:
         return grouped_linear(weight)
     return None
 

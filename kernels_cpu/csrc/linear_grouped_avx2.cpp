@@ -1,0 +1,146 @@
+// Weight-only int4 and int8 linear layers (W4A16, W8A16) on CPUs with AVX2 but not AVX512-BF16: the contract of
+// linear_grouped.cpp (weight = level * scale + offset per group of inputs, or (level - zero) * scale), for float32
+// and bfloat16 inputs, in float32. A level l of b bits becomes the float32 1 + l / 2^b by two bit operations (its
+// bits moved under the mantissa's top, 1.0's exponent set), and one FMA per 8 weights turns that into the weight:
+//   weight = (1 + l / 2^b) * (2^b * scale) + (offset - 2^b * scale),
+// with (2^b * scale) and the shifted offset computed once per group. The products then sum straight into the
+// outputs. The weight is packed as [N / 16, K / (32 / b), 16] 32-bit lanes: lane j of a step holds output j's
+// next 32 / b levels, input t of them in bits [b t, b t + b).
+#include "common.h"
+
+#if !KVSERVE_AVX512_BF16 && KVSERVE_AVX2
+#include "avx2_linear.h"
+
+namespace {
+
+using namespace kvserve;
+using namespace kvserve::avx2;
+
+constexpr uint32_t kOneBits = 0x3F800000;   // 1.0f
+
+template <int Bits>
+struct GroupedLinear {
+  static constexpr int kPerLane = 32 / Bits;
+  static constexpr float kBase = 1 << Bits;
+
+  const float* x;
+  int64_t k, steps, groups, group_steps;
+  const uint32_t* weight;   // packed
+  const uint16_t* scales;   // float16 [N / 16, groups, 2, 16] (pack_group_scales)
+  const float* bias;        // padded, or nullptr
+  Outputs out;
+  bool zero_points;
+
+  template <int R, int B>
+  void tile(int64_t row, int64_t block, Prefetch prefetch) const {
+    sub_tiles<R, B>(*this, row, block, prefetch);
+  }
+
+  // 1 + (input T's level) / 2^Bits in every lane.
+  template <int T>
+  static __m256 level_code(__m256i lanes) {
+    constexpr int shift = 23 - Bits - Bits * T;
+    __m256i moved;
+    if constexpr (shift >= 0) moved = _mm256_slli_epi32(lanes, shift);
+    else moved = _mm256_srli_epi32(lanes, -shift);
+    const __m256i mask = _mm256_set1_epi32(((1 << Bits) - 1) << (23 - Bits));
+    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(moved, mask), _mm256_set1_epi32(kOneBits)));
+  }
+
+  template <int R, int PrefetchBlocks>
+  void block_tile(int64_t row, int64_t block, Prefetch prefetch) const {
+    constexpr int A = R == 1 ? 2 : 1;   // one row keeps two chains of sums in flight per half
+    const int64_t first = block * kOutBlock;
+    __m256 sums[R][A][2];
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < A; ++a)
+        for (int h = 0; h < 2; ++h) sums[r][a][h] = a == 0 ? bias_of(bias, first, h) : _mm256_setzero_ps();
+    const uint32_t* lanes = weight + block * steps * kOutBlock;
+    const __m256 base = _mm256_set1_ps(kBase);
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint16_t* group_scales = scales + (block * groups + g) * 2 * kOutBlock;
+      __m256 scale[2], offset[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group_scales + h * kHalf)));
+        const __m256 second = _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(group_scales + kOutBlock + h * kHalf)));
+        scale[h] = _mm256_mul_ps(s, base);
+        offset[h] = zero_points ? _mm256_mul_ps(_mm256_add_ps(second, base), _mm256_sub_ps(_mm256_setzero_ps(), s))
+                                : _mm256_sub_ps(second, scale[h]);
+      }
+      const int64_t end = std::min(steps, (g + 1) * group_steps);
+      for (int64_t s = g * group_steps; s < end; ++s) {
+        prefetch.step<PrefetchBlocks>(s);
+        const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + s * kOutBlock));
+        const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes + s * kOutBlock + kHalf));
+        const float* inputs = x + row * k + s * kPerLane;
+        unrolled<kPerLane>([&](auto t) __attribute__((always_inline)) {
+          constexpr int T = decltype(t)::value;
+          const __m256 w_low = _mm256_fmadd_ps(level_code<T>(low), scale[0], offset[0]);
+          const __m256 w_high = _mm256_fmadd_ps(level_code<T>(high), scale[1], offset[1]);
+          for (int r = 0; r < R; ++r) {
+            const __m256 xs = _mm256_broadcast_ss(inputs + r * k + T);
+            sums[r][T % A][0] = _mm256_fmadd_ps(xs, w_low, sums[r][T % A][0]);
+            sums[r][T % A][1] = _mm256_fmadd_ps(xs, w_high, sums[r][T % A][1]);
+          }
+        });
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int a = 1; a < A; ++a)
+        for (int h = 0; h < 2; ++h) sums[r][0][h] = _mm256_add_ps(sums[r][0][h], sums[r][a][h]);
+      out.store(row + r, first, sums[r][0][0], sums[r][0][1]);
+    }
+  }
+};
+
+template <int Bits>
+void run_grouped(const torch::Tensor& input, const torch::Tensor& packed, const torch::Tensor& scales,
+                 const torch::Tensor& bias, torch::Tensor& out, int64_t group_size, bool zero_points) {
+  const GroupedLinear<Bits> kernel{
+      ptr<const float>(input), input.size(1), packed.size(1), scales.size(1), group_size / (32 / Bits),
+      ptr<const uint32_t>(packed), ptr<const uint16_t>(scales), bias.defined() ? ptr<const float>(bias) : nullptr,
+      Outputs{out.data_ptr(), out.size(1), out.scalar_type() == at::kBFloat16}, zero_points};
+  for_each_tile(kernel, input.size(0), packed.size(0));
+}
+
+}  // namespace
+
+torch::Tensor linear_grouped(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                             const c10::optional<torch::Tensor>& bias, int64_t n, int64_t group_size,
+                             bool zero_points, int64_t bits) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "linear_grouped takes float32 or bfloat16 inputs");
+  TORCH_CHECK(packed.scalar_type() == at::kInt && packed.dim() == 3 && scales.scalar_type() == at::kHalf &&
+              scales.dim() == 4 && (bits == 4 || bits == 8),
+              "linear_grouped takes a weight and scales from pack_linear_grouped, of 4 or 8 bits");
+  const auto input = float_rows(x);
+  const int64_t m = input.size(0), k = input.size(1), groups = scales.size(1);
+  TORCH_CHECK(packed.size(1) * (32 / bits) == k && packed.size(0) * kOutBlock >= n &&
+              groups == (k + group_size - 1) / group_size,
+              "linear_grouped: the input's width does not match the packed weight");
+  const auto b = bias ? padded_floats(*bias, packed.size(0)) : torch::Tensor();
+  auto out = torch::empty({m, n}, x.options());
+  if (bits == 4) run_grouped<4>(input, packed, scales, b, out, group_size, zero_points);
+  else run_grouped<8>(input, packed, scales, b, out, group_size, zero_points);
+  return shaped_like_input(out, x);
+}
+
+// `second` is the offsets (float16) or the zero points (integers) per output and group.
+std::vector<torch::Tensor> pack_linear_grouped(const torch::Tensor& qweight, const torch::Tensor& scale,
+                                               const torch::Tensor& second, int64_t group_size, int64_t bits) {
+  check_grouped_levels(qweight, scale, group_size, bits);
+  const int64_t n = qweight.size(0), k = qweight.size(1), per_lane = 32 / bits;
+  const int64_t blocks = (n + kOutBlock - 1) / kOutBlock, steps = k / per_lane;
+  auto levels = torch::zeros({blocks * kOutBlock, k}, qweight.options().dtype(at::kLong));
+  levels.narrow(0, 0, n).copy_(qweight);
+  const auto shifts = torch::arange(per_lane, levels.options()) * bits;
+  auto lanes = levels.view({blocks, kOutBlock, steps, per_lane}).__lshift__(shifts).sum(-1).permute({0, 2, 1});
+  lanes = torch::where(lanes >= (int64_t{1} << 31), lanes - (int64_t{1} << 32), lanes);   // as int32 bits
+  auto packed = empty_on_huge_pages(lanes.sizes(), lanes.options().dtype(at::kInt)).copy_(lanes);
+  return {packed, pack_group_scales(scale, second, blocks)};
+}
+
+bool linear_grouped_supported(const std::string& dtype) { return dtype == "float32" || dtype == "bfloat16"; }
+
+#endif
