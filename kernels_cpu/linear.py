@@ -1,6 +1,6 @@
 """Linear layers with weights laid out once for the kernel that multiplies them: the C++ bfloat16 kernel on CPUs
 with AVX512-BF16, oneDNN's blocked layout otherwise, and the C++ kernels for W8A8 int8 (AVX512-VNNI) and
-weight-only W4A16 / W8A16 (AVX512-BF16 or AVX2)."""
+weight-only W4A16 / W8A16 (AVX512-BF16 or AVX2), and FP8 weights (AVX2)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -90,3 +90,22 @@ def grouped_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Ten
         return lambda x, bias: linear_grouped(x, packed, scales, bias, out_features, group_size, zero_points, bits)
     return lambda x, bias: linear_grouped(x.index_select(-1, order), packed, scales, bias, out_features, group_size,
                                           zero_points, bits)
+
+
+def fp8_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """A "w8a16_fp8" or "w8a8_fp8" weight (e4m3, scales per output or per output and group) for float32 or
+    bfloat16 inputs: the bytes turned into floats in registers, float32 products; W8A8 inputs rounded to their e4m3
+    steps first (the checkpoint's static scale, else per token or per group). None without AVX2, or unless the
+    width and the group size are multiples of 4."""
+    ops, tensors = native.load()[0], weight.tensors
+    if (ops is None or not ops.linear_fp8_supported() or weight.dtype not in (torch.float32, torch.bfloat16)
+            or weight.shape[1] % 4):
+        return None
+    group = weight.group_size if tensors["scale"].dim() == 2 else weight.shape[1]
+    if group % 4:
+        return None
+    packed, scales = ops.pack_linear_fp8(tensors["weight"], tensors["scale"].float(), group)
+    input_group = group if weight.scheme == "w8a8_fp8" else 0
+    input_scale = float(tensors["input_scale"]) if "input_scale" in tensors else 0.0
+    linear_fp8, out_features = native.op("linear_fp8"), weight.shape[0]
+    return lambda x, bias: linear_fp8(x, packed, scales, bias, out_features, group, input_group, input_scale)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from op_cases import TOLERANCE, check_argmax, check_rms_norm, check_rotary_on_strided_views, check_silu_and_mul
-from kvserve.core.quantization import dequantize, int4
+from kvserve.core.quantization import dequantize, fp8, int4
 from kvserve.core.quantization.int8 import quantize_weight, reference_kernel
 from kvserve.kernels_cpu import native
-from kvserve.kernels_cpu.linear import gate_up_linear, grouped_linear, int8_linear, packed_linear
+from kvserve.kernels_cpu.linear import fp8_linear, gate_up_linear, grouped_linear, int8_linear, packed_linear
 
 pytestmark = pytest.mark.skipif(native.load()[0] is None, reason=f"native kernels unavailable: {native.load()[1]}")
 CPU = torch.device("cpu")
@@ -148,6 +148,42 @@ def test_grouped_linear_equals_the_dequantized_weight_times_x(rows, out_features
     for b in (None, bias):
         expected = (exact if b is None else exact + b.double()).to(dtype)
         torch.testing.assert_close(kernel(x, b), expected, **TOLERANCE[dtype])
+
+
+def fp8_weight(variant: str, out_features: int, in_features: int):
+    weight = torch.randn(out_features, in_features) * 0.1
+    if variant in ("w8a8-per-channel", "w8a16-per-channel"):
+        quantized = fp8.quantize_weight(weight)
+        scheme = fp8.SCHEME if variant.startswith("w8a8") else fp8.WEIGHT_ONLY
+        return dataclasses.replace(quantized, scheme=scheme)
+    block, blocks = 16, (-(-out_features // 16), -(-in_features // 16))   # a checkpoint's 16 x 16 blocks
+    scale = torch.rand(blocks) * 0.01 + 1e-3
+    levels = (weight / scale.repeat_interleave(16, 0)[:out_features].repeat_interleave(16, 1)[:, :in_features])
+    input_scale = torch.tensor(0.02) if variant == "w8a8-static" else None
+    return fp8.stored_weight(levels.clamp(-448, 448).to(torch.float8_e4m3fn), scale, block, input_scale,
+                             fp8.WEIGHT_ONLY if variant == "w8a16-blocks" else fp8.SCHEME)
+
+
+@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_fp8_supported(),
+                    reason="the FP8 linear kernel needs a CPU with AVX2")
+@pytest.mark.parametrize("rows", [1, 2, 5, 300])
+@pytest.mark.parametrize("out_features,in_features", [(16, 64), (40, 72), (97, 12)])   # partial blocks and groups
+@pytest.mark.parametrize("variant", ["w8a8-per-channel", "w8a16-per-channel", "w8a8-blocks", "w8a16-blocks",
+                                     "w8a8-static"])
+def test_fp8_linear_equals_the_dequantized_weight_times_the_rounded_inputs(rows, out_features, in_features,
+                                                                           variant, dtype):
+    torch.manual_seed(rows + out_features)
+    weight = dataclasses.replace(fp8_weight(variant, out_features, in_features), dtype=dtype)
+    bias = torch.randn(out_features, dtype=dtype)
+    x = torch.randn(2, rows, in_features + 8, dtype=dtype)[..., :in_features] * 4
+    x[0, 0] = 0   # a row of zeros
+    inputs = x.double() if weight.scheme == fp8.WEIGHT_ONLY else fp8.fake_quantize_inputs(weight, x).double()
+    exact = inputs @ dequantize(weight, torch.float64).T
+    kernel = fp8_linear(weight)
+    for b in (None, bias):
+        expected = (exact if b is None else exact + b.double()).to(dtype)
+        torch.testing.assert_close(kernel(x, b), expected, **TOLERANCE[dtype])
+    assert fp8_linear(fp8_weight(variant, 16, 62)) is None   # a width not a multiple of 4
 
 
 def test_grouped_layers_the_kernel_cannot_take_keep_the_reference():

@@ -62,15 +62,55 @@ __attribute__((always_inline)) inline void unrolled(F&& f) {
   }(std::make_integer_sequence<int, N>{});
 }
 
-// kernel.tile<R, B> of tiled_linear.h as kernel.block_tile<R, P>(row, block, prefetch) calls of at most kSubRows
+// Kernel::tile<R, B> of tiled_linear.h as Kernel::block_tile<R, P>(row, block, prefetch) calls of at most kSubRows
 // rows and one block each, P the blocks the call prefetches (the first call all B, the others none).
-template <int R, int B, class Kernel>
-inline void sub_tiles(const Kernel& kernel, int64_t row, int64_t block, Prefetch prefetch) {
-  constexpr int first_rows = std::min(R, kSubRows);
-  kernel.template block_tile<first_rows, B>(row, block, prefetch);
-  if constexpr (R > kSubRows) kernel.template block_tile<R - kSubRows, 0>(row + kSubRows, block, prefetch);
-  if constexpr (B == 2) sub_tiles<R, 1>(kernel, row, block + 1, Prefetch{});
+template <class Kernel>
+struct SubTiled {
+  template <int R, int B>
+  void tile(int64_t row, int64_t block, Prefetch prefetch) const {
+    const auto& kernel = static_cast<const Kernel&>(*this);
+    kernel.template block_tile<std::min(R, kSubRows), B>(row, block, prefetch);
+    if constexpr (R > kSubRows) kernel.template block_tile<R - kSubRows, 0>(row + kSubRows, block, prefetch);
+    if constexpr (B == 2) tile<R, 1>(row, block + 1, Prefetch{});
+  }
+};
+
+inline __m256 bias_of(const float* bias, int64_t first, int half) {
+  return bias ? _mm256_loadu_ps(bias + first + half * kHalf) : _mm256_setzero_ps();
 }
+
+// R rows' float32 sums for one block of 16 outputs, from its bias: one row keeps two chains of sums per half in
+// flight, so that FMA's latency does not bound it.
+template <int R>
+struct BlockSums {
+  static constexpr int kChains = R == 1 ? 2 : 1;
+  __m256 sums[R][kChains][2];
+
+  BlockSums(const float* bias, int64_t first) {
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < kChains; ++c)
+        for (int h = 0; h < 2; ++h) sums[r][c][h] = c == 0 ? bias_of(bias, first, h) : _mm256_setzero_ps();
+  }
+
+  // Row r's sums += inputs[r * stride] * the weights of the block's two halves, on chain `chain` mod kChains.
+  __attribute__((always_inline)) void multiply_add(const float* inputs, int64_t stride, int chain, __m256 w_low,
+                                                   __m256 w_high) {
+    for (int r = 0; r < R; ++r) {
+      const __m256 xs = _mm256_broadcast_ss(inputs + r * stride);
+      __m256* s = sums[r][chain % kChains];
+      s[0] = _mm256_fmadd_ps(xs, w_low, s[0]);
+      s[1] = _mm256_fmadd_ps(xs, w_high, s[1]);
+    }
+  }
+
+  void store(const Outputs& out, int64_t row, int64_t first) {
+    for (int r = 0; r < R; ++r) {
+      for (int c = 1; c < kChains; ++c)
+        for (int h = 0; h < 2; ++h) sums[r][0][h] = _mm256_add_ps(sums[r][0][h], sums[r][c][h]);
+      out.store(row + r, first, sums[r][0][0], sums[r][0][1]);
+    }
+  }
+};
 
 // The rows of x as a float32 [m, k] tensor.
 inline torch::Tensor float_rows(const torch::Tensor& x) {
@@ -82,10 +122,6 @@ inline torch::Tensor padded_floats(const torch::Tensor& values, int64_t blocks) 
   auto padded = torch::zeros({blocks * kOutBlock}, values.options().dtype(at::kFloat));
   padded.narrow(0, 0, values.numel()).copy_(values);
   return padded;
-}
-
-inline __m256 bias_of(const float* bias, int64_t first, int half) {
-  return bias ? _mm256_loadu_ps(bias + first + half * kHalf) : _mm256_setzero_ps();
 }
 
 }  // namespace kvserve::avx2

@@ -204,6 +204,8 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8(Tensor x, Tensor packed, Tensor shift, Tensor w_scales, Tensor? bias) -> Tensor");
   m.def("linear_grouped(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int out_features, int group_size, "
         "bool zero_points, int bits) -> Tensor");
+  m.def("linear_fp8(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int out_features, int group_size, "
+        "int input_group, float input_scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> Tensor[]");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin) -> Tensor");
@@ -217,6 +219,7 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("gate_up_bf16", &gate_up_bf16);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_grouped", &linear_grouped);
+  m.impl("linear_fp8", &linear_fp8);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_embedding", &rotary_embedding);
@@ -234,5 +237,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_grouped_supported", &linear_grouped_supported,
         "whether this build's linear_grouped takes inputs of `dtype` (bfloat16 on AVX512-BF16; float32 and "
         "bfloat16 on AVX2)");
+  m.def("pack_linear_fp8", &pack_linear_fp8, "lay an e4m3 weight and its scales out for linear_fp8");
+  m.def("linear_fp8_supported", &linear_fp8_supported, "whether this build has linear_fp8 (AVX2)");
   bind_replay(m);
 }

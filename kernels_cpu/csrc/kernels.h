@@ -26,4 +26,10 @@ torch::Tensor linear_grouped(const torch::Tensor& x, const torch::Tensor& packed
 std::vector<torch::Tensor> pack_linear_grouped(const torch::Tensor& qweight, const torch::Tensor& scale,
                                                const torch::Tensor& second, int64_t group_size, int64_t bits);
 bool linear_grouped_supported(const std::string& dtype);
+torch::Tensor linear_fp8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                         const c10::optional<torch::Tensor>& bias, int64_t n, int64_t group_size, int64_t input_group,
+                         double input_scale);
+std::vector<torch::Tensor> pack_linear_fp8(const torch::Tensor& weight, const torch::Tensor& scale,
+                                           int64_t group_size);
+bool linear_fp8_supported();
 void bind_replay(pybind11::module_& m);

@@ -19,7 +19,7 @@ using namespace kvserve::avx2;
 constexpr uint32_t kOneBits = 0x3F800000;   // 1.0f
 
 template <int Bits>
-struct GroupedLinear {
+struct GroupedLinear : SubTiled<GroupedLinear<Bits>> {
   static constexpr int kPerLane = 32 / Bits;
   static constexpr float kBase = 1 << Bits;
 
@@ -30,11 +30,6 @@ struct GroupedLinear {
   const float* bias;        // padded, or nullptr
   Outputs out;
   bool zero_points;
-
-  template <int R, int B>
-  void tile(int64_t row, int64_t block, Prefetch prefetch) const {
-    sub_tiles<R, B>(*this, row, block, prefetch);
-  }
 
   // 1 + (input T's level) / 2^Bits in every lane.
   template <int T>
@@ -49,12 +44,8 @@ struct GroupedLinear {
 
   template <int R, int PrefetchBlocks>
   void block_tile(int64_t row, int64_t block, Prefetch prefetch) const {
-    constexpr int A = R == 1 ? 2 : 1;   // one row keeps two chains of sums in flight per half
     const int64_t first = block * kOutBlock;
-    __m256 sums[R][A][2];
-    for (int r = 0; r < R; ++r)
-      for (int a = 0; a < A; ++a)
-        for (int h = 0; h < 2; ++h) sums[r][a][h] = a == 0 ? bias_of(bias, first, h) : _mm256_setzero_ps();
+    BlockSums<R> sums(bias, first);
     const uint32_t* lanes = weight + block * steps * kOutBlock;
     const __m256 base = _mm256_set1_ps(kBase);
     for (int64_t g = 0; g < groups; ++g) {
@@ -78,19 +69,11 @@ struct GroupedLinear {
           constexpr int T = decltype(t)::value;
           const __m256 w_low = _mm256_fmadd_ps(level_code<T>(low), scale[0], offset[0]);
           const __m256 w_high = _mm256_fmadd_ps(level_code<T>(high), scale[1], offset[1]);
-          for (int r = 0; r < R; ++r) {
-            const __m256 xs = _mm256_broadcast_ss(inputs + r * k + T);
-            sums[r][T % A][0] = _mm256_fmadd_ps(xs, w_low, sums[r][T % A][0]);
-            sums[r][T % A][1] = _mm256_fmadd_ps(xs, w_high, sums[r][T % A][1]);
-          }
+          sums.multiply_add(inputs + T, k, T, w_low, w_high);
         });
       }
     }
-    for (int r = 0; r < R; ++r) {
-      for (int a = 1; a < A; ++a)
-        for (int h = 0; h < 2; ++h) sums[r][0][h] = _mm256_add_ps(sums[r][0][h], sums[r][a][h]);
-      out.store(row + r, first, sums[r][0][0], sums[r][0][1]);
-    }
+    sums.store(out, row, first);
   }
 };
 
@@ -98,7 +81,7 @@ template <int Bits>
 void run_grouped(const torch::Tensor& input, const torch::Tensor& packed, const torch::Tensor& scales,
                  const torch::Tensor& bias, torch::Tensor& out, int64_t group_size, bool zero_points) {
   const GroupedLinear<Bits> kernel{
-      ptr<const float>(input), input.size(1), packed.size(1), scales.size(1), group_size / (32 / Bits),
+      {}, ptr<const float>(input), input.size(1), packed.size(1), scales.size(1), group_size / (32 / Bits),
       ptr<const uint32_t>(packed), ptr<const uint16_t>(scales), bias.defined() ? ptr<const float>(bias) : nullptr,
       Outputs{out.data_ptr(), out.size(1), out.scalar_type() == at::kBFloat16}, zero_points};
   for_each_tile(kernel, input.size(0), packed.size(0));

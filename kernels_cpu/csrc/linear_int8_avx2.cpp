@@ -14,7 +14,7 @@ namespace {
 using namespace kvserve;
 using namespace kvserve::avx2;
 
-struct Int8Linear {
+struct Int8Linear : SubTiled<Int8Linear> {
   const int8_t* x;           // rows quantized, [m, steps * 4]
   const float* x_scales;     // [m]
   int64_t steps;             // quads of inputs
@@ -22,11 +22,6 @@ struct Int8Linear {
   const float* w_scales;     // padded
   const float* bias;         // padded, or nullptr
   Outputs out;
-
-  template <int R, int B>
-  void tile(int64_t row, int64_t block, Prefetch prefetch) const {
-    sub_tiles<R, B>(*this, row, block, prefetch);
-  }
 
   template <int R, int PrefetchBlocks>
   void block_tile(int64_t row, int64_t block, Prefetch prefetch) const {
@@ -73,7 +68,7 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
   const auto scales = padded_floats(w_scales, blocks);
   const auto b = bias ? padded_floats(*bias, blocks) : torch::Tensor();
   auto out = torch::empty({m, n}, input.options());
-  const Int8Linear kernel{ptr<const int8_t>(rows.levels), ptr<const float>(rows.scales), quads,
+  const Int8Linear kernel{{}, ptr<const int8_t>(rows.levels), ptr<const float>(rows.scales), quads,
                           ptr<const int8_t>(packed), ptr<const float>(scales), bias ? ptr<const float>(b) : nullptr,
                           Outputs{out.data_ptr(), n, x.scalar_type() == at::kBFloat16}};
   for_each_tile(kernel, m, blocks);

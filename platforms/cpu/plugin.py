@@ -89,10 +89,12 @@ def platform_gate_up_kernel(weight: torch.Tensor):
 
 @hookimpl
 def platform_quant_kernel(weight: QuantizedWeight):
-    from kvserve.kernels_cpu.linear import grouped_linear, int8_linear
+    from kvserve.kernels_cpu.linear import fp8_linear, grouped_linear, int8_linear
 
     if weight.scheme == "w8a8_int8":
         return int8_linear(weight.tensors["qweight"], weight.tensors["scale"])
+    if weight.scheme in ("w8a8_fp8", "w8a16_fp8"):
+        return fp8_linear(weight)
     if weight.scheme in GROUPED_BITS:
         return grouped_linear(weight)
     return None
