@@ -1,4 +1,5 @@
-// What the linear kernels for CPUs with AVX2 but without AVX-512 share. They multiply in float32 (FMA on 8 lanes):
+// What the AVX2 linear kernels share (the grouped and int8 ones where AVX-512 is missing, the FP8 one on every CPU
+// with AVX2). They multiply in float32 (FMA on 8 lanes):
 // rows of x are converted to float32 once, a block of 16 outputs is two vectors of sums, and a tile of the common
 // tiling (tiled_linear.h) runs one block at a time in sub-tiles of at most 4 rows, since AVX2 has 16 vector
 // registers rather than 32.
