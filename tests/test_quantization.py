@@ -167,11 +167,11 @@ def test_a_scheme_without_a_platform_kernel_warns_once_at_load(tiny_model, tmp_p
             LLM(path, dtype=dtype, quantization=quantization, kv_cache_memory="8MiB")
         return [r.getMessage() for r in caplog.records if "portable reference" in r.getMessage()]
 
-    # The CPU platform's int4 / int8 weight-only kernel takes bfloat16 activations only, with offsets or zero points,
-    # act-order too.
-    assert warnings("float32") == ["quantization 'int4' runs on the portable reference on platform 'cpu' (no "
+    # The CPU platform's int4 / int8 weight-only kernel takes no float16 activations; bfloat16 (AVX512-BF16) or
+    # float32 and bfloat16 (AVX2), with offsets or zero points, act-order too.
+    assert warnings("float16") == ["quantization 'int4' runs on the portable reference on platform 'cpu' (no "
                                    "kernel for w4a16_int4): slower than the unquantized model"]
-    assert len(warnings("float32", act_order, None)) == len(warnings("float32", eight_bits, None)) == 1
-    if native.load()[0] is not None and native.load()[0].linear_grouped_supported():
-        assert warnings("bfloat16") == warnings("bfloat16", act_order, None) == []
-        assert warnings("bfloat16", eight_bits, None) == []
+    assert len(warnings("float16", act_order, None)) == len(warnings("float16", eight_bits, None)) == 1
+    for dtype in ("float32", "bfloat16"):
+        if native.load()[0] is not None and native.load()[0].linear_grouped_supported(dtype):
+            assert warnings(dtype) == warnings(dtype, act_order, None) == warnings(dtype, eight_bits, None) == []

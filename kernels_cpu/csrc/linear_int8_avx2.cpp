@@ -1,7 +1,8 @@
 // W8A8 int8 linear layers on CPUs with AVX2 but not AVX512-VNNI: the contract of linear_int8.cpp (rows of x
 // quantized per row to [-127, 127], the weight per output, int32 sums scaled back to floats), in AVX2's integer
-// products. vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16: it takes |x| and the weight
-// with x's signs, so that a pair sums at most 2 * 127 * 127 and never saturates; vpmaddwd then adds pairs of those
+// products. vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16: it takes |weight| and x with
+// the weight's signs (a weight may be -128, x is within [-127, 127]), so that a pair sums at most 2 * 128 * 127
+// and never saturates; vpmaddwd then adds pairs of those
 // into the int32 sums of each output's quad of inputs. The weight is packed as [N / 16, K / 4, 16, 4] int8.
 #include "common.h"
 
@@ -31,15 +32,17 @@ struct Int8Linear : SubTiled<Int8Linear> {
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t q = 0; q < steps; ++q) {
       prefetch.step<PrefetchBlocks>(q);
-      __m256i w[2];
-      for (int h = 0; h < 2; ++h)
+      __m256i w[2], magnitudes[2];
+      for (int h = 0; h < 2; ++h) {
         w[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weights + (q * kOutBlock + h * kHalf) * 4));
+        magnitudes[h] = _mm256_abs_epi8(w[h]);   // -128's is 128 as an unsigned byte
+      }
       for (int r = 0; r < R; ++r) {
         int32_t quad;
         std::memcpy(&quad, x + (row + r) * steps * 4 + q * 4, sizeof(quad));
-        const __m256i xs = _mm256_set1_epi32(quad), magnitudes = _mm256_abs_epi8(xs);
+        const __m256i xs = _mm256_set1_epi32(quad);
         for (int h = 0; h < 2; ++h) {
-          const __m256i pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(w[h], xs));
+          const __m256i pairs = _mm256_maddubs_epi16(magnitudes[h], _mm256_sign_epi8(xs, w[h]));
           sums[r][h] = _mm256_add_epi32(sums[r][h], _mm256_madd_epi16(pairs, ones));
         }
       }
