@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from kvserve.kernels_cuda.scaled_gemm import input_scales
 from kvserve.plugins.interfaces import QuantizedWeight
 
 MIN_ABS_MAX = 1e-12
@@ -50,7 +51,7 @@ def fp8_gemm(weight: QuantizedWeight, fp8_dtype: torch.dtype = torch.float8_e4m3
     def linear(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.reshape(-1, in_features).float()
         if static_scale is None:
-            row_scales = rows.abs().amax(dim=1, keepdim=True).clamp(min=MIN_ABS_MAX) / fp8_max
+            row_scales = input_scales(rows, in_features, fp8_max, MIN_ABS_MAX)
         else:
             row_scales = static_scale.reshape(1, 1).expand(rows.shape[0], 1).contiguous()
         fp8_rows = (rows / row_scales).clamp(-fp8_max, fp8_max).to(fp8_dtype)

@@ -35,7 +35,8 @@ def test_both_gpu_platforms_register_and_report_their_state():
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("architecture", ["llama-tied-gqa", "qwen2"])
-@pytest.mark.parametrize("quantization", [None, "fp8"])   # fp8: torch._scaled_mm on sm89+ / MI300+
+# fp8: torch._scaled_mm on sm89+ / MI300+, else the Triton scaled GEMM, which int8 takes everywhere
+@pytest.mark.parametrize("quantization", [None, "fp8", "int8"])
 def test_greedy_tokens_equal_the_cpu_platform_in_float32(tiny_model, architecture, quantization):
     from kvserve import LLM, SamplingParams
 

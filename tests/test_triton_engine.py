@@ -1,4 +1,4 @@
-"""The engine end to end on the GPU platforms' Triton attention, fused ops and W4A16 / W8A16 GEMM: on CPU tensors
+"""The engine end to end on the GPU platforms' Triton attention, fused ops and quantized GEMMs: on CPU tensors
 under Triton's interpreter (conftest chooses it without a GPU), through a platform registered for the test, greedy
 tokens equal the CPU platform's in float32, across chunked prefill, a prefix-cache hit and decodes."""
 from __future__ import annotations
@@ -44,16 +44,18 @@ class TritonOnCpu:
 
     @hookimpl
     def platform_quant_kernel(self, weight):
-        from kvserve.plugins.interfaces import GROUPED_BITS
         from kvserve.kernels_cuda.quant_gemm import grouped_gemm
+        from kvserve.kernels_cuda.scaled_gemm import scaled_gemm
+        from kvserve.plugins.interfaces import GROUPED_BITS
 
-        return grouped_gemm(weight) if weight.scheme in GROUPED_BITS else None
+        return grouped_gemm(weight) if weight.scheme in GROUPED_BITS else scaled_gemm(weight)
 
 
-def greedy_tokens(path: str, device: str, manager: PluginManager, kv_cache_dtype: str = "auto") -> list[list[int]]:
+def greedy_tokens(path: str, device: str, manager: PluginManager, kv_cache_dtype: str = "auto",
+                  quantization: str | None = None) -> list[list[int]]:
     config = build_engine_config(path, dtype="float32", device=device, kv_cache_memory="16MiB",
                                  max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True,
-                                 kv_cache_dtype=kv_cache_dtype)
+                                 kv_cache_dtype=kv_cache_dtype, quantization=quantization)
     engine = LLMEngine(config, plugins=manager)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     tokens = []
@@ -85,3 +87,12 @@ def test_quantized_checkpoints_give_the_cpu_platforms_greedy_tokens(tiny_model, 
     manager.register(TritonOnCpu(), "triton-cpu")
     path = quant_packers.write_checkpoint(tiny_model("llama-tied-gqa"), checkpoint, tmp_path / checkpoint)
     assert greedy_tokens(path, "triton-cpu", manager) == greedy_tokens(path, "cpu", manager)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "fp8"])   # W8A8, inputs per token: the Triton scaled GEMM
+def test_online_8_bit_weights_give_the_cpu_platforms_greedy_tokens(tiny_model, quantization):
+    manager = PluginManager()
+    manager.register(TritonOnCpu(), "triton-cpu")
+    path = tiny_model("llama-tied-gqa")
+    assert (greedy_tokens(path, "triton-cpu", manager, quantization=quantization)
+            == greedy_tokens(path, "cpu", manager, quantization=quantization))

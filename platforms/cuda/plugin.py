@@ -89,11 +89,13 @@ class GpuPlatform:
     def platform_quant_kernel(self, weight: QuantizedWeight):
         from kvserve.kernels_cuda.fp8_gemm import fp8_gemm
         from kvserve.kernels_cuda.quant_gemm import grouped_gemm
+        from kvserve.kernels_cuda.scaled_gemm import scaled_gemm
 
         if weight.scheme in GROUPED_BITS:
             return grouped_gemm(weight)
         fp8_dtype = self.fp8_dtype(weight.dtype) if weight.scheme == "w8a8_fp8" else None
-        return fp8_gemm(weight, fp8_dtype) if fp8_dtype is not None else None
+        on_fp8_cores = fp8_gemm(weight, fp8_dtype) if fp8_dtype is not None else None
+        return on_fp8_cores or scaled_gemm(weight)
 
     @hookimpl
     def platform_communicator(self, rank: int, world_size: int):
