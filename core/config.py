@@ -108,11 +108,18 @@ class CacheConfig:
     preemption_mode: str = "recompute"     # or "swap", on platforms with device memory
     swap_space: float | str = 4             # GiB (or a size string) of host memory for swapped-out blocks
     cache_dtype: str = "auto"               # one of KV_CACHE_DTYPES
+    calculate_kv_scales: bool = False       # an FP8 cache's scales from the first batch's keys and values
 
     def __post_init__(self):
         if self.cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.cache_dtype!r}")
         self.torch_cache_dtype = KV_CACHE_DTYPES[self.cache_dtype]
+        if not isinstance(self.calculate_kv_scales, bool):
+            raise ValueError(f"calculate_kv_scales must be True or False, got {self.calculate_kv_scales!r}")
+        if self.calculate_kv_scales and self.torch_cache_dtype is None:
+            fp8 = ", ".join(repr(name) for name, dtype in KV_CACHE_DTYPES.items() if dtype is not None)
+            raise ValueError(f"calculate_kv_scales applies to an FP8 KV cache (kv_cache_dtype {fp8}), not to "
+                             f"kv_cache_dtype={self.cache_dtype!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size!r}")
         if self.kv_cache_memory is not None:
@@ -197,13 +204,13 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                         kv_cache_memory: int | str | None = None, device: str | None = None,
                         enforce_eager: bool = False, chat_template: str | None = None,
                         load_format: str = "auto", quantization_group_size: int | None = None,
-                        kv_cache_dtype: str = "auto") -> EngineConfig:
+                        kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False) -> EngineConfig:
     """An EngineConfig from the flat keyword arguments that ``LLM(...)`` and the command line take (vLLM's names)."""
     return EngineConfig(
         model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template, load_format,
                           quantization_group_size),
         cache=CacheConfig(block_size, kv_cache_memory, num_gpu_blocks_override, enable_prefix_caching,
-                          preemption_mode, swap_space, kv_cache_dtype),
+                          preemption_mode, swap_space, kv_cache_dtype, calculate_kv_scales),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
         parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, data_parallel_size),
         device=DeviceConfig(device, enforce_eager),

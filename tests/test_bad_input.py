@@ -117,6 +117,9 @@ def test_bad_request_leaves_running_requests_unharmed(llm):
      "quantization_group_size must be one of 16, 32, 64, 128, 256, got 48"),
     (dict(dtype="int8"), "dtype must be one of"),
     (dict(kv_cache_dtype="int8"), "kv_cache_dtype must be one of auto, fp8, fp8_e4m3, fp8_e5m2, got 'int8'"),
+    (dict(calculate_kv_scales=True), "calculate_kv_scales applies to an FP8 KV cache \\(kv_cache_dtype 'fp8', "
+     "'fp8_e4m3', 'fp8_e5m2'\\), not to kv_cache_dtype='auto'"),
+    (dict(kv_cache_dtype="fp8", calculate_kv_scales="yes"), "calculate_kv_scales must be True or False, got 'yes'"),
     (dict(block_size=7), "block_size must be one of"),
     (dict(kv_cache_memory="lots"), "kv_cache_memory must be a byte count"),
     (dict(max_num_seqs=0), "max_num_seqs must be >= 1"),

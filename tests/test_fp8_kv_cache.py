@@ -97,6 +97,46 @@ def test_the_engine_attends_keys_and_values_as_the_fp8_cache_holds_them(scaled_c
     assert llm.llm_engine.block_manager.prefix_hits > 0
 
 
+def largest_keys_and_values(path: str, tokens: list[int], scales: list[tuple[float, float]]
+                            ) -> list[tuple[float, float]]:
+    """Each layer's largest |key| (after rotary) and |value| over ``tokens``, as transformers computes them with
+    attention reading the keys and values as an e4m3 cache of ``scales`` holds them."""
+    largest = {}
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        largest[module.layer_idx] = (key.abs().max().item(), value.abs().max().item())
+        key_scale, value_scale = scales[module.layer_idx]
+        key = as_fp8_cache_holds(key, torch.float8_e4m3fn, key_scale)
+        value = as_fp8_cache_holds(value, torch.float8_e4m3fn, value_scale)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("kvserve-test-largest-kv", attend)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="kvserve-test-largest-kv")
+    with torch.no_grad():
+        hf(torch.tensor([tokens]))
+    return [largest[i] for i in range(NUM_LAYERS)]
+
+
+def test_calculated_scales_come_from_the_first_batch_and_stay(scaled_checkpoint):
+    path, checkpoint_scales = scaled_checkpoint
+    llm = LLM(path, dtype="float32", kv_cache_memory="8MiB", kv_cache_dtype="fp8", calculate_kv_scales=True,
+              max_num_seqs=4)
+    layers = [m for m in llm.llm_engine.runner.model.modules() if hasattr(m, "kv_scales")]
+    assert [layer.kv_scales for layer in layers] == [None] * NUM_LAYERS   # until the first batch
+    tokens, ours = engine_logprobs(llm, PROMPT)
+    calculated = [layer.kv_scales for layer in layers]
+    # e4m3's 448 over the headroom of 4: the first batch's largest key becomes 112. A layer's keys follow the
+    # earlier layers' rounded ones.
+    expected = [(key / 112, value / 112) for key, value in largest_keys_and_values(path, PROMPT, calculated)]
+    for got, want in zip(calculated, expected):
+        assert got == pytest.approx(want, rel=1e-5)
+    assert calculated != checkpoint_scales
+    assert ours == pytest.approx(transformers_logprobs(path, tokens, torch.float8_e4m3fn, calculated), abs=1e-3)
+    another = list(reversed(PROMPT)) * 3   # its own scales would differ; the cache keeps the first batch's
+    engine_logprobs(llm, another)
+    assert [layer.kv_scales for layer in layers] == calculated
+
+
 def test_without_checkpoint_scales_keys_and_values_are_stored_as_they_are(tiny_model):
     path = tiny_model("llama-tied-gqa")
     llm = LLM(path, dtype="float32", kv_cache_memory="8MiB", kv_cache_dtype="fp8", max_num_seqs=4)

@@ -15,6 +15,9 @@ from kvserve.plugins.backend_choice import cache_reasons
 from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec
 from kvserve.plugins.manager import Platform
 
+# Scales from the first batch leave later keys and values this many times its largest before they saturate.
+FIRST_BATCH_HEADROOM = 4.0
+
 
 def check_cache_dtype(backend: type[AttentionBackend], spec: AttentionSpec, platform: Platform) -> None:
     """A clear error where the platform's chosen backend cannot keep an FP8 cache (a vendor's, say)."""
@@ -73,13 +76,20 @@ def allocate_kv_cache(config: EngineConfig, spec: AttentionSpec, backend: Attent
     return KvCache(num_blocks, block_bytes, device_cache, host_cache, num_host_blocks, populating)
 
 
-def bind_kv_scales(layers: list[Attention], spec: AttentionSpec) -> None:
-    """Give an FP8 cache's layers their checkpoint's scales, or 1.0; other caches ignore a checkpoint's."""
+def bind_kv_scales(layers: list[Attention], spec: AttentionSpec, calculate: bool) -> None:
+    """Give an FP8 cache's layers their checkpoint's scales, or 1.0, or with ``calculate`` those of the first
+    batch's keys and values; other caches ignore a checkpoint's."""
     scaled = [layer.checkpoint_kv_scales is not None for layer in layers]
     if spec.kv_cache_dtype is None:
         if any(scaled):
             logger.info("the checkpoint's KV cache scales are unused: the KV cache is in %s (kv_cache_dtype='auto')",
                         str(spec.dtype).removeprefix("torch."))
+        return
+    if calculate:
+        if any(scaled):
+            logger.info("the checkpoint's KV cache scales give way to the first batch's (calculate_kv_scales)")
+        for layer in layers:
+            layer.first_batch_level = torch.finfo(spec.kv_cache_dtype).max / FIRST_BATCH_HEADROOM
         return
     if not all(scaled):
         logger.warning("%d of %d attention layers have no KV cache scales in the checkpoint; they use 1.0, "

@@ -85,7 +85,7 @@ class ModelRunner:
         self.populating_kv_cache = cache.populating
         for i, layer in enumerate(layers):
             layer.backend, layer.kv_cache = self.backend, self.kv_cache[i]
-        bind_kv_scales(layers, self.spec)
+        bind_kv_scales(layers, self.spec, config.cache.calculate_kv_scales)
         self.graph_runner = platform.graph_runner(self.model, self.backend, config)
         self.generators: dict[int, torch.Generator] = {}
         self.bad_words: dict[int, list[list[int]]] = {}    # seq_id -> token ids of each bad word

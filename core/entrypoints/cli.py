@@ -23,6 +23,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 4GiB (CPU default 4GiB)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                         help="fp8 (e4m3) / fp8_e5m2: the KV cache in 8 bits, twice bfloat16's tokens in a budget")
+    parser.add_argument("--calculate-kv-scales", action="store_true",
+                        help="with an FP8 KV cache: each layer's scales from the first batch's keys and values, "
+                        "instead of the checkpoint's (or 1.0)")
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
     parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
@@ -54,7 +57,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "kv_cache_memory", "num_gpu_blocks_override", "enable_chunked_prefill", "enable_prefix_caching",
                   "preemption_mode", "swap_space", "device", "enforce_eager", "seed", "quantization",
-                  "quantization_group_size", "load_format", "kv_cache_dtype")
+                  "quantization_group_size", "load_format", "kv_cache_dtype",
+                  "calculate_kv_scales")
 
 
 def engine_options(args) -> dict:

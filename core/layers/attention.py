@@ -18,8 +18,15 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self.checkpoint_kv_scales: tuple[float, float] | None = None   # (keys', values'), if the checkpoint has them
         self.kv_scales: tuple[float, float] | None = None   # those an FP8 cache uses; None for other caches
+        # With calculate_kv_scales, until the first forward: the level that the first batch's largest key (and
+        # value) becomes, which sets its scale.
+        self.first_batch_level: float | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        if self.first_batch_level is not None:
+            largest = torch.stack([k.abs().amax(), v.abs().amax()]).float().tolist()   # once: a host sync
+            self.kv_scales = tuple(x / self.first_batch_level if x > 0 else 1.0 for x in largest)
+            self.first_batch_level = None
         fp8 = {} if self.kv_scales is None else {"kv_scales": self.kv_scales}
         out = self.backend.forward(q.view(-1, self.num_heads, self.head_size),
                                    k.view(-1, self.num_kv_heads, self.head_size),
