@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from kvserve.core.engine.speculation import SpeculativeConfig
 from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
 from kvserve.core.quantization.int4 import GROUP_SIZES as INT4_GROUP_SIZES
 
@@ -171,8 +172,8 @@ class EngineConfig:
     speculative_config: dict | None = None
 
     def __post_init__(self):
-        if self.speculative_config is not None:
-            raise ValueError("speculative_config is not supported yet; pass speculative_config=None")
+        self.speculation = (None if self.speculative_config is None else
+                            SpeculativeConfig.from_dict(self.speculative_config))
 
     def finalize(self, model_max_len: int) -> None:
         """Fill in limits that depend on the loaded model."""

@@ -42,3 +42,16 @@ def test_bad_option_is_a_clear_error(engine_args):
     result = kvserve("generate", "hi", "--temperature", "-1", *engine_args)
     assert result.returncode == 2
     assert "temperature must be a number >= 0" in result.stderr
+
+
+def test_speculative_config_is_json(engine_args):
+    ngram = '{"method": "ngram", "num_speculative_tokens": 3}'
+    result = kvserve("generate", "a b c a b c a b", "--max-tokens", "8", "--speculative-config", ngram, *engine_args)
+    assert result.returncode == 0, result.stderr
+    result = kvserve("generate", "hi", "--speculative-config", "{method: ngram}", *engine_args)
+    assert result.returncode == 2
+    assert "--speculative-config: not valid JSON" in result.stderr
+    result = kvserve("generate", "hi", "--speculative-config", '{"method": "medusa", "num_speculative_tokens": 3}',
+                     *engine_args)
+    assert result.returncode == 2
+    assert "speculative_config method 'medusa' is not supported yet; supported: 'ngram'" in result.stderr

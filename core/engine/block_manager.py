@@ -151,12 +151,21 @@ class BlockManager:
         self.named_this_step = []
 
     def free(self, seq: Sequence) -> None:
+        self._release(seq.block_table)
+        seq.block_table, seq.block_hashes = [], []
+
+    def trim(self, seq: Sequence) -> None:
+        """Return the blocks past ``seq``'s tokens: those its rejected proposals took."""
+        keep = self.blocks_for(seq.num_tokens)
+        self._release(seq.block_table[keep:])
+        del seq.block_table[keep:]
+
+    def _release(self, blocks: list[int]) -> None:
         # Tail blocks first: they go to the old end of the free list and are evicted before the prefix.
-        for block in reversed(seq.block_table):
+        for block in reversed(blocks):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_blocks[block] = None
-        seq.block_table, seq.block_hashes = [], []
 
     def _cached_prefix(self, seq: Sequence) -> list[tuple[int, int]]:
         """(block, hash) of the leading full blocks already cached; the last token is always left to compute."""

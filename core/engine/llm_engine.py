@@ -15,6 +15,7 @@ from kvserve.core.engine.model_runner import ModelRunner
 from kvserve.core.engine.request_state import RequestState
 from kvserve.core.engine.scheduler import Scheduler
 from kvserve.core.engine.sequence import Sequence
+from kvserve.core.engine.speculation import propose
 from kvserve.core.loader.model_loader import Checkpoint
 from kvserve.core.log import logger
 from kvserve.core.models.registry import resolve_model_class
@@ -47,6 +48,9 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self.prompt_tokens_total = 0        # prompt tokens computed (prefill), for metrics
         self.generation_tokens_total = 0
+        self.speculation = config.speculation
+        # Speculative decoding: tokens proposed, and accepted, over this many verifications of a proposal
+        self.spec_proposed_tokens = self.spec_accepted_tokens = self.spec_verifications = 0
         # Test-only fault injection: a step whose new tokens include the first id raises, as a broken device
         # would; a request whose prompt holds the second raises something unexpected, as a bug in the engine would.
         self.fault_token, self.fatal_token = (int(os.environ[name]) if os.environ.get(name) else None
@@ -123,6 +127,8 @@ class LLMEngine:
         If the model step fails, the requests in it are aborted (their blocks freed) and
         EngineStepError names them; the engine itself stays usable.
         """
+        if self.speculation is not None:
+            propose(self.scheduler.running, self.speculation)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -138,8 +144,12 @@ class LLMEngine:
             for request_id in failed:
                 self.abort_request(request_id)
             raise EngineStepError(failed, exc) from exc
-        self.prompt_tokens_total += sum(batch.num_new_tokens[batch.num_decodes:])
+        chunks = zip(batch.seqs[batch.num_decodes:], batch.num_new_tokens[batch.num_decodes:])
+        self.prompt_tokens_total += sum(n for s, n in chunks if not s.proposal)
         self.generation_tokens_total += len(result.sampled) + len(result.candidates)
+        self.spec_verifications += len(result.accepted)
+        self.spec_proposed_tokens += sum(len(s.proposal) for s in result.accepted)
+        self.spec_accepted_tokens += sum(result.accepted.values())
         for seq, (first, entries) in result.prompt_logprobs.items():
             known = self.requests[seq.request_id].prompt_logprobs
             known += [None] * (first - len(known))   # the first prompt token: nothing predicts it
@@ -149,6 +159,8 @@ class LLMEngine:
             touched[seq.request_id] = self.requests[seq.request_id]
             seq.beam.report(seq, token_ids, logprobs)
         for seq, token in result.sampled:
+            if seq.is_finished:   # a stop among a speculating sequence's accepted tokens ends it there
+                continue
             request = self.requests[seq.request_id]
             seq.token_ids.append(token)
             if seq in result.logprobs:
@@ -158,7 +170,7 @@ class LLMEngine:
                 request.cumulative_logprobs[seq.seq_id] += entry.logprob
             self._check_stop(seq, request.detokenizers[seq.seq_id])
             touched[seq.request_id] = request
-        self.scheduler.finish_step(batch)
+        self.scheduler.finish_step(batch, result.accepted)
         for request in touched.values():
             if request.beam is not None and request.beam.ready:
                 request.beam.advance(self.scheduler)

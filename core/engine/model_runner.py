@@ -12,6 +12,7 @@ from kvserve.core.engine.kv_cache import allocate_kv_cache, bind_kv_scales, chec
 from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, prompt_logprobs
 from kvserve.core.engine.scheduler import ScheduledBatch
 from kvserve.core.engine.sequence import Sequence
+from kvserve.core.engine.speculation import verify
 from kvserve.core.layers.attention import Attention
 from kvserve.core.layers.linear import use_platform_kernels
 from kvserve.core.layers.logits_processors import apply_penalties, bad_word_bans, pad_ids, token_logprobs
@@ -46,6 +47,7 @@ class StepOutput:
     prompt_logprobs: dict[Sequence, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     # beam -> its most likely next tokens and their logprobs, best first (beams report instead of sampling)
     candidates: dict[Sequence, tuple[list[int], list[float]]] = field(default_factory=dict)
+    accepted: dict[Sequence, int] = field(default_factory=dict)   # speculating sequence -> proposed tokens kept
 
 
 class ModelRunner:
@@ -122,7 +124,7 @@ class ModelRunner:
                             seq_lens=[s.num_computed_tokens + n for s, n in zip(seqs, counts)],
                             block_tables=[s.block_table for s in seqs], num_decodes=batch.num_decodes)
         metadata = self.backend.build_metadata(layout)
-        token_ids = [t for s, n in zip(seqs, counts) for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n]]
+        token_ids = [t for s, n in zip(seqs, counts) for t in s.next_tokens(n)]
         input_ids = self._tensor(token_ids)
         if self.graph_runner is not None and self.graph_runner.can_run(metadata, len(token_ids)):
             hidden = self.graph_runner.run(input_ids, metadata.positions, metadata)
@@ -130,19 +132,28 @@ class ModelRunner:
             hidden = self.model(input_ids, metadata.positions, metadata)
 
         starts = list(accumulate(counts, initial=0))
-        done = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed_tokens + n == s.num_tokens]
+        done = [i for i, (s, n) in enumerate(zip(seqs, counts))
+                if s.num_computed_tokens + n == s.num_tokens + len(s.proposal)]
+        speculating = [i for i in done if seqs[i].proposal]
+        done = [i for i in done if not seqs[i].proposal]
         # A sequence's pending forks sample their first tokens from its logits, each with its own parameters.
         rows = done + [i for i in done for _ in seqs[i].pending_forks]
         samplers = [seqs[i] for i in done] + [child for i in done for child in seqs[i].pending_forks]
         prompt_slices = self.prompt_logprobs.plan(seqs, counts, starts)
-        hidden_rows = [starts[i + 1] - 1 for i in rows] + [r for s in prompt_slices
-                                                           for r in range(s.row, s.row + s.count)]
+        prompt_rows = [r for s in prompt_slices for r in range(s.row, s.row + s.count)]
+        verified_rows = [r for i in speculating
+                         for r in range(starts[i + 1] - 1 - len(seqs[i].proposal), starts[i + 1])]
+        hidden_rows = [starts[i + 1] - 1 for i in rows] + prompt_rows + verified_rows
         if not hidden_rows:
             return StepOutput()
         logits = self.model.compute_logits(hidden[self._tensor(hidden_rows)]).float()
-        out = StepOutput(prompt_logprobs=prompt_logprobs(logits[len(rows):], prompt_slices))
+        out = StepOutput(prompt_logprobs=prompt_logprobs(logits[len(rows):len(rows) + len(prompt_rows)], prompt_slices))
         if rows:
             self._choose(samplers, logits[:len(rows)], out)
+        if verified_rows:
+            sampled, out.accepted = verify([seqs[i] for i in speculating],
+                                           logits[len(hidden_rows) - len(verified_rows):], self.ops.argmax)
+            out.sampled += sampled
         return out
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:

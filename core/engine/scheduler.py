@@ -115,6 +115,14 @@ class Scheduler:
                 self.block_manager.commit(seq, seq.num_computed_tokens + n)
                 scheduled[seq] = n
                 budget -= n
+        # Proposals take only the budget and free blocks left once every running sequence has its own tokens.
+        for seq in self.running:
+            seq.proposal = seq.proposal[:budget] if seq in scheduled else []
+            if seq.proposal and self.block_manager.allocate_slots(seq, scheduled[seq] + len(seq.proposal)):
+                scheduled[seq] += len(seq.proposal)
+                budget -= len(seq.proposal)
+            else:
+                seq.proposal = []
         return budget, preempted
 
     def _start(self, seq: Sequence, n: int, scheduled: dict[Sequence, int]) -> None:
@@ -126,6 +134,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         # A beam that has reported is not needed until its search decides: the sequences it waits for go first.
         waits_for_siblings = not seq.num_uncomputed_tokens
+        seq.proposal = []
         self.num_preemptions += 1
         if self.swap and self.block_manager.swap_out(seq):
             seq.status, queue = SequenceStatus.SWAPPED, self.swapped
@@ -149,11 +158,14 @@ class Scheduler:
                 self.waiting.appendleft(seq)
         self.swapped_this_step = []
 
-    def finish_step(self, batch: ScheduledBatch) -> None:
-        """Record the computed tokens, fork the siblings of sequences that sampled their first token, and free
-        finished sequences at once."""
+    def finish_step(self, batch: ScheduledBatch, accepted: dict[Sequence, int]) -> None:
+        """Record the computed tokens (of a speculating sequence's proposal, the ``accepted`` ones), fork the
+        siblings of sequences that sampled their first token, and free finished sequences at once."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - len(seq.proposal) + accepted.get(seq, 0)
+            if seq.proposal:
+                seq.proposal = []
+                self.block_manager.trim(seq)
             if seq.pending_forks and seq.num_computed_tokens == seq.num_prompt_tokens:
                 for child in seq.pending_forks:
                     if not child.is_finished:

@@ -41,6 +41,7 @@ class Sequence:
         # prompt logits, then forks its blocks, so the prompt is computed once for all of them.
         self.pending_forks: list[Sequence] = []
         self.beam: BeamSearch | None = None   # the beam search this sequence is a beam of
+        self.proposal: list[int] = []         # speculated next tokens this step verifies, not yet its own
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 
@@ -57,6 +58,7 @@ class Sequence:
         twin.seq_id = next(Sequence._ids)
         twin.token_ids = list(self.token_ids)
         twin.block_table, twin.block_hashes, twin.host_blocks, twin.pending_forks = [], [], [], []
+        twin.proposal = []
         return twin
 
     @property
@@ -83,6 +85,10 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    def next_tokens(self, n: int) -> list[int]:
+        """The ``n`` tokens a step computes for it: its uncomputed ones, then its proposal."""
+        return (self.token_ids[self.num_computed_tokens:] + self.proposal)[:n]
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = SequenceStatus.FINISHED

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from kvserve.core.bench import latency as latency_bench
@@ -41,6 +42,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="; ".join(f"{name}: {what}" for name, what in QUANTIZATION_METHODS.items()))
     parser.add_argument("--quantization-group-size", type=int, default=None,
                         help="with -q int4: inputs per group (16, 32, 64, 128 or 256; default 32)")
+    parser.add_argument("--speculative-config", type=json_object, default=None,
+                        help='speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 3}')
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                         help="dummy: random weights of the model's shapes, no checkpoint tensors read (benchmarks)")
 
@@ -58,7 +61,17 @@ ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_nu
                   "kv_cache_memory", "num_gpu_blocks_override", "enable_chunked_prefill", "enable_prefix_caching",
                   "preemption_mode", "swap_space", "device", "enforce_eager", "seed", "quantization",
                   "quantization_group_size", "load_format", "kv_cache_dtype",
-                  "calculate_kv_scales")
+                  "calculate_kv_scales", "speculative_config")
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def engine_options(args) -> dict:

@@ -49,6 +49,9 @@ class EngineCollector:
             "num_swap_outs": ("Preempted sequences whose blocks went to host memory", scheduler.num_swap_outs),
             "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache", blocks.prefix_queries),
             "prefix_cache_hits": ("Prompt tokens found in the prefix cache", blocks.prefix_hits),
+            "spec_decode_num_drafts": ("Speculative proposals verified", engine.spec_verifications),
+            "spec_decode_num_draft_tokens": ("Tokens proposed by speculation", engine.spec_proposed_tokens),
+            "spec_decode_num_accepted_tokens": ("Proposed tokens accepted", engine.spec_accepted_tokens),
         }
         for name, (doc, value) in counters.items():
             family = CounterMetricFamily(PREFIX + name, doc)

@@ -1,0 +1,162 @@
+"""Speculative decoding with n-gram prompt lookup: the proposer and the greedy rule on their own, then the engine,
+whose greedy outputs must equal those it gives without speculation, through continuous batching (beside sampled
+and penalized requests, which do not speculate), chunked prefill, the prefix cache and stops."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ARCHITECTURES
+from kvserve import LLM, SamplingParams
+from kvserve.core.engine.sequence import Sequence
+from kvserve.core.engine.speculation import SpeculativeConfig, accepted_tokens, ngram_proposal, propose
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def test_ngram_proposes_what_followed_the_latest_longest_match():
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert ngram_proposal(tokens, 2, 1, 3) == [7, 8]   # "5 2 3" occurs nowhere earlier; "2 3" last before "7 8"
+    assert ngram_proposal(tokens, 9, 1, 3) == [7, 8, 5, 2, 3]   # up to the end
+    assert ngram_proposal(tokens, 2, 3, 3) == []   # "5 2 3" occurs nowhere earlier
+    assert ngram_proposal([4, 4, 4], 3, 1, 2) == [4]   # the match may overlap the suffix
+    assert ngram_proposal([6], 3, 1, 2) == []
+
+
+def test_the_greedy_rule_keeps_proposals_up_to_the_first_mismatch():
+    assert accepted_tokens([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]   # all, and the bonus token
+    assert accepted_tokens([5, 6, 7], [5, 9, 7, 8]) == [5, 9]   # the target's token where they differ
+    assert accepted_tokens([5], [4, 1]) == [4]
+
+
+def generate(path: str, speculative_config: dict | None, prompts, params, **options):
+    llm = LLM(path, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=8, speculative_config=speculative_config,
+              **options)
+    outputs = [[o.token_ids for o in out.outputs] for out in llm.generate(prompts, params, use_tqdm=False)]
+    return outputs, llm.llm_engine
+
+
+def repetitive_prompts(offset: int) -> list[list[int]]:
+    return [[offset + 5, 17, 42, 99, 3] * 6, [offset + 7, 8, 9] * 9 + [11], list(range(offset + 20, offset + 44)) * 2]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("chunk", [None, 12], ids=["whole-prompts", "chunks-of-12"])
+def test_greedy_outputs_are_those_without_speculation(tiny_model, arch, chunk):
+    path = tiny_model(arch)
+    prompts = repetitive_prompts(0) + repetitive_prompts(1)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    # Beside them: a seeded sampled request and a penalized greedy one, which take no proposals.
+    params = [greedy] * 4 + [SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True),
+                             SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=30, ignore_eos=True)]
+    plain, _ = generate(path, None, prompts, params, max_num_batched_tokens=chunk)
+    for _ in range(2):   # the second time from the prefix cache
+        speculated, engine = generate(path, NGRAM, prompts, params, max_num_batched_tokens=chunk)
+        assert speculated == plain
+    # Random weights seldom repeat their context, so most proposals are rejected (the kept ones are checked below).
+    assert engine.spec_proposed_tokens > engine.spec_accepted_tokens
+    manager = engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks   # every block back, the rejected proposals' too
+
+
+def test_preempted_speculating_outputs_are_those_without_speculation(tiny_model):
+    path, prompts = tiny_model("llama-tied-gqa"), repetitive_prompts(0)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain, _ = generate(path, None, prompts, params)
+    speculated, engine = generate(path, NGRAM, prompts, params, num_gpu_blocks_override=8, max_model_len=128)
+    assert speculated == plain
+    assert engine.scheduler.num_preemptions > 0 and engine.spec_verifications > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def run_with_proposals(path: str, prompt: list[int], params: SamplingParams, proposals: list[list[int]]):
+    """Steps one request, giving it each of ``proposals`` in turn once it decodes (as a drafter would), then
+    none; returns its tokens after each step and the engine. (16-token blocks: a long rejected proposal takes
+    a block that must come back.)"""
+    engine = LLM(path, dtype="float32", kv_cache_memory="16MiB").llm_engine
+    engine.add_request("r", prompt, params)
+    engine.step()
+    seq, outputs = engine.scheduler.running[0], []
+    while engine.has_unfinished_requests():
+        seq.proposal = list(proposals.pop(0)) if proposals else []
+        engine.step()
+        outputs.append(seq.token_ids[len(prompt):])
+        assert len(seq.block_table) <= engine.block_manager.blocks_for(seq.num_tokens)   # rejected ones' returned
+    return outputs, engine
+
+
+def test_right_proposals_are_kept_and_the_first_wrong_one_ends_them(tiny_model):
+    path = tiny_model("llama-tied-gqa")
+    prompt, params = list(range(30, 50)), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = generate(path, None, [prompt], params)[0][0][0]
+    wrong = (want[8] + 1) % 384
+    outputs, engine = run_with_proposals(path, prompt, params, [want[1:5], want[6:8] + [wrong] + want[9:16]])
+    assert outputs[0] == want[:6]   # four proposals kept, then the target's own next token
+    assert outputs[1] == want[:9]   # two kept, then the target's token where the third was wrong
+    assert outputs[-1] == want and len(outputs) == 2 + 24 - 9
+    assert (engine.spec_verifications, engine.spec_proposed_tokens, engine.spec_accepted_tokens) == (2, 14, 6)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("limit", ["stop", "max_tokens"])
+def test_stops_and_token_limits_cut_kept_proposals(tiny_model, limit):
+    path = tiny_model("llama-tied-gqa")
+    prompt = list(range(30, 50))
+    free = generate(path, None, [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0][0][0]
+    cut = dict(stop=dict(max_tokens=24, stop_token_ids=[free[4]]), max_tokens=dict(max_tokens=4))[limit]
+    params = SamplingParams(temperature=0, ignore_eos=True, **cut)
+    outputs, engine = run_with_proposals(path, prompt, params, [free[1:9]])
+    assert outputs == [free[:5] if limit == "stop" else free[:4]]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_proposals_stay_within_the_token_limit_and_skip_what_cannot_speculate():
+    config = SpeculativeConfig.from_dict(NGRAM)
+
+    def proposal(prompt: list[int], **options) -> list[int]:
+        seq = Sequence("r", prompt, SamplingParams(**{"temperature": 0, **options}), 100, [])
+        seq.num_computed_tokens = len(prompt) - 1
+        propose([seq], config)
+        return seq.proposal
+
+    prompt = [1, 2, 3, 4, 5, 6, 1, 2]
+    assert proposal(prompt) == [3, 4, 5, 6]
+    assert proposal(prompt, max_tokens=3) == [3, 4]   # the target's own token makes the third
+    for options in (dict(temperature=0.7), dict(logprobs=1), dict(repetition_penalty=1.2),
+                    dict(logit_bias={3: -5.0}), dict(min_tokens=2)):
+        assert proposal(prompt, **options) == [], options
+
+
+def test_smollm2_greedy_outputs_are_those_without_speculation(smollm2_path):
+    text = ("The quick brown fox jumps over the lazy dog. A paged KV cache stores keys and values in blocks, "
+            "and continuous batching lets new requests join while others decode.")
+    prompt = f"Repeat the following text exactly.\n\n{text}\n\nRepeated text:\n"
+    params = SamplingParams(temperature=0, max_tokens=48)
+    plain, _ = generate(smollm2_path, None, [prompt], params, max_model_len=256)
+    speculated, engine = generate(smollm2_path, NGRAM, [prompt], params, max_model_len=256)
+    assert speculated == plain
+    # Copying the text, most proposals hold: far fewer verifications than tokens.
+    assert engine.spec_accepted_tokens > len(plain[0][0]) / 2
+
+
+def test_the_server_speculates_and_counts_it(tiny_model):
+    from server_utils import metrics, openai_client, start_server, stop_server, tiny_args
+
+    prompt = [5, 17, 42, 99, 3] * 6
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    expected, _ = generate(tiny_model("llama-tied-gqa"), None, [prompt], params)
+    _, engine = generate(tiny_model("llama-tied-gqa"), NGRAM, [prompt], params)
+    server = start_server(tiny_args(tiny_model, "--speculative-config", json.dumps(NGRAM)))
+    try:
+        client = openai_client(server)
+        stream = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=30,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        text = "".join(chunk.choices[0].text for chunk in stream)
+        counts = metrics(server)
+    finally:
+        stop_server(server)
+    assert text == engine.tokenizer.decode(expected[0][0])
+    assert engine.spec_verifications > 0
+    assert [counts[f"kvserve:spec_decode_num_{name}_total"] for name in ("drafts", "draft_tokens", "accepted_tokens")] \
+        == [engine.spec_verifications, engine.spec_proposed_tokens, engine.spec_accepted_tokens]
