@@ -46,6 +46,7 @@ class SamplingParams:
     bad_words: list[str] | None = None          # words never generated (with and without a leading space)
     logprobs: int | None = None                 # top-k logprobs per generated token, k in [0, 20]
     prompt_logprobs: int | None = None          # top-k logprobs per prompt token, k in [0, 20]
+    speculate: bool = True                      # False: no speculative proposals, where the engine makes them
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -81,6 +82,8 @@ class SamplingParams:
             raise ValueError(f"bad_words must be a list of non-blank strings, got {self.bad_words!r}")
         check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS, allow_none=True)
         check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, allow_none=True)
+        if not isinstance(self.speculate, bool):
+            raise ValueError(f"speculate must be true or false, got {self.speculate!r}")
 
     @property
     def num_samples(self) -> int:

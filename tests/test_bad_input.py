@@ -41,6 +41,7 @@ def llm(tiny_model):
     (dict(logprobs=21), "logprobs must be in [0, 20], got 21"),
     (dict(logprobs=-1), "logprobs must be in [0, 20], got -1"),
     (dict(logprobs=True), "logprobs must be an integer in [0, 20]"),
+    (dict(speculate="no"), "speculate must be true or false, got 'no'"),
     (dict(prompt_logprobs=21), "prompt_logprobs must be in [0, 20]"),
 ])
 def test_invalid_sampling_params(kwargs, words):

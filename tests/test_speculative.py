@@ -1,6 +1,7 @@
-"""Speculative decoding with n-gram prompt lookup: the proposer and the greedy rule on their own, then the engine,
-whose greedy outputs must equal those it gives without speculation, through continuous batching (beside sampled
-and penalized requests, which do not speculate), chunked prefill, the prefix cache and stops."""
+"""Speculative decoding with n-gram prompt lookup: the proposer on its own, then the engine, whose greedy outputs
+must equal those it gives without speculation, through continuous batching (beside requests that do not
+speculate), chunked prefill, the prefix cache, preemption, stops and the server. test_speculative_sampling.py
+checks the verification rule."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pytest
 from conftest import ARCHITECTURES
 from kvserve import LLM, SamplingParams
 from kvserve.core.engine.sequence import Sequence
-from kvserve.core.engine.speculation import SpeculativeConfig, accepted_tokens, ngram_proposal, propose
+from kvserve.core.engine.speculation import SpeculativeConfig, ngram_proposal, propose
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
@@ -22,12 +23,6 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
     assert ngram_proposal(tokens, 2, 3, 3) == []   # "5 2 3" occurs nowhere earlier
     assert ngram_proposal([4, 4, 4], 3, 1, 2) == [4]   # the match may overlap the suffix
     assert ngram_proposal([6], 3, 1, 2) == []
-
-
-def test_the_greedy_rule_keeps_proposals_up_to_the_first_mismatch():
-    assert accepted_tokens([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]   # all, and the bonus token
-    assert accepted_tokens([5, 6, 7], [5, 9, 7, 8]) == [5, 9]   # the target's token where they differ
-    assert accepted_tokens([5], [4, 1]) == [4]
 
 
 def generate(path: str, speculative_config: dict | None, prompts, params, **options):
@@ -47,8 +42,8 @@ def test_greedy_outputs_are_those_without_speculation(tiny_model, arch, chunk):
     path = tiny_model(arch)
     prompts = repetitive_prompts(0) + repetitive_prompts(1)
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    # Beside them: a seeded sampled request and a penalized greedy one, which take no proposals.
-    params = [greedy] * 4 + [SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True),
+    # Beside them, taking no proposals: a seeded sampled request that opts out, and a penalized greedy one.
+    params = [greedy] * 4 + [SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True, speculate=False),
                              SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=30, ignore_eos=True)]
     plain, _ = generate(path, None, prompts, params, max_num_batched_tokens=chunk)
     for _ in range(2):   # the second time from the prefix cache
@@ -123,7 +118,8 @@ def test_proposals_stay_within_the_token_limit_and_skip_what_cannot_speculate():
     prompt = [1, 2, 3, 4, 5, 6, 1, 2]
     assert proposal(prompt) == [3, 4, 5, 6]
     assert proposal(prompt, max_tokens=3) == [3, 4]   # the target's own token makes the third
-    for options in (dict(temperature=0.7), dict(logprobs=1), dict(repetition_penalty=1.2),
+    assert proposal(prompt, temperature=0.7) == [3, 4, 5, 6]
+    for options in (dict(speculate=False), dict(logprobs=1), dict(repetition_penalty=1.2),
                     dict(logit_bias={3: -5.0}), dict(min_tokens=2)):
         assert proposal(prompt, **options) == [], options
 
@@ -154,9 +150,13 @@ def test_the_server_speculates_and_counts_it(tiny_model):
                                            temperature=0, stream=True, extra_body={"ignore_eos": True})
         text = "".join(chunk.choices[0].text for chunk in stream)
         counts = metrics(server)
+        opted_out = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=30,
+                                              temperature=0, extra_body={"ignore_eos": True, "speculate": False})
+        counts_after = metrics(server)
     finally:
         stop_server(server)
-    assert text == engine.tokenizer.decode(expected[0][0])
+    assert text == opted_out.choices[0].text == engine.tokenizer.decode(expected[0][0])
     assert engine.spec_verifications > 0
     assert [counts[f"kvserve:spec_decode_num_{name}_total"] for name in ("drafts", "draft_tokens", "accepted_tokens")] \
         == [engine.spec_verifications, engine.spec_proposed_tokens, engine.spec_accepted_tokens]
+    assert all(counts_after[name] == counts[name] for name in counts if "spec_decode" in name)   # the opted-out one

@@ -151,8 +151,10 @@ class ModelRunner:
         if rows:
             self._choose(samplers, logits[:len(rows)], out)
         if verified_rows:
-            sampled, out.accepted = verify([seqs[i] for i in speculating],
-                                           logits[len(hidden_rows) - len(verified_rows):], self.ops.argmax)
+            verifiers = [seqs[i] for i in speculating]
+            row_seqs = [seq for seq in verifiers for _ in range(len(seq.proposal) + 1)]
+            sampled, out.accepted = verify(verifiers, logits[len(hidden_rows) - len(verified_rows):],
+                                           self._sampling_batch(row_seqs), self.ops.argmax)
             out.sampled += sampled
         return out
 

@@ -4,7 +4,8 @@ them, so that a memory-bound decode step can yield several tokens without changi
 ``ngram`` (prompt lookup) proposes the tokens that followed the latest earlier occurrence of the sequence's last
 n tokens, n from ``prompt_lookup_max`` down to ``prompt_lookup_min``. A greedy sequence keeps the proposed tokens
 that equal the target's argmax at their positions, then takes the target's own token at the first that does not
-(or after the last): exactly the tokens it would have produced one step at a time.
+(or after the last): exactly the tokens it would have produced one step at a time. A sampled one keeps them by
+the rejection-sampling rule (``verify``), so its tokens are distributed as the target's samples are.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from kvserve.core.layers.sampler import SamplingBatch, exponential_noise, probabilities
 
 if TYPE_CHECKING:   # the engine's config reads SpeculativeConfig before sequences exist
     from kvserve.core.engine.sequence import Sequence
@@ -67,33 +70,41 @@ def ngram_proposal(token_ids: list[int], num_tokens: int, min_n: int, max_n: int
     return []
 
 
-def accepted_tokens(proposal: list[int], target: list[int]) -> list[int]:
-    """The greedy rule: the proposed tokens that equal the target's choices (``target``, one more than
-    ``proposal``), then the target's token where they first differ, or its token after the last."""
-    accepted = 0
-    while accepted < len(proposal) and proposal[accepted] == target[accepted]:
-        accepted += 1
-    return target[:accepted + 1]
-
-
-def verify(seqs: list[Sequence], logits: torch.Tensor, argmax) -> tuple[list[tuple[Sequence, int]], dict]:
+def verify(seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch,
+           argmax) -> tuple[list[tuple[Sequence, int]], dict]:
     """((sequence, token) for each token the speculating ``seqs`` gain, {sequence: proposed tokens accepted}),
-    from the target's logits at each one's last token and its proposal, in order."""
-    targets = argmax(logits).tolist()
-    sampled, accepted, start = [], {}, 0
+    from the target's logits at each one's last token and its proposal, in order (``batch``: their sampling
+    parameters, row by row).
+
+    A proposal is certain of its tokens, so the rejection-sampling rule keeps a sampled sequence's proposed token
+    with the target's probability of it, and at the first one it rejects samples from the target's distribution
+    without that token, renormalized: each token is distributed exactly as the target would sample it."""
+    proposed = torch.tensor([t for seq in seqs for t in seq.proposal + [-1]], device=logits.device)   # -1: bonus
+    greedy = argmax(logits)
+    kept, chosen = proposed == greedy, greedy
+    if not batch.all_greedy:
+        sampled = batch.temperatures > 0
+        probs = probabilities(logits, batch)
+        proposed_probs = probs.gather(1, proposed.clamp(min=0)[:, None]).squeeze(1)
+        uniform = exponential_noise(proposed_probs, batch.generators).neg().exp()   # in (0, 1]
+        residual = probs * (torch.arange(probs.shape[1], device=probs.device) != proposed[:, None])
+        kept = torch.where(sampled, uniform <= proposed_probs, kept)
+        chosen = torch.where(sampled, argmax(residual / exponential_noise(residual, batch.generators)), chosen)
+    kept, chosen = torch.stack([kept.long(), chosen]).tolist()
+    tokens, accepted, start = [], {}, 0
     for seq in seqs:
-        end = start + len(seq.proposal) + 1
-        tokens = accepted_tokens(seq.proposal, targets[start:end])
-        sampled += [(seq, token) for token in tokens]
-        accepted[seq], start = len(tokens) - 1, end
-    return sampled, accepted
+        k = len(seq.proposal)
+        n = next((i for i in range(k) if not kept[start + i]), k)
+        tokens += [(seq, token) for token in seq.proposal[:n] + [chosen[start + n]]]
+        accepted[seq], start = n, start + k + 1
+    return tokens, accepted
 
 
 def speculates(seq: Sequence) -> bool:
-    """Whether ``seq`` may take proposals this step: a greedy sampled sequence about to decode whose logits go
-    to the argmax as they are (no logprobs, penalties, biases, bans, or stop tokens still masked)."""
+    """Whether ``seq`` may take proposals this step: a sampled sequence about to decode, not opted out, whose
+    logits go to sampling as they are (no logprobs, penalties, biases, bans, or stop tokens still masked)."""
     params = seq.params
-    return (seq.num_uncomputed_tokens == 1 and seq.beam is None and params.greedy and params.logprobs is None
+    return (seq.num_uncomputed_tokens == 1 and seq.beam is None and params.speculate and params.logprobs is None
             and not params.uses_penalties and not params.logit_bias and not params.bad_words
             and seq.num_output_tokens >= params.min_tokens)
 

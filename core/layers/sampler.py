@@ -33,20 +33,29 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
     greedy_tokens = argmax(logits)
     if batch.all_greedy:
         return greedy_tokens
-    greedy_rows = batch.temperatures == 0
-    logits = logits / torch.where(greedy_rows, 1.0, batch.temperatures)[:, None]
+    sampled = argmax(probabilities(logits, batch) / exponential_noise(logits, batch.generators))
+    return torch.where(batch.temperatures == 0, greedy_tokens, sampled)
+
+
+def probabilities(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """What each row samples from: the softmax of its logits over its temperature, after top-k, top-p and
+    min-p (greedy rows at temperature 1: their callers take the argmax instead)."""
+    logits = logits / torch.where(batch.temperatures == 0, 1.0, batch.temperatures)[:, None]
     if batch.use_top_k or batch.use_top_p:
         logits = _top_k_top_p(logits, batch)
     if batch.use_min_p:
         probs = logits.softmax(dim=-1)
         threshold = probs.amax(dim=-1, keepdim=True) * batch.min_p[:, None]
         logits = logits.masked_fill(probs < threshold, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_()
-    for row, generator in batch.generators.items():
+    return logits.softmax(dim=-1)
+
+
+def exponential_noise(like: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """Exp(1) draws shaped like ``like``; a row with a generator draws from it."""
+    noise = torch.empty_like(like).exponential_()
+    for row, generator in generators.items():
         noise[row].exponential_(generator=generator)
-    sampled = argmax(probs / noise)
-    return torch.where(greedy_rows, greedy_tokens, sampled)
+    return noise
 
 
 def _top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -37,6 +37,7 @@ class SamplingFields(Strict):
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    speculate: bool = True              # kvserve's: false keeps this request out of speculative decoding
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -70,7 +71,7 @@ class SamplingFields(Strict):
         return SamplingParams(
             n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
-            ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
+            ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens, speculate=self.speculate,
             logit_bias=self.token_id_biases(), bad_words=self.bad_words, **self.endpoint_params(),
             **{k: v for k, v in optional.items() if v is not None})
 
