@@ -39,3 +39,25 @@ def test_bad_options_are_clear_errors(option, value):
     # Checked before the model loads.
     result = bench_latency(option, value)
     assert result.returncode == 2 and option in result.stderr and value in result.stderr, result.stderr
+
+
+def test_a_prompt_file_with_speculation_reports_acceptance(tiny_model, tmp_path):
+    prompt, path = tmp_path / "prompt.txt", tmp_path / "latency.json"
+    prompt.write_text("Repeat this: a paged KV cache stores keys and values in blocks. " * 4)
+    result = bench_latency("--model", tiny_model("llama-tied-gqa"), "--dtype", "float32", "--kv-cache-memory", "16MiB",
+                           "--prompt-file", str(prompt), "--output-len", "24", "--num-iters", "2",
+                           "--num-iters-warmup", "1", "--speculative-config",
+                           '{"method": "ngram", "num_speculative_tokens": 3}', "--output-json", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(path.read_text())
+    assert report["prompt_file"] == str(prompt) and report["input_len"] > 40
+    spec = report["speculation"]
+    assert spec["verifications"] > 0 and spec["proposed_tokens"] >= spec["accepted_tokens"] >= 0
+    assert spec["acceptance_rate"] == round(spec["accepted_tokens"] / spec["proposed_tokens"], 4)
+    assert spec["mean_acceptance_length"] == round(1 + spec["accepted_tokens"] / spec["verifications"], 3)
+
+
+def test_an_unreadable_prompt_file_is_a_clear_error(tmp_path):
+    missing = str(tmp_path / "missing.txt")
+    result = bench_latency("--prompt-file", missing)
+    assert result.returncode == 2 and "--prompt-file" in result.stderr and missing in result.stderr, result.stderr
