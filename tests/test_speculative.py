@@ -5,6 +5,7 @@ checks the verification rule."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,8 +27,8 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
 
 
 def generate(path: str, speculative_config: dict | None, prompts, params, **options):
-    llm = LLM(path, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=8, speculative_config=speculative_config,
-              **options)
+    llm = LLM(path, speculative_config=speculative_config,
+              **{"dtype": "float32", "kv_cache_memory": "16MiB", "max_num_seqs": 8, **options})
     outputs = [[o.token_ids for o in out.outputs] for out in llm.generate(prompts, params, use_tqdm=False)]
     return outputs, llm.llm_engine
 
@@ -125,15 +126,18 @@ def test_proposals_stay_within_the_token_limit_and_skip_what_cannot_speculate():
 
 
 def test_smollm2_greedy_outputs_are_those_without_speculation(smollm2_path):
-    text = ("The quick brown fox jumps over the lazy dog. A paged KV cache stores keys and values in blocks, "
-            "and continuous batching lets new requests join while others decode.")
-    prompt = f"Repeat the following text exactly.\n\n{text}\n\nRepeated text:\n"
-    params = SamplingParams(temperature=0, max_tokens=48)
-    plain, _ = generate(smollm2_path, None, [prompt], params, max_model_len=256)
-    speculated, engine = generate(smollm2_path, NGRAM, [prompt], params, max_model_len=256)
+    text = (Path(__file__).parent / "data" / "english.txt").read_text().strip()
+    prompt = f"Request 1-0.\nCopy the text below exactly, changing nothing.\n\n{text}\n\nCopy:\n"
+    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+    # In the platform's default dtype (bfloat16 where the CPU has it): verification runs the decode kernels, so
+    # it rounds exactly as decoding one token a step does (in bfloat16 this prompt meets a near-tie where the
+    # prefill kernels' rounding picks another token).
+    options = dict(dtype="auto", kv_cache_memory="64MiB", max_model_len=1024)
+    plain, _ = generate(smollm2_path, None, [prompt], params, **options)
+    speculated, engine = generate(smollm2_path, NGRAM, [prompt], params, **options)
     assert speculated == plain
-    # Copying the text, most proposals hold: far fewer verifications than tokens.
-    assert engine.spec_accepted_tokens > len(plain[0][0]) / 2
+    # Much of the output repeats the text (or itself): many proposals hold.
+    assert engine.spec_accepted_tokens > len(plain[0][0]) / 4
 
 
 def test_the_server_speculates_and_counts_it(tiny_model):

@@ -52,10 +52,11 @@ class TritonOnCpu:
 
 
 def greedy_tokens(path: str, device: str, manager: PluginManager, kv_cache_dtype: str = "auto",
-                  quantization: str | None = None) -> list[list[int]]:
+                  quantization: str | None = None, speculative_config: dict | None = None) -> list[list[int]]:
     config = build_engine_config(path, dtype="float32", device=device, kv_cache_memory="16MiB",
                                  max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True,
-                                 kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+                                 kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+                                 speculative_config=speculative_config)
     engine = LLMEngine(config, plugins=manager)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     tokens = []
@@ -67,6 +68,7 @@ def greedy_tokens(path: str, device: str, manager: PluginManager, kv_cache_dtype
             finished.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
         tokens += [finished[str(i)] for i in range(len(prompts))]
     assert engine.block_manager.prefix_hits > 0
+    assert speculative_config is None or engine.spec_verifications > 0
     return tokens
 
 
@@ -96,3 +98,13 @@ def test_online_8_bit_weights_give_the_cpu_platforms_greedy_tokens(tiny_model, q
     path = tiny_model("llama-tied-gqa")
     assert (greedy_tokens(path, "triton-cpu", manager, quantization=quantization)
             == greedy_tokens(path, "cpu", manager, quantization=quantization))
+
+
+def test_verifying_speculated_tokens_gives_the_cpu_platforms_greedy_tokens(tiny_model):
+    # The proposals go through the Triton decode kernel as one query per position, sharing a block table.
+    manager = PluginManager()
+    manager.register(TritonOnCpu(), "triton-cpu")
+    path = tiny_model("llama-tied-gqa")
+    assert (greedy_tokens(path, "triton-cpu", manager, speculative_config={"method": "ngram",
+                                                                          "num_speculative_tokens": 3})
+            == greedy_tokens(path, "cpu", manager))

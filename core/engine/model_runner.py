@@ -50,6 +50,20 @@ class StepOutput:
     accepted: dict[Sequence, int] = field(default_factory=dict)   # speculating sequence -> proposed tokens kept
 
 
+def step_layout(batch: ScheduledBatch) -> StepLayout:
+    """The backend's view of ``batch``. A speculating sequence's tokens go in as decodes, one per position (each
+    seeing the positions before it), so that verifying them runs the decode kernels and computes exactly what
+    decoding one token a step would have."""
+    query_lens, seq_lens, block_tables = [], [], []
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        as_decodes = n if seq.proposal else 1
+        query_lens += [n // as_decodes] * as_decodes
+        seq_lens += range(seq.num_computed_tokens + n - as_decodes + 1, seq.num_computed_tokens + n + 1)
+        block_tables += [seq.block_table] * as_decodes
+    num_decodes = batch.num_decodes + sum(n for seq, n in zip(batch.seqs, batch.num_new_tokens) if seq.proposal)
+    return StepLayout(query_lens, seq_lens, block_tables, num_decodes)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, platform: Platform, checkpoint: Checkpoint, model_cls: type):
         self.config = config
@@ -120,10 +134,7 @@ class ModelRunner:
                                            (self.host_kv_cache, self.kv_cache, batch.swap_ins)):
             if pairs:
                 self.backend.copy_blocks(source, destination, pairs)
-        layout = StepLayout(query_lens=counts,
-                            seq_lens=[s.num_computed_tokens + n for s, n in zip(seqs, counts)],
-                            block_tables=[s.block_table for s in seqs], num_decodes=batch.num_decodes)
-        metadata = self.backend.build_metadata(layout)
+        metadata = self.backend.build_metadata(step_layout(batch))
         token_ids = [t for s, n in zip(seqs, counts) for t in s.next_tokens(n)]
         input_ids = self._tensor(token_ids)
         if self.graph_runner is not None and self.graph_runner.can_run(metadata, len(token_ids)):

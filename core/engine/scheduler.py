@@ -18,8 +18,9 @@ from kvserve.core.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    """Sequences to run this step, decodes (one new token) first, and how many new tokens each computes,
-    with the block copies to make before it runs: swap-outs first, since their blocks may be reused."""
+    """Sequences to run this step (decodes of one new token first, then those verifying proposals, then prefill
+    chunks), how many new tokens each computes, and the block copies to make before it runs: swap-outs first,
+    since their blocks may be reused."""
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
@@ -90,7 +91,8 @@ class Scheduler:
             self._preempt(paused[-1])
             return self._schedule()
         decodes = [s for s, n in scheduled.items() if n == 1]
-        order = decodes + [s for s, n in scheduled.items() if n > 1]
+        chunks = [s for s, n in scheduled.items() if n > 1 and not s.proposal]
+        order = decodes + [s for s in scheduled if s.proposal] + chunks
         return ScheduledBatch(order, [scheduled[s] for s in order], len(decodes), manager.swap_outs_this_step,
                               manager.copies_this_step, manager.swap_ins_this_step)
 
