@@ -41,6 +41,10 @@ EXTRA_ARCHITECTURES = {
     "llama-head64": (LlamaConfig, dict(num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)),
     # Benchmarks draw token ids up to 30000.
     "qwen2-big-vocab": (Qwen2Config, dict(num_key_value_heads=2, vocab_size=30000)),
+    # A draft model for speculative decoding: the others' vocabulary, smaller, of other head sizes, shorter.
+    "llama-draft": (LlamaConfig, dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                                      max_position_embeddings=256)),
 }
 
 

@@ -100,11 +100,13 @@ def test_online_8_bit_weights_give_the_cpu_platforms_greedy_tokens(tiny_model, q
             == greedy_tokens(path, "cpu", manager, quantization=quantization))
 
 
-def test_verifying_speculated_tokens_gives_the_cpu_platforms_greedy_tokens(tiny_model):
-    # The proposals go through the Triton decode kernel as one query per position, sharing a block table.
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_verifying_speculated_tokens_gives_the_cpu_platforms_greedy_tokens(tiny_model, method):
+    # The proposals go through the Triton decode kernel as one query per position, sharing a block table; a
+    # draft model (the target itself here) runs on the Triton backend too.
     manager = PluginManager()
     manager.register(TritonOnCpu(), "triton-cpu")
     path = tiny_model("llama-tied-gqa")
-    assert (greedy_tokens(path, "triton-cpu", manager, speculative_config={"method": "ngram",
-                                                                          "num_speculative_tokens": 3})
+    config = {"method": method, "num_speculative_tokens": 3, **({"model": path} if method == "draft_model" else {})}
+    assert (greedy_tokens(path, "triton-cpu", manager, speculative_config=config)
             == greedy_tokens(path, "cpu", manager))

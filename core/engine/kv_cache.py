@@ -42,14 +42,25 @@ class KvCache:
         return self.num_blocks * self.block_bytes
 
 
+def cache_shape(spec: AttentionSpec, backend: AttentionBackend, num_layers: int, num_blocks: int) -> tuple[int, ...]:
+    return (num_layers, *backend.kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size))
+
+
+def cache_block_bytes(spec: AttentionSpec, backend: AttentionBackend, num_layers: int) -> int:
+    """Bytes one block takes in every layer's cache."""
+    return torch.Size(cache_shape(spec, backend, num_layers, 1)).numel() * spec.cache_dtype.itemsize
+
+
 def allocate_kv_cache(config: EngineConfig, spec: AttentionSpec, backend: AttentionBackend, num_layers: int,
-                      platform: Platform) -> KvCache:
+                      platform: Platform, draft_block_bytes: int = 0) -> KvCache:
+    """The cache and its host copy for swapping; ``draft_block_bytes``: what a block takes in a draft model's
+    cache, which shares the block ids, so that the memory budget holds both."""
     cache, dtype = config.cache, spec.cache_dtype
 
     def shape_of(blocks: int) -> tuple[int, ...]:
-        return (num_layers, *backend.kv_cache_shape(blocks, spec.block_size, spec.num_kv_heads, spec.head_size))
+        return cache_shape(spec, backend, num_layers, blocks)
 
-    block_bytes = torch.Size(shape_of(1)).numel() * dtype.itemsize
+    block_bytes = cache_block_bytes(spec, backend, num_layers)
     if cache.num_gpu_blocks_override is not None:
         num_blocks = cache.num_gpu_blocks_override
     else:
@@ -57,7 +68,7 @@ def allocate_kv_cache(config: EngineConfig, spec: AttentionSpec, backend: Attent
         if cache.kv_cache_memory > free:
             raise ValueError(f"kv_cache_memory={cache.kv_cache_memory} bytes exceeds the {free} bytes free "
                              f"on {platform.name}; lower kv_cache_memory")
-        num_blocks = cache.kv_cache_memory // block_bytes
+        num_blocks = cache.kv_cache_memory // (block_bytes + draft_block_bytes)
     max_len = config.model.max_model_len
     if num_blocks * spec.block_size < max_len:
         raise ValueError(f"the KV cache holds {num_blocks * spec.block_size} tokens ({num_blocks} blocks), "

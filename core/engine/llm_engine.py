@@ -41,7 +41,11 @@ class LLMEngine:
         self.platform.seed(config.model.seed)
         self.tokenizer = checkpoint.tokenizer(config.model.tokenizer)
         self.eos_token_ids = checkpoint.eos_token_ids or [self.tokenizer.eos_token_id]
-        self.runner = ModelRunner(config, self.platform, checkpoint, model_cls)
+        draft = None
+        if config.speculation is not None and config.speculation.model is not None:
+            draft_checkpoint = Checkpoint.open(config.speculation.model)
+            draft = draft_checkpoint, resolve_model_class(draft_checkpoint.hf_config, self.plugins.models())
+        self.runner = ModelRunner(config, self.platform, checkpoint, model_cls, draft)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching, self.runner.num_host_blocks)
         self.scheduler = Scheduler(config, self.block_manager)

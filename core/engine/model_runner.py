@@ -8,35 +8,19 @@ import torch
 
 from kvserve.core.config import EngineConfig
 from kvserve.core.engine.beam_search import beam_candidates
-from kvserve.core.engine.kv_cache import allocate_kv_cache, bind_kv_scales, check_cache_dtype
+from kvserve.core.engine.draft_model import DraftModel
+from kvserve.core.engine.kv_cache import allocate_kv_cache, bind_kv_scales
 from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, prompt_logprobs
+from kvserve.core.engine.model_builder import build_model, choose_dtype
 from kvserve.core.engine.scheduler import ScheduledBatch
 from kvserve.core.engine.sequence import Sequence
 from kvserve.core.engine.speculation import verify
-from kvserve.core.layers.attention import Attention
-from kvserve.core.layers.linear import use_platform_kernels
 from kvserve.core.layers.logits_processors import apply_penalties, bad_word_bans, pad_ids, token_logprobs
 from kvserve.core.layers.ops import Ops
 from kvserve.core.layers.sampler import SamplingBatch, sample
 from kvserve.core.loader.model_loader import Checkpoint
-from kvserve.core.loader.weights import fill_random, load_weights
-from kvserve.core.quantization.online import gate_up_kernel_factory, kernel_factory
-from kvserve.plugins.interfaces import AttentionSpec, StepLayout
+from kvserve.plugins.interfaces import StepLayout
 from kvserve.plugins.manager import Platform
-
-
-def choose_dtype(config: EngineConfig, checkpoint: Checkpoint, platform: Platform) -> torch.dtype:
-    info = platform.info
-    requested = config.model.torch_dtype
-    if requested is not None:
-        if requested not in info.supported_dtypes:
-            allowed = ", ".join(str(d).removeprefix("torch.") for d in info.supported_dtypes)
-            raise ValueError(f"dtype {requested} is not supported by platform {info.name!r}; allowed: {allowed}")
-        return requested
-    native = None if checkpoint.is_gguf else getattr(checkpoint.hf_config, "dtype", None)
-    if isinstance(native, str):
-        native = getattr(torch, native, None)
-    return native if native in info.supported_dtypes else info.default_dtype
 
 
 @dataclass
@@ -65,36 +49,23 @@ def step_layout(batch: ScheduledBatch) -> StepLayout:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, platform: Platform, checkpoint: Checkpoint, model_cls: type):
+    def __init__(self, config: EngineConfig, platform: Platform, checkpoint: Checkpoint, model_cls: type,
+                 draft: tuple[Checkpoint, type] | None = None):
+        """``draft``: a draft model's checkpoint and model class, for speculative decoding's draft_model."""
         self.config = config
         self.device = platform.device
         self.dtype = choose_dtype(config, checkpoint, platform)
-        hf_config = checkpoint.hf_config
-        self.vocab_size = hf_config.vocab_size
+        self.vocab_size = checkpoint.hf_config.vocab_size
         self.ops = Ops(platform.ops())
-        with torch.device("meta"):   # no time spent initializing weights the checkpoint replaces
-            model = model_cls(hf_config, self.ops)
-        model.to_empty(device=self.device)
-        getattr(model, "tie_weights", lambda: None)()
-        if config.model.load_format == "dummy":
-            fill_random(model, config.model.seed)
-        else:
-            load_weights(model, checkpoint.weights(config.model.quantization))
-        self.model = model.to(self.dtype).eval()
-        quantization, online = config.model.quantization, checkpoint.own_quantization is None
-        use_platform_kernels(self.model, kernel_factory(quantization, platform, self.dtype, online,
-                                                        config.model.quantization_group_size),
-                             gate_up_kernel_factory(quantization, platform, online))
-
-        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        first = layers[0]
-        self.spec = AttentionSpec(first.num_heads, first.num_kv_heads, first.head_size, self.dtype,
-                                  config.cache.block_size, getattr(self.model, "sliding_window", None),
-                                  config.cache.torch_cache_dtype)
-        backend_cls = platform.attention_backend(self.spec)
-        check_cache_dtype(backend_cls, self.spec, platform)
-        self.backend = backend_cls(self.spec, self.device)
-        cache = allocate_kv_cache(config, self.spec, self.backend, len(layers), platform)
+        built = build_model(config, platform, checkpoint, model_cls, self.ops, self.dtype,
+                            config.model.quantization, config.model.quantization_group_size)
+        self.model, layers, self.spec, self.backend = built.model, built.layers, built.spec, built.backend
+        self.drafter = None if draft is None else DraftModel(config, platform, *draft, self.ops, self.dtype,
+                                                             self.vocab_size)
+        cache = allocate_kv_cache(config, self.spec, self.backend, len(layers), platform,
+                                  0 if self.drafter is None else self.drafter.block_bytes)
+        if self.drafter is not None:
+            self.drafter.allocate(cache.num_blocks)
         self.num_blocks, self.num_host_blocks, self.kv_cache_bytes = (cache.num_blocks, cache.num_host_blocks,
                                                                       cache.num_bytes)
         self.kv_cache, self.host_kv_cache = cache.device_cache, cache.host_cache
@@ -134,6 +105,8 @@ class ModelRunner:
                                            (self.host_kv_cache, self.kv_cache, batch.swap_ins)):
             if pairs:
                 self.backend.copy_blocks(source, destination, pairs)
+        if self.drafter is not None:
+            self.drafter.propose([s for s in seqs if s.proposal])
         metadata = self.backend.build_metadata(step_layout(batch))
         token_ids = [t for s, n in zip(seqs, counts) for t in s.next_tokens(n)]
         input_ids = self._tensor(token_ids)

@@ -136,7 +136,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         # A beam that has reported is not needed until its search decides: the sequences it waits for go first.
         waits_for_siblings = not seq.num_uncomputed_tokens
-        seq.proposal = []
+        seq.proposal, seq.draft_computed = [], 0   # a draft model's cache is neither swapped nor kept
         self.num_preemptions += 1
         if self.swap and self.block_manager.swap_out(seq):
             seq.status, queue = SequenceStatus.SWAPPED, self.swapped
@@ -167,6 +167,7 @@ class Scheduler:
             seq.num_computed_tokens += n - len(seq.proposal) + accepted.get(seq, 0)
             if seq.proposal:
                 seq.proposal = []
+                seq.draft_computed = min(seq.draft_computed, seq.num_computed_tokens)   # the rejected ones' go
                 self.block_manager.trim(seq)
             if seq.pending_forks and seq.num_computed_tokens == seq.num_prompt_tokens:
                 for child in seq.pending_forks:

@@ -2,7 +2,8 @@
 them, so that a memory-bound decode step can yield several tokens without changing any of them.
 
 ``ngram`` (prompt lookup) proposes the tokens that followed the latest earlier occurrence of the sequence's last
-n tokens, n from ``prompt_lookup_max`` down to ``prompt_lookup_min``. A greedy sequence keeps the proposed tokens
+n tokens, n from ``prompt_lookup_max`` down to ``prompt_lookup_min``; ``draft_model``, a smaller model's greedy
+tokens (draft_model.py). A greedy sequence keeps the proposed tokens
 that equal the target's argmax at their positions, then takes the target's own token at the first that does not
 (or after the last): exactly the tokens it would have produced one step at a time. A sampled one keeps them by
 the rejection-sampling rule (``verify``), so its tokens are distributed as the target's samples are.
@@ -19,8 +20,11 @@ from kvserve.core.layers.sampler import SamplingBatch, exponential_noise, probab
 if TYPE_CHECKING:   # the engine's config reads SpeculativeConfig before sequences exist
     from kvserve.core.engine.sequence import Sequence
 
-METHODS = ("ngram",)
-KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+METHODS = ("ngram", "draft_model")
+# The keys each method takes besides method and num_speculative_tokens
+METHOD_KEYS = {"ngram": ("prompt_lookup_max", "prompt_lookup_min"), "draft_model": ("model",)}
+KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model")
+UNDRAFTED = -1   # a placeholder proposal token, as many as a draft model may propose once the step is scheduled
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -35,6 +39,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    model: str | None = None   # the draft model's folder or .gguf file
 
     @classmethod
     def from_dict(cls, options: Any) -> SpeculativeConfig:
@@ -51,8 +56,15 @@ class SpeculativeConfig:
                              f"{', '.join(map(repr, METHODS))}")
         if "num_speculative_tokens" not in options:
             raise ValueError("speculative_config needs 'num_speculative_tokens' (tokens proposed per step)")
+        foreign = sorted(set(options) - {"method", "num_speculative_tokens", *METHOD_KEYS[method]})
+        if foreign:
+            raise ValueError(f"speculative_config keys {foreign} do not apply to method {method!r}, which takes "
+                             f"{', '.join(METHOD_KEYS[method])}")
+        if method == "draft_model" and not (isinstance(options.get("model"), str) and options["model"]):
+            raise ValueError(f"speculative_config method 'draft_model' needs 'model': the draft model's folder or "
+                             f".gguf file, got {options.get('model')!r}")
         config = cls(method, *(_positive_int(key, options[key]) if key in options else getattr(cls, key)
-                               for key in KEYS[1:]))
+                               for key in KEYS[1:4]), options.get("model"))
         if config.prompt_lookup_min > config.prompt_lookup_max:
             raise ValueError(f"speculative_config prompt_lookup_min={config.prompt_lookup_min} exceeds "
                              f"prompt_lookup_max={config.prompt_lookup_max}")
@@ -110,8 +122,13 @@ def speculates(seq: Sequence) -> bool:
 
 
 def propose(seqs: list[Sequence], config: SpeculativeConfig) -> None:
-    """Give each sequence that speculates its proposal, no longer than what its token limit leaves."""
+    """Give each sequence that speculates its proposal, no longer than what its token limit leaves (a draft
+    model's: placeholders, which it drafts once the scheduler has trimmed them to the step's budget)."""
     for seq in seqs:
         room = min(config.num_speculative_tokens, seq.max_total_tokens - seq.num_tokens - 1)
-        seq.proposal = (ngram_proposal(seq.token_ids, room, config.prompt_lookup_min, config.prompt_lookup_max)
-                        if room > 0 and speculates(seq) else [])
+        if room <= 0 or not speculates(seq):
+            seq.proposal = []
+        elif config.method == "ngram":
+            seq.proposal = ngram_proposal(seq.token_ids, room, config.prompt_lookup_min, config.prompt_lookup_max)
+        else:
+            seq.proposal = [UNDRAFTED] * room

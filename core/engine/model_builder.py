@@ -1,0 +1,63 @@
+"""A model on the platform's device, its weights loaded and its linear layers on the platform's kernels, and the
+attention backend its layers run on: what the target model and a draft model are each built from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.core.config import EngineConfig
+from kvserve.core.engine.kv_cache import check_cache_dtype
+from kvserve.core.layers.attention import Attention
+from kvserve.core.layers.linear import use_platform_kernels
+from kvserve.core.layers.ops import Ops
+from kvserve.core.loader.model_loader import Checkpoint
+from kvserve.core.loader.weights import fill_random, load_weights
+from kvserve.core.quantization.online import gate_up_kernel_factory, kernel_factory
+from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec
+from kvserve.plugins.manager import Platform
+
+
+def choose_dtype(config: EngineConfig, checkpoint: Checkpoint, platform: Platform) -> torch.dtype:
+    info = platform.info
+    requested = config.model.torch_dtype
+    if requested is not None:
+        if requested not in info.supported_dtypes:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in info.supported_dtypes)
+            raise ValueError(f"dtype {requested} is not supported by platform {info.name!r}; allowed: {allowed}")
+        return requested
+    native = None if checkpoint.is_gguf else getattr(checkpoint.hf_config, "dtype", None)
+    if isinstance(native, str):
+        native = getattr(torch, native, None)
+    return native if native in info.supported_dtypes else info.default_dtype
+
+
+@dataclass
+class BuiltModel:
+    model: torch.nn.Module
+    layers: list[Attention]   # its attention layers, in order
+    spec: AttentionSpec
+    backend: AttentionBackend
+
+
+def build_model(config: EngineConfig, platform: Platform, checkpoint: Checkpoint, model_cls: type, ops: Ops,
+                dtype: torch.dtype, quantization: str | None, group_size: int | None) -> BuiltModel:
+    with torch.device("meta"):   # no time spent initializing weights the checkpoint replaces
+        model = model_cls(checkpoint.hf_config, ops)
+    model.to_empty(device=platform.device)
+    getattr(model, "tie_weights", lambda: None)()
+    if config.model.load_format == "dummy":
+        fill_random(model, config.model.seed)
+    else:
+        load_weights(model, checkpoint.weights(quantization))
+    model = model.to(dtype).eval()
+    online = checkpoint.own_quantization is None
+    use_platform_kernels(model, kernel_factory(quantization, platform, dtype, online, group_size),
+                         gate_up_kernel_factory(quantization, platform, online))
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    first = layers[0]
+    spec = AttentionSpec(first.num_heads, first.num_kv_heads, first.head_size, dtype, config.cache.block_size,
+                         getattr(model, "sliding_window", None), config.cache.torch_cache_dtype)
+    backend_cls = platform.attention_backend(spec)
+    check_cache_dtype(backend_cls, spec, platform)
+    return BuiltModel(model, layers, spec, backend_cls(spec, platform.device))
