@@ -127,7 +127,11 @@ def test_bad_request_leaves_running_requests_unharmed(llm):
      "speculative_config method 'draft_model' needs 'model': the draft model's folder or .gguf file, got None"),
     (dict(speculative_config={"method": "draft_model", "num_speculative_tokens": 2, "model": "/m",
                               "prompt_lookup_max": 3}),
-     "speculative_config keys \\['prompt_lookup_max'\\] do not apply to method 'draft_model', which takes model"),
+     "speculative_config keys \\['prompt_lookup_max'\\] do not apply to method 'draft_model', which takes model, "
+     "quantization"),
+    (dict(speculative_config={"method": "draft_model", "num_speculative_tokens": 2, "model": "/m",
+                              "quantization": "nf4"}),
+     "speculative_config quantization 'nf4' is not supported; allowed: None, 'auto-round'"),
     (dict(quantization="nf4"), "quantization 'nf4' is not supported yet; allowed: None, 'auto-round'"),
     (dict(quantization="int8", quantization_group_size=32),
      "quantization_group_size applies to quantization='int4' \\(online int4\\), not to quantization='int8'"),

@@ -34,10 +34,12 @@ class DraftModel:
             raise ValueError(f"speculative_config model {checkpoint.path!r} takes {checkpoint.max_model_len} "
                              f"positions, fewer than max_model_len={config.model.max_model_len}; lower "
                              f"max_model_len or pick a draft model with a longer context")
-        built = build_model(config, platform, checkpoint, model_cls, ops, dtype, checkpoint.quantization(None), None)
-        self.model, self.layers, self.spec, self.backend = built.model, built.layers, built.spec, built.backend
+        quantization = checkpoint.quantization(config.speculation.quantization)
+        built = build_model(config, platform, checkpoint, model_cls, ops, dtype, quantization, None)
+        self.built, self.model, self.layers, self.spec, self.backend = (built, built.model, built.layers, built.spec,
+                                                                         built.backend)
         self.block_bytes = cache_block_bytes(self.spec, self.backend, len(self.layers))
-        self.ops, self.device = ops, platform.device
+        self.ops, self.device, self.platform, self.config = ops, platform.device, platform, config
         self.kv_cache: torch.Tensor | None = None
 
     def allocate(self, num_blocks: int) -> None:
@@ -47,6 +49,8 @@ class DraftModel:
         for layer, cache in zip(self.layers, self.kv_cache):
             layer.backend, layer.kv_cache = self.backend, cache
         bind_kv_scales(self.layers, self.spec, calculate=False)
+        # Its passes after the first are decodes: the platform's graphs serve them as they serve the target's.
+        self.built.graph_runner = self.platform.graph_runner(self.model, self.backend, self.config)
 
     def propose(self, seqs: list[Sequence]) -> None:
         """Replace each sequence's proposal (placeholders, as many as it may take this step) with draft tokens;
@@ -60,7 +64,7 @@ class DraftModel:
                                 [s.block_table for s in order], lens.count(1))
             metadata = self.backend.build_metadata(layout)
             input_ids = torch.tensor([t for s in order for t in inputs[s]], device=self.device)
-            hidden = self.model(input_ids, metadata.positions, metadata)
+            hidden = self.built.forward(input_ids, metadata)
             last_rows = torch.tensor(list(accumulate(lens)), device=self.device) - 1
             tokens = self.ops.argmax(self.model.compute_logits(hidden[last_rows]).float()).tolist()
             for seq, n, token in zip(order, lens, tokens):

@@ -14,7 +14,7 @@ from kvserve.core.layers.ops import Ops
 from kvserve.core.loader.model_loader import Checkpoint
 from kvserve.core.loader.weights import fill_random, load_weights
 from kvserve.core.quantization.online import gate_up_kernel_factory, kernel_factory
-from kvserve.plugins.interfaces import AttentionBackend, AttentionSpec
+from kvserve.plugins.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, GraphRunner
 from kvserve.plugins.manager import Platform
 
 
@@ -38,6 +38,13 @@ class BuiltModel:
     layers: list[Attention]   # its attention layers, in order
     spec: AttentionSpec
     backend: AttentionBackend
+    graph_runner: GraphRunner | None = None   # set once its KV cache is bound
+
+    def forward(self, input_ids: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """A step's hidden states, through a captured graph where the platform has one for its shape."""
+        if self.graph_runner is not None and self.graph_runner.can_run(metadata, len(input_ids)):
+            return self.graph_runner.run(input_ids, metadata.positions, metadata)
+        return self.model(input_ids, metadata.positions, metadata)
 
 
 def build_model(config: EngineConfig, platform: Platform, checkpoint: Checkpoint, model_cls: type, ops: Ops,

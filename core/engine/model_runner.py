@@ -59,7 +59,8 @@ class ModelRunner:
         self.ops = Ops(platform.ops())
         built = build_model(config, platform, checkpoint, model_cls, self.ops, self.dtype,
                             config.model.quantization, config.model.quantization_group_size)
-        self.model, layers, self.spec, self.backend = built.model, built.layers, built.spec, built.backend
+        self.built, self.model, self.spec, self.backend = built, built.model, built.spec, built.backend
+        layers = built.layers
         self.drafter = None if draft is None else DraftModel(config, platform, *draft, self.ops, self.dtype,
                                                              self.vocab_size)
         cache = allocate_kv_cache(config, self.spec, self.backend, len(layers), platform,
@@ -73,7 +74,7 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.backend, layer.kv_cache = self.backend, self.kv_cache[i]
         bind_kv_scales(layers, self.spec, config.cache.calculate_kv_scales)
-        self.graph_runner = platform.graph_runner(self.model, self.backend, config)
+        self.graph_runner = built.graph_runner = platform.graph_runner(self.model, self.backend, config)
         self.generators: dict[int, torch.Generator] = {}
         self.bad_words: dict[int, list[list[int]]] = {}    # seq_id -> token ids of each bad word
         self.prompt_logprobs = PromptLogprobsPlanner()
@@ -110,10 +111,7 @@ class ModelRunner:
         metadata = self.backend.build_metadata(step_layout(batch))
         token_ids = [t for s, n in zip(seqs, counts) for t in s.next_tokens(n)]
         input_ids = self._tensor(token_ids)
-        if self.graph_runner is not None and self.graph_runner.can_run(metadata, len(token_ids)):
-            hidden = self.graph_runner.run(input_ids, metadata.positions, metadata)
-        else:
-            hidden = self.model(input_ids, metadata.positions, metadata)
+        hidden = self.built.forward(input_ids, metadata)
 
         starts = list(accumulate(counts, initial=0))
         done = [i for i, (s, n) in enumerate(zip(seqs, counts))

@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvserve.core.layers.sampler import SamplingBatch, exponential_noise, probabilities
+from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
 
 if TYPE_CHECKING:   # the engine's config reads SpeculativeConfig before sequences exist
     from kvserve.core.engine.sequence import Sequence
 
 METHODS = ("ngram", "draft_model")
 # The keys each method takes besides method and num_speculative_tokens
-METHOD_KEYS = {"ngram": ("prompt_lookup_max", "prompt_lookup_min"), "draft_model": ("model",)}
-KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model")
+METHOD_KEYS = {"ngram": ("prompt_lookup_max", "prompt_lookup_min"), "draft_model": ("model", "quantization")}
+KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "quantization")
 UNDRAFTED = -1   # a placeholder proposal token, as many as a draft model may propose once the step is scheduled
 
 
@@ -40,6 +41,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
     model: str | None = None   # the draft model's folder or .gguf file
+    quantization: str | None = None   # the draft's, as the target's quantization option names them
 
     @classmethod
     def from_dict(cls, options: Any) -> SpeculativeConfig:
@@ -63,8 +65,12 @@ class SpeculativeConfig:
         if method == "draft_model" and not (isinstance(options.get("model"), str) and options["model"]):
             raise ValueError(f"speculative_config method 'draft_model' needs 'model': the draft model's folder or "
                              f".gguf file, got {options.get('model')!r}")
-        config = cls(method, *(_positive_int(key, options[key]) if key in options else getattr(cls, key)
-                               for key in KEYS[1:4]), options.get("model"))
+        quantization = options.get("quantization")
+        if quantization is not None and quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"speculative_config quantization {quantization!r} is not supported; allowed: None, "
+                             f"{', '.join(map(repr, QUANTIZATION_METHODS))}")
+        counts = {key: _positive_int(key, options[key]) for key in KEYS[1:4] if key in options}
+        config = cls(method, model=options.get("model"), quantization=quantization, **counts)
         if config.prompt_lookup_min > config.prompt_lookup_max:
             raise ValueError(f"speculative_config prompt_lookup_min={config.prompt_lookup_min} exceeds "
                              f"prompt_lookup_max={config.prompt_lookup_max}")
