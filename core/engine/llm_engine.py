@@ -42,7 +42,7 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer(config.model.tokenizer)
         self.eos_token_ids = checkpoint.eos_token_ids or [self.tokenizer.eos_token_id]
         draft = None
-        if config.speculation is not None and config.speculation.model is not None:
+        if config.speculation is not None and config.speculation.method == "draft_model":
             draft_checkpoint = Checkpoint.open(config.speculation.model)
             draft = draft_checkpoint, resolve_model_class(draft_checkpoint.hf_config, self.plugins.models())
         self.runner = ModelRunner(config, self.platform, checkpoint, model_cls, draft)

@@ -10,6 +10,7 @@ from kvserve.core.config import EngineConfig
 from kvserve.core.engine.beam_search import beam_candidates
 from kvserve.core.engine.draft_model import DraftModel
 from kvserve.core.engine.kv_cache import allocate_kv_cache, bind_kv_scales
+from kvserve.core.engine.medusa import MedusaHeads
 from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, prompt_logprobs
 from kvserve.core.engine.model_builder import build_model, choose_dtype
 from kvserve.core.engine.scheduler import ScheduledBatch
@@ -63,6 +64,10 @@ class ModelRunner:
         layers = built.layers
         self.drafter = None if draft is None else DraftModel(config, platform, *draft, self.ops, self.dtype,
                                                              self.vocab_size)
+        speculation = config.speculation
+        self.medusa = None if speculation is None or speculation.method != "medusa" else MedusaHeads(
+            speculation.model, checkpoint.hf_config.hidden_size, self.vocab_size, speculation.num_speculative_tokens,
+            self.ops, self.device, self.dtype)
         cache = allocate_kv_cache(config, self.spec, self.backend, len(layers), platform,
                                   0 if self.drafter is None else self.drafter.block_bytes)
         if self.drafter is not None:
@@ -138,6 +143,15 @@ class ModelRunner:
             sampled, out.accepted = verify(verifiers, logits[len(hidden_rows) - len(verified_rows):],
                                            self._sampling_batch(row_seqs), self.ops.argmax)
             out.sampled += sampled
+        if self.medusa is not None:
+            # The hidden state each sequence's newest token came from: a sampled row, or a verified one.
+            sources = {seq: row for seq, row in zip(samplers, hidden_rows) if seq.beam is None}
+            offset = len(hidden_rows) - len(verified_rows)
+            for seq in (seqs[i] for i in speculating):
+                sources[seq] = hidden_rows[offset + out.accepted[seq]]
+                offset += len(seq.proposal) + 1
+            for seq, tokens in zip(sources, self.medusa.propose(hidden[self._tensor(list(sources.values()))]).tolist()):
+                seq.head_proposal = tokens
         return out
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:

@@ -43,6 +43,7 @@ class Sequence:
         self.beam: BeamSearch | None = None   # the beam search this sequence is a beam of
         self.proposal: list[int] = []         # speculated next tokens this step verifies, not yet its own
         self.draft_computed = 0               # positions whose keys and values a draft model has cached
+        self.head_proposal: list[int] = []    # Medusa heads' tokens from the hidden state its last token came from
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 
@@ -59,7 +60,8 @@ class Sequence:
         twin.seq_id = next(Sequence._ids)
         twin.token_ids = list(self.token_ids)
         twin.block_table, twin.block_hashes, twin.host_blocks, twin.pending_forks = [], [], [], []
-        twin.proposal, twin.draft_computed = [], 0   # its blocks' draft entries are not copied
+        # Its blocks' draft entries are not copied; its first token is sampled afresh.
+        twin.proposal, twin.draft_computed, twin.head_proposal = [], 0, []
         return twin
 
     @property

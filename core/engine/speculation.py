@@ -3,10 +3,11 @@ them, so that a memory-bound decode step can yield several tokens without changi
 
 ``ngram`` (prompt lookup) proposes the tokens that followed the latest earlier occurrence of the sequence's last
 n tokens, n from ``prompt_lookup_max`` down to ``prompt_lookup_min``; ``draft_model``, a smaller model's greedy
-tokens (draft_model.py). A greedy sequence keeps the proposed tokens
-that equal the target's argmax at their positions, then takes the target's own token at the first that does not
-(or after the last): exactly the tokens it would have produced one step at a time. A sampled one keeps them by
-the rejection-sampling rule (``verify``), so its tokens are distributed as the target's samples are.
+tokens (draft_model.py); ``medusa``, extra heads' tokens from the target's hidden state (medusa.py). A greedy
+sequence keeps the proposed tokens that equal the target's argmax at their positions, then takes the target's
+own token at the first that does not (or after the last): exactly the tokens it would have produced one step at
+a time. A sampled one keeps them by the rejection-sampling rule (``verify``), so its tokens are distributed as
+the target's samples are.
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
 if TYPE_CHECKING:   # the engine's config reads SpeculativeConfig before sequences exist
     from kvserve.core.engine.sequence import Sequence
 
-METHODS = ("ngram", "draft_model")
+METHODS = ("ngram", "draft_model", "medusa")
 # The keys each method takes besides method and num_speculative_tokens
-METHOD_KEYS = {"ngram": ("prompt_lookup_max", "prompt_lookup_min"), "draft_model": ("model", "quantization")}
+METHOD_KEYS = {"ngram": ("prompt_lookup_max", "prompt_lookup_min"), "draft_model": ("model", "quantization"),
+               "medusa": ("model",)}
+MODEL_KINDS = {"draft_model": "the draft model's folder or .gguf file", "medusa": "the Medusa heads' folder"}
 KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "quantization")
 UNDRAFTED = -1   # a placeholder proposal token, as many as a draft model may propose once the step is scheduled
 
@@ -40,7 +43,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
-    model: str | None = None   # the draft model's folder or .gguf file
+    model: str | None = None   # the draft model's folder or .gguf file, or the Medusa heads' folder
     quantization: str | None = None   # the draft's, as the target's quantization option names them
 
     @classmethod
@@ -62,9 +65,9 @@ class SpeculativeConfig:
         if foreign:
             raise ValueError(f"speculative_config keys {foreign} do not apply to method {method!r}, which takes "
                              f"{', '.join(METHOD_KEYS[method])}")
-        if method == "draft_model" and not (isinstance(options.get("model"), str) and options["model"]):
-            raise ValueError(f"speculative_config method 'draft_model' needs 'model': the draft model's folder or "
-                             f".gguf file, got {options.get('model')!r}")
+        if method in MODEL_KINDS and not (isinstance(options.get("model"), str) and options["model"]):
+            raise ValueError(f"speculative_config method {method!r} needs 'model': {MODEL_KINDS[method]}, got "
+                             f"{options.get('model')!r}")
         quantization = options.get("quantization")
         if quantization is not None and quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"speculative_config quantization {quantization!r} is not supported; allowed: None, "
@@ -136,5 +139,7 @@ def propose(seqs: list[Sequence], config: SpeculativeConfig) -> None:
             seq.proposal = []
         elif config.method == "ngram":
             seq.proposal = ngram_proposal(seq.token_ids, room, config.prompt_lookup_min, config.prompt_lookup_max)
+        elif config.method == "medusa":
+            seq.proposal = seq.head_proposal[:room]
         else:
             seq.proposal = [UNDRAFTED] * room
