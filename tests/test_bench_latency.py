@@ -55,6 +55,9 @@ def test_a_prompt_file_with_speculation_reports_acceptance(tiny_model, tmp_path)
     assert spec["verifications"] > 0 and spec["proposed_tokens"] >= spec["accepted_tokens"] >= 0
     assert spec["acceptance_rate"] == round(spec["accepted_tokens"] / spec["proposed_tokens"], 4)
     assert spec["mean_acceptance_length"] == round(1 + spec["accepted_tokens"] / spec["verifications"], 3)
+    rates = spec["acceptance_rate_per_position"]
+    assert len(rates) == 3 and rates == sorted(rates, reverse=True)   # a position is kept only after those before
+    assert abs(sum(rates) * spec["verifications"] - spec["accepted_tokens"]) < 0.01 * spec["verifications"]
 
 
 def test_an_unreadable_prompt_file_is_a_clear_error(tmp_path):

@@ -92,6 +92,7 @@ def test_right_proposals_are_kept_and_the_first_wrong_one_ends_them(tiny_model):
     assert outputs[1] == want[:9]   # two kept, then the target's token where the third was wrong
     assert outputs[-1] == want and len(outputs) == 2 + 24 - 9
     assert (engine.spec_verifications, engine.spec_proposed_tokens, engine.spec_accepted_tokens) == (2, 14, 6)
+    assert engine.spec_accepted_per_position == {0: 2, 1: 2, 2: 1, 3: 1}
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
@@ -164,3 +165,5 @@ def test_the_server_speculates_and_counts_it(tiny_model):
     assert [counts[f"kvserve:spec_decode_num_{name}_total"] for name in ("drafts", "draft_tokens", "accepted_tokens")] \
         == [engine.spec_verifications, engine.spec_proposed_tokens, engine.spec_accepted_tokens]
     assert all(counts_after[name] == counts[name] for name in counts if "spec_decode" in name)   # the opted-out one
+    assert [counts[f'kvserve:spec_decode_num_accepted_tokens_per_pos_total{{position="{i}"}}'] for i in range(4)] \
+        == [engine.spec_accepted_per_position[i] for i in range(4)]

@@ -28,6 +28,13 @@ def time_requests(engine, prompts: dict[str, list[int]], params) -> dict[str, li
     return stamps
 
 
+def spec_counts(engine) -> list[int]:
+    """Speculation's verifications, proposed and accepted tokens, and accepted tokens at each position."""
+    positions = range(engine.speculation.num_speculative_tokens if engine.speculation else 0)
+    return [engine.spec_verifications, engine.spec_proposed_tokens, engine.spec_accepted_tokens,
+            *(engine.spec_accepted_per_position[i] for i in positions)]
+
+
 def run(llm, input_len: int, output_len: int, num_iters: int, num_warmup: int, seed: int, batch_size: int = 1,
         show_progress: bool = True, prompt_text: str | None = None) -> dict:
     from kvserve.core.sampling_params import SamplingParams
@@ -38,18 +45,17 @@ def run(llm, input_len: int, output_len: int, num_iters: int, num_warmup: int, s
     engine.runner.wait_for_kv_cache()
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     ttfts, tpots, itls, e2els = [], [], [], []
-    speculation = [0, 0, 0]   # verifications, proposed and accepted tokens in the timed iterations
+    speculation = [0] * len(spec_counts(engine))   # the timed iterations' share of spec_counts
     for i in tqdm(range(num_warmup + num_iters), desc="iterations", disable=not show_progress):
         # Fresh prompts each iteration, so that the prefix cache never skips a prefill.
         prompts = {f"latency-{i}-{j}": prompt for j, prompt in enumerate(
             random_workload(batch_size, (input_len, input_len), seed + i) if prompt_text is None else
             [engine.inputs.tokenize(f"Request {i}-{j}.\n{prompt_text}") for j in range(batch_size)])}
-        before = (engine.spec_verifications, engine.spec_proposed_tokens, engine.spec_accepted_tokens)
+        before = spec_counts(engine)
         batch = time_requests(engine, prompts, params)
         if i < num_warmup:
             continue
-        after = (engine.spec_verifications, engine.spec_proposed_tokens, engine.spec_accepted_tokens)
-        speculation = [total + b - a for total, a, b in zip(speculation, before, after)]
+        speculation = [total + b - a for total, a, b in zip(speculation, before, spec_counts(engine))]
         for stamps in batch.values():
             ttfts.append(stamps[0])
             e2els.append(stamps[-1])
@@ -59,13 +65,16 @@ def run(llm, input_len: int, output_len: int, num_iters: int, num_warmup: int, s
     result = {"ttft_ms": percentiles(ttfts), "tpot_ms": percentiles(tpots), "itl_ms": percentiles(itls),
               "e2el_ms": percentiles(e2els)}
     if engine.speculation is not None:
-        verifications, proposed, accepted = speculation
-        # vLLM's figures: proposed tokens accepted, and tokens a verification yields (the accepted ones, plus one)
+        verifications, proposed, accepted, *per_position = speculation
+        # vLLM's figures: proposed tokens accepted, tokens a verification yields (the accepted ones, plus one),
+        # and how often each position's proposal was accepted
         result["speculation"] = {"verifications": verifications, "proposed_tokens": proposed,
                                  "accepted_tokens": accepted,
                                  "acceptance_rate": round(accepted / proposed, 4) if proposed else None,
                                  "mean_acceptance_length": round(1 + accepted / verifications, 3)
-                                 if verifications else None}
+                                 if verifications else None,
+                                 "acceptance_rate_per_position": [round(n / verifications, 4) if verifications
+                                                                  else None for n in per_position]}
     return result
 
 

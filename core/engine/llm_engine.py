@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import replace
 
 from kvserve.core.config import EngineConfig
@@ -55,6 +56,7 @@ class LLMEngine:
         self.speculation = config.speculation
         # Speculative decoding: tokens proposed, and accepted, over this many verifications of a proposal
         self.spec_proposed_tokens = self.spec_accepted_tokens = self.spec_verifications = 0
+        self.spec_accepted_per_position = Counter()   # i -> verifications that kept the i-th proposed token
         # Test-only fault injection: a step whose new tokens include the first id raises, as a broken device
         # would; a request whose prompt holds the second raises something unexpected, as a bug in the engine would.
         self.fault_token, self.fatal_token = (int(os.environ[name]) if os.environ.get(name) else None
@@ -154,6 +156,7 @@ class LLMEngine:
         self.spec_verifications += len(result.accepted)
         self.spec_proposed_tokens += sum(len(s.proposal) for s in result.accepted)
         self.spec_accepted_tokens += sum(result.accepted.values())
+        self.spec_accepted_per_position.update(i for n in result.accepted.values() for i in range(n))
         for seq, (first, entries) in result.prompt_logprobs.items():
             known = self.requests[seq.request_id].prompt_logprobs
             known += [None] * (first - len(known))   # the first prompt token: nothing predicts it

@@ -57,6 +57,13 @@ class EngineCollector:
             family = CounterMetricFamily(PREFIX + name, doc)
             family.add_metric([], value)
             yield family
+        if engine.speculation is not None:
+            family = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                         "Verifications that accepted the proposed token at this position",
+                                         labels=["position"])
+            for position in range(engine.speculation.num_speculative_tokens):
+                family.add_metric([str(position)], engine.spec_accepted_per_position[position])
+            yield family
 
 
 class ServerMetrics:
