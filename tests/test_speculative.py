@@ -105,6 +105,7 @@ def test_stops_and_token_limits_cut_kept_proposals(tiny_model, limit):
     params = SamplingParams(temperature=0, ignore_eos=True, **cut)
     outputs, engine = run_with_proposals(path, prompt, params, [free[1:9]])
     assert outputs == [free[:5] if limit == "stop" else free[:4]]
+    assert engine.generation_tokens_total == len(outputs[0])   # not the accepted tokens past the limit
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 

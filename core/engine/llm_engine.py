@@ -152,7 +152,7 @@ class LLMEngine:
             raise EngineStepError(failed, exc) from exc
         chunks = zip(batch.seqs[batch.num_decodes:], batch.num_new_tokens[batch.num_decodes:])
         self.prompt_tokens_total += sum(n for s, n in chunks if not s.proposal)
-        self.generation_tokens_total += len(result.sampled) + len(result.candidates)
+        self.generation_tokens_total += len(result.candidates)
         self.spec_verifications += len(result.accepted)
         self.spec_proposed_tokens += sum(len(s.proposal) for s in result.accepted)
         self.spec_accepted_tokens += sum(result.accepted.values())
@@ -170,6 +170,7 @@ class LLMEngine:
                 continue
             request = self.requests[seq.request_id]
             seq.token_ids.append(token)
+            self.generation_tokens_total += 1
             if seq in result.logprobs:
                 entry = result.logprobs[seq]
                 if request.params.logprobs is not None:

@@ -10,8 +10,8 @@ from kvserve.core.config import EngineConfig
 from kvserve.core.engine.beam_search import beam_candidates
 from kvserve.core.engine.draft_model import DraftModel
 from kvserve.core.engine.kv_cache import allocate_kv_cache, bind_kv_scales
-from kvserve.core.engine.medusa import MedusaHeads
 from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, prompt_logprobs
+from kvserve.core.engine.medusa import MedusaHeads
 from kvserve.core.engine.model_builder import build_model, choose_dtype
 from kvserve.core.engine.scheduler import ScheduledBatch
 from kvserve.core.engine.sequence import Sequence
@@ -150,7 +150,8 @@ class ModelRunner:
             for seq in (seqs[i] for i in speculating):
                 sources[seq] = hidden_rows[offset + out.accepted[seq]]
                 offset += len(seq.proposal) + 1
-            for seq, tokens in zip(sources, self.medusa.propose(hidden[self._tensor(list(sources.values()))]).tolist()):
+            proposals = self.medusa.propose(hidden[self._tensor(list(sources.values()))]).tolist()
+            for seq, tokens in zip(sources, proposals):
                 seq.head_proposal = tokens
         return out
 
