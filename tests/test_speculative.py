@@ -5,6 +5,7 @@ checks the verification rule."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,13 @@ import pytest
 from conftest import ARCHITECTURES
 from kvserve import LLM, SamplingParams
 from kvserve.core.engine.sequence import Sequence
-from kvserve.core.engine.speculation import SpeculativeConfig, ngram_proposal, propose
+from kvserve.core.engine.speculation import NgramIndex, Proposer, SpeculativeConfig
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def ngram_proposal(token_ids: list[int], num_tokens: int, min_n: int, max_n: int) -> list[int]:
+    return NgramIndex(min_n, max_n).propose(token_ids, num_tokens)
 
 
 def test_ngram_proposes_what_followed_the_latest_longest_match():
@@ -24,6 +29,14 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
     assert ngram_proposal(tokens, 2, 3, 3) == []   # "5 2 3" occurs nowhere earlier
     assert ngram_proposal([4, 4, 4], 3, 1, 2) == [4]   # the match may overlap the suffix
     assert ngram_proposal([6], 3, 1, 2) == []
+
+
+def test_a_grown_index_proposes_what_a_fresh_one_does():
+    rng = random.Random(0)
+    tokens, index = [rng.randrange(6) for _ in range(5)], NgramIndex(1, 3)
+    for _ in range(200):
+        assert index.propose(tokens, 3) == ngram_proposal(tokens, 3, 1, 3)
+        tokens += [rng.randrange(6) for _ in range(rng.randrange(1, 4))]   # a step keeps 1 to 3 tokens
 
 
 def generate(path: str, speculative_config: dict | None, prompts, params, **options):
@@ -115,7 +128,7 @@ def test_proposals_stay_within_the_token_limit_and_skip_what_cannot_speculate():
     def proposal(prompt: list[int], **options) -> list[int]:
         seq = Sequence("r", prompt, SamplingParams(**{"temperature": 0, **options}), 100, [])
         seq.num_computed_tokens = len(prompt) - 1
-        propose([seq], config)
+        Proposer(config).propose([seq])
         return seq.proposal
 
     prompt = [1, 2, 3, 4, 5, 6, 1, 2]

@@ -16,7 +16,7 @@ from kvserve.core.engine.model_runner import ModelRunner
 from kvserve.core.engine.request_state import RequestState
 from kvserve.core.engine.scheduler import Scheduler
 from kvserve.core.engine.sequence import Sequence
-from kvserve.core.engine.speculation import propose
+from kvserve.core.engine.speculation import Proposer
 from kvserve.core.loader.model_loader import Checkpoint
 from kvserve.core.log import logger
 from kvserve.core.models.registry import resolve_model_class
@@ -54,6 +54,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0        # prompt tokens computed (prefill), for metrics
         self.generation_tokens_total = 0
         self.speculation = config.speculation
+        self.proposer = None if config.speculation is None else Proposer(config.speculation)
         # Speculative decoding: tokens proposed, and accepted, over this many verifications of a proposal
         self.spec_proposed_tokens = self.spec_accepted_tokens = self.spec_verifications = 0
         self.spec_accepted_per_position = Counter()   # i -> verifications that kept the i-th proposed token
@@ -133,8 +134,8 @@ class LLMEngine:
         If the model step fails, the requests in it are aborted (their blocks freed) and
         EngineStepError names them; the engine itself stays usable.
         """
-        if self.speculation is not None:
-            propose(self.scheduler.running, self.speculation)
+        if self.proposer is not None:
+            self.proposer.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -210,6 +211,8 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         for seq in request.seqs if request else []:
             self.runner.release(seq)
+            if self.proposer is not None:
+                self.proposer.release(seq)
 
 
 class EngineStepError(RuntimeError):

@@ -80,15 +80,31 @@ class SpeculativeConfig:
         return config
 
 
-def ngram_proposal(token_ids: list[int], num_tokens: int, min_n: int, max_n: int) -> list[int]:
-    """Up to ``num_tokens`` tokens that followed the latest earlier occurrence of the last n tokens (the longest
-    n in [min_n, max_n] that occurs), or none."""
-    for n in range(min(max_n, len(token_ids) - 1), min_n - 1, -1):
-        suffix = token_ids[-n:]
-        for start in range(len(token_ids) - n - 1, -1, -1):
-            if token_ids[start:start + n] == suffix:
-                return token_ids[start + n:start + n + num_tokens]
-    return []
+class NgramIndex:
+    """Where the latest occurrence of each n-gram (n in [min_n, max_n]) of a sequence's tokens ends, but for those
+    ending at its newest token: grown by the tokens appended since the last lookup, so that a lookup costs
+    O(max_n) however long the sequence is."""
+
+    def __init__(self, min_n: int, max_n: int):
+        self.min_n, self.max_n = min_n, max_n
+        self.ends: dict[tuple[int, ...], int] = {}
+        self.indexed = 0   # the n-grams ending before this position are in
+
+    def propose(self, token_ids: list[int], num_tokens: int) -> list[int]:
+        """Up to ``num_tokens`` tokens that followed the latest earlier occurrence of the last n tokens (the
+        longest n in [min_n, max_n] that occurs), or none."""
+        newest = len(token_ids) - 1
+        for n in range(self.min_n, self.max_n + 1):
+            first = max(self.indexed, n - 1)   # the first end of an n-gram not in yet
+            # The n-grams ending at first .. newest - 1, in order, so that the latest end of each stays.
+            grams = zip(*(token_ids[first - n + 1 + i:newest - n + 1 + i] for i in range(n)))
+            self.ends.update(zip(grams, range(first, newest)))
+        self.indexed = max(self.indexed, newest)
+        for n in range(min(self.max_n, newest), self.min_n - 1, -1):
+            end = self.ends.get(tuple(token_ids[-n:]))
+            if end is not None:
+                return token_ids[end + 1:end + 1 + num_tokens]
+        return []
 
 
 def verify(seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch,
@@ -130,16 +146,30 @@ def speculates(seq: Sequence) -> bool:
             and seq.num_output_tokens >= params.min_tokens)
 
 
-def propose(seqs: list[Sequence], config: SpeculativeConfig) -> None:
-    """Give each sequence that speculates its proposal, no longer than what its token limit leaves (a draft
-    model's: placeholders, which it drafts once the scheduler has trimmed them to the step's budget)."""
-    for seq in seqs:
-        room = min(config.num_speculative_tokens, seq.max_total_tokens - seq.num_tokens - 1)
-        if room <= 0 or not speculates(seq):
-            seq.proposal = []
-        elif config.method == "ngram":
-            seq.proposal = ngram_proposal(seq.token_ids, room, config.prompt_lookup_min, config.prompt_lookup_max)
-        elif config.method == "medusa":
-            seq.proposal = seq.head_proposal[:room]
-        else:
-            seq.proposal = [UNDRAFTED] * room
+class Proposer:
+    """Each step's proposals for the running sequences that speculate; keeps each one's n-gram index."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.config = config
+        self.indexes: dict[int, NgramIndex] = {}   # seq_id -> its n-gram index
+
+    def propose(self, seqs: list[Sequence]) -> None:
+        """Give each sequence that speculates its proposal, no longer than what its token limit leaves (a draft
+        model's: placeholders, which it drafts once the scheduler has trimmed them to the step's budget)."""
+        config = self.config
+        for seq in seqs:
+            room = min(config.num_speculative_tokens, seq.max_total_tokens - seq.num_tokens - 1)
+            if room <= 0 or not speculates(seq):
+                seq.proposal = []
+            elif config.method == "ngram":
+                index = self.indexes.get(seq.seq_id)
+                if index is None:
+                    index = self.indexes[seq.seq_id] = NgramIndex(config.prompt_lookup_min, config.prompt_lookup_max)
+                seq.proposal = index.propose(seq.token_ids, room)
+            elif config.method == "medusa":
+                seq.proposal = seq.head_proposal[:room]
+            else:
+                seq.proposal = [UNDRAFTED] * room
+
+    def release(self, seq: Sequence) -> None:
+        self.indexes.pop(seq.seq_id, None)
