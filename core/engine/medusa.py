@@ -81,11 +81,10 @@ class MedusaHeads:
 
     def propose(self, hidden: torch.Tensor) -> torch.Tensor:
         """Token ids [rows, num_tokens]: each head's most likely token, from the target's last hidden states."""
-        logits = []
+        tokens = []
         for blocks, head in zip(self.blocks, self.heads):
             x = hidden
             for weight, bias in blocks:
                 x = x + torch.nn.functional.silu(torch.nn.functional.linear(x, weight, bias))
-            logits.append(torch.nn.functional.linear(x, head).float())
-        stacked = torch.stack(logits, dim=1)   # [rows, heads, vocab]
-        return self.ops.argmax(stacked.flatten(0, 1)).view(len(hidden), len(self.heads))
+            tokens.append(self.ops.argmax(torch.nn.functional.linear(x, head).float()))
+        return torch.stack(tokens, dim=1)
