@@ -69,6 +69,23 @@ def test_greedy_outputs_are_those_without_speculation(tiny_model, arch, chunk):
     assert manager.num_free_blocks == manager.num_blocks   # every block back, the rejected proposals' too
 
 
+def test_logprobs_of_kept_tokens_are_those_without_speculation(tiny_model):
+    path, prompt = tiny_model("llama-tied-gqa"), list(range(30, 50))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    plain = LLM(path, dtype="float32", kv_cache_memory="16MiB").generate([prompt], params, use_tqdm=False)
+    plain = plain[0].outputs[0]
+    want = plain.token_ids
+    wrong = (want[8] + 1) % 384
+    _, engine, final = run_with_proposals(path, prompt, params, [want[1:5], want[6:8] + [wrong] + want[9:12]])
+    speculated = final.outputs[0]
+    assert speculated.token_ids == want and engine.spec_accepted_tokens == 6
+    for got, expected in zip(speculated.logprobs, plain.logprobs, strict=True):
+        assert list(got) == list(expected)   # the kept token and the top 3, in rank order
+        assert all(abs(got[t].logprob - expected[t].logprob) < 1e-5 and got[t].rank == expected[t].rank
+                   for t in expected)
+    assert abs(speculated.cumulative_logprob - plain.cumulative_logprob) < 1e-4
+
+
 def test_preempted_speculating_outputs_are_those_without_speculation(tiny_model):
     path, prompts = tiny_model("llama-tied-gqa"), repetitive_prompts(0)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -81,7 +98,7 @@ def test_preempted_speculating_outputs_are_those_without_speculation(tiny_model)
 
 def run_with_proposals(path: str, prompt: list[int], params: SamplingParams, proposals: list[list[int]]):
     """Steps one request, giving it each of ``proposals`` in turn once it decodes (as a drafter would), then
-    none; returns its tokens after each step and the engine. (16-token blocks: a long rejected proposal takes
+    none; returns its tokens after each step, the engine and the request's last output. (16-token blocks: a long rejected proposal takes
     a block that must come back.)"""
     engine = LLM(path, dtype="float32", kv_cache_memory="16MiB").llm_engine
     engine.add_request("r", prompt, params)
@@ -89,10 +106,10 @@ def run_with_proposals(path: str, prompt: list[int], params: SamplingParams, pro
     seq, outputs = engine.scheduler.running[0], []
     while engine.has_unfinished_requests():
         seq.proposal = list(proposals.pop(0)) if proposals else []
-        engine.step()
+        final = engine.step()[0]
         outputs.append(seq.token_ids[len(prompt):])
         assert len(seq.block_table) <= engine.block_manager.blocks_for(seq.num_tokens)   # rejected ones' returned
-    return outputs, engine
+    return outputs, engine, final
 
 
 def test_right_proposals_are_kept_and_the_first_wrong_one_ends_them(tiny_model):
@@ -100,7 +117,7 @@ def test_right_proposals_are_kept_and_the_first_wrong_one_ends_them(tiny_model):
     prompt, params = list(range(30, 50)), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     want = generate(path, None, [prompt], params)[0][0][0]
     wrong = (want[8] + 1) % 384
-    outputs, engine = run_with_proposals(path, prompt, params, [want[1:5], want[6:8] + [wrong] + want[9:16]])
+    outputs, engine, _ = run_with_proposals(path, prompt, params, [want[1:5], want[6:8] + [wrong] + want[9:16]])
     assert outputs[0] == want[:6]   # four proposals kept, then the target's own next token
     assert outputs[1] == want[:9]   # two kept, then the target's token where the third was wrong
     assert outputs[-1] == want and len(outputs) == 2 + 24 - 9
@@ -116,7 +133,7 @@ def test_stops_and_token_limits_cut_kept_proposals(tiny_model, limit):
     free = generate(path, None, [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0][0][0]
     cut = dict(stop=dict(max_tokens=24, stop_token_ids=[free[4]]), max_tokens=dict(max_tokens=4))[limit]
     params = SamplingParams(temperature=0, ignore_eos=True, **cut)
-    outputs, engine = run_with_proposals(path, prompt, params, [free[1:9]])
+    outputs, engine, _ = run_with_proposals(path, prompt, params, [free[1:9]])
     assert outputs == [free[:5] if limit == "stop" else free[:4]]
     assert engine.generation_tokens_total == len(outputs[0])   # not the accepted tokens past the limit
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
@@ -134,8 +151,8 @@ def test_proposals_stay_within_the_token_limit_and_skip_what_cannot_speculate():
     prompt = [1, 2, 3, 4, 5, 6, 1, 2]
     assert proposal(prompt) == [3, 4, 5, 6]
     assert proposal(prompt, max_tokens=3) == [3, 4]   # the target's own token makes the third
-    assert proposal(prompt, temperature=0.7) == [3, 4, 5, 6]
-    for options in (dict(speculate=False), dict(logprobs=1), dict(repetition_penalty=1.2),
+    assert proposal(prompt, temperature=0.7) == proposal(prompt, logprobs=2) == [3, 4, 5, 6]
+    for options in (dict(speculate=False), dict(repetition_penalty=1.2),
                     dict(logit_bias={3: -5.0}), dict(min_tokens=2)):
         assert proposal(prompt, **options) == [], options
 

@@ -172,8 +172,8 @@ class LLMEngine:
             request = self.requests[seq.request_id]
             seq.token_ids.append(token)
             self.generation_tokens_total += 1
-            if seq in result.logprobs:
-                entry = result.logprobs[seq]
+            if result.logprobs.get(seq):
+                entry = result.logprobs[seq].pop(0)   # a speculating sequence's, one per kept token
                 if request.params.logprobs is not None:
                     request.logprobs[seq.seq_id].append(self.logprobs_builder(entry))
                 request.cumulative_logprobs[seq.seq_id] += entry.logprob

@@ -1,7 +1,8 @@
-"""Logprobs: which prompt positions each step computes them for, the runner's numbers for one position,
-and vLLM's {token id: Logprob} dict of them."""
+"""Logprobs: which prompt positions each step computes them for, the runner's numbers for one position (of
+speculating sequences' kept tokens too), and vLLM's {token id: Logprob} dict of them."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import NamedTuple
 
 import torch
@@ -97,3 +98,26 @@ def prompt_logprobs(logits: torch.Tensor, slices: list[PromptSlice]) -> dict[Seq
         out[s.seq] = (s.first, [TokenLogprobs.from_row(row, t, s.seq.params.prompt_logprobs, width) for row, t in rows])
         offset += s.count
     return out
+
+
+def kept_token_logprobs(verifiers: list[Sequence], logits: torch.Tensor,
+                        kept: list[tuple[Sequence, int]]) -> dict[Sequence, list[TokenLogprobs]]:
+    """The logprobs of each token (``kept``, in order) that a verifying sequence asking for them keeps, from the
+    row of ``logits`` (each verifier's proposal and one more, in order) that chose it."""
+    first_row, start = {}, 0
+    for seq in verifiers:
+        first_row[seq], start = start, start + len(seq.proposal) + 1
+    counts, rows, tokens = Counter(), [], []
+    for seq, token in kept:
+        if seq.params.logprobs is not None:
+            rows.append(first_row[seq] + counts[seq])
+            tokens.append((seq, token))
+            counts[seq] += 1
+    width = max(seq.params.logprobs for seq, _ in tokens)
+    index = torch.tensor(rows, device=logits.device)
+    values = token_logprobs(logits[index].log_softmax(dim=-1),
+                            torch.tensor([token for _, token in tokens], device=logits.device), width)
+    entries: dict[Sequence, list[TokenLogprobs]] = {}
+    for (seq, token), row in zip(tokens, values):
+        entries.setdefault(seq, []).append(TokenLogprobs.from_row(row, token, seq.params.logprobs, width))
+    return entries

@@ -10,7 +10,7 @@ from kvserve.core.config import EngineConfig
 from kvserve.core.engine.beam_search import beam_candidates
 from kvserve.core.engine.draft_model import DraftModel
 from kvserve.core.engine.kv_cache import allocate_kv_cache, bind_kv_scales
-from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, prompt_logprobs
+from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, kept_token_logprobs, prompt_logprobs
 from kvserve.core.engine.medusa import MedusaHeads
 from kvserve.core.engine.model_builder import build_model, choose_dtype
 from kvserve.core.engine.scheduler import ScheduledBatch
@@ -27,7 +27,7 @@ from kvserve.plugins.manager import Platform
 @dataclass
 class StepOutput:
     sampled: list[tuple[Sequence, int]] = field(default_factory=list)   # (sequence, its new token)
-    logprobs: dict[Sequence, TokenLogprobs] = field(default_factory=dict)   # its new token's, if asked for
+    logprobs: dict[Sequence, list[TokenLogprobs]] = field(default_factory=dict)   # its new tokens', if asked for
     # (index of the first prompt token covered, one entry per prompt token from there on), if asked for
     prompt_logprobs: dict[Sequence, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     # beam -> its most likely next tokens and their logprobs, best first (beams report instead of sampling)
@@ -140,9 +140,12 @@ class ModelRunner:
         if verified_rows:
             verifiers = [seqs[i] for i in speculating]
             row_seqs = [seq for seq in verifiers for _ in range(len(seq.proposal) + 1)]
-            sampled, out.accepted = verify(verifiers, logits[len(hidden_rows) - len(verified_rows):],
-                                           self._sampling_batch(row_seqs), self.ops.argmax)
+            verified_logits = logits[len(hidden_rows) - len(verified_rows):]
+            sampled, out.accepted = verify(verifiers, verified_logits, self._sampling_batch(row_seqs),
+                                           self.ops.argmax)
             out.sampled += sampled
+            if any(seq.params.logprobs is not None for seq in verifiers):
+                out.logprobs.update(kept_token_logprobs(verifiers, verified_logits, sampled))
         if self.medusa is not None:
             # The hidden state each sequence's newest token came from: a sampled row, or a verified one.
             sources = {seq: row for seq, row in zip(samplers, hidden_rows) if seq.beam is None}
@@ -177,7 +180,7 @@ class ModelRunner:
             chosen = tokens[wants_logprobs]
             for row, values in zip(wants_logprobs, token_logprobs(raw_logprobs, chosen, width)):
                 seq, token = out.sampled[row]
-                out.logprobs[seq] = TokenLogprobs.from_row(values, token, seq.params.logprobs, width)
+                out.logprobs[seq] = [TokenLogprobs.from_row(values, token, seq.params.logprobs, width)]
 
     def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """bad_words, logit_bias, then presence/frequency/repetition penalties, on the rows that use them."""
