@@ -86,6 +86,13 @@ def test_logprobs_of_kept_tokens_are_those_without_speculation(tiny_model):
     assert abs(speculated.cumulative_logprob - plain.cumulative_logprob) < 1e-4
 
 
+def test_an_fp8_cache_verifies_as_it_decodes(tiny_model):
+    path, params = tiny_model("llama-tied-gqa"), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain, _ = generate(path, None, repetitive_prompts(0), params, kv_cache_dtype="fp8")
+    speculated, engine = generate(path, NGRAM, repetitive_prompts(0), params, kv_cache_dtype="fp8")
+    assert speculated == plain and engine.spec_verifications > 0
+
+
 def test_preempted_speculating_outputs_are_those_without_speculation(tiny_model):
     path, prompts = tiny_model("llama-tied-gqa"), repetitive_prompts(0)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
