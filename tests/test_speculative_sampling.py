@@ -36,9 +36,10 @@ def test_greedy_sequences_keep_proposals_up_to_the_first_that_is_not_the_argmax(
     seqs = [speculating([5, 6, 7], 0), speculating([5, 9, 7], 0), speculating([4], 0)]
     targets = [5, 6, 7, 8] + [5, 6, 7, 8] + [3, 1]
     logits = torch.nn.functional.one_hot(torch.tensor(targets), 10).float()
-    tokens, accepted = verify(seqs, logits, batch_of([0.0] * len(targets)), ops.argmax)
+    tokens, accepted, rows = verify(seqs, logits, batch_of([0.0] * len(targets)), ops.argmax)
     assert [(seqs.index(s), t) for s, t in tokens] == [(0, 5), (0, 6), (0, 7), (0, 8), (1, 5), (1, 6), (2, 3)]
     assert list(accepted.values()) == [3, 1, 0]
+    assert rows == [0, 1, 2, 3, 4, 5, 8]   # the logits row that chose each kept token
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -55,7 +56,7 @@ def test_sampled_tokens_are_distributed_as_the_target_samples_them():
                           [0.05, 0.05, 0.30, 0.10, 0.20, 0.30]])
     num = 30000
     seqs = [speculating([2, 4], 1.0) for _ in range(num)]
-    tokens, accepted = verify(seqs, probs.log().repeat(num, 1), batch_of([1.0] * 3 * num), ops.argmax)
+    tokens, accepted, _ = verify(seqs, probs.log().repeat(num, 1), batch_of([1.0] * 3 * num), ops.argmax)
     emitted: dict[Sequence, list[int]] = {}
     for seq, token in tokens:
         emitted.setdefault(seq, []).append(token)
@@ -74,7 +75,7 @@ def test_a_seeded_sequence_verifies_the_same_way_each_time():
 
     def run(seed: int) -> list[int]:
         generator = torch.Generator().manual_seed(seed)
-        tokens, _ = verify([speculating([7, 8], 1.0)], logits, batch_of([1.0] * 3, {0: generator, 1: generator,
+        tokens, _, _ = verify([speculating([7, 8], 1.0)], logits, batch_of([1.0] * 3, {0: generator, 1: generator,
                                                                                     2: generator}), ops.argmax)
         return [token for _, token in tokens]
 

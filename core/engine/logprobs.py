@@ -2,7 +2,6 @@
 speculating sequences' kept tokens too), and vLLM's {token id: Logprob} dict of them."""
 from __future__ import annotations
 
-from collections import Counter
 from typing import NamedTuple
 
 import torch
@@ -100,24 +99,16 @@ def prompt_logprobs(logits: torch.Tensor, slices: list[PromptSlice]) -> dict[Seq
     return out
 
 
-def kept_token_logprobs(verifiers: list[Sequence], logits: torch.Tensor,
-                        kept: list[tuple[Sequence, int]]) -> dict[Sequence, list[TokenLogprobs]]:
+def kept_token_logprobs(logits: torch.Tensor, kept: list[tuple[Sequence, int]],
+                        rows: list[int]) -> dict[Sequence, list[TokenLogprobs]]:
     """The logprobs of each token (``kept``, in order) that a verifying sequence asking for them keeps, from the
-    row of ``logits`` (each verifier's proposal and one more, in order) that chose it."""
-    first_row, start = {}, 0
-    for seq in verifiers:
-        first_row[seq], start = start, start + len(seq.proposal) + 1
-    counts, rows, tokens = Counter(), [], []
-    for seq, token in kept:
-        if seq.params.logprobs is not None:
-            rows.append(first_row[seq] + counts[seq])
-            tokens.append((seq, token))
-            counts[seq] += 1
-    width = max(seq.params.logprobs for seq, _ in tokens)
-    index = torch.tensor(rows, device=logits.device)
+    row of ``logits`` that chose it (``rows``, as ``speculation.verify`` gives them)."""
+    wanted = [(seq, token, row) for (seq, token), row in zip(kept, rows) if seq.params.logprobs is not None]
+    width = max(seq.params.logprobs for seq, _, _ in wanted)
+    index = torch.tensor([row for _, _, row in wanted], device=logits.device)
     values = token_logprobs(logits[index].log_softmax(dim=-1),
-                            torch.tensor([token for _, token in tokens], device=logits.device), width)
+                            torch.tensor([token for _, token, _ in wanted], device=logits.device), width)
     entries: dict[Sequence, list[TokenLogprobs]] = {}
-    for (seq, token), row in zip(tokens, values):
+    for (seq, token, _), row in zip(wanted, values):
         entries.setdefault(seq, []).append(TokenLogprobs.from_row(row, token, seq.params.logprobs, width))
     return entries

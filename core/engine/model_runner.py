@@ -137,22 +137,20 @@ class ModelRunner:
         out = StepOutput(prompt_logprobs=prompt_logprobs(logits[len(rows):len(rows) + len(prompt_rows)], prompt_slices))
         if rows:
             self._choose(samplers, logits[:len(rows)], out)
+        kept, kept_rows = [], []   # the tokens verifying sequences keep, and the verified rows that chose them
         if verified_rows:
             verifiers = [seqs[i] for i in speculating]
             row_seqs = [seq for seq in verifiers for _ in range(len(seq.proposal) + 1)]
             verified_logits = logits[len(hidden_rows) - len(verified_rows):]
-            sampled, out.accepted = verify(verifiers, verified_logits, self._sampling_batch(row_seqs),
-                                           self.ops.argmax)
-            out.sampled += sampled
+            kept, out.accepted, kept_rows = verify(verifiers, verified_logits, self._sampling_batch(row_seqs),
+                                                   self.ops.argmax)
+            out.sampled += kept
             if any(seq.params.logprobs is not None for seq in verifiers):
-                out.logprobs.update(kept_token_logprobs(verifiers, verified_logits, sampled))
+                out.logprobs.update(kept_token_logprobs(verified_logits, kept, kept_rows))
         if self.medusa is not None:
             # The hidden state each sequence's newest token came from: a sampled row, or a verified one.
             sources = {seq: row for seq, row in zip(samplers, hidden_rows) if seq.beam is None}
-            offset = len(hidden_rows) - len(verified_rows)
-            for seq in (seqs[i] for i in speculating):
-                sources[seq] = hidden_rows[offset + out.accepted[seq]]
-                offset += len(seq.proposal) + 1
+            sources.update({seq: verified_rows[row] for (seq, _), row in zip(kept, kept_rows)})   # the last stays
             proposals = self.medusa.propose(hidden[self._tensor(list(sources.values()))]).tolist()
             for seq, tokens in zip(sources, proposals):
                 seq.head_proposal = tokens

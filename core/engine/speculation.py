@@ -108,10 +108,10 @@ class NgramIndex:
 
 
 def verify(seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch,
-           argmax) -> tuple[list[tuple[Sequence, int]], dict]:
-    """((sequence, token) for each token the speculating ``seqs`` gain, {sequence: proposed tokens accepted}),
-    from the target's logits at each one's last token and its proposal, in order (``batch``: their sampling
-    parameters, row by row).
+           argmax) -> tuple[list[tuple[Sequence, int]], dict, list[int]]:
+    """((sequence, token) for each token the speculating ``seqs`` gain, {sequence: proposed tokens accepted},
+    the row of ``logits`` that chose each token), from the target's logits at each one's last token and its
+    proposal, in order (``batch``: their sampling parameters, row by row).
 
     A proposal is certain of its tokens, so the rejection-sampling rule keeps a sampled sequence's proposed token
     with the target's probability of it, and at the first one it rejects samples from the target's distribution
@@ -128,13 +128,14 @@ def verify(seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch,
         kept = torch.where(sampled, uniform <= proposed_probs, kept)
         chosen = torch.where(sampled, argmax(residual / exponential_noise(residual, batch.generators)), chosen)
     kept, chosen = torch.stack([kept.long(), chosen]).tolist()
-    tokens, accepted, start = [], {}, 0
+    tokens, accepted, rows, start = [], {}, [], 0
     for seq in seqs:
         k = len(seq.proposal)
         n = next((i for i in range(k) if not kept[start + i]), k)
         tokens += [(seq, token) for token in seq.proposal[:n] + [chosen[start + n]]]
+        rows += range(start, start + n + 1)
         accepted[seq], start = n, start + k + 1
-    return tokens, accepted
+    return tokens, accepted, rows
 
 
 def speculates(seq: Sequence) -> bool:
