@@ -111,8 +111,9 @@ def test_bad_request_leaves_running_requests_unharmed(llm):
     (dict(tensor_parallel_size=2), "tensor_parallel_size=2 is not supported"),
     (dict(pipeline_parallel_size=0), "pipeline_parallel_size must be >= 1"),
     (dict(speculative_config={"method": "ngram"}), "speculative_config needs 'num_speculative_tokens'"),
-    (dict(speculative_config={"method": "eagle", "num_speculative_tokens": 2}),
-     "speculative_config method 'eagle' is not supported yet; supported: 'ngram', 'draft_model', 'medusa'"),
+    (dict(speculative_config={"method": "eagle3", "num_speculative_tokens": 2}),
+     "speculative_config method 'eagle3' is not supported yet; supported: 'ngram', 'draft_model', 'medusa', "
+     "'eagle'"),
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 0}),
      "speculative_config 'num_speculative_tokens' must be an integer >= 1, got 0"),
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "draft": 1}),
@@ -127,6 +128,8 @@ def test_bad_request_leaves_running_requests_unharmed(llm):
      "speculative_config method 'draft_model' needs 'model': the draft model's folder or .gguf file, got None"),
     (dict(speculative_config={"method": "medusa", "num_speculative_tokens": 2, "model": ""}),
      "speculative_config method 'medusa' needs 'model': the Medusa heads' folder, got ''"),
+    (dict(speculative_config={"method": "eagle", "num_speculative_tokens": 2, "model": "/m", "quantization": "fp8"}),
+     "speculative_config keys \\['quantization'\\] do not apply to method 'eagle', which takes model"),
     (dict(speculative_config={"method": "draft_model", "num_speculative_tokens": 2, "model": "/m",
                               "prompt_lookup_max": 3}),
      "speculative_config keys \\['prompt_lookup_max'\\] do not apply to method 'draft_model', which takes model, "

@@ -51,8 +51,8 @@ def test_speculative_config_is_json(engine_args):
     result = kvserve("generate", "hi", "--speculative-config", "{method: ngram}", *engine_args)
     assert result.returncode == 2
     assert "--speculative-config: not valid JSON" in result.stderr
-    result = kvserve("generate", "hi", "--speculative-config", '{"method": "eagle", "num_speculative_tokens": 3}',
+    result = kvserve("generate", "hi", "--speculative-config", '{"method": "eagle3", "num_speculative_tokens": 3}',
                      *engine_args)
     assert result.returncode == 2
-    assert "speculative_config method 'eagle' is not supported yet; supported: 'ngram', 'draft_model', 'medusa'" \
-        in result.stderr
+    assert ("speculative_config method 'eagle3' is not supported yet; supported: 'ngram', 'draft_model', 'medusa', "
+            "'eagle'") in result.stderr

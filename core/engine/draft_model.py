@@ -14,8 +14,8 @@ from itertools import accumulate
 import torch
 
 from kvserve.core.config import EngineConfig
-from kvserve.core.engine.kv_cache import bind_kv_scales, cache_block_bytes, cache_shape
-from kvserve.core.engine.model_builder import build_model
+from kvserve.core.engine.kv_cache import KvCache, bind_kv_scales, cache_block_bytes, cache_shape
+from kvserve.core.engine.model_builder import BuiltModel, build_model
 from kvserve.core.engine.sequence import Sequence
 from kvserve.core.layers.ops import Ops
 from kvserve.core.loader.model_loader import Checkpoint
@@ -23,34 +23,44 @@ from kvserve.plugins.interfaces import StepLayout
 from kvserve.plugins.manager import Platform
 
 
+def check_draft(config: EngineConfig, checkpoint: Checkpoint, target_vocab_size: int) -> None:
+    """A clear error for a draft of another vocabulary or of fewer positions than the target serves."""
+    vocab_size = checkpoint.hf_config.vocab_size
+    if vocab_size != target_vocab_size:
+        raise ValueError(f"speculative_config model {checkpoint.path!r} has a vocabulary of {vocab_size} tokens, "
+                         f"the target {target_vocab_size}: a draft model must share the target's tokenizer")
+    if checkpoint.max_model_len < config.model.max_model_len:
+        raise ValueError(f"speculative_config model {checkpoint.path!r} takes {checkpoint.max_model_len} "
+                         f"positions, fewer than max_model_len={config.model.max_model_len}; lower "
+                         f"max_model_len or pick a draft model with a longer context")
+
+
 class DraftModel:
+    captures_graphs = True
+
     def __init__(self, config: EngineConfig, platform: Platform, checkpoint: Checkpoint, model_cls: type, ops: Ops,
                  dtype: torch.dtype, target_vocab_size: int):
-        vocab_size = checkpoint.hf_config.vocab_size
-        if vocab_size != target_vocab_size:
-            raise ValueError(f"speculative_config model {checkpoint.path!r} has a vocabulary of {vocab_size} tokens, "
-                             f"the target {target_vocab_size}: a draft model must share the target's tokenizer")
-        if checkpoint.max_model_len < config.model.max_model_len:
-            raise ValueError(f"speculative_config model {checkpoint.path!r} takes {checkpoint.max_model_len} "
-                             f"positions, fewer than max_model_len={config.model.max_model_len}; lower "
-                             f"max_model_len or pick a draft model with a longer context")
+        check_draft(config, checkpoint, target_vocab_size)
         quantization = checkpoint.quantization(config.speculation.quantization)
-        built = build_model(config, platform, checkpoint, model_cls, ops, dtype, quantization, None)
+        self._take(build_model(config, platform, checkpoint, model_cls, ops, dtype, quantization, None), config,
+                   platform, ops)
+
+    def _take(self, built: BuiltModel, config: EngineConfig, platform: Platform, ops: Ops) -> None:
         self.built, self.model, self.layers, self.spec, self.backend = (built, built.model, built.layers, built.spec,
                                                                          built.backend)
         self.block_bytes = cache_block_bytes(self.spec, self.backend, len(self.layers))
         self.ops, self.device, self.platform, self.config = ops, platform.device, platform, config
         self.kv_cache: torch.Tensor | None = None
 
-    def allocate(self, num_blocks: int) -> None:
-        """Its cache, of the target's ``num_blocks`` blocks."""
-        self.kv_cache = torch.zeros(cache_shape(self.spec, self.backend, len(self.layers), num_blocks),
+    def allocate(self, cache: KvCache) -> None:
+        """Its cache, of the target's blocks."""
+        self.kv_cache = torch.zeros(cache_shape(self.spec, self.backend, len(self.layers), cache.num_blocks),
                                     dtype=self.spec.cache_dtype, device=self.device)
-        for layer, cache in zip(self.layers, self.kv_cache):
-            layer.backend, layer.kv_cache = self.backend, cache
+        for layer, layer_cache in zip(self.layers, self.kv_cache):
+            layer.backend, layer.kv_cache = self.backend, layer_cache
         bind_kv_scales(self.layers, self.spec, calculate=False)
-        # Its passes after the first are decodes: the platform's graphs serve them as they serve the target's.
-        self.built.graph_runner = self.platform.graph_runner(self.model, self.backend, self.config)
+        if self.captures_graphs:   # its passes after the first are decodes, which the platform's graphs serve
+            self.built.graph_runner = self.platform.graph_runner(self.model, self.backend, self.config)
 
     def propose(self, seqs: list[Sequence]) -> None:
         """Replace each sequence's proposal (placeholders, as many as it may take this step) with draft tokens;

@@ -3,6 +3,7 @@ attention backend its layers run on: what the target model and a draft model are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -48,7 +49,9 @@ class BuiltModel:
 
 
 def build_model(config: EngineConfig, platform: Platform, checkpoint: Checkpoint, model_cls: type, ops: Ops,
-                dtype: torch.dtype, quantization: str | None, group_size: int | None) -> BuiltModel:
+                dtype: torch.dtype, quantization: str | None, group_size: int | None,
+                weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> BuiltModel:
+    """``weights``: the checkpoint's, read already, in place of reading them again."""
     with torch.device("meta"):   # no time spent initializing weights the checkpoint replaces
         model = model_cls(checkpoint.hf_config, ops)
     model.to_empty(device=platform.device)
@@ -56,7 +59,7 @@ def build_model(config: EngineConfig, platform: Platform, checkpoint: Checkpoint
     if config.model.load_format == "dummy":
         fill_random(model, config.model.seed)
     else:
-        load_weights(model, checkpoint.weights(quantization))
+        load_weights(model, checkpoint.weights(quantization) if weights is None else weights)
     model = model.to(dtype).eval()
     online = checkpoint.own_quantization is None
     use_platform_kernels(model, kernel_factory(quantization, platform, dtype, online, group_size),

@@ -9,6 +9,7 @@ import torch
 from kvserve.core.config import EngineConfig
 from kvserve.core.engine.beam_search import beam_candidates
 from kvserve.core.engine.draft_model import DraftModel
+from kvserve.core.engine.eagle import EagleDrafter
 from kvserve.core.engine.kv_cache import allocate_kv_cache, bind_kv_scales
 from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, kept_token_logprobs, prompt_logprobs
 from kvserve.core.engine.medusa import MedusaHeads
@@ -62,16 +63,18 @@ class ModelRunner:
                             config.model.quantization, config.model.quantization_group_size)
         self.built, self.model, self.spec, self.backend = built, built.model, built.spec, built.backend
         layers = built.layers
+        speculation = config.speculation
         self.drafter = None if draft is None else DraftModel(config, platform, *draft, self.ops, self.dtype,
                                                              self.vocab_size)
-        speculation = config.speculation
+        if speculation is not None and speculation.method == "eagle":
+            self.drafter = EagleDrafter(config, platform, self.model, checkpoint.hf_config, self.ops, self.dtype)
         self.medusa = None if speculation is None or speculation.method != "medusa" else MedusaHeads(
             speculation.model, checkpoint.hf_config.hidden_size, self.vocab_size, speculation.num_speculative_tokens,
             self.ops, self.device, self.dtype)
         cache = allocate_kv_cache(config, self.spec, self.backend, len(layers), platform,
                                   0 if self.drafter is None else self.drafter.block_bytes)
         if self.drafter is not None:
-            self.drafter.allocate(cache.num_blocks)
+            self.drafter.allocate(cache)
         self.num_blocks, self.num_host_blocks, self.kv_cache_bytes = (cache.num_blocks, cache.num_host_blocks,
                                                                       cache.num_bytes)
         self.kv_cache, self.host_kv_cache = cache.device_cache, cache.host_cache
@@ -111,12 +114,17 @@ class ModelRunner:
                                            (self.host_kv_cache, self.kv_cache, batch.swap_ins)):
             if pairs:
                 self.backend.copy_blocks(source, destination, pairs)
+        eagle = self.drafter if isinstance(self.drafter, EagleDrafter) else None
+        if eagle is not None:
+            eagle.copy_blocks(batch)
         if self.drafter is not None:
             self.drafter.propose([s for s in seqs if s.proposal])
         metadata = self.backend.build_metadata(step_layout(batch))
         token_ids = [t for s, n in zip(seqs, counts) for t in s.next_tokens(n)]
         input_ids = self._tensor(token_ids)
         hidden = self.built.forward(input_ids, metadata)
+        if eagle is not None:
+            eagle.keep_features(hidden, metadata)
 
         starts = list(accumulate(counts, initial=0))
         done = [i for i, (s, n) in enumerate(zip(seqs, counts))

@@ -3,7 +3,8 @@ them, so that a memory-bound decode step can yield several tokens without changi
 
 ``ngram`` (prompt lookup) proposes the tokens that followed the latest earlier occurrence of the sequence's last
 n tokens, n from ``prompt_lookup_max`` down to ``prompt_lookup_min``; ``draft_model``, a smaller model's greedy
-tokens (draft_model.py); ``medusa``, extra heads' tokens from the target's hidden state (medusa.py). A greedy
+tokens (draft_model.py); ``medusa``, extra heads' tokens from the target's hidden state (medusa.py); ``eagle``,
+EAGLE's draft's greedy tokens from the target's hidden states (eagle.py). A greedy
 sequence keeps the proposed tokens that equal the target's argmax at their positions, then takes the target's
 own token at the first that does not (or after the last): exactly the tokens it would have produced one step at
 a time. A sampled one keeps them by the rejection-sampling rule (``verify``), so its tokens are distributed as
@@ -22,11 +23,12 @@ from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
 if TYPE_CHECKING:   # the engine's config reads SpeculativeConfig before sequences exist
     from kvserve.core.engine.sequence import Sequence
 
-METHODS = ("ngram", "draft_model", "medusa")
+METHODS = ("ngram", "draft_model", "medusa", "eagle")
 # The keys each method takes besides method and num_speculative_tokens
 METHOD_KEYS = {"ngram": ("prompt_lookup_max", "prompt_lookup_min"), "draft_model": ("model", "quantization"),
-               "medusa": ("model",)}
-MODEL_KINDS = {"draft_model": "the draft model's folder or .gguf file", "medusa": "the Medusa heads' folder"}
+               "medusa": ("model",), "eagle": ("model",)}
+MODEL_KINDS = {"draft_model": "the draft model's folder or .gguf file", "medusa": "the Medusa heads' folder",
+               "eagle": "the EAGLE draft's folder"}
 KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "quantization")
 UNDRAFTED = -1   # a placeholder proposal token, as many as a draft model may propose once the step is scheduled
 
@@ -43,7 +45,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
-    model: str | None = None   # the draft model's folder or .gguf file, or the Medusa heads' folder
+    model: str | None = None   # the draft model's folder or .gguf file, the Medusa heads' or the EAGLE draft's
     quantization: str | None = None   # the draft's, as the target's quantization option names them
 
     @classmethod
@@ -155,7 +157,7 @@ class Proposer:
 
     def propose(self, seqs: list[Sequence]) -> None:
         """Give each sequence that speculates its proposal, no longer than what its token limit leaves (a draft
-        model's: placeholders, which it drafts once the scheduler has trimmed them to the step's budget)."""
+        model's or EAGLE's: placeholders, drafted once the scheduler has trimmed them to the step's budget)."""
         config = self.config
         for seq in seqs:
             room = min(config.num_speculative_tokens, seq.max_total_tokens - seq.num_tokens - 1)
@@ -168,8 +170,10 @@ class Proposer:
                 seq.proposal = index.propose(seq.token_ids, room)
             elif config.method == "medusa":
                 seq.proposal = seq.head_proposal[:room]
-            else:
+            elif config.method == "draft_model" or seq.num_tokens > 1:   # EAGLE's needs a hidden state before
                 seq.proposal = [UNDRAFTED] * room
+            else:
+                seq.proposal = []
 
     def release(self, seq: Sequence) -> None:
         self.indexes.pop(seq.seq_id, None)

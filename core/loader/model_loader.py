@@ -93,9 +93,16 @@ class Checkpoint:
         yield from self._safetensors()
 
     def _safetensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The *.safetensors files' tensors, or where a folder has none, its PyTorch pickles' (as EAGLE's drafts
+        ship), read with weights_only so that they can run no code."""
         files = sorted(glob.glob(os.path.join(self.path, "*.safetensors")))
         if not files:
-            raise ValueError(f"model folder {self.path!r} has no *.safetensors weights")
+            pickles = sorted(glob.glob(os.path.join(self.path, "pytorch_model*.bin")))
+            if not pickles:
+                raise ValueError(f"model folder {self.path!r} has no *.safetensors (or pytorch_model*.bin) weights")
+            for file in pickles:
+                yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+            return
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():

@@ -22,11 +22,13 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
     kv_scales = KvScaleReader(model)
     mapping: dict[str, tuple[str, str]] = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
+    ignored = getattr(model, "ignored_weights", ())   # copies of weights the model takes from elsewhere
     loaded: set[tuple[str, str | None]] = set()
     for name, tensor in weights:
         quantized = isinstance(tensor, QuantizedWeight)
         # A tied head shares the embedding's parameter, unless the checkpoint quantized it (GGUF's blocks).
-        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight" and not quantized):
+        if (name.endswith(IGNORED_SUFFIXES) or name in ignored
+                or (tied and name == "lm_head.weight" and not quantized)):
             continue
         if not quantized and kv_scales.take(name, tensor):
             continue
