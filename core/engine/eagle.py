@@ -7,6 +7,9 @@ pass one drafted token, paired with the draft's own hidden state before it. The 
 paged cache of the target's blocks (a function of the tokens up to their position, as keys and values are, so
 that prefix-cache hits, copies on write and swaps keep them). The draft's keys and values go in its own cache of
 those blocks; its entries past the target's last hidden state are recomputed from the target's next time.
+Sequences that share a block through the prefix cache share its draft entries too, and a block's last entry pairs
+a hidden state with the next block's first token: where two diverge at a block's end, one may draft from the
+other's entry there, which costs acceptance, never output.
 """
 from __future__ import annotations
 
