@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 from server_utils import openai_client  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config  # noqa: E402,E501
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, MixtralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig  # noqa: E402,E501
 
 PLUGIN_SOURCES = Path(__file__).parent / "plugins"
 CORPUS = [
@@ -35,6 +35,12 @@ ARCHITECTURES = {
         "high_freq_factor": 4.0, "original_max_position_embeddings": 128})),
     "qwen2": (Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "mistral-sliding": (MistralConfig, dict(num_key_value_heads=2, sliding_window=24, tie_word_embeddings=False)),
+    "mixtral": (MixtralConfig, dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                    tie_word_embeddings=False)),
+    # Its second layer is dense; the first routes to 2 of 4 experts beside the shared one.
+    "qwen2-moe": (Qwen2MoeConfig, dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                       moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                       mlp_only_layers=[1], tie_word_embeddings=False)),
 }
 # Kernels with a fixed set of head sizes (IPEX) need a realistic one.
 EXTRA_ARCHITECTURES = {

@@ -13,7 +13,7 @@ from torch import nn
 from kvserve.core.layers.linear import Linear
 from kvserve.core.layers.ops import Ops
 from kvserve.core.layers.rotary import RotaryEmbedding, rope_parameters
-from kvserve.core.models.llama import LlamaDecoderLayer, LlamaForCausalLM, head_size_of
+from kvserve.core.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, head_size_of
 from kvserve.plugins.interfaces import AttentionMetadata
 
 
@@ -26,8 +26,10 @@ class EagleLlama(nn.Module):
         self.fc = Linear(2 * config.hidden_size, config.hidden_size, bias=fc_bias)
         self.rotary_emb = RotaryEmbedding(head_size_of(config), config.max_position_embeddings,
                                           rope_parameters(config), ops)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, qkv_bias, self.rotary_emb)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, ops, qkv_bias, self.rotary_emb,
+                              LlamaMLP(config.hidden_size, config.intermediate_size, ops))
+            for _ in range(config.num_hidden_layers))
         self.layers[0].input_layernorm = nn.Identity()
         self.embed_tokens: nn.Embedding | None = None
         self.lm_head: nn.Module | None = None

@@ -1,6 +1,8 @@
 """Llama-family decoder (Llama 2/3/3.1, SmolLM2); Mistral and Qwen2 reuse it."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -58,11 +60,11 @@ def head_size_of(config) -> int:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, ops: Ops, qkv_bias: bool, rotary_emb: RotaryEmbedding):
+    def __init__(self, config, ops: Ops, qkv_bias: bool, rotary_emb: RotaryEmbedding, mlp: nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                                         head_size_of(config), rotary_emb, qkv_bias)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, ops)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
@@ -78,13 +80,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, ops: Ops, qkv_bias: bool):
+    def __init__(self, config, ops: Ops, qkv_bias: bool, make_mlp: Callable[[int], nn.Module]):
+        """``make_mlp(layer)``: the feed-forward block of each layer."""
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(head_size_of(config), config.max_position_embeddings,
                                           rope_parameters(config), ops)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, qkv_bias, self.rotary_emb)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, qkv_bias, self.rotary_emb, make_mlp(layer))
+                                    for layer in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, input_ids, positions, metadata):
@@ -109,7 +112,7 @@ class LlamaForCausalLM(nn.Module):
         self.sliding_window = self.window_of(config)
         if getattr(config, "mlp_bias", False):
             raise ValueError("mlp_bias=True Llama checkpoints are not supported")
-        self.model = LlamaModel(config, ops, qkv_bias)
+        self.model = LlamaModel(config, ops, qkv_bias, lambda layer: self.make_mlp(config, ops, layer))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = (Linear.tied_to(self.model.embed_tokens) if self.tie_word_embeddings
                         else Linear(config.hidden_size, config.vocab_size, bias=False))
@@ -117,6 +120,10 @@ class LlamaForCausalLM(nn.Module):
     @staticmethod
     def window_of(config) -> int | None:
         return None
+
+    def make_mlp(self, config, ops: Ops, layer: int) -> nn.Module:
+        """The feed-forward block of decoder layer ``layer``: a gated MLP; mixture-of-experts models route."""
+        return LlamaMLP(config.hidden_size, config.intermediate_size, ops)
 
     def tie_weights(self) -> None:
         """Share the embedding with lm_head again: materializing the model off the meta device unties them."""

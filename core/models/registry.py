@@ -4,12 +4,16 @@ from __future__ import annotations
 from torch import nn
 
 from kvserve.core.models.llama import LlamaForCausalLM, MistralForCausalLM
+from kvserve.core.models.mixtral import MixtralForCausalLM
 from kvserve.core.models.qwen2 import Qwen2ForCausalLM
+from kvserve.core.models.qwen2_moe import Qwen2MoeForCausalLM
 
 BUILTIN_MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
 }
 
 
