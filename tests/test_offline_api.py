@@ -67,7 +67,7 @@ def test_dummy_load_format_needs_no_weights(tiny_model, tmp_path):
     for file in source.iterdir():
         if not file.name.endswith(".safetensors"):
             shutil.copy(file, tmp_path / file.name)
-    with pytest.raises(ValueError, match="no \\*.safetensors weights"):
+    with pytest.raises(ValueError, match="no \\*.safetensors \\(or pytorch_model\\*.bin\\) weights"):
         LLM(str(tmp_path), dtype="float32", kv_cache_memory="8MiB")
     llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory="8MiB", load_format="dummy")
     assert all(0 < p.abs().max() <= 1e-3 for p in llm.llm_engine.runner.model.parameters())
