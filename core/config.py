@@ -152,7 +152,7 @@ class ParallelConfig:
     def __post_init__(self):
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             check_int(name, getattr(self, name), 1)
-            if getattr(self, name) != 1:
+            if name != "tensor_parallel_size" and getattr(self, name) != 1:
                 raise ValueError(f"{name}={getattr(self, name)} is not supported yet; allowed: 1")
 
 

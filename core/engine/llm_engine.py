@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import replace
 
 from kvserve.core.config import EngineConfig
+from kvserve.core.distributed.executor import TensorParallelRunner, check_tensor_parallel
 from kvserve.core.engine.beam_search import BeamSearch
 from kvserve.core.engine.block_manager import BlockManager
 from kvserve.core.engine.detokenizer import IncrementalDetokenizer
@@ -46,7 +47,11 @@ class LLMEngine:
         if config.speculation is not None and config.speculation.method == "draft_model":
             draft_checkpoint = Checkpoint.open(config.speculation.model)
             draft = draft_checkpoint, resolve_model_class(draft_checkpoint.hf_config, self.plugins.models())
-        self.runner = ModelRunner(config, self.platform, checkpoint, model_cls, draft)
+        if config.parallel.tensor_parallel_size > 1:
+            check_tensor_parallel(config, checkpoint)
+            self.runner = TensorParallelRunner(config, self.platform, checkpoint, model_cls)
+        else:
+            self.runner = ModelRunner(config, self.platform, checkpoint, model_cls, draft)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching, self.runner.num_host_blocks)
         self.scheduler = Scheduler(config, self.block_manager)

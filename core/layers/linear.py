@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvserve.core.distributed.parallel_state import tensor_parallel
 from kvserve.core.quantization import join_shards
 from kvserve.plugins.interfaces import QuantizedWeight
 
@@ -69,24 +70,30 @@ def use_platform_kernels(model: nn.Module, make_kernel: KernelFactory, make_gate
 
 
 class MergedLinear(Linear):
-    """One matmul for several projections of the same input; each shard loads from its own tensor."""
+    """One matmul for several projections of the same input; each shard loads from its own tensor, or with
+    ``checkpoint_rows`` ({shard: (first, total)}) from rows [first, first + its size) of a tensor of ``total``
+    rows: a tensor-parallel rank's part."""
 
-    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False):
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False,
+                 checkpoint_rows: dict[str, tuple[int, int]] | None = None):
         super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
         self.shard_offsets: dict[str, tuple[int, int]] = {}
         offset = 0
         for shard, size in shard_sizes.items():
             self.shard_offsets[shard] = (offset, size)
             offset += size
+        self.checkpoint_rows = checkpoint_rows or {shard: (0, size) for shard, size in shard_sizes.items()}
         self.quantized_shards: dict[str, QuantizedWeight] = {}
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
-        """Copy ``loaded`` into the rows of ``param`` (this layer's weight or bias) that ``shard`` owns."""
+        """Copy ``shard``'s rows of ``loaded`` into the rows of ``param`` (this layer's weight or bias) it owns."""
         offset, size = self.shard_offsets[shard]
         target = param.data.narrow(0, offset, size)
-        if target.shape != loaded.shape:
-            raise ValueError(f"shard {shard!r} has shape {tuple(loaded.shape)}, expected {tuple(target.shape)}")
-        target.copy_(loaded)
+        first, total = self.checkpoint_rows[shard]
+        if (total, *target.shape[1:]) != loaded.shape:
+            raise ValueError(f"shard {shard!r} has shape {tuple(loaded.shape)}, expected "
+                             f"{(total, *target.shape[1:])}")
+        target.copy_(loaded.narrow(0, first, size))
 
     def load_quantized(self, weight: QuantizedWeight, shard: str | None = None) -> None:
         """Keep ``shard``'s quantized weight until finish_loading joins the shards."""
@@ -115,7 +122,9 @@ class GateUpLinear(MergedLinear):
     activated = False   # whether the kernel applies silu_and_mul itself
 
     def __init__(self, in_features: int, intermediate_size: int, silu_and_mul: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__(in_features, {"gate": intermediate_size, "up": intermediate_size})
+        first, size = tensor_parallel().part(intermediate_size)   # this rank's columns of the intermediate
+        super().__init__(in_features, {"gate": size, "up": size},
+                         checkpoint_rows={"gate": (first, intermediate_size), "up": (first, intermediate_size)})
         self.silu_and_mul = silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

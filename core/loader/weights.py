@@ -49,6 +49,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
                 module.load_quantized(tensor, shard)
             elif shard is not None:
                 model.get_submodule(target.rpartition(".")[0]).load_shard(param, tensor, shard)
+            elif hasattr(module := model.get_submodule(target.rpartition(".")[0]), "checkpoint_slice"):
+                param.copy_(module.checkpoint_slice(target.rpartition(".")[2], tensor))
             elif param.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(param.shape)}")

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from kvserve.core.layers.attention import Attention
-from kvserve.core.layers.linear import GateUpLinear, Linear, MergedLinear
+from kvserve.core.layers.linear import GateUpLinear
 from kvserve.core.layers.ops import Ops
+from kvserve.core.layers.parallel import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, qkv_projection
 from kvserve.core.layers.rotary import RotaryEmbedding, rope_parameters
 from kvserve.plugins.interfaces import AttentionMetadata
 
@@ -30,12 +31,11 @@ class LlamaAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_size: int,
                  rotary_emb: RotaryEmbedding, qkv_bias: bool):
         super().__init__()
-        self.q_size, self.kv_size = num_heads * head_size, num_kv_heads * head_size
-        self.qkv_proj = MergedLinear(hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
-                                     bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, hidden_size, bias=False)
+        self.qkv_proj, heads, kv_heads = qkv_projection(hidden_size, num_heads, num_kv_heads, head_size, qkv_bias)
+        self.q_size, self.kv_size = heads * head_size, kv_heads * head_size   # this rank's
+        self.o_proj = RowParallelLinear(num_heads * head_size, hidden_size, bias=False)
         self.rotary_emb = rotary_emb
-        self.attn = Attention(num_heads, num_kv_heads, head_size, scale=head_size ** -0.5)
+        self.attn = Attention(heads, kv_heads, head_size, scale=head_size ** -0.5)
 
     def forward(self, angles: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -49,7 +49,7 @@ class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, ops: Ops):
         super().__init__()
         self.gate_up_proj = GateUpLinear(hidden_size, intermediate_size, ops.silu_and_mul)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x))
@@ -83,7 +83,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config, ops: Ops, qkv_bias: bool, make_mlp: Callable[[int], nn.Module]):
         """``make_mlp(layer)``: the feed-forward block of each layer."""
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(head_size_of(config), config.max_position_embeddings,
                                           rope_parameters(config), ops)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, qkv_bias, self.rotary_emb, make_mlp(layer))
@@ -114,8 +114,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("mlp_bias=True Llama checkpoints are not supported")
         self.model = LlamaModel(config, ops, qkv_bias, lambda layer: self.make_mlp(config, ops, layer))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = (Linear.tied_to(self.model.embed_tokens) if self.tie_word_embeddings
-                        else Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.lm_head = (ParallelLMHead.tied_to(self.model.embed_tokens) if self.tie_word_embeddings
+                        else ParallelLMHead(config.hidden_size, config.vocab_size))
 
     @staticmethod
     def window_of(config) -> int | None:

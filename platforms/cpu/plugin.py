@@ -59,7 +59,9 @@ def platform_attention_backend(spec: AttentionSpec) -> type[AttentionBackend]:
 def platform_graph_runner(model, backend, config):
     from kvserve.platforms.cpu.graphs import CpuGraphRunner
 
-    if config.device.enforce_eager or not getattr(backend, "replays_decode_steps", False):
+    # A recording cannot replay collectives between ranks: split models run eager.
+    if (config.device.enforce_eager or not getattr(backend, "replays_decode_steps", False)
+            or config.parallel.tensor_parallel_size > 1):
         return None
     return CpuGraphRunner(model)
 

@@ -1,0 +1,134 @@
+"""Tensor parallelism on one machine: the engine's process is rank 0 and starts a process for every other rank;
+each builds its shard of the model and of the KV cache and runs every step rank 0 runs, so that their
+collectives meet. Rank 0 sends each call on its model runner (a request's arrival or release, a scheduled step)
+to the others through torch.distributed before making it itself; only its own step outputs are used (the
+others compute the same logits, gathered over the ranks, and drop what they sample)."""
+from __future__ import annotations
+
+import multiprocessing
+import socket
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from kvserve.core.config import EngineConfig
+from kvserve.core.distributed.parallel_state import TensorParallel, set_tensor_parallel
+from kvserve.core.engine.model_runner import ModelRunner
+from kvserve.core.loader.model_loader import Checkpoint
+from kvserve.core.log import logger
+from kvserve.core.models.registry import resolve_model_class
+from kvserve.plugins.manager import Platform, PluginManager
+
+# How long a collective waits for the other ranks (loading a large shard included) before it fails.
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(platform: Platform, rank: int, size: int, port: int) -> None:
+    dist.init_process_group(platform.info.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=size, timeout=COLLECTIVE_TIMEOUT)
+    set_tensor_parallel(TensorParallel(rank, size, platform.communicator(rank, size)))
+
+
+def _worker(config: EngineConfig, rank: int, size: int, port: int) -> None:
+    plugins = PluginManager()
+    platform = plugins.select_platform(config.device.device)
+    _join(platform, rank, size, port)
+    platform.seed(config.model.seed)
+    checkpoint = Checkpoint.open(config.model.model)
+    runner = ModelRunner(config, platform, checkpoint, resolve_model_class(checkpoint.hf_config, plugins.models()))
+    while True:
+        call = [None]
+        dist.broadcast_object_list(call, src=0)
+        name, args = call[0]
+        if name == "stop":
+            break
+        getattr(runner, name)(*args)
+    dist.destroy_process_group()
+
+
+class TensorParallelRunner:
+    """Rank 0's model runner, as the engine uses it; every call it takes goes to the other ranks first."""
+
+    active: TensorParallelRunner | None = None   # a process joins one group at a time
+
+    def __init__(self, config: EngineConfig, platform: Platform, checkpoint: Checkpoint, model_cls: type):
+        if TensorParallelRunner.active is not None:
+            TensorParallelRunner.active.shutdown()
+        size, port = config.parallel.tensor_parallel_size, _free_port()
+        context = multiprocessing.get_context("spawn")
+        self.workers = [context.Process(target=_worker, args=(config, rank, size, port), daemon=True,
+                                        name=f"kvserve-tp-rank-{rank}") for rank in range(1, size)]
+        for worker in self.workers:
+            worker.start()
+        _join(platform, 0, size, port)
+        self.runner = ModelRunner(config, platform, checkpoint, model_cls)
+        TensorParallelRunner.active = self
+        hf_config = checkpoint.hf_config
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        logger.info("tensor parallelism over %d ranks (%s, a process each): rank r holds query heads "
+                    "[r*%d, (r+1)*%d), %s, columns [r*%d, (r+1)*%d) of the MLPs and rows [r*%d, (r+1)*%d) of the "
+                    "vocabulary", size, platform.info.dist_backend, *[hf_config.num_attention_heads // size] * 2,
+                    f"key-value heads [r*{kv_heads // size}, (r+1)*{kv_heads // size})" if kv_heads >= size
+                    else f"a copy of key-value head r*{kv_heads}//{size}",
+                    *[hf_config.intermediate_size // size] * 2, *[-(-hf_config.vocab_size // size)] * 2)
+
+    def __getattr__(self, name: str):   # what the engine reads of its runner: num_blocks, vocab_size, ...
+        return getattr(self.runner, name)
+
+    def add(self, *args) -> None:
+        self._send("add", args)
+        self.runner.add(*args)
+
+    def release(self, *args) -> None:
+        self._send("release", args)
+        self.runner.release(*args)
+
+    def execute(self, batch):
+        self._send("execute", (batch,))
+        return self.runner.execute(batch)
+
+    def shutdown(self) -> None:
+        """Stop the other ranks and leave the group."""
+        self._send("stop", ())
+        for worker in self.workers:
+            worker.join()
+        dist.destroy_process_group()
+        set_tensor_parallel(TensorParallel())
+        TensorParallelRunner.active = None
+
+    @staticmethod
+    def _send(name: str, args: tuple) -> None:
+        dist.broadcast_object_list([(name, args)], src=0)
+
+
+def check_tensor_parallel(config: EngineConfig, checkpoint: Checkpoint) -> None:
+    """A clear error, before any process starts, where the model cannot be split over the ranks or a feature
+    does not run split yet."""
+    size, hf_config, path = config.parallel.tensor_parallel_size, checkpoint.hf_config, checkpoint.path
+    what = f"tensor_parallel_size={size}"
+    if getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None):
+        raise ValueError(f"{what}: mixture-of-experts models do not split over ranks yet; use 1")
+    if checkpoint.own_quantization is not None or config.model.quantization == "gguf":
+        raise ValueError(f"{what}: quantized checkpoints ({config.model.quantization}) do not split over ranks "
+                         f"yet; use 1, or online quantization (None, 'int8', 'int4', 'fp8' on an unquantized model)")
+    if config.speculation is not None and config.speculation.method != "ngram":
+        raise ValueError(f"{what}: speculative method {config.speculation.method!r} does not split over ranks yet; "
+                         f"use 1, or method 'ngram'")
+    heads, intermediate = hf_config.num_attention_heads, hf_config.intermediate_size
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+
+    def fits(n: int) -> bool:
+        return heads % n == 0 and intermediate % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)
+
+    if not fits(size):
+        sizes = ", ".join(str(n) for n in range(1, heads + 1) if fits(n))
+        raise ValueError(f"{what} cannot split {path!r} ({heads} query heads, {kv_heads} key-value heads, "
+                         f"intermediate size {intermediate}): the size must divide the query heads and the "
+                         f"intermediate size, and divide or be a multiple of the key-value heads; sizes that fit: "
+                         f"{sizes}")

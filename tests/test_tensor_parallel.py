@@ -1,0 +1,84 @@
+"""Tensor parallelism over processes on this machine (gloo): the same greedy tokens as one process, each rank
+holding about 1/N of the weights; sizes a model cannot be split by, and features that do not split yet, are
+clear errors before any process starts."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvserve import LLM
+
+# Each LLM in one process (the second replaces the first's ranks), for a model: the tokens and rank 0's weights.
+RUN = """
+import json, sys
+from kvserve import LLM, SamplingParams
+path, sizes, options = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+prompts = [[5, 17, 42, 99, 3] * 6, [7, 8, 9] * 9 + [11], list(range(20, 44)) * 2, list(range(100, 140))]
+params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+for size in sizes:
+    llm = LLM(path, tensor_parallel_size=size, max_num_batched_tokens=16, max_num_seqs=4, **options)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    model = llm.llm_engine.runner.model
+    print(json.dumps(dict(size=size, tokens=[o.outputs[0].token_ids for o in outputs],
+                          bytes=sum(p.numel() * p.element_size() for p in model.parameters()))))
+"""
+
+
+def run(path: str, sizes: list[int], **options) -> list[dict]:
+    result = subprocess.run([sys.executable, "-c", RUN, path, json.dumps(sizes), json.dumps(options)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+# Over 4 ranks, llama-tied-gqa's 2 key-value heads are each copied to the 2 ranks whose query heads use it.
+@pytest.mark.parametrize("arch, size", [("llama-tied-gqa", 2), ("llama-untied-llama3-rope", 2), ("qwen2", 2),
+                                        ("llama-tied-gqa", 4)])
+def test_ranks_give_the_tokens_of_one(tiny_model, arch, size):
+    one, split = run(tiny_model(arch), [1, size], dtype="float32", kv_cache_memory="16MiB")
+    assert split["tokens"] == one["tokens"]
+    assert 0.9 / size < split["bytes"] / one["bytes"] < 1.2 / size
+
+
+def test_smollm2_over_three_ranks(smollm2_path):
+    one, three = run(smollm2_path, [1, 3], kv_cache_memory="64MiB", max_model_len=512)
+    assert three["tokens"] == one["tokens"]
+    assert 0.3 < three["bytes"] / one["bytes"] < 0.37
+
+
+@pytest.mark.parametrize("arch, options, words", [
+    ("llama-tied-gqa", dict(tensor_parallel_size=3), "tensor_parallel_size=3 cannot split .* \\(4 query heads, 2 "
+     "key-value heads, intermediate size 128\\).* sizes that fit: 1, 2, 4"),
+    ("mixtral", dict(tensor_parallel_size=2), "mixture-of-experts models do not split over ranks yet"),
+    ("llama-tied-gqa", dict(tensor_parallel_size=2, speculative_config={
+        "method": "draft_model", "model": "DRAFT", "num_speculative_tokens": 2}),
+     "speculative method 'draft_model' does not split over ranks yet"),
+])
+def test_what_does_not_split_is_a_clear_error(tiny_model, arch, options, words):
+    if "speculative_config" in options:
+        options["speculative_config"]["model"] = tiny_model("llama-draft")
+    with pytest.raises(ValueError, match=words):
+        LLM(tiny_model(arch), dtype="float32", kv_cache_memory="16MiB", **options)
+
+
+def test_smollm2_cannot_split_its_nine_heads_in_two(smollm2_path):
+    with pytest.raises(ValueError, match="9 query heads, 3 key-value heads.* sizes that fit: 1, 3"):
+        LLM(smollm2_path, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="quantized checkpoints \\(gguf\\) do not split over ranks yet"):
+        LLM(smollm2_path, tensor_parallel_size=3, quantization="gguf")
+
+
+def test_the_command_line_splits_the_model_too(tiny_model):
+    def generate(*options: str) -> str:
+        result = subprocess.run(["kvserve", "generate", "The quick brown fox", "--max-tokens", "16", "--model",
+                                 tiny_model("llama-tied-gqa"), "--dtype", "float32", "--kv-cache-memory", "8MiB",
+                                 *options], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    split = generate("--tensor-parallel-size", "2")
+    assert split.stdout == generate().stdout
+    assert "tensor parallelism over 2 ranks" in split.stderr
