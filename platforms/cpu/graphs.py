@@ -25,8 +25,6 @@ def refusal(func, args) -> str | None:
     """Why a call cannot be replayed: its result, or the shapes Python would read from it, depend on values."""
     if torch.Tag.data_dependent_output in func.tags:
         return "reads a tensor's value on the host"
-    if func.namespace == "c10d":
-        return "is a collective between ranks"
     if func is torch.ops.aten.lift_fresh.default:
         return "builds a tensor from Python data"
     if torch.Tag.dynamic_output_shape in func.tags and not (   # indexing by integer tensors keeps its shape
