@@ -4,10 +4,17 @@ clear errors before any process starts."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
+import httpx
+import openai
 import pytest
+from server_utils import openai_client, start_server, stop_server, tiny_args
 
 from kvserve import LLM
 
@@ -82,3 +89,64 @@ def test_the_command_line_splits_the_model_too(tiny_model):
     split = generate("--tensor-parallel-size", "2")
     assert split.stdout == generate().stdout
     assert "tensor parallelism over 2 ranks" in split.stderr
+
+
+KILL = """
+import os, signal, sys, threading, time
+from kvserve import LLM, SamplingParams
+llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", tensor_parallel_size=2)
+worker = llm.llm_engine.runner.workers[0]
+threading.Timer(0.5, os.kill, (worker.pid, signal.SIGKILL)).start()
+started = time.monotonic()
+for attempt in ("in flight", "after"):
+    try:
+        # 64 requests of 500 tokens take far longer than the half second before the kill.
+        llm.generate([[5, 6, 7]] * 64, SamplingParams(max_tokens=500 if attempt == "in flight" else 4,
+                                                      ignore_eos=True), use_tqdm=False)
+        print(attempt, "finished")
+    except Exception as exc:
+        print(attempt, type(exc).__name__, round(time.monotonic() - started, 1), exc)
+"""
+
+
+def test_a_rank_that_dies_stops_the_engine_with_a_clear_error(tiny_model):
+    result = subprocess.run([sys.executable, "-c", KILL, tiny_model("llama-tied-gqa")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    in_flight, after = result.stdout.splitlines()
+    words = "TensorParallelFailure .* tensor-parallel rank 1 \\(process \\d+\\) ended with exit code -9"
+    assert re.fullmatch(f"in flight {words}.*", in_flight) and float(in_flight.split()[3]) < 10
+    assert re.fullmatch(f"after {words}.*", after)
+
+
+def rank_processes(pid: int) -> list[int]:
+    """The processes multiprocessing spawned from ``pid`` (its resource tracker aside)."""
+    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    return [int(child) for child in children if "spawn_main" in open(f"/proc/{child}/cmdline").read()]
+
+
+@pytest.mark.parametrize("when", ["in flight", "idle"])
+def test_the_server_reports_a_dead_rank(tiny_model, when):
+    server = start_server(tiny_args(tiny_model, "--tensor-parallel-size", "2"))
+    try:
+        client = openai_client(server, timeout=60)
+        (worker,) = rank_processes(server.proc.pid)
+        if when == "in flight":
+            stream = client.completions.create(model=tiny_model("llama-tied-gqa"), prompt="The quick brown fox",
+                                               max_tokens=500, stream=True, extra_body={"ignore_eos": True})
+            next(iter(stream))
+            os.kill(worker, signal.SIGKILL)
+            with pytest.raises(openai.APIError):
+                for _ in stream:
+                    pass
+        else:
+            os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 10   # the engine notices at once; the poll allows for a loaded machine
+        while (health := httpx.get(f"{server.url}/health", timeout=10)).status_code == 200:
+            assert time.monotonic() < deadline, "/health still says 200 with a rank dead"
+            time.sleep(0.1)
+        assert health.status_code == 503 and "tensor-parallel rank 1" in health.text
+        with pytest.raises(openai.APIStatusError, match="tensor-parallel rank 1"):
+            client.completions.create(model=tiny_model("llama-tied-gqa"), prompt="Hi", max_tokens=4)
+    finally:
+        stop_server(server)

@@ -6,7 +6,9 @@ others compute the same logits, gathered over the ranks, and drop what they samp
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import socket
+import threading
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -21,6 +23,7 @@ from kvserve.plugins.manager import Platform, PluginManager
 
 # How long a collective waits for the other ranks (loading a large shard included) before it fails.
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+WORKER_EXIT_WAIT_S = 2.0   # after a collective fails, how long a rank's process may take to be seen ended
 
 
 def _free_port() -> int:
@@ -52,8 +55,23 @@ def _worker(config: EngineConfig, rank: int, size: int, port: int) -> None:
     dist.destroy_process_group()
 
 
+class TensorParallelFailure(RuntimeError):
+    """A rank's process ended, or a call failed on rank 0 and left the ranks out of step: the engine stops."""
+
+
+def _log_layout(hf_config, size: int, backend: str) -> None:
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    logger.info("tensor parallelism over %d ranks (%s, a process each): rank r holds query heads "
+                "[r*%d, (r+1)*%d), %s, columns [r*%d, (r+1)*%d) of the MLPs and rows [r*%d, (r+1)*%d) of the "
+                "vocabulary", size, backend, *[hf_config.num_attention_heads // size] * 2,
+                f"key-value heads [r*{kv_heads // size}, (r+1)*{kv_heads // size})" if kv_heads >= size
+                else f"a copy of key-value head r*{kv_heads}//{size}",
+                *[hf_config.intermediate_size // size] * 2, *[-(-hf_config.vocab_size // size)] * 2)
+
+
 class TensorParallelRunner:
-    """Rank 0's model runner, as the engine uses it; every call it takes goes to the other ranks first."""
+    """Rank 0's model runner, as the engine uses it; every call it takes goes to the other ranks first. A thread
+    watches the other ranks' processes: once one has ended, ``failure`` says which, and every call raises it."""
 
     active: TensorParallelRunner | None = None   # a process joins one group at a time
 
@@ -66,41 +84,73 @@ class TensorParallelRunner:
                                         name=f"kvserve-tp-rank-{rank}") for rank in range(1, size)]
         for worker in self.workers:
             worker.start()
+        self.failure: TensorParallelFailure | None = None
+        self.stopping = threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="kvserve-tp-watch").start()
         _join(platform, 0, size, port)
         self.runner = ModelRunner(config, platform, checkpoint, model_cls)
         TensorParallelRunner.active = self
-        hf_config = checkpoint.hf_config
-        kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-        logger.info("tensor parallelism over %d ranks (%s, a process each): rank r holds query heads "
-                    "[r*%d, (r+1)*%d), %s, columns [r*%d, (r+1)*%d) of the MLPs and rows [r*%d, (r+1)*%d) of the "
-                    "vocabulary", size, platform.info.dist_backend, *[hf_config.num_attention_heads // size] * 2,
-                    f"key-value heads [r*{kv_heads // size}, (r+1)*{kv_heads // size})" if kv_heads >= size
-                    else f"a copy of key-value head r*{kv_heads}//{size}",
-                    *[hf_config.intermediate_size // size] * 2, *[-(-hf_config.vocab_size // size)] * 2)
+        _log_layout(checkpoint.hf_config, size, platform.info.dist_backend)
 
     def __getattr__(self, name: str):   # what the engine reads of its runner: num_blocks, vocab_size, ...
-        return getattr(self.runner, name)
+        if "runner" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["runner"], name)
 
     def add(self, *args) -> None:
-        self._send("add", args)
-        self.runner.add(*args)
+        self._call("add", args)
 
     def release(self, *args) -> None:
-        self._send("release", args)
-        self.runner.release(*args)
+        if self.failure is None:
+            self._call("release", args)
+        else:   # the engine forgets the request; no rank is left to tell
+            self.runner.release(*args)
 
     def execute(self, batch):
-        self._send("execute", (batch,))
-        return self.runner.execute(batch)
+        return self._call("execute", (batch,))
 
     def shutdown(self) -> None:
         """Stop the other ranks and leave the group."""
-        self._send("stop", ())
-        for worker in self.workers:
-            worker.join()
+        self.stopping.set()
+        if self.failure is None:
+            self._send("stop", ())
+            for worker in self.workers:
+                worker.join()
         dist.destroy_process_group()
         set_tensor_parallel(TensorParallel())
         TensorParallelRunner.active = None
+
+    def _call(self, name: str, args: tuple):
+        if self.failure is not None:
+            raise self.failure
+        try:
+            self._send(name, args)
+            return getattr(self.runner, name)(*args)
+        except Exception as exc:   # a collective broke as a rank's process ended, or rank 0 alone failed
+            for worker in self.workers:
+                worker.join(timeout=WORKER_EXIT_WAIT_S)
+            self._note_failure()
+            if self.failure is None:
+                self.failure = TensorParallelFailure(
+                    f"a tensor-parallel {name} failed on rank 0 ({type(exc).__name__}: {exc}); the other ranks are "
+                    f"out of step with it, so the engine stops")
+            raise self.failure from exc
+
+    def _watch(self) -> None:
+        ended = multiprocessing.connection.wait([worker.sentinel for worker in self.workers])
+        for worker in self.workers:   # its pipe closes a moment before the process can be reaped
+            if worker.sentinel in ended:
+                worker.join(timeout=WORKER_EXIT_WAIT_S)
+        if not self.stopping.is_set():
+            self._note_failure()
+
+    def _note_failure(self) -> None:
+        dead = [(rank, worker) for rank, worker in enumerate(self.workers, 1) if not worker.is_alive()]
+        if dead and self.failure is None:
+            rank, worker = dead[0]
+            self.failure = TensorParallelFailure(f"tensor-parallel rank {rank} (process {worker.pid}) ended with exit "
+                                                 f"code {worker.exitcode}; the engine cannot run without its shard")
+            logger.error("%s", self.failure)
 
     @staticmethod
     def _send(name: str, args: tuple) -> None:

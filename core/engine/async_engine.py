@@ -34,14 +34,19 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @property
+    def stopped_because(self) -> BaseException | None:
+        """Why the engine serves nothing more, if it does not: its loop died, or a rank's process ended."""
+        return self.dead_error or self.engine.failure
+
+    @property
     def is_healthy(self) -> bool:
-        return self.dead_error is None and self._thread.is_alive()
+        return self.stopped_because is None and self._thread.is_alive()
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams | BeamSearchParams,
                        prompt_token_ids: list[int]) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iteration early (a disconnect) aborts the request."""
         if not self.is_healthy:
-            raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
+            raise EngineDeadError(f"the engine has stopped: {self.stopped_because}")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send("add", request_id, prompt, params, prompt_token_ids)

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import replace
 
 from kvserve.core.config import EngineConfig
-from kvserve.core.distributed.executor import TensorParallelRunner, check_tensor_parallel
+from kvserve.core.distributed.executor import TensorParallelFailure, TensorParallelRunner, check_tensor_parallel
 from kvserve.core.engine.beam_search import BeamSearch
 from kvserve.core.engine.block_manager import BlockManager
 from kvserve.core.engine.detokenizer import IncrementalDetokenizer
@@ -133,6 +133,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def failure(self) -> Exception | None:
+        """Why no step can run any more, if none can: a tensor-parallel rank's process ended."""
+        return getattr(self.runner, "failure", None)
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns an output for every request that got a new token.
 
@@ -155,6 +160,8 @@ class LLMEngine:
             failed = sorted({s.request_id for s in batch.seqs})
             for request_id in failed:
                 self.abort_request(request_id)
+            if isinstance(exc, TensorParallelFailure):   # no later step can run either
+                raise
             raise EngineStepError(failed, exc) from exc
         chunks = zip(batch.seqs[batch.num_decodes:], batch.num_new_tokens[batch.num_decodes:])
         self.prompt_tokens_total += sum(n for s, n in chunks if not s.proposal)

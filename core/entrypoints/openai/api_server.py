@@ -59,7 +59,7 @@ class ServerState:
             raise APIError(503, "the engine is still loading" if self.load_error is None
                            else f"the engine failed to start: {self.load_error}")
         if not self.engine.is_healthy:
-            raise APIError(503, f"the engine has stopped: {self.engine.dead_error}")
+            raise APIError(503, f"the engine has stopped: {self.engine.stopped_because}")
         return self.engine
 
 
