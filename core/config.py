@@ -148,6 +148,7 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    enable_expert_parallel: bool = False   # split mixture-of-experts layers by experts over the ranks
 
     def __post_init__(self):
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
@@ -205,7 +206,8 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                         kv_cache_memory: int | str | None = None, device: str | None = None,
                         enforce_eager: bool = False, chat_template: str | None = None,
                         load_format: str = "auto", quantization_group_size: int | None = None,
-                        kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False) -> EngineConfig:
+                        kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False,
+                        enable_expert_parallel: bool = False) -> EngineConfig:
     """An EngineConfig from the flat keyword arguments that ``LLM(...)`` and the command line take (vLLM's names)."""
     return EngineConfig(
         model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template, load_format,
@@ -213,7 +215,8 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
         cache=CacheConfig(block_size, kv_cache_memory, num_gpu_blocks_override, enable_prefix_caching,
                           preemption_mode, swap_space, kv_cache_dtype, calculate_kv_scales),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
-        parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, data_parallel_size),
+        parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, data_parallel_size,
+                                enable_expert_parallel),
         device=DeviceConfig(device, enforce_eager),
         speculative_config=speculative_config,
     )

@@ -41,11 +41,14 @@ def run(path: str, sizes: list[int], **options) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-# Over 4 ranks, llama-tied-gqa's 2 key-value heads are each copied to the 2 ranks whose query heads use it.
-@pytest.mark.parametrize("arch, size", [("llama-tied-gqa", 2), ("llama-untied-llama3-rope", 2), ("qwen2", 2),
-                                        ("llama-tied-gqa", 4)])
-def test_ranks_give_the_tokens_of_one(tiny_model, arch, size):
-    one, split = run(tiny_model(arch), [1, size], dtype="float32", kv_cache_memory="16MiB")
+# Over 4 ranks, llama-tied-gqa's 2 key-value heads are each copied to the 2 ranks whose query heads use it. The
+# mixtures of experts split every expert's columns, or with expert parallelism the experts.
+@pytest.mark.parametrize("arch, size, options", [
+    ("llama-tied-gqa", 2, {}), ("llama-untied-llama3-rope", 2, {}), ("qwen2", 2, {}), ("llama-tied-gqa", 4, {}),
+    ("mixtral", 2, {}), ("mixtral", 2, dict(enable_expert_parallel=True)), ("qwen2-moe", 2, {}),
+    ("qwen2-moe", 2, dict(enable_expert_parallel=True))])
+def test_ranks_give_the_tokens_of_one(tiny_model, arch, size, options):
+    one, split = run(tiny_model(arch), [1, size], dtype="float32", kv_cache_memory="16MiB", **options)
     assert split["tokens"] == one["tokens"]
     assert 0.9 / size < split["bytes"] / one["bytes"] < 1.2 / size
 
@@ -57,9 +60,10 @@ def test_smollm2_over_three_ranks(smollm2_path):
 
 
 @pytest.mark.parametrize("arch, options, words", [
-    ("llama-tied-gqa", dict(tensor_parallel_size=3), "tensor_parallel_size=3 cannot split .* \\(4 query heads, 2 "
-     "key-value heads, intermediate size 128\\).* sizes that fit: 1, 2, 4"),
-    ("mixtral", dict(tensor_parallel_size=2), "mixture-of-experts models do not split over ranks yet"),
+    ("llama-tied-gqa", dict(tensor_parallel_size=3), "tensor_parallel_size=3 cannot split .* \\(4 query heads, 128 "
+     "intermediate size, 2 key-value heads\\).* sizes that fit: 1, 2, 4"),
+    ("qwen2-moe", dict(tensor_parallel_size=3, enable_expert_parallel=True), "\\(4 query heads, 128 intermediate "
+     "size, 48 shared expert intermediate size, 4 experts, 2 key-value heads\\).* sizes that fit: 1, 2, 4"),
     ("llama-tied-gqa", dict(tensor_parallel_size=2, speculative_config={
         "method": "draft_model", "model": "DRAFT", "num_speculative_tokens": 2}),
      "speculative method 'draft_model' does not split over ranks yet"),
@@ -72,7 +76,8 @@ def test_what_does_not_split_is_a_clear_error(tiny_model, arch, options, words):
 
 
 def test_smollm2_cannot_split_its_nine_heads_in_two(smollm2_path):
-    with pytest.raises(ValueError, match="9 query heads, 3 key-value heads.* sizes that fit: 1, 3"):
+    with pytest.raises(ValueError, match="9 query heads, 1536 intermediate size, 3 key-value heads.* sizes that fit: "
+                                         "1, 3"):
         LLM(smollm2_path, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="quantized checkpoints \\(gguf\\) do not split over ranks yet"):
         LLM(smollm2_path, tensor_parallel_size=3, quantization="gguf")

@@ -32,16 +32,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _join(platform: Platform, rank: int, size: int, port: int) -> None:
+def _join(config: EngineConfig, platform: Platform, rank: int, port: int) -> None:
+    size = config.parallel.tensor_parallel_size
     dist.init_process_group(platform.info.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=size, timeout=COLLECTIVE_TIMEOUT)
-    set_tensor_parallel(TensorParallel(rank, size, platform.communicator(rank, size)))
+    set_tensor_parallel(TensorParallel(rank, size, platform.communicator(rank, size),
+                                       config.parallel.enable_expert_parallel))
 
 
 def _worker(config: EngineConfig, rank: int, size: int, port: int) -> None:
     plugins = PluginManager()
     platform = plugins.select_platform(config.device.device)
-    _join(platform, rank, size, port)
+    _join(config, platform, rank, port)
     platform.seed(config.model.seed)
     checkpoint = Checkpoint.open(config.model.model)
     runner = ModelRunner(config, platform, checkpoint, resolve_model_class(checkpoint.hf_config, plugins.models()))
@@ -87,7 +89,7 @@ class TensorParallelRunner:
         self.failure: TensorParallelFailure | None = None
         self.stopping = threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="kvserve-tp-watch").start()
-        _join(platform, 0, size, port)
+        _join(config, platform, 0, port)
         self.runner = ModelRunner(config, platform, checkpoint, model_cls)
         TensorParallelRunner.active = self
         _log_layout(checkpoint.hf_config, size, platform.info.dist_backend)
@@ -162,23 +164,34 @@ def check_tensor_parallel(config: EngineConfig, checkpoint: Checkpoint) -> None:
     does not run split yet."""
     size, hf_config, path = config.parallel.tensor_parallel_size, checkpoint.hf_config, checkpoint.path
     what = f"tensor_parallel_size={size}"
-    if getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None):
-        raise ValueError(f"{what}: mixture-of-experts models do not split over ranks yet; use 1")
     if checkpoint.own_quantization is not None or config.model.quantization == "gguf":
         raise ValueError(f"{what}: quantized checkpoints ({config.model.quantization}) do not split over ranks "
                          f"yet; use 1, or online quantization (None, 'int8', 'int4', 'fp8' on an unquantized model)")
     if config.speculation is not None and config.speculation.method != "ngram":
         raise ValueError(f"{what}: speculative method {config.speculation.method!r} does not split over ranks yet; "
                          f"use 1, or method 'ngram'")
-    heads, intermediate = hf_config.num_attention_heads, hf_config.intermediate_size
+    heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)
+    # What the ranks split evenly: the query heads, the dense MLPs' columns, and the experts or their columns.
+    counts = {"query heads": heads}
+    expert_size = getattr(hf_config, "moe_intermediate_size", None)
+    if experts and expert_size is None:   # Mixtral: every MLP is its experts
+        expert_size = hf_config.intermediate_size
+    else:
+        counts["intermediate size"] = hf_config.intermediate_size
+    if getattr(hf_config, "shared_expert_intermediate_size", None):
+        counts["shared expert intermediate size"] = hf_config.shared_expert_intermediate_size
+    if experts:
+        counts.update({"experts": experts} if config.parallel.enable_expert_parallel
+                      else {"expert intermediate size": expert_size})
 
     def fits(n: int) -> bool:
-        return heads % n == 0 and intermediate % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)
+        return all(count % n == 0 for count in counts.values()) and (kv_heads % n == 0 or n % kv_heads == 0)
 
     if not fits(size):
         sizes = ", ".join(str(n) for n in range(1, heads + 1) if fits(n))
-        raise ValueError(f"{what} cannot split {path!r} ({heads} query heads, {kv_heads} key-value heads, "
-                         f"intermediate size {intermediate}): the size must divide the query heads and the "
-                         f"intermediate size, and divide or be a multiple of the key-value heads; sizes that fit: "
-                         f"{sizes}")
+        described = ", ".join(f"{count} {name}" for name, count in counts.items())
+        raise ValueError(f"{what} cannot split {path!r} ({described}, {kv_heads} key-value heads): the size must "
+                         f"divide each of those and divide or be a multiple of the key-value heads; sizes that "
+                         f"fit: {sizes}")

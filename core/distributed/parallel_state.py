@@ -15,6 +15,7 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     communicator: Communicator | None = None
+    expert_parallel: bool = False   # mixture-of-experts layers split their experts over the ranks, not the columns
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.size == 1 else self.communicator.all_reduce(tensor)

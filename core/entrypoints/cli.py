@@ -36,6 +36,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="platform name (see `kvserve plugins`)")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="ranks (processes on this machine) to split the model over")
+    parser.add_argument("--enable-expert-parallel", action="store_true",
+                        help="split mixture-of-experts layers over the ranks by experts, not by columns")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every step eagerly, without the platform's graphs (CUDA/HIP graphs, CPU replays)")
     parser.add_argument("--seed", type=int, default=0)
@@ -63,7 +65,8 @@ ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_nu
                   "kv_cache_memory", "num_gpu_blocks_override", "enable_chunked_prefill", "enable_prefix_caching",
                   "preemption_mode", "swap_space", "device", "enforce_eager", "seed", "quantization",
                   "quantization_group_size", "load_format", "kv_cache_dtype",
-                  "calculate_kv_scales", "speculative_config", "tensor_parallel_size")
+                  "calculate_kv_scales", "speculative_config", "tensor_parallel_size",
+                  "enable_expert_parallel")
 
 
 def json_object(text: str) -> dict:

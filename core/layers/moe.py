@@ -5,29 +5,40 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvserve.core.distributed.parallel_state import tensor_parallel
 from kvserve.core.layers.ops import Ops
 
 
 class ExpertWeights(nn.Module):
-    """One projection of every expert, stacked [experts, out, in]: the checkpoint's tensor for shard (expert,
-    part) fills that expert's rows of ``part``."""
+    """One projection of the experts this rank holds (``first_expert`` on, ``num_experts`` of them), stacked
+    [experts, out, in]. Shard (expert, part) of the checkpoint fills that expert's rows of ``part``: ``parts``
+    gives each part's (rows here, first row in the checkpoint's tensor, its rows there), ``inputs`` the columns
+    (first in the checkpoint's tensor, columns here, its columns there). Another rank's experts are not read."""
 
-    def __init__(self, num_experts: int, parts: dict[str, int], in_features: int):
+    def __init__(self, first_expert: int, num_experts: int, parts: dict[str, tuple[int, int, int]],
+                 inputs: tuple[int, int, int]):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, sum(parts.values()), in_features))
+        rows = sum(size for size, _, _ in parts.values())
+        self.weight = nn.Parameter(torch.empty(num_experts, rows, inputs[1]))
+        self.first_expert, self.num_experts, self.parts, self.inputs = first_expert, num_experts, parts, inputs
         self.part_rows, offset = {}, 0
-        for part, size in parts.items():
+        for part, (size, _, _) in parts.items():
             self.part_rows[part] = (offset, size)
             offset += size
-        self.shard_offsets = [(expert, part) for expert in range(num_experts) for part in parts]
+        self.shard_offsets = [(expert, part) for expert in range(first_expert, first_expert + num_experts)
+                              for part in parts]
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, str]) -> None:
         expert, part = shard
-        target = param.data[expert].narrow(0, *self.part_rows[part])
-        if target.shape != loaded.shape:
+        if not self.first_expert <= expert < self.first_expert + self.num_experts:
+            return
+        size, first_row, total_rows = self.parts[part]
+        first_input, num_inputs, total_inputs = self.inputs
+        if tuple(loaded.shape) != (total_rows, total_inputs):
             raise ValueError(f"expert {expert}'s {part} projection has shape {tuple(loaded.shape)}, expected "
-                             f"{tuple(target.shape)}")
-        target.copy_(loaded)
+                             f"{(total_rows, total_inputs)}")
+        target = param.data[expert - self.first_expert].narrow(0, *self.part_rows[part])
+        target.copy_(loaded.narrow(0, first_row, size).narrow(1, first_input, num_inputs))
 
 
 def expert_mapping(prefix: str, num_experts: int, names: dict[str, str], module: str = "mlp") -> dict:
@@ -39,10 +50,19 @@ def expert_mapping(prefix: str, num_experts: int, names: dict[str, str], module:
 
 
 class Experts(nn.Module):
+    """The experts' weights on this rank: with expert parallelism its share of the experts, whole; otherwise
+    every expert's share of the intermediate columns (the ranks' outputs are summed either way)."""
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.w13 = ExpertWeights(num_experts, {"gate": intermediate_size, "up": intermediate_size}, hidden_size)
-        self.w2 = ExpertWeights(num_experts, {"down": hidden_size}, intermediate_size)
+        tp = tensor_parallel()
+        self.first, self.count = tp.part(num_experts) if tp.expert_parallel else (0, num_experts)
+        first_column, columns = (0, intermediate_size) if tp.expert_parallel else tp.part(intermediate_size)
+        gate_up = (columns, first_column, intermediate_size)
+        self.w13 = ExpertWeights(self.first, self.count, {"gate": gate_up, "up": gate_up},
+                                 (0, hidden_size, hidden_size))
+        self.w2 = ExpertWeights(self.first, self.count, {"down": (hidden_size, 0, hidden_size)},
+                                (first_column, columns, intermediate_size))
 
 
 class SparseMoe(nn.Module):
@@ -57,7 +77,8 @@ class SparseMoe(nn.Module):
             raise ValueError(f"num_experts_per_tok={top_k} must be between 1 and the {num_experts} experts")
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
-        self.top_k, self.normalize, self.round_weights, self.ops = top_k, normalize, round_weights, ops
+        self.num_experts, self.top_k, self.normalize, self.round_weights = num_experts, top_k, normalize, round_weights
+        self.ops, self.tp = ops, tensor_parallel()
         self.shared_expert = shared_expert
         if shared_expert is not None:
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
@@ -68,7 +89,10 @@ class SparseMoe(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.round_weights:
             weights = weights.to(x.dtype)
-        out = self.ops.fused_moe(x, self.experts.w13.weight, self.experts.w2.weight, weights, ids)
+        experts = self.experts
+        if experts.count < self.num_experts:   # this rank's experts by their index here; the others' skipped
+            ids = torch.where((ids >= experts.first) & (ids < experts.first + experts.count), ids - experts.first, -1)
+        out = self.tp.all_reduce(self.ops.fused_moe(x, experts.w13.weight, experts.w2.weight, weights, ids))
         if self.shared_expert is None:
             return out
         return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

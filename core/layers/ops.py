@@ -51,17 +51,21 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor) -> torch.Tensor:
     """Each token of ``x`` [tokens, hidden] through its top-k experts: gate and up projections ``w13`` [experts,
     2 * intermediate, hidden], silu(gate) * up, down projection ``w2`` [experts, hidden, intermediate]; the outputs
-    weighed by ``topk_weights`` [tokens, k] and summed. Here the (token, expert) pairs are sorted by expert and each
-    expert with any runs one matmul over its tokens (their counts read on the host once); platforms may fuse it."""
+    weighed by ``topk_weights`` [tokens, k] and summed. An id below 0 is another rank's expert: skipped. Here the
+    (token, expert) pairs are sorted by expert and each expert with any runs one matmul over its tokens (their
+    counts read on the host once); platforms may fuse it."""
     flat = topk_ids.flatten()
-    order = flat.argsort(stable=True)
+    skipped, *counts = torch.bincount(flat + 1, minlength=w13.shape[0] + 1).tolist()
+    order = flat.argsort(stable=True)[skipped:]
     tokens = order // topk_ids.shape[1]
     rows, outputs, start = x[tokens], [], 0
-    for expert, count in enumerate(torch.bincount(flat, minlength=w13.shape[0]).tolist()):
+    for expert, count in enumerate(counts):
         if count:
             hidden = silu_and_mul(F.linear(rows[start:start + count], w13[expert]))
             outputs.append(F.linear(hidden, w2[expert]))
             start += count
+    if not outputs:
+        return torch.zeros_like(x)
     weighed = torch.cat(outputs) * topk_weights.flatten()[order, None]
     return torch.zeros_like(x).index_add_(0, tokens, weighed.to(x.dtype))
 
