@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from kvserve import LLM, SamplingParams
 
@@ -59,6 +60,10 @@ def test_start_up_line_gives_load_time_and_kv_cache_size(tiny_model, caplog):
     assert match, line
     assert float(match[2]) == pytest.approx(runner.kv_cache_bytes / 2**30, abs=0.005)
     assert (int(match[3]), int(match[4])) == (runner.num_blocks * 16, runner.num_blocks)
+    # The weights as loaded: transformers' parameters, the tied head once, in float32.
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model("llama-tied-gqa"))
+    assert runner.built.weight_bytes == 4 * sum(p.numel() for p in hf.parameters())
+    assert f"weights {runner.built.weight_bytes / 2**20:.1f} MiB)" in line
 
 
 def test_dummy_load_format_needs_no_weights(tiny_model, tmp_path):

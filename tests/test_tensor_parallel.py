@@ -28,9 +28,8 @@ params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 for size in sizes:
     llm = LLM(path, tensor_parallel_size=size, max_num_batched_tokens=16, max_num_seqs=4, **options)
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    model = llm.llm_engine.runner.model
     print(json.dumps(dict(size=size, tokens=[o.outputs[0].token_ids for o in outputs],
-                          bytes=sum(p.numel() * p.element_size() for p in model.parameters()))))
+                          bytes=llm.llm_engine.runner.built.weight_bytes)))
 """
 
 

@@ -71,9 +71,11 @@ class LLMEngine:
         self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
                                      config.scheduler.max_num_seqs, config.model.chat_template)
         self.logprobs_builder = LogprobsBuilder(self.tokenizer)
-        logger.info("loaded %s on %s (%s, %s attention) in %.1fs; KV cache %.2f GiB = %d tokens in %d blocks",
-                    checkpoint.path, self.platform.name, str(self.runner.dtype).removeprefix("torch."),
-                    self.runner.backend.name, time.perf_counter() - start, self.runner.kv_cache_bytes / 2**30,
+        logger.info("loaded %s on %s (%s, %s attention, weights %.1f MiB%s) in %.1fs; KV cache %.2f GiB = %d "
+                    "tokens in %d blocks", checkpoint.path, self.platform.name,
+                    str(self.runner.dtype).removeprefix("torch."), self.runner.backend.name,
+                    self.runner.built.weight_bytes / 2**20, " a rank" if config.parallel.tensor_parallel_size > 1
+                    else "", time.perf_counter() - start, self.runner.kv_cache_bytes / 2**30,
                     self.runner.num_blocks * config.cache.block_size, self.runner.num_blocks)
 
     def validate(self, prompt: str | list[int], params: SamplingParams | BeamSearchParams) -> list[int]:

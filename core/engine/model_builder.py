@@ -2,6 +2,7 @@
 attention backend its layers run on: what the target model and a draft model are each built from."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -39,6 +40,7 @@ class BuiltModel:
     layers: list[Attention]   # its attention layers, in order
     spec: AttentionSpec
     backend: AttentionBackend
+    weight_bytes: int = 0   # its weights as loaded (this rank's share), before platform kernels repack them
     graph_runner: GraphRunner | None = None   # set once its KV cache is bound
 
     def forward(self, input_ids: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -61,6 +63,7 @@ def build_model(config: EngineConfig, platform: Platform, checkpoint: Checkpoint
     else:
         load_weights(model, checkpoint.weights(quantization) if weights is None else weights)
     model = model.to(dtype).eval()
+    weight_bytes = loaded_weight_bytes(model)
     online = checkpoint.own_quantization is None
     use_platform_kernels(model, kernel_factory(quantization, platform, dtype, online, group_size),
                          gate_up_kernel_factory(quantization, platform, online))
@@ -70,4 +73,15 @@ def build_model(config: EngineConfig, platform: Platform, checkpoint: Checkpoint
                          getattr(model, "sliding_window", None), config.cache.torch_cache_dtype)
     backend_cls = platform.attention_backend(spec)
     check_cache_dtype(backend_cls, spec, platform)
-    return BuiltModel(model, layers, spec, backend_cls(spec, platform.device))
+    return BuiltModel(model, layers, spec, backend_cls(spec, platform.device), weight_bytes)
+
+
+def loaded_weight_bytes(model: torch.nn.Module) -> int:
+    """The float parameters' bytes and those of the quantized layers' tensors."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        quantized = getattr(module, "quantized", None)
+        if quantized is not None:
+            tensors = (getattr(quantized, f.name) for f in dataclasses.fields(quantized))
+            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
