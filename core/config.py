@@ -17,6 +17,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloa
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
                    "fp8_e5m2": torch.float8_e5m2}
 PREEMPTION_MODES = ("recompute", "swap")
+EXECUTOR_BACKENDS = ("mp", "ray")
 LOAD_FORMATS = ("auto", "dummy")   # dummy: random weights of the checkpoint's shapes, for benchmarks
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
                "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
@@ -149,12 +150,16 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False   # split mixture-of-experts layers by experts over the ranks
+    distributed_executor_backend: str = "mp"   # where ranks 1.. run: spawned processes, or Ray actors
 
     def __post_init__(self):
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             check_int(name, getattr(self, name), 1)
             if name != "tensor_parallel_size" and getattr(self, name) != 1:
                 raise ValueError(f"{name}={getattr(self, name)} is not supported yet; allowed: 1")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, got "
+                             f"{self.distributed_executor_backend!r}")
 
 
 @dataclass
@@ -207,7 +212,8 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                         enforce_eager: bool = False, chat_template: str | None = None,
                         load_format: str = "auto", quantization_group_size: int | None = None,
                         kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False,
-                        enable_expert_parallel: bool = False) -> EngineConfig:
+                        enable_expert_parallel: bool = False,
+                        distributed_executor_backend: str = "mp") -> EngineConfig:
     """An EngineConfig from the flat keyword arguments that ``LLM(...)`` and the command line take (vLLM's names)."""
     return EngineConfig(
         model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template, load_format,
@@ -216,7 +222,7 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                           preemption_mode, swap_space, kv_cache_dtype, calculate_kv_scales),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
         parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, data_parallel_size,
-                                enable_expert_parallel),
+                                enable_expert_parallel, distributed_executor_backend),
         device=DeviceConfig(device, enforce_eager),
         speculative_config=speculative_config,
     )

@@ -99,8 +99,8 @@ KILL = """
 import os, signal, sys, threading, time
 from kvserve import LLM, SamplingParams
 llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", tensor_parallel_size=2)
-worker = llm.llm_engine.runner.workers[0]
-threading.Timer(0.5, os.kill, (worker.pid, signal.SIGKILL)).start()
+pid = llm.llm_engine.runner.ranks.pids[0]
+threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
 started = time.monotonic()
 for attempt in ("in flight", "after"):
     try:
@@ -154,3 +154,61 @@ def test_the_server_reports_a_dead_rank(tiny_model, when):
             client.completions.create(model=tiny_model("llama-tied-gqa"), prompt="Hi", max_tokens=4)
     finally:
         stop_server(server)
+
+
+STARTUP_DEATH = """
+import os, signal, sys, threading, time
+from kvserve import LLM
+
+def kill_the_first_rank():
+    while True:   # the spawned rank, once it exists (not multiprocessing's resource tracker)
+        for child in open(f"/proc/{os.getpid()}/task/{threading.main_thread().native_id}/children").read().split():
+            if "spawn_main" in open(f"/proc/{child}/cmdline").read():
+                os.kill(int(child), signal.SIGKILL)
+                return
+        time.sleep(0.01)
+
+threading.Thread(target=kill_the_first_rank, daemon=True).start()
+started = time.monotonic()
+try:
+    LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", tensor_parallel_size=2)
+except Exception as exc:
+    print(type(exc).__name__, round(time.monotonic() - started, 1), exc)
+"""
+
+
+def test_a_rank_that_dies_at_start_up_fails_the_start_at_once(tiny_model):
+    result = subprocess.run([sys.executable, "-c", STARTUP_DEATH, tiny_model("llama-tied-gqa")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, seconds, message = result.stdout.strip().split(" ", 2)
+    assert name == "TensorParallelFailure" and float(seconds) < 30
+    assert re.match("tensor-parallel rank 1 \\(process \\d+\\) ended with exit code -9", message)
+
+
+RAY = """
+import json, os, signal, sys, time
+from kvserve import LLM, SamplingParams
+prompts = [[5, 17, 42, 99, 3] * 6, list(range(100, 140))]
+params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+tokens = {}
+for backend in ("mp", "ray"):
+    llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", tensor_parallel_size=2,
+              distributed_executor_backend=backend)
+    tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+os.kill(llm.llm_engine.runner.ranks.pids[0], signal.SIGKILL)   # the Ray actor's process
+deadline = time.monotonic() + 20
+while llm.llm_engine.failure is None and time.monotonic() < deadline:
+    time.sleep(0.1)
+print(json.dumps(dict(tokens=tokens, failure=str(llm.llm_engine.failure))))
+"""
+
+
+def test_ray_actors_give_the_tokens_of_processes(tiny_model):
+    pytest.importorskip("ray")
+    result = subprocess.run([sys.executable, "-c", RAY, tiny_model("llama-tied-gqa")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["tokens"]["ray"] == outcome["tokens"]["mp"]
+    assert re.match("tensor-parallel rank 1 \\(Ray actor, process \\d+\\) failed: ActorDiedError", outcome["failure"])

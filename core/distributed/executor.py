@@ -1,60 +1,24 @@
-"""Tensor parallelism on one machine: the engine's process is rank 0 and starts a process for every other rank;
-each builds its shard of the model and of the KV cache and runs every step rank 0 runs, so that their
-collectives meet. Rank 0 sends each call on its model runner (a request's arrival or release, a scheduled step)
-to the others through torch.distributed before making it itself; only its own step outputs are used (the
-others compute the same logits, gathered over the ranks, and drop what they sample)."""
+"""Tensor parallelism: the engine's process is rank 0 and starts every other rank (ranks.py); each builds its
+shard of the model and of the KV cache and runs every step rank 0 runs, so that their collectives meet. Rank 0
+sends each call on its model runner (a request's arrival or release, a scheduled step) to the others through
+torch.distributed before making it itself; only its own step outputs are used (the others compute the same
+logits, gathered over the ranks, and drop what they sample)."""
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.connection
-import socket
 import threading
-from datetime import timedelta
 
 import torch.distributed as dist
 
 from kvserve.core.config import EngineConfig
 from kvserve.core.distributed.parallel_state import TensorParallel, set_tensor_parallel
+from kvserve.core.distributed.ranks import free_port, start_ranks
+from kvserve.core.distributed.worker import join_group
 from kvserve.core.engine.model_runner import ModelRunner
 from kvserve.core.loader.model_loader import Checkpoint
 from kvserve.core.log import logger
-from kvserve.core.models.registry import resolve_model_class
-from kvserve.plugins.manager import Platform, PluginManager
+from kvserve.plugins.manager import Platform
 
-# How long a collective waits for the other ranks (loading a large shard included) before it fails.
-COLLECTIVE_TIMEOUT = timedelta(minutes=5)
-WORKER_EXIT_WAIT_S = 2.0   # after a collective fails, how long a rank's process may take to be seen ended
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join(config: EngineConfig, platform: Platform, rank: int, port: int) -> None:
-    size = config.parallel.tensor_parallel_size
-    dist.init_process_group(platform.info.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=size, timeout=COLLECTIVE_TIMEOUT)
-    set_tensor_parallel(TensorParallel(rank, size, platform.communicator(rank, size),
-                                       config.parallel.enable_expert_parallel))
-
-
-def _worker(config: EngineConfig, rank: int, size: int, port: int) -> None:
-    plugins = PluginManager()
-    platform = plugins.select_platform(config.device.device)
-    _join(config, platform, rank, port)
-    platform.seed(config.model.seed)
-    checkpoint = Checkpoint.open(config.model.model)
-    runner = ModelRunner(config, platform, checkpoint, resolve_model_class(checkpoint.hf_config, plugins.models()))
-    while True:
-        call = [None]
-        dist.broadcast_object_list(call, src=0)
-        name, args = call[0]
-        if name == "stop":
-            break
-        getattr(runner, name)(*args)
-    dist.destroy_process_group()
+RANK_END_WAIT_S = 2.0   # after a collective fails, how long a rank that is ending may take to be seen ended
 
 
 class TensorParallelFailure(RuntimeError):
@@ -63,7 +27,7 @@ class TensorParallelFailure(RuntimeError):
 
 def _log_layout(hf_config, size: int, backend: str) -> None:
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    logger.info("tensor parallelism over %d ranks (%s, a process each): rank r holds query heads "
+    logger.info("tensor parallelism over %d ranks (%s): rank r holds query heads "
                 "[r*%d, (r+1)*%d), %s, columns [r*%d, (r+1)*%d) of the MLPs and rows [r*%d, (r+1)*%d) of the "
                 "vocabulary", size, backend, *[hf_config.num_attention_heads // size] * 2,
                 f"key-value heads [r*{kv_heads // size}, (r+1)*{kv_heads // size})" if kv_heads >= size
@@ -80,19 +44,18 @@ class TensorParallelRunner:
     def __init__(self, config: EngineConfig, platform: Platform, checkpoint: Checkpoint, model_cls: type):
         if TensorParallelRunner.active is not None:
             TensorParallelRunner.active.shutdown()
-        size, port = config.parallel.tensor_parallel_size, _free_port()
-        context = multiprocessing.get_context("spawn")
-        self.workers = [context.Process(target=_worker, args=(config, rank, size, port), daemon=True,
-                                        name=f"kvserve-tp-rank-{rank}") for rank in range(1, size)]
-        for worker in self.workers:
-            worker.start()
+        port = free_port()
+        self.ranks = start_ranks(config, port)
         self.failure: TensorParallelFailure | None = None
         self.stopping = threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="kvserve-tp-watch").start()
-        _join(config, platform, 0, port)
+        try:
+            join_group(config, platform, 0, self.ranks.address, port, lambda: self.failure is None)
+        except RuntimeError as exc:
+            raise (self.failure or exc) from exc
         self.runner = ModelRunner(config, platform, checkpoint, model_cls)
         TensorParallelRunner.active = self
-        _log_layout(checkpoint.hf_config, size, platform.info.dist_backend)
+        _log_layout(checkpoint.hf_config, config.parallel.tensor_parallel_size, platform.info.dist_backend)
 
     def __getattr__(self, name: str):   # what the engine reads of its runner: num_blocks, vocab_size, ...
         if "runner" not in self.__dict__:
@@ -116,8 +79,7 @@ class TensorParallelRunner:
         self.stopping.set()
         if self.failure is None:
             self._send("stop", ())
-            for worker in self.workers:
-                worker.join()
+            self.ranks.join()
         dist.destroy_process_group()
         set_tensor_parallel(TensorParallel())
         TensorParallelRunner.active = None
@@ -128,9 +90,8 @@ class TensorParallelRunner:
         try:
             self._send(name, args)
             return getattr(self.runner, name)(*args)
-        except Exception as exc:   # a collective broke as a rank's process ended, or rank 0 alone failed
-            for worker in self.workers:
-                worker.join(timeout=WORKER_EXIT_WAIT_S)
+        except Exception as exc:   # a collective broke as a rank ended, or rank 0 alone failed
+            self.ranks.wait(RANK_END_WAIT_S)
             self._note_failure()
             if self.failure is None:
                 self.failure = TensorParallelFailure(
@@ -139,19 +100,14 @@ class TensorParallelRunner:
             raise self.failure from exc
 
     def _watch(self) -> None:
-        ended = multiprocessing.connection.wait([worker.sentinel for worker in self.workers])
-        for worker in self.workers:   # its pipe closes a moment before the process can be reaped
-            if worker.sentinel in ended:
-                worker.join(timeout=WORKER_EXIT_WAIT_S)
+        self.ranks.wait()
         if not self.stopping.is_set():
             self._note_failure()
 
     def _note_failure(self) -> None:
-        dead = [(rank, worker) for rank, worker in enumerate(self.workers, 1) if not worker.is_alive()]
-        if dead and self.failure is None:
-            rank, worker = dead[0]
-            self.failure = TensorParallelFailure(f"tensor-parallel rank {rank} (process {worker.pid}) ended with exit "
-                                                 f"code {worker.exitcode}; the engine cannot run without its shard")
+        ended = self.ranks.ended()
+        if ended is not None and self.failure is None:
+            self.failure = TensorParallelFailure(f"{ended}; the engine cannot run without its shard")
             logger.error("%s", self.failure)
 
     @staticmethod

@@ -8,7 +8,7 @@ import sys
 from kvserve.core.bench import latency as latency_bench
 from kvserve.core.bench import serving as serving_bench
 from kvserve.core.bench import throughput as throughput_bench
-from kvserve.core.config import KV_CACHE_DTYPES
+from kvserve.core.config import EXECUTOR_BACKENDS, KV_CACHE_DTYPES
 from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -38,6 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="ranks (processes on this machine) to split the model over")
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="split mixture-of-experts layers over the ranks by experts, not by columns")
+    parser.add_argument("--distributed-executor-backend", default="mp", choices=list(EXECUTOR_BACKENDS),
+                        help="where ranks 1.. run: processes spawned here (mp), or Ray actors (ray)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every step eagerly, without the platform's graphs (CUDA/HIP graphs, CPU replays)")
     parser.add_argument("--seed", type=int, default=0)
@@ -66,7 +68,7 @@ ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_nu
                   "preemption_mode", "swap_space", "device", "enforce_eager", "seed", "quantization",
                   "quantization_group_size", "load_format", "kv_cache_dtype",
                   "calculate_kv_scales", "speculative_config", "tensor_parallel_size",
-                  "enable_expert_parallel")
+                  "enable_expert_parallel", "distributed_executor_backend")
 
 
 def json_object(text: str) -> dict:

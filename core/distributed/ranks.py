@@ -1,0 +1,100 @@
+"""Where ranks 1 to N - 1 run: processes that multiprocessing spawns on this machine (``mp``), or Ray actors
+(``ray``) on the Ray instance ``ray.init`` finds (a cluster's, given ``RAY_ADDRESS``, else a new local one).
+Either way rank 0 can wait for one to end and say which ended and how."""
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import socket
+
+from kvserve.core.config import EngineConfig
+from kvserve.core.distributed.worker import run_rank
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class ProcessRanks:
+    address = "127.0.0.1"
+
+    def __init__(self, config: EngineConfig, port: int):
+        context = multiprocessing.get_context("spawn")
+        self.processes = [context.Process(target=run_rank, args=(config, rank, self.address, port), daemon=True,
+                                          name=f"kvserve-tp-rank-{rank}")
+                          for rank in range(1, config.parallel.tensor_parallel_size)]
+        for process in self.processes:
+            process.start()
+        self.pids = [process.pid for process in self.processes]
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Return once a rank has ended (and can be seen to have), or after ``timeout`` seconds."""
+        ended = multiprocessing.connection.wait([p.sentinel for p in self.processes], timeout)
+        for process in self.processes:   # its pipe closes a moment before the process can be reaped
+            if process.sentinel in ended:
+                process.join()
+
+    def ended(self) -> str | None:
+        """How the first rank that has ended did, if one has."""
+        for rank, process in enumerate(self.processes, 1):
+            if not process.is_alive():
+                return f"tensor-parallel rank {rank} (process {process.pid}) ended with exit code {process.exitcode}"
+        return None
+
+    def join(self) -> None:
+        for process in self.processes:
+            process.join()
+
+
+class RankActor:
+    """A rank's Ray actor: its process is Ray's, its work the spawned process's."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, config: EngineConfig, rank: int, address: str, port: int) -> None:
+        run_rank(config, rank, address, port)
+
+
+class RayRanks:
+    def __init__(self, config: EngineConfig, port: int):
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("distributed_executor_backend='ray' needs Ray: pip install ray") from None
+        if not ray.is_initialized():
+            ray.init()
+        self.ray = ray
+        self.address = ray.util.get_node_ip_address()
+        # Placed by Ray, not counted against CPUs: each rank's threads are the platform's business.
+        actors = [ray.remote(num_cpus=0)(RankActor).remote() for _ in range(1, config.parallel.tensor_parallel_size)]
+        self.actors, self.pids = actors, ray.get([actor.pid.remote() for actor in actors])
+        self.runs = [actor.run.remote(config, rank, self.address, port) for rank, actor in enumerate(actors, 1)]
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.ray.wait(self.runs, num_returns=1, timeout=timeout)
+
+    def ended(self) -> str | None:
+        done, _ = self.ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
+        for rank, (run, pid) in enumerate(zip(self.runs, self.pids), 1):
+            if run in done:
+                try:
+                    self.ray.get(run)
+                    how = "returned"
+                except Exception as exc:   # the actor died, or its rank raised
+                    how = f"failed: {type(exc).__name__}"
+                return f"tensor-parallel rank {rank} (Ray actor, process {pid}) {how}"
+        return None
+
+    def join(self) -> None:
+        self.ray.get(self.runs)
+        for actor in self.actors:
+            self.ray.kill(actor)
+
+
+def start_ranks(config: EngineConfig, port: int) -> ProcessRanks | RayRanks:
+    backend = config.parallel.distributed_executor_backend
+    return (RayRanks if backend == "ray" else ProcessRanks)(config, port)
