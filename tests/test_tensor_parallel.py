@@ -212,3 +212,36 @@ def test_ray_actors_give_the_tokens_of_processes(tiny_model):
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["tokens"]["ray"] == outcome["tokens"]["mp"]
     assert re.match("tensor-parallel rank 1 \\(Ray actor, process \\d+\\) failed: ActorDiedError", outcome["failure"])
+
+
+FEATURES = """
+import json, sys
+from kvserve import LLM, BeamSearchParams, SamplingParams
+prompts = [[5, 17, 42, 99, 3] * 6, list(range(100, 140))]
+for size in (1, 2):
+    llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", tensor_parallel_size=size,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    sampled = llm.generate(prompts, SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=12, logprobs=2,
+                                                   prompt_logprobs=1), use_tqdm=False)
+    beams = llm.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True))
+    penalized = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                     repetition_penalty=1.2), use_tqdm=False)
+    print(json.dumps(dict(sampled=[[c.token_ids for c in o.outputs] for o in sampled],
+                          logprobs=[e[t].logprob for o in sampled for c in o.outputs
+                                    for t, e in zip(c.token_ids, c.logprobs)],
+                          prompt_logprobs=[next(iter(e.values())).logprob for o in sampled
+                                           for e in o.prompt_logprobs[1:]],
+                          beams=[[s.tokens for s in o.sequences] for o in beams],
+                          penalized=[o.outputs[0].token_ids for o in penalized])))
+"""
+
+
+def test_split_ranks_serve_every_sampling_feature_alike(tiny_model):
+    """Seeded parallel sampling with logprobs and prompt logprobs, beam search, penalties, n-gram speculation."""
+    result = subprocess.run([sys.executable, "-c", FEATURES, tiny_model("llama-tied-gqa")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{"))
+    for name in ("logprobs", "prompt_logprobs"):   # summed over ranks in another order: equal to float32's rounding
+        assert two.pop(name) == pytest.approx(one.pop(name), abs=1e-4)
+    assert two == one

@@ -30,13 +30,10 @@ def join_group(config: EngineConfig, platform: Platform, rank: int, address: str
                           wait_for_workers=False)
     if rank == 0:
         arrivals, deadline = [f"rank-{other}-arrived" for other in range(1, size)], time.monotonic() + WAIT_S
-        while True:
-            try:
-                store.wait(arrivals, timedelta(seconds=1))
-                break
-            except RuntimeError:   # not all there yet
-                if not others_alive() or time.monotonic() > deadline:
-                    raise RuntimeError(f"not every tensor-parallel rank reached rank 0 within {WAIT_S:.0f}s")
+        while not store.check(arrivals):
+            if not others_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"not every tensor-parallel rank reached rank 0 within {WAIT_S:.0f}s")
+            time.sleep(0.05)
     else:
         store.set(f"rank-{rank}-arrived", "1")
     dist.init_process_group(platform.info.dist_backend, store=store, rank=rank, world_size=size,

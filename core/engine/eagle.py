@@ -92,7 +92,7 @@ class EagleDrafter(DraftModel):
         least two tokens long) with draft tokens; their slots are scheduled, for the draft's keys and values."""
         if not seqs:
             return
-        for seq in seqs:   # its last entry is recomputed if it has no other (a failed step's retry)
+        for seq in seqs:   # the first pass has a row for each at least: the pair before its newest token
             seq.draft_computed = min(seq.draft_computed, seq.num_tokens - 2)
         order = sorted(seqs, key=lambda s: s.num_tokens - s.draft_computed > 2)   # decodes first
         lens = [seq.num_tokens - 1 - seq.draft_computed for seq in order]
