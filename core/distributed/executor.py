@@ -35,6 +35,12 @@ def _log_layout(hf_config, size: int, backend: str) -> None:
                 *[hf_config.intermediate_size // size] * 2, *[-(-hf_config.vocab_size // size)] * 2)
 
 
+def leave_tensor_parallel_group() -> None:
+    """Stop an earlier engine's ranks in this process, so that the next engine's layers are its own."""
+    if TensorParallelRunner.active is not None:
+        TensorParallelRunner.active.shutdown()
+
+
 class TensorParallelRunner:
     """Rank 0's model runner, as the engine uses it; every call it takes goes to the other ranks first. A thread
     watches the other ranks' processes: once one has ended, ``failure`` says which, and every call raises it."""
@@ -42,8 +48,6 @@ class TensorParallelRunner:
     active: TensorParallelRunner | None = None   # a process joins one group at a time
 
     def __init__(self, config: EngineConfig, platform: Platform, checkpoint: Checkpoint, model_cls: type):
-        if TensorParallelRunner.active is not None:
-            TensorParallelRunner.active.shutdown()
         port = free_port()
         self.ranks = start_ranks(config, port)
         self.failure: TensorParallelFailure | None = None

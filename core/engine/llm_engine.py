@@ -7,7 +7,8 @@ from collections import Counter
 from dataclasses import replace
 
 from kvserve.core.config import EngineConfig
-from kvserve.core.distributed.executor import TensorParallelFailure, TensorParallelRunner, check_tensor_parallel
+from kvserve.core.distributed.executor import (TensorParallelFailure, TensorParallelRunner, check_tensor_parallel,
+                                               leave_tensor_parallel_group)
 from kvserve.core.engine.beam_search import BeamSearch
 from kvserve.core.engine.block_manager import BlockManager
 from kvserve.core.engine.detokenizer import IncrementalDetokenizer
@@ -47,6 +48,7 @@ class LLMEngine:
         if config.speculation is not None and config.speculation.method == "draft_model":
             draft_checkpoint = Checkpoint.open(config.speculation.model)
             draft = draft_checkpoint, resolve_model_class(draft_checkpoint.hf_config, self.plugins.models())
+        leave_tensor_parallel_group()
         if config.parallel.tensor_parallel_size > 1:
             check_tensor_parallel(config, checkpoint)
             self.runner = TensorParallelRunner(config, self.platform, checkpoint, model_cls)
