@@ -14,9 +14,13 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from server_utils import openai_client, start_server, stop_server, tiny_args
 
 from kvserve import LLM
+from kvserve.core.layers.ops import Ops
+from kvserve.core.loader.weights import load_weights
+from kvserve.core.models.llama import LlamaForCausalLM
 
 # Each LLM in one process (the second replaces the first's ranks), for a model: the tokens and rank 0's weights.
 RUN = """
@@ -246,3 +250,13 @@ def test_split_ranks_serve_every_sampling_feature_alike(tiny_model):
     for name in ("logprobs", "prompt_logprobs"):   # summed over ranks in another order: equal to float32's rounding
         assert two.pop(name) == pytest.approx(one.pop(name), abs=1e-4)
     assert two == one
+
+
+@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "lm_head.weight"])
+def test_a_vocabulary_tensor_of_another_width_is_a_clear_error(hf_model, name):
+    hf = hf_model("llama-untied-llama3-rope")
+    model = LlamaForCausalLM(hf.config, Ops())
+    weights = {key: value.detach() for key, value in hf.state_dict().items()}
+    weights[name] = torch.zeros(hf.config.vocab_size, hf.config.hidden_size + 1)
+    with pytest.raises(ValueError, match="has shape \\(384, 65\\), the model expects \\(384, 64\\)"):
+        load_weights(model, weights.items())

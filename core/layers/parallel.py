@@ -48,8 +48,9 @@ def _vocab_rows(vocab_size: int) -> tuple[int, int]:
     return tp.rank * count, count
 
 
-def _vocab_slice(tensor: torch.Tensor, vocab_size: int, first: int, count: int) -> torch.Tensor:
-    _expect("a vocabulary-parallel weight", tensor, (vocab_size, tensor.shape[1]))
+def _vocab_slice(tensor: torch.Tensor, shape: tuple[int, int], first: int, count: int) -> torch.Tensor:
+    """Rows [first, first + count) of a [vocabulary, width] ``tensor`` of ``shape``, zeros past its last."""
+    _expect("a vocabulary-parallel weight", tensor, shape)
     rows = tensor[first:first + count]
     return F.pad(rows, (0, 0, 0, count - rows.shape[0]))
 
@@ -63,7 +64,7 @@ class VocabParallelEmbedding(nn.Embedding):
         self.tp, self.vocab_size, self.first_row = tensor_parallel(), vocab_size, first
 
     def checkpoint_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return _vocab_slice(tensor, self.vocab_size, self.first_row, self.num_embeddings)
+        return _vocab_slice(tensor, (self.vocab_size, self.embedding_dim), self.first_row, self.num_embeddings)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -90,7 +91,7 @@ class ParallelLMHead(Linear):
         return head
 
     def checkpoint_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return _vocab_slice(tensor, self.vocab_size, self.first_row, self.out_features)
+        return _vocab_slice(tensor, (self.vocab_size, self.in_features), self.first_row, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = super().forward(x)
