@@ -25,8 +25,12 @@ class TensorParallelFailure(RuntimeError):
     """A rank's process ended, or a call failed on rank 0 and left the ranks out of step: the engine stops."""
 
 
+def _kv_heads(hf_config) -> int:
+    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
 def _log_layout(hf_config, size: int, backend: str) -> None:
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    kv_heads = _kv_heads(hf_config)
     logger.info("tensor parallelism over %d ranks (%s): rank r holds query heads "
                 "[r*%d, (r+1)*%d), %s, columns [r*%d, (r+1)*%d) of the MLPs and rows [r*%d, (r+1)*%d) of the "
                 "vocabulary", size, backend, *[hf_config.num_attention_heads // size] * 2,
@@ -130,8 +134,7 @@ def check_tensor_parallel(config: EngineConfig, checkpoint: Checkpoint) -> None:
     if config.speculation is not None and config.speculation.method != "ngram":
         raise ValueError(f"{what}: speculative method {config.speculation.method!r} does not split over ranks yet; "
                          f"use 1, or method 'ngram'")
-    heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    heads, kv_heads = hf_config.num_attention_heads, _kv_heads(hf_config)
     experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)
     # What the ranks split evenly: the query heads, the dense MLPs' columns, and the experts or their columns.
     counts = {"query heads": heads}
