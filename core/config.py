@@ -155,8 +155,6 @@ class ParallelConfig:
     def __post_init__(self):
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             check_int(name, getattr(self, name), 1)
-            if name != "tensor_parallel_size" and getattr(self, name) != 1:
-                raise ValueError(f"{name}={getattr(self, name)} is not supported yet; allowed: 1")
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, got "
                              f"{self.distributed_executor_backend!r}")

@@ -108,7 +108,6 @@ def test_bad_request_leaves_running_requests_unharmed(llm):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(preemption_mode="swap"), "allowed on cpu: 'recompute'"),
     (dict(preemption_mode="evict"), "preemption_mode must be one of recompute, swap"),
-    (dict(data_parallel_size=2), "data_parallel_size=2 is not supported"),
     (dict(pipeline_parallel_size=0), "pipeline_parallel_size must be >= 1"),
     (dict(speculative_config={"method": "ngram"}), "speculative_config needs 'num_speculative_tokens'"),
     (dict(speculative_config={"method": "eagle3", "num_speculative_tokens": 2}),

@@ -34,6 +34,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, plugins: PluginManager | None = None):
         start = time.perf_counter()
         self.config = config
+        for name in ("pipeline_parallel_size", "data_parallel_size"):
+            if getattr(config.parallel, name) != 1:
+                raise ValueError(f"{name}={getattr(config.parallel, name)} is not supported yet; allowed: 1")
         checkpoint = Checkpoint.open(config.model.model)
         config.model.quantization = checkpoint.quantization(config.model.quantization)
         self.plugins = plugins or PluginManager()

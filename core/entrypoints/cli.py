@@ -36,6 +36,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="platform name (see `kvserve plugins`)")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="ranks (processes on this machine) to split the model over")
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                        help="stages to split the model's layers over, each of --tensor-parallel-size ranks")
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                        help="engine replicas, each with the whole model, that requests are balanced over")
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="split mixture-of-experts layers over the ranks by experts, not by columns")
     parser.add_argument("--distributed-executor-backend", default="mp", choices=list(EXECUTOR_BACKENDS),
@@ -68,7 +72,7 @@ ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_nu
                   "preemption_mode", "swap_space", "device", "enforce_eager", "seed", "quantization",
                   "quantization_group_size", "load_format", "kv_cache_dtype",
                   "calculate_kv_scales", "speculative_config", "tensor_parallel_size",
-                  "enable_expert_parallel", "distributed_executor_backend")
+                  "pipeline_parallel_size", "data_parallel_size", "enable_expert_parallel", "distributed_executor_backend")
 
 
 def json_object(text: str) -> dict:
