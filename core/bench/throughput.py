@@ -37,6 +37,7 @@ def run(llm, model: str, prompts: list[list[int]], output_len: int) -> dict:
     after an untimed warm-up."""
     from kvserve.core.bench.baselines import rates, warmup_prompts
     from kvserve.core.bench.report import dtype_name
+    from kvserve.core.engine.stats import engine_stats
     from kvserve.core.sampling_params import SamplingParams
 
     engine = llm.llm_engine
@@ -44,21 +45,21 @@ def run(llm, model: str, prompts: list[list[int]], output_len: int) -> dict:
     llm.generate(warmup_prompts(prompts), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                  use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    prompt_tokens_before, blocks = engine.prompt_tokens_total, engine.block_manager
-    hits_before, queries_before = blocks.prefix_hits, blocks.prefix_queries
+    before = engine_stats(engine)   # one engine's, or summed over a data-parallel engine's replicas
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     if generated != len(prompts) * output_len:
         raise RuntimeError(f"generated {generated} tokens, expected {len(prompts) * output_len}")
-    queries = blocks.prefix_queries - queries_before
+    after = engine_stats(engine)
+    queries = after.prefix_queries - before.prefix_queries
     return {"engine": "kvserve", "model": model,
             "dtype": dtype_name(engine.runner.dtype), **rates(elapsed, prompts, output_len),
             "requests": len(prompts), "requests_per_s": round(len(prompts) / elapsed, 3),
             "prompt_tokens": sum(map(len, prompts)), "output_tokens": generated,
-            "prompt_tokens_computed": engine.prompt_tokens_total - prompt_tokens_before,
-            "prefix_cache_hit_rate": round((blocks.prefix_hits - hits_before) / queries, 3) if queries else 0.0}
+            "prompt_tokens_computed": after.prompt_tokens - before.prompt_tokens,
+            "prefix_cache_hit_rate": round((after.prefix_hits - before.prefix_hits) / queries, 3) if queries else 0.0}
 
 
 def add_parser(commands, add_engine_args) -> None:

@@ -6,6 +6,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from kvserve.core.engine.stats import engine_stats
+
 PREFIX = "kvserve:"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -22,47 +24,41 @@ class EngineCollector:
         if async_engine is None:
             return
         engine = async_engine.engine
-        blocks = engine.block_manager
-        # The scheduler holds sequences (n > 1 gives a request several): count the requests they belong to,
-        # a request with any sequence running being running.
-        scheduler = engine.scheduler
-        running = {seq.request_id for seq in list(scheduler.running)}
-        swapped = {seq.request_id for seq in list(scheduler.swapped)} - running
-        waiting = {seq.request_id for seq in list(scheduler.waiting)} - running - swapped
+        stats = engine_stats(engine)   # one engine's, or summed over a data-parallel engine's replicas
         gauges = {
-            "num_requests_running": ("Requests with a sequence running in the engine", len(running)),
-            "num_requests_waiting": ("Requests waiting for admission", len(waiting)),
-            "num_requests_swapped": ("Requests preempted with their KV blocks in host memory", len(swapped)),
+            "num_requests_running": ("Requests with a sequence running in the engine", stats.running),
+            "num_requests_waiting": ("Requests waiting for admission", stats.waiting),
+            "num_requests_swapped": ("Requests preempted with their KV blocks in host memory", stats.swapped),
             "kv_cache_usage_perc": ("Fraction of KV cache blocks in use (1 = full)",
-                                    1.0 - blocks.num_free_blocks / blocks.num_blocks),
-            "kv_cache_free_blocks": ("KV cache blocks free", blocks.num_free_blocks),
+                                    1.0 - stats.num_free_blocks / stats.num_blocks),
+            "kv_cache_free_blocks": ("KV cache blocks free", stats.num_free_blocks),
         }
         for name, (doc, value) in gauges.items():
             family = GaugeMetricFamily(PREFIX + name, doc)
             family.add_metric([], value)
             yield family
         counters = {
-            "prompt_tokens": ("Prompt tokens computed", engine.prompt_tokens_total),
-            "generation_tokens": ("Tokens generated", engine.generation_tokens_total),
+            "prompt_tokens": ("Prompt tokens computed", stats.prompt_tokens),
+            "generation_tokens": ("Tokens generated", stats.generation_tokens),
             "failed_steps": ("Model steps that raised", async_engine.failed_steps),
-            "num_preemptions": ("Sequences preempted for lack of KV blocks", scheduler.num_preemptions),
-            "num_swap_outs": ("Preempted sequences whose blocks went to host memory", scheduler.num_swap_outs),
-            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache", blocks.prefix_queries),
-            "prefix_cache_hits": ("Prompt tokens found in the prefix cache", blocks.prefix_hits),
-            "spec_decode_num_drafts": ("Speculative proposals verified", engine.spec_verifications),
-            "spec_decode_num_draft_tokens": ("Tokens proposed by speculation", engine.spec_proposed_tokens),
-            "spec_decode_num_accepted_tokens": ("Proposed tokens accepted", engine.spec_accepted_tokens),
+            "num_preemptions": ("Sequences preempted for lack of KV blocks", stats.num_preemptions),
+            "num_swap_outs": ("Preempted sequences whose blocks went to host memory", stats.num_swap_outs),
+            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache", stats.prefix_queries),
+            "prefix_cache_hits": ("Prompt tokens found in the prefix cache", stats.prefix_hits),
+            "spec_decode_num_drafts": ("Speculative proposals verified", stats.spec_verifications),
+            "spec_decode_num_draft_tokens": ("Tokens proposed by speculation", stats.spec_proposed_tokens),
+            "spec_decode_num_accepted_tokens": ("Proposed tokens accepted", stats.spec_accepted_tokens),
         }
         for name, (doc, value) in counters.items():
             family = CounterMetricFamily(PREFIX + name, doc)
             family.add_metric([], value)
             yield family
-        if engine.speculation is not None:
+        if engine.config.speculation is not None:
             family = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
                                          "Verifications that accepted the proposed token at this position",
                                          labels=["position"])
-            for position in range(engine.speculation.num_speculative_tokens):
-                family.add_metric([str(position)], engine.spec_accepted_per_position[position])
+            for position in range(engine.config.speculation.num_speculative_tokens):
+                family.add_metric([str(position)], stats.spec_accepted_per_position[position])
             yield family
 
 
