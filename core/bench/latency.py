@@ -100,6 +100,9 @@ def add_parser(commands, add_engine_args) -> None:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.num_iters_warmup < 0:
             raise ValueError(f"--num-iters-warmup must be >= 0, got {args.num_iters_warmup}")
+        if args.data_parallel_size > 1:
+            raise ValueError("bench latency times one engine: data parallelism does not shorten a request; time "
+                             "it with bench throughput or bench serve")
         prompt_text = None if args.prompt_file is None else read_prompt(args.prompt_file)
         llm = build_llm(args)
         engine = llm.llm_engine

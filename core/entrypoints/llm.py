@@ -7,7 +7,7 @@ from typing import Sequence as Seq
 from tqdm import tqdm
 
 from kvserve.core.config import build_engine_config
-from kvserve.core.engine.llm_engine import LLMEngine
+from kvserve.core.engine.data_parallel import make_engine
 from kvserve.core.log import init_logging
 from kvserve.core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
@@ -18,9 +18,11 @@ Prompt = str | list[int] | dict
 class LLM:
     def __init__(self, model: str | None = None, **engine_options):
         """Load ``model`` (a HF folder or .gguf file; None: the default model). ``engine_options`` are
-        ``build_engine_config``'s keywords, named as vLLM names them (dtype, max_model_len, ...)."""
+        ``build_engine_config``'s keywords, named as vLLM names them (dtype, max_model_len, ...).
+        With data_parallel_size > 1 the engine's replicas are spawned processes: a script that builds one needs an
+        ``if __name__ == "__main__":`` guard."""
         init_logging()
-        self.llm_engine = LLMEngine(build_engine_config(model, **engine_options))
+        self.llm_engine = make_engine(build_engine_config(model, **engine_options))
         self._request_ids = count()
 
     def get_tokenizer(self):

@@ -16,7 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 import kvserve
 from kvserve.core.config import EngineConfig
 from kvserve.core.engine.async_engine import AsyncLLMEngine, EngineDeadError
-from kvserve.core.engine.llm_engine import EngineStepError, LLMEngine
+from kvserve.core.engine.data_parallel import make_engine
+from kvserve.core.engine.llm_engine import EngineStepError
 from kvserve.core.entrypoints.openai.errors import APIError
 from kvserve.core.entrypoints.openai.metrics import ServerMetrics
 from kvserve.core.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -43,7 +44,7 @@ class ServerState:
 
     def load(self) -> None:
         try:
-            engine = AsyncLLMEngine(LLMEngine(self.config))
+            engine = AsyncLLMEngine(make_engine(self.config))
         except BaseException as exc:
             logger.error("could not start the engine: %s", exc)
             self.load_error = exc
