@@ -121,6 +121,17 @@ def wait_until(condition, timeout: float, interval: float = 0.1):
         time.sleep(interval)
 
 
+def kill_mid_stream(client: openai.OpenAI, model: str, pid: int) -> None:
+    """SIGKILL process ``pid`` once a long streamed completion has its first token; the stream must then fail."""
+    stream = client.completions.create(model=model, prompt="The quick brown fox", max_tokens=500, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+
+
 def post(server: Server, path: str, body=None, *, content: str | bytes | None = None, headers=None,
          timeout: float = 120) -> httpx.Response:
     return httpx.post(f"{server.url}{path}", json=body if content is None else None, content=content,

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-from server_utils import openai_client, start_server, stop_server, tiny_args
+from server_utils import kill_mid_stream, openai_client, start_server, stop_server, tiny_args
 
 from kvserve import LLM
 from kvserve.core.layers.ops import Ops
@@ -140,13 +140,7 @@ def test_the_server_reports_a_dead_rank(tiny_model, when):
         client = openai_client(server, timeout=60)
         (worker,) = rank_processes(server.proc.pid)
         if when == "in flight":
-            stream = client.completions.create(model=tiny_model("llama-tied-gqa"), prompt="The quick brown fox",
-                                               max_tokens=500, stream=True, extra_body={"ignore_eos": True})
-            next(iter(stream))
-            os.kill(worker, signal.SIGKILL)
-            with pytest.raises(openai.APIError):
-                for _ in stream:
-                    pass
+            kill_mid_stream(client, tiny_model("llama-tied-gqa"), worker)
         else:
             os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 10   # the engine notices at once; the poll allows for a loaded machine
