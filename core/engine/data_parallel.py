@@ -115,9 +115,11 @@ class DataParallelEngine:
                                      config.scheduler.max_num_seqs, config.model.chat_template)
         self.router = Router(len(self.replicas.replicas), config.cache.block_size)
         tp = config.parallel.tensor_parallel_size
-        logger.info("data parallelism over %d replicas: %s%s", len(self.replicas.replicas),
+        threads = self.replicas.threads
+        logger.info("data parallelism over %d replicas: %s%s%s", len(self.replicas.replicas),
                     ", ".join(f"replica {r.index} in process {r.process.pid}" for r in self.replicas.replicas),
-                    f"; each splits its model over {tp} tensor-parallel ranks" if tp > 1 else "")
+                    f"; each splits its model over {tp} tensor-parallel ranks" if tp > 1 else "",
+                    "" if threads is None else f"; {threads} CPU thread{'s' * (threads > 1)} a process")
 
     def validate(self, prompt: str | list[int], params: SamplingParams | BeamSearchParams) -> list[int]:
         """Check a request without starting it; returns its prompt token ids."""

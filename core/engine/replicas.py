@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import queue
 import signal
@@ -12,6 +13,8 @@ import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
+
+import torch
 
 from kvserve.core.config import EngineConfig
 from kvserve.core.engine.llm_engine import EngineStepError, LLMEngine
@@ -42,13 +45,17 @@ class Replicas:
 
     def __init__(self, config: EngineConfig):
         replica_config = replace(config, parallel=replace(config.parallel, data_parallel_size=1))
+        size = config.parallel.data_parallel_size
+        # Replicas that each took all of the host's threads would contend for its cores (8x slower on 2 cores):
+        # each takes its share, unless OMP_NUM_THREADS says what a process takes.
+        self.threads = None if "OMP_NUM_THREADS" in os.environ else max(1, torch.get_num_threads() // size)
         context = multiprocessing.get_context("spawn")
         self.replicas: list[Replica] = []
-        for index in range(config.parallel.data_parallel_size):
+        for index in range(size):
             ours, theirs = context.Pipe()
             # Not daemonic: a tensor-parallel replica starts rank processes of its own. It ends when told to, or
             # once its pipe closes as this process ends.
-            process = context.Process(target=run_replica, args=(index, replica_config, theirs),
+            process = context.Process(target=run_replica, args=(index, replica_config, theirs, self.threads),
                                       name=f"kvserve-dp-replica-{index}")
             process.start()
             theirs.close()
@@ -122,13 +129,17 @@ def portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def run_replica(index: int, config: EngineConfig, conn: multiprocessing.connection.Connection) -> None:
+def run_replica(index: int, config: EngineConfig, conn: multiprocessing.connection.Connection,
+                threads: int | None) -> None:
     """A replica's process: build the engine, report ready, then serve the front's commands until told to stop
     or until the front's end of the pipe closes. Whatever stops the engine is reported, and ends the process
     (and with it any tensor-parallel ranks it started: they are daemonic)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the front decides
     signal.signal(signal.SIGTERM, terminated)
     init_logging(f" [replica {index}]")
+    if threads is not None:   # the environment passes it on to any ranks the engine starts
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
     engine = None
     try:
         engine = LLMEngine(config)
