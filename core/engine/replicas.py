@@ -26,7 +26,8 @@ STOP_WAIT_S = 10.0        # how long a replica told to stop may take to end its 
 
 
 class DataParallelFailure(RuntimeError):
-    """A replica's process ended: the engine stops, as one whose tensor-parallel rank ended does."""
+    """A replica's process ended, or its engine stopped: the engine stops, as one whose tensor-parallel rank ended
+    does."""
 
 
 @dataclass
@@ -102,7 +103,9 @@ class Replicas:
                 live.remove(replica)
                 replica.conn.close()
                 replica.process.join(1)
-                self._fail(replica, f"ended with exit code {replica.process.exitcode}")
+                self._fail(replica, f"ended with exit code {replica.process.exitcode}" + (
+                    "" if replica.info else " before it was ready; its output says why (a script that builds a "
+                    "data-parallel engine needs an `if __name__ == '__main__':` guard)"))
 
     def _take(self, replica: Replica, kind: str, *body) -> None:
         if kind == "died":
@@ -117,7 +120,8 @@ class Replicas:
             self.failure = DataParallelFailure(f"data-parallel replica {replica.index} (process "
                                                f"{replica.process.pid}) {how}")
             self.failure.__cause__ = cause
-            logger.error("%s", self.failure)
+            if replica.info is not None:   # one that fails the start is raised by the engine's constructor
+                logger.error("%s", self.failure)
         self.inbox.put(None)
 
 
@@ -135,13 +139,13 @@ def run_replica(index: int, config: EngineConfig, conn: multiprocessing.connecti
     or until the front's end of the pipe closes. Whatever stops the engine is reported, and ends the process
     (and with it any tensor-parallel ranks it started: they are daemonic)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the front decides
-    signal.signal(signal.SIGTERM, terminated)
     init_logging(f" [replica {index}]")
     if threads is not None:   # the environment passes it on to any ranks the engine starts
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
     engine = None
     try:
+        signal.signal(signal.SIGTERM, terminated)
         engine = LLMEngine(config)
         engine.runner.wait_for_kv_cache()
         conn.send(("ready", {"config": engine.config, "vocab_size": engine.runner.vocab_size,
@@ -150,14 +154,16 @@ def run_replica(index: int, config: EngineConfig, conn: multiprocessing.connecti
     except (EOFError, BrokenPipeError):   # the front has gone
         pass
     except BaseException as exc:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # ending already: let the exit run its course
         if engine is not None:   # the front raises a start-up error itself
             logger.exception("the engine stopped")
         with suppress(OSError):
             conn.send(("died", portable(exc)))
         return
-    shutdown = getattr(engine.runner, "shutdown", None)   # a tensor-parallel runner stops its ranks
-    if shutdown is not None:
-        shutdown()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if engine is not None and hasattr(engine.runner, "shutdown"):   # a tensor-parallel runner stops its ranks
+        engine.runner.shutdown()
 
 
 def terminated(*_) -> None:
