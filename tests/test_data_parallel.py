@@ -17,11 +17,13 @@ from server_utils import (kill_mid_stream, metrics, openai_client, start_server,
                           wait_until)
 
 from kvserve import LLM, SamplingParams
+from kvserve.core.engine.llm_engine import FAULT_TOKEN_ENV
 
 # Each layout in one process, for a model: the tokens, and how many requests each replica was sent.
 RUN = """
 import json, sys
 from kvserve import LLM, SamplingParams
+from kvserve.core.engine.llm_engine import FAULT_TOKEN_ENV
 path, layouts = sys.argv[1], json.loads(sys.argv[2])
 prompts = [[5, 17, 42, 99, 3] * 6, [7, 8, 9] * 9 + [11], list(range(20, 44)) * 2, list(range(100, 140)),
            [11, 12] * 10, list(range(200, 260)), [3] * 17, list(range(300, 320))]
@@ -58,6 +60,7 @@ def test_replicas_give_the_tokens_of_one_engine(tiny_model, arch, layouts):
 ROUTING = """
 import json, sys
 from kvserve import LLM, SamplingParams
+from kvserve.core.engine.llm_engine import FAULT_TOKEN_ENV
 llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", max_model_len=128, data_parallel_size=2)
 engine, params = llm.llm_engine, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 rejected = []
@@ -101,6 +104,7 @@ def test_the_front_rejects_bad_input_and_routes_by_load_and_prefix(tiny_model):
 KILL = """
 import os, signal, sys, time
 from kvserve import LLM, SamplingParams
+from kvserve.core.engine.llm_engine import FAULT_TOKEN_ENV
 llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", data_parallel_size=2)
 engine, params = llm.llm_engine, SamplingParams(max_tokens=500, ignore_eos=True)
 for request_id in "abcdefgh":
@@ -125,6 +129,29 @@ def test_a_replica_that_dies_stops_the_engine_with_a_clear_error(tiny_model):
     words = "DataParallelFailure [\\d.]+ data-parallel replica 1 \\(process \\d+\\) ended with exit code -9"
     assert re.fullmatch(f"in flight {words}", in_flight) and float(in_flight.split()[3]) < 5
     assert re.fullmatch(f"after {words}", after)
+
+
+FAULT = """
+import json, sys
+from kvserve import LLM, SamplingParams
+from kvserve.core.engine.llm_engine import FAULT_TOKEN_ENV
+from kvserve.core.engine.llm_engine import EngineStepError
+llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", data_parallel_size=2)
+params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+try:
+    llm.generate([[5, 6, 300]], params, use_tqdm=False)
+except EngineStepError as exc:
+    failed = dict(request_ids=exc.request_ids, message=str(exc))
+outputs = llm.generate([[5, 6, 7]] * 4, params, use_tqdm=False)
+print(json.dumps(dict(failed=failed, tokens=[o.outputs[0].token_ids for o in outputs])))
+"""
+
+
+def test_a_failed_step_in_a_replica_fails_its_requests_and_the_engine_goes_on(tiny_model, monkeypatch):
+    monkeypatch.setenv(FAULT_TOKEN_ENV, "300")   # a step that computes token 300 raises, as a broken device would
+    (outcome,) = outcomes(FAULT, tiny_model("llama-tied-gqa"))
+    assert outcome["failed"]["request_ids"] == ["0"] and "injected fault: token 300" in outcome["failed"]["message"]
+    assert len(outcome["tokens"]) == 4 and all(len(t) == 4 for t in outcome["tokens"])
 
 
 @pytest.fixture(scope="module")
