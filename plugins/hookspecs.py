@@ -87,11 +87,14 @@ def platform_graph_runner(model: torch.nn.Module, backend: AttentionBackend,
 
 
 @hookspec(firstresult=True)
-def platform_communicator(rank: int, world_size: int) -> Communicator:
-    """Build the communicator for collectives between the ranks of one model replica.
+def platform_communicator(rank: int, world_size: int, group: Any) -> Communicator:
+    """Build the communicator for collectives between the tensor-parallel ranks of one pipeline stage.
 
-    :param rank: this process's rank.
-    :param world_size: the number of ranks.
+    :param rank: this process's rank in the group.
+    :param world_size: the number of ranks in the group.
+    :param group: the ``torch.distributed`` process group of those ranks; None: the default group (every rank
+        of the replica). With pipeline parallelism each stage's ranks are a group of their own, and collectives
+        over another group would wait for ranks that never join them.
     """
 
 

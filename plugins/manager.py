@@ -73,8 +73,8 @@ class Platform:
     def graph_runner(self, model, backend: AttentionBackend, config) -> GraphRunner | None:
         return self._call("platform_graph_runner", model=model, backend=backend, config=config)
 
-    def communicator(self, rank: int, world_size: int) -> Communicator:
-        return self._required("platform_communicator", rank=rank, world_size=world_size)
+    def communicator(self, rank: int, world_size: int, group=None) -> Communicator:
+        return self._required("platform_communicator", rank=rank, world_size=world_size, group=group)
 
     def ops(self) -> dict:
         return self._call("platform_ops") or {}

@@ -15,34 +15,13 @@ import httpx
 import openai
 import pytest
 import torch
+from parallel_utils import FEATURES, KILL, TOKENS, run_layouts, run_script
 from server_utils import kill_mid_stream, openai_client, start_server, stop_server, tiny_args
 
 from kvserve import LLM
 from kvserve.core.layers.ops import Ops
 from kvserve.core.loader.weights import load_weights
 from kvserve.core.models.llama import LlamaForCausalLM
-
-# Each LLM in one process (the second replaces the first's ranks), for a model: the tokens and rank 0's weights.
-RUN = """
-import json, sys
-from kvserve import LLM, SamplingParams
-path, sizes, options = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-prompts = [[5, 17, 42, 99, 3] * 6, [7, 8, 9] * 9 + [11], list(range(20, 44)) * 2, list(range(100, 140))]
-params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-for size in sizes:
-    llm = LLM(path, tensor_parallel_size=size, max_num_batched_tokens=16, max_num_seqs=4, **options)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    print(json.dumps(dict(size=size, tokens=[o.outputs[0].token_ids for o in outputs],
-                          bytes=llm.llm_engine.runner.built.weight_bytes)))
-"""
-
-
-def run(path: str, sizes: list[int], **options) -> list[dict]:
-    result = subprocess.run([sys.executable, "-c", RUN, path, json.dumps(sizes), json.dumps(options)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-
 
 # Over 4 ranks, llama-tied-gqa's 2 key-value heads are each copied to the 2 ranks whose query heads use it. The
 # mixtures of experts split every expert's columns, or with expert parallelism the experts.
@@ -51,13 +30,15 @@ def run(path: str, sizes: list[int], **options) -> list[dict]:
     ("mixtral", 2, {}), ("mixtral", 2, dict(enable_expert_parallel=True)), ("qwen2-moe", 2, {}),
     ("qwen2-moe", 2, dict(enable_expert_parallel=True))])
 def test_ranks_give_the_tokens_of_one(tiny_model, arch, size, options):
-    one, split = run(tiny_model(arch), [1, size], dtype="float32", kv_cache_memory="16MiB", **options)
+    one, split = run_layouts(TOKENS, tiny_model(arch), [{}, dict(tensor_parallel_size=size)], dtype="float32",
+                             kv_cache_memory="16MiB", **options)
     assert split["tokens"] == one["tokens"]
     assert 0.9 / size < split["bytes"] / one["bytes"] < 1.2 / size
 
 
 def test_smollm2_over_three_ranks(smollm2_path):
-    one, three = run(smollm2_path, [1, 3], kv_cache_memory="64MiB", max_model_len=512)
+    one, three = run_layouts(TOKENS, smollm2_path, [{}, dict(tensor_parallel_size=3)], kv_cache_memory="64MiB",
+                             max_model_len=512)
     assert three["tokens"] == one["tokens"]
     assert 0.3 < three["bytes"] / one["bytes"] < 0.37
 
@@ -99,30 +80,9 @@ def test_the_command_line_splits_the_model_too(tiny_model):
     assert "tensor parallelism over 2 ranks" in split.stderr
 
 
-KILL = """
-import os, signal, sys, threading, time
-from kvserve import LLM, SamplingParams
-llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", tensor_parallel_size=2)
-pid = llm.llm_engine.runner.ranks.pids[0]
-threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
-started = time.monotonic()
-for attempt in ("in flight", "after"):
-    try:
-        # 64 requests of 500 tokens take far longer than the half second before the kill.
-        llm.generate([[5, 6, 7]] * 64, SamplingParams(max_tokens=500 if attempt == "in flight" else 4,
-                                                      ignore_eos=True), use_tqdm=False)
-        print(attempt, "finished")
-    except Exception as exc:
-        print(attempt, type(exc).__name__, round(time.monotonic() - started, 1), exc)
-"""
-
-
 def test_a_rank_that_dies_stops_the_engine_with_a_clear_error(tiny_model):
-    result = subprocess.run([sys.executable, "-c", KILL, tiny_model("llama-tied-gqa")], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    in_flight, after = result.stdout.splitlines()
-    words = "TensorParallelFailure .* tensor-parallel rank 1 \\(process \\d+\\) ended with exit code -9"
+    in_flight, after = run_script(KILL, tiny_model("llama-tied-gqa"), json.dumps(dict(tensor_parallel_size=2)))
+    words = "RankFailure .* rank 1 \\(process \\d+\\) ended with exit code -9"
     assert re.fullmatch(f"in flight {words}.*", in_flight) and float(in_flight.split()[3]) < 10
     assert re.fullmatch(f"after {words}.*", after)
 
@@ -147,8 +107,8 @@ def test_the_server_reports_a_dead_rank(tiny_model, when):
         while (health := httpx.get(f"{server.url}/health", timeout=10)).status_code == 200:
             assert time.monotonic() < deadline, "/health still says 200 with a rank dead"
             time.sleep(0.1)
-        assert health.status_code == 503 and "tensor-parallel rank 1" in health.text
-        with pytest.raises(openai.APIStatusError, match="tensor-parallel rank 1"):
+        assert health.status_code == 503 and "rank 1 (process" in health.text
+        with pytest.raises(openai.APIStatusError, match="rank 1 \\(process"):
             client.completions.create(model=tiny_model("llama-tied-gqa"), prompt="Hi", max_tokens=4)
     finally:
         stop_server(server)
@@ -180,8 +140,8 @@ def test_a_rank_that_dies_at_start_up_fails_the_start_at_once(tiny_model):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     name, seconds, message = result.stdout.strip().split(" ", 2)
-    assert name == "TensorParallelFailure" and float(seconds) < 30
-    assert re.match("tensor-parallel rank 1 \\(process \\d+\\) ended with exit code -9", message)
+    assert name == "RankFailure" and float(seconds) < 30
+    assert re.match("rank 1 \\(process \\d+\\) ended with exit code -9", message)
 
 
 RAY = """
@@ -209,37 +169,15 @@ def test_ray_actors_give_the_tokens_of_processes(tiny_model):
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["tokens"]["ray"] == outcome["tokens"]["mp"]
-    assert re.match("tensor-parallel rank 1 \\(Ray actor, process \\d+\\) failed: ActorDiedError", outcome["failure"])
-
-
-FEATURES = """
-import json, sys
-from kvserve import LLM, BeamSearchParams, SamplingParams
-prompts = [[5, 17, 42, 99, 3] * 6, list(range(100, 140))]
-for size in (1, 2, 1):   # the last, in the process the split one ran in, with layers of its own again
-    llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", tensor_parallel_size=size,
-              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
-    sampled = llm.generate(prompts, SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=12, logprobs=2,
-                                                   prompt_logprobs=1), use_tqdm=False)
-    beams = llm.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True))
-    penalized = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
-                                                     repetition_penalty=1.2), use_tqdm=False)
-    print(json.dumps(dict(sampled=[[c.token_ids for c in o.outputs] for o in sampled],
-                          logprobs=[e[t].logprob for o in sampled for c in o.outputs
-                                    for t, e in zip(c.token_ids, c.logprobs)],
-                          prompt_logprobs=[next(iter(e.values())).logprob for o in sampled
-                                           for e in o.prompt_logprobs[1:]],
-                          beams=[[s.tokens for s in o.sequences] for o in beams],
-                          penalized=[o.outputs[0].token_ids for o in penalized])))
-"""
+    assert re.match("rank 1 \\(Ray actor, process \\d+\\) failed: ActorDiedError", outcome["failure"])
 
 
 def test_split_ranks_serve_every_sampling_feature_alike(tiny_model):
     """Seeded parallel sampling with logprobs and prompt logprobs, beam search, penalties, n-gram speculation."""
-    result = subprocess.run([sys.executable, "-c", FEATURES, tiny_model("llama-tied-gqa")], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    one, two, again = (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{"))
+    # The last, in the process the split one ran in, with layers of its own again.
+    layouts = [dict(tensor_parallel_size=1), dict(tensor_parallel_size=2), dict(tensor_parallel_size=1)]
+    one, two, again = run_layouts(FEATURES, tiny_model("llama-tied-gqa"), layouts,
+                                  speculative_config={"method": "ngram", "num_speculative_tokens": 3})
     assert again == one
     for name in ("logprobs", "prompt_logprobs"):   # summed over ranks in another order: equal to float32's rounding
         assert two.pop(name) == pytest.approx(one.pop(name), abs=1e-4)

@@ -9,7 +9,7 @@ import os
 import socket
 
 from kvserve.core.config import EngineConfig
-from kvserve.core.distributed.worker import run_rank
+from kvserve.core.distributed.worker import run_rank, world_size
 
 
 def free_port() -> int:
@@ -24,8 +24,8 @@ class ProcessRanks:
     def __init__(self, config: EngineConfig, port: int):
         context = multiprocessing.get_context("spawn")
         self.processes = [context.Process(target=run_rank, args=(config, rank, self.address, port), daemon=True,
-                                          name=f"kvserve-tp-rank-{rank}")
-                          for rank in range(1, config.parallel.tensor_parallel_size)]
+                                          name=f"kvserve-rank-{rank}")
+                          for rank in range(1, world_size(config))]
         for process in self.processes:
             process.start()
         self.pids = [process.pid for process in self.processes]
@@ -41,7 +41,7 @@ class ProcessRanks:
         """How the first rank that has ended did, if one has."""
         for rank, process in enumerate(self.processes, 1):
             if not process.is_alive():
-                return f"tensor-parallel rank {rank} (process {process.pid}) ended with exit code {process.exitcode}"
+                return f"rank {rank} (process {process.pid}) ended with exit code {process.exitcode}"
         return None
 
     def join(self) -> None:
@@ -70,7 +70,7 @@ class RayRanks:
         self.ray = ray
         self.address = ray.util.get_node_ip_address()
         # Placed by Ray, not counted against CPUs: each rank's threads are the platform's business.
-        actors = [ray.remote(num_cpus=0)(RankActor).remote() for _ in range(1, config.parallel.tensor_parallel_size)]
+        actors = [ray.remote(num_cpus=0)(RankActor).remote() for _ in range(1, world_size(config))]
         self.actors, self.pids = actors, ray.get([actor.pid.remote() for actor in actors])
         self.runs = [actor.run.remote(config, rank, self.address, port) for rank, actor in enumerate(actors, 1)]
 
@@ -86,7 +86,7 @@ class RayRanks:
                     how = "returned"
                 except Exception as exc:   # the actor died, or its rank raised
                     how = f"failed: {type(exc).__name__}"
-                return f"tensor-parallel rank {rank} (Ray actor, process {pid}) {how}"
+                return f"rank {rank} (Ray actor, process {pid}) {how}"
         return None
 
     def join(self) -> None:

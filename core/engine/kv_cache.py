@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.core.config import EngineConfig
+from kvserve.core.distributed.parallel_state import fewest_over_ranks
 from kvserve.core.engine.host_memory import host_zeros
 from kvserve.core.layers.attention import Attention
 from kvserve.core.log import logger
@@ -69,6 +70,9 @@ def allocate_kv_cache(config: EngineConfig, spec: AttentionSpec, backend: Attent
             raise ValueError(f"kv_cache_memory={cache.kv_cache_memory} bytes exceeds the {free} bytes free "
                              f"on {platform.name}; lower kv_cache_memory")
         num_blocks = cache.kv_cache_memory // (block_bytes + draft_block_bytes)
+    num_host_blocks = cache.swap_space // block_bytes if cache.preemption_mode == "swap" else 0
+    # Pipeline stages hold different layers, so different blocks in the same budget: the scheduler's are all's.
+    num_blocks, num_host_blocks = fewest_over_ranks([num_blocks, num_host_blocks], platform.device)
     max_len = config.model.max_model_len
     if num_blocks * spec.block_size < max_len:
         raise ValueError(f"the KV cache holds {num_blocks * spec.block_size} tokens ({num_blocks} blocks), "
@@ -80,7 +84,6 @@ def allocate_kv_cache(config: EngineConfig, spec: AttentionSpec, backend: Attent
         device_cache, populating = host_zeros(shape_of(num_blocks), dtype)
     else:
         device_cache = torch.zeros(shape_of(num_blocks), dtype=dtype, device=device)
-    num_host_blocks = cache.swap_space // block_bytes if cache.preemption_mode == "swap" else 0
     # Pinned host memory makes the copies to and from the device fast; plain memory when the device is the host.
     host_cache = torch.zeros(shape_of(num_host_blocks), dtype=dtype,
                              pin_memory=device.type != "cpu") if num_host_blocks else None

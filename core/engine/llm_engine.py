@@ -7,8 +7,10 @@ from collections import Counter
 from dataclasses import replace
 
 from kvserve.core.config import EngineConfig
-from kvserve.core.distributed.executor import (TensorParallelFailure, TensorParallelRunner, check_tensor_parallel,
-                                               leave_tensor_parallel_group)
+from collections import deque
+
+from kvserve.core.distributed.executor import DistributedRunner, RankFailure, leave_parallel_group
+from kvserve.core.distributed.layout import check_parallel, log_layout
 from kvserve.core.engine.beam_search import BeamSearch
 from kvserve.core.engine.block_manager import BlockManager
 from kvserve.core.engine.detokenizer import IncrementalDetokenizer
@@ -34,7 +36,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, plugins: PluginManager | None = None):
         start = time.perf_counter()
         self.config = config
-        for name in ("pipeline_parallel_size", "data_parallel_size"):
+        for name in ("data_parallel_size",):
             if getattr(config.parallel, name) != 1:
                 raise ValueError(f"{name}={getattr(config.parallel, name)} is not supported yet; allowed: 1")
         checkpoint = Checkpoint.open(config.model.model)
@@ -51,15 +53,18 @@ class LLMEngine:
         if config.speculation is not None and config.speculation.method == "draft_model":
             draft_checkpoint = Checkpoint.open(config.speculation.model)
             draft = draft_checkpoint, resolve_model_class(draft_checkpoint.hf_config, self.plugins.models())
-        leave_tensor_parallel_group()
-        if config.parallel.tensor_parallel_size > 1:
-            check_tensor_parallel(config, checkpoint)
-            self.runner = TensorParallelRunner(config, self.platform, checkpoint, model_cls)
+        leave_parallel_group()
+        parallel = config.parallel
+        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+            check_parallel(config, checkpoint, model_cls)
+            self.runner = DistributedRunner(config, self.platform, checkpoint, model_cls)
+            log_layout(config, checkpoint.hf_config, self.platform.info.dist_backend)
         else:
             self.runner = ModelRunner(config, self.platform, checkpoint, model_cls, draft)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching, self.runner.num_host_blocks)
         self.scheduler = Scheduler(config, self.block_manager)
+        self.in_flight: deque = deque()   # steps submitted, oldest first: as many as there are pipeline stages
         self.requests: dict[str, RequestState] = {}
         self.prompt_tokens_total = 0        # prompt tokens computed (prefill), for metrics
         self.generation_tokens_total = 0
@@ -79,8 +84,9 @@ class LLMEngine:
         logger.info("loaded %s on %s (%s, %s attention, weights %.1f MiB%s) in %.1fs; KV cache %.2f GiB = %d "
                     "tokens in %d blocks", checkpoint.path, self.platform.name,
                     str(self.runner.dtype).removeprefix("torch."), self.runner.backend.name,
-                    self.runner.built.weight_bytes / 2**20, " a rank" if config.parallel.tensor_parallel_size > 1
-                    else "", time.perf_counter() - start, self.runner.kv_cache_bytes / 2**30,
+                    self.runner.built.weight_bytes / 2**20,
+                    " on rank 0" if parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1 else "",
+                    time.perf_counter() - start, self.runner.kv_cache_bytes / 2**30,
                     self.runner.num_blocks * config.cache.block_size, self.runner.num_blocks)
 
     def validate(self, prompt: str | list[int], params: SamplingParams | BeamSearchParams) -> list[int]:
@@ -142,7 +148,7 @@ class LLMEngine:
 
     @property
     def failure(self) -> Exception | None:
-        """Why no step can run any more, if none can: a tensor-parallel rank's process ended."""
+        """Why no step can run any more, if none can: a rank's process ended."""
         return getattr(self.runner, "failure", None)
 
     def step(self) -> list[RequestOutput]:
@@ -153,23 +159,35 @@ class LLMEngine:
         """
         if self.proposer is not None:
             self.proposer.propose(self.scheduler.running)
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
+        depth = self.config.parallel.pipeline_parallel_size
+        batch = self.scheduler.schedule(depth - len(self.in_flight))
+        if batch.seqs:
+            self._submit(batch)
+        # Pipeline stages run the steps in flight one after another: collect one once they are all busy.
+        if not self.in_flight or (batch.seqs and len(self.in_flight) < depth):
             return []
+        batch = self.in_flight.popleft()
+        return self._finish(batch, self.runner.collect())
+
+    def _submit(self, batch) -> None:
         try:
             if self.fault_token is not None and any(self.fault_token in s.token_ids[s.num_computed_tokens:]
                                                     for s in batch.seqs):
                 raise RuntimeError(f"injected fault: token {self.fault_token} ({FAULT_TOKEN_ENV})")
-            result = self.runner.execute(batch)
+            self.runner.submit(batch)
         except Exception as exc:
             self.block_manager.forget_step()
             self.scheduler.forget_swaps()
             failed = sorted({s.request_id for s in batch.seqs})
             for request_id in failed:
                 self.abort_request(request_id)
-            if isinstance(exc, TensorParallelFailure):   # no later step can run either
+            if isinstance(exc, RankFailure):   # no later step can run either
                 raise
             raise EngineStepError(failed, exc) from exc
+        self.in_flight.append(batch)
+
+    def _finish(self, batch, result) -> list[RequestOutput]:
+        """Take a step's tokens; those of sequences aborted while it was in flight are dropped."""
         chunks = zip(batch.seqs[batch.num_decodes:], batch.num_new_tokens[batch.num_decodes:])
         self.prompt_tokens_total += sum(n for s, n in chunks if not s.proposal)
         self.generation_tokens_total += len(result.candidates)
@@ -178,11 +196,15 @@ class LLMEngine:
         self.spec_accepted_tokens += sum(result.accepted.values())
         self.spec_accepted_per_position.update(i for n in result.accepted.values() for i in range(n))
         for seq, (first, entries) in result.prompt_logprobs.items():
+            if seq.is_finished:
+                continue
             known = self.requests[seq.request_id].prompt_logprobs
             known += [None] * (first - len(known))   # the first prompt token: nothing predicts it
             known += map(self.logprobs_builder, entries)
         touched: dict[str, RequestState] = {}
         for seq, (token_ids, logprobs) in result.candidates.items():
+            if seq.is_finished:
+                continue
             touched[seq.request_id] = self.requests[seq.request_id]
             seq.beam.report(seq, token_ids, logprobs)
         for seq, token in result.sampled:

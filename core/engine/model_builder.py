@@ -43,8 +43,12 @@ class BuiltModel:
     weight_bytes: int = 0   # its weights as loaded (this rank's share), before platform kernels repack them
     graph_runner: GraphRunner | None = None   # set once its KV cache is bound
 
-    def forward(self, input_ids: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """A step's hidden states, through a captured graph where the platform has one for its shape."""
+    def forward(self, input_ids: torch.Tensor, metadata: AttentionMetadata, intermediate: tuple = ()):
+        """A step's hidden states, through a captured graph where the platform has one for its shape. A pipeline
+        stage after the first starts from the ``intermediate`` (hidden, residual) the one before it handed on,
+        and one before the last returns its own."""
+        if intermediate:
+            return self.model(input_ids, metadata.positions, metadata, intermediate)
         if self.graph_runner is not None and self.graph_runner.can_run(metadata, len(input_ids)):
             return self.graph_runner.run(input_ids, metadata.positions, metadata)
         return self.model(input_ids, metadata.positions, metadata)

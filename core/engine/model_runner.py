@@ -1,12 +1,14 @@
 """Builds the model and its paged KV cache on the platform's device, and runs one scheduled step."""
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
 
 from kvserve.core.config import EngineConfig
+from kvserve.core.distributed.parallel_state import pipeline_stage
 from kvserve.core.engine.beam_search import beam_candidates
 from kvserve.core.engine.draft_model import DraftModel
 from kvserve.core.engine.eagle import EagleDrafter
@@ -86,6 +88,7 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator] = {}
         self.bad_words: dict[int, list[list[int]]] = {}    # seq_id -> token ids of each bad word
         self.prompt_logprobs = PromptLogprobsPlanner()
+        self.submitted: deque[StepOutput] = deque()
 
     def wait_for_kv_cache(self) -> None:
         """Return once the KV cache's memory is resident. Benchmarks time the steady state, as they would on an
@@ -104,10 +107,20 @@ class ModelRunner:
         self.bad_words.pop(seq.seq_id, None)
         self.prompt_logprobs.release(seq)
 
+    def submit(self, batch: ScheduledBatch) -> None:
+        """Run a step, whose output ``collect`` returns (a split model's runner returns before its last stage
+        has run the step)."""
+        self.submitted.append(self.execute(batch))
+
+    def collect(self) -> StepOutput:
+        return self.submitted.popleft()
+
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
+    def execute(self, batch: ScheduledBatch, intermediate: tuple = ()) -> StepOutput | tuple:
         """Run one step: a new token for every sequence whose step reached its last token, with the logprobs
-        its request asked for, and the logprobs of the prompt tokens this step's chunks predict."""
+        its request asked for, and the logprobs of the prompt tokens this step's chunks predict. A pipeline
+        stage before the last returns the (hidden, residual) it hands on, one after the first starts from
+        the ``intermediate`` one it was handed."""
         seqs, counts = batch.seqs, batch.num_new_tokens
         for source, destination, pairs in ((self.kv_cache, self.host_kv_cache, batch.swap_outs),
                                            (self.kv_cache, self.kv_cache, batch.block_copies),
@@ -122,7 +135,9 @@ class ModelRunner:
         metadata = self.backend.build_metadata(step_layout(batch))
         token_ids = [t for s, n in zip(seqs, counts) for t in s.next_tokens(n)]
         input_ids = self._tensor(token_ids)
-        hidden = self.built.forward(input_ids, metadata)
+        hidden = self.built.forward(input_ids, metadata, intermediate)
+        if not pipeline_stage().is_last:
+            return hidden
         if eagle is not None:
             eagle.keep_features(hidden, metadata)
 

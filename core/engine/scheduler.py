@@ -5,6 +5,10 @@ swapped-out ones come back, then waiting ones are admitted while the budget, the
 allow. When a running sequence needs a block and none is free, the most recently admitted sequence is
 preempted: its blocks are copied to host memory (preemption_mode="swap", while host blocks last) or freed, to
 be recomputed (cheaply, from the prefix cache) later.
+
+With pipeline stages several steps are in flight at once: a sequence in one is neither scheduled again nor
+preempted until it has finished, and each step takes its share of the sequences that can run, so that the
+steps still to be submitted get theirs.
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ class Scheduler:
         self.running: list[Sequence] = []      # in admission order
         self.swapped: deque[Sequence] = deque()
         self.swapped_this_step: list[Sequence] = []
+        self.in_flight: set[Sequence] = set()   # in a step submitted and not yet finished
+        self.share = 0   # how many sequences this step may take
         self.num_preemptions = 0
         self.num_swap_outs = 0
 
@@ -50,11 +56,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, steps_to_submit: int = 1) -> ScheduledBatch:
+        """The next step, ``steps_to_submit`` (this one included) sharing the sequences that can run."""
         manager = self.block_manager
         manager.named_this_step, manager.copies_this_step = [], []
         manager.swap_outs_this_step, manager.swap_ins_this_step, self.swapped_this_step = [], [], []
-        return self._schedule()
+        idle = sum(1 for s in self.running if s not in self.in_flight and s.num_uncomputed_tokens)
+        self.share = -(-(idle + len(self.waiting) + len(self.swapped)) // steps_to_submit)
+        batch = self._schedule()
+        self.in_flight.update(batch.seqs)
+        return batch
 
     def _schedule(self) -> ScheduledBatch:
         manager = self.block_manager
@@ -65,7 +76,8 @@ class Scheduler:
         resumable = [s for s in self.swapped if s.num_uncomputed_tokens]
         for seq in resumable if not preempted else ():
             n = min(seq.num_uncomputed_tokens, budget)
-            if n == 0 or num_seqs + seq.num_seqs > self.max_num_seqs or not manager.swap_in(seq, n):
+            if (n == 0 or len(scheduled) == self.share or num_seqs + seq.num_seqs > self.max_num_seqs
+                    or not manager.swap_in(seq, n)):
                 break
             self.swapped.remove(seq)
             self._start(seq, n, scheduled)
@@ -73,7 +85,7 @@ class Scheduler:
             budget -= n
         # Waiting sequences start only once every swapped one that can go on has.
         blocked = preempted or any(s.num_uncomputed_tokens for s in self.swapped)
-        while self.waiting and budget > 0 and not blocked:
+        while self.waiting and budget > 0 and len(scheduled) < self.share and not blocked:
             seq = self.waiting[0]
             if num_seqs + seq.num_seqs > self.max_num_seqs:
                 break
@@ -101,14 +113,17 @@ class Scheduler:
         left and whether anything was preempted."""
         budget, preempted = self.max_num_batched_tokens, False
         for seq in list(self.running):
-            if budget == 0:
+            if budget == 0 or len(scheduled) == self.share:
                 break
-            # Skip sequences preempted earlier in this loop, and beams waiting for their siblings' reports.
-            if seq.status is not SequenceStatus.RUNNING or not seq.num_uncomputed_tokens:
+            # Skip sequences preempted earlier in this loop, beams waiting for their siblings' reports, and
+            # sequences in a step in flight.
+            if (seq.status is not SequenceStatus.RUNNING or not seq.num_uncomputed_tokens
+                    or seq in self.in_flight):
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.allocate_slots(seq, n):
-                victim = self.running.pop()
+                victim = next(s for s in reversed(self.running) if s not in self.in_flight)   # seq, at least
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -118,7 +133,7 @@ class Scheduler:
                 scheduled[seq] = n
                 budget -= n
         # Proposals take only the budget and free blocks left once every running sequence has its own tokens.
-        for seq in self.running:
+        for seq in (s for s in self.running if s not in self.in_flight):
             seq.proposal = seq.proposal[:budget] if seq in scheduled else []
             if seq.proposal and self.block_manager.allocate_slots(seq, scheduled[seq] + len(seq.proposal)):
                 scheduled[seq] += len(seq.proposal)
@@ -163,6 +178,7 @@ class Scheduler:
     def finish_step(self, batch: ScheduledBatch, accepted: dict[Sequence, int]) -> None:
         """Record the computed tokens (of a speculating sequence's proposal, the ``accepted`` ones), fork the
         siblings of sequences that sampled their first token, and free finished sequences at once."""
+        self.in_flight.difference_update(batch.seqs)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n - len(seq.proposal) + accepted.get(seq, 0)
             if seq.proposal:
@@ -200,6 +216,7 @@ class Scheduler:
             self.block_manager.release_host_blocks(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        self.in_flight.discard(seq)
         seq.status = SequenceStatus.FINISHED
 
     def abort(self, request_id: str) -> None:

@@ -72,7 +72,8 @@ ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_nu
                   "preemption_mode", "swap_space", "device", "enforce_eager", "seed", "quantization",
                   "quantization_group_size", "load_format", "kv_cache_dtype",
                   "calculate_kv_scales", "speculative_config", "tensor_parallel_size",
-                  "pipeline_parallel_size", "data_parallel_size", "enable_expert_parallel", "distributed_executor_backend")
+                  "pipeline_parallel_size", "data_parallel_size", "enable_expert_parallel",
+                  "distributed_executor_backend")
 
 
 def json_object(text: str) -> dict:

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kvserve.core.distributed.parallel_state import pipeline_stage
 from kvserve.core.layers.attention import Attention
 from kvserve.core.layers.linear import GateUpLinear
 from kvserve.core.layers.ops import Ops
@@ -55,6 +56,16 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.gate_up_proj(x))
 
 
+class OtherStagesWeights:
+    """The checkpoint names under these prefixes, which ``load_weights`` skips."""
+
+    def __init__(self, prefixes: list[str]):
+        self.prefixes = tuple(prefixes)
+
+    def __contains__(self, name: str) -> bool:
+        return name.startswith(self.prefixes)
+
+
 def head_size_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -79,22 +90,34 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+class OnAnotherStage(nn.Module):
+    """A decoder layer another pipeline stage holds: it keeps the layers' indices, and the checkpoint's names."""
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, config, ops: Ops, qkv_bias: bool, make_mlp: Callable[[int], nn.Module]):
-        """``make_mlp(layer)``: the feed-forward block of each layer."""
+    def __init__(self, config, ops: Ops, qkv_bias: bool, make_mlp: Callable[[int], nn.Module], embeds: bool):
+        """``make_mlp(layer)``: the feed-forward block of each layer. ``embeds``: this pipeline stage needs the
+        embedding (the first embeds the tokens; the last's output head may be tied to it)."""
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        stage = pipeline_stage()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if embeds else None
         self.rotary_emb = RotaryEmbedding(head_size_of(config), config.max_position_embeddings,
                                           rope_parameters(config), ops)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, qkv_bias, self.rotary_emb, make_mlp(layer))
-                                    for layer in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.own_layers = stage.layers(config.num_hidden_layers)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, ops, qkv_bias, self.rotary_emb, make_mlp(layer)) if layer in self.own_layers
+            else OnAnotherStage() for layer in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops) if stage.is_last else None
 
-    def forward(self, input_ids, positions, metadata):
-        hidden, residual = self.embed_tokens(input_ids), None
+    def forward(self, input_ids, positions, metadata, intermediate=None):
+        """The final hidden states; on a stage before the last, the (hidden, residual) it hands on. A stage after
+        the first starts from the ``intermediate`` one the stage before it handed on."""
+        hidden, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
         angles = self.rotary_emb.angles(positions)   # the same for every layer: looked up once a step
-        for layer in self.layers:
+        for layer in self.layers[self.own_layers.start:self.own_layers.stop]:
             hidden, residual = layer(angles, hidden, residual, metadata)
+        if self.norm is None:
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -105,6 +128,7 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
     }
     qkv_bias = False
+    supports_pipeline_parallel = True
 
     def __init__(self, config, ops: Ops):
         super().__init__()
@@ -112,10 +136,18 @@ class LlamaForCausalLM(nn.Module):
         self.sliding_window = self.window_of(config)
         if getattr(config, "mlp_bias", False):
             raise ValueError("mlp_bias=True Llama checkpoints are not supported")
-        self.model = LlamaModel(config, ops, qkv_bias, lambda layer: self.make_mlp(config, ops, layer))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = (ParallelLMHead.tied_to(self.model.embed_tokens) if self.tie_word_embeddings
-                        else ParallelLMHead(config.hidden_size, config.vocab_size))
+        stage = pipeline_stage()
+        self.model = LlamaModel(config, ops, qkv_bias, lambda layer: self.make_mlp(config, ops, layer),
+                                stage.is_first or (stage.is_last and self.tie_word_embeddings))
+        self.lm_head = None if not stage.is_last else (
+            ParallelLMHead.tied_to(self.model.embed_tokens) if self.tie_word_embeddings
+            else ParallelLMHead(config.hidden_size, config.vocab_size))
+        # What another pipeline stage holds: its layers, and the embedding, final norm and head where absent.
+        self.ignored_weights = OtherStagesWeights(
+            [f"model.layers.{i}." for i in range(config.num_hidden_layers) if i not in self.model.own_layers]
+            + ["model.embed_tokens."] * (self.model.embed_tokens is None)
+            + ["model.norm.", "lm_head."] * (self.lm_head is None))
 
     @staticmethod
     def window_of(config) -> int | None:
@@ -127,11 +159,12 @@ class LlamaForCausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the embedding with lm_head again: materializing the model off the meta device unties them."""
-        if self.tie_word_embeddings:
+        if self.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        return self.model(input_ids, positions, metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -61,15 +61,15 @@ def platform_graph_runner(model, backend, config):
 
     # A recording cannot replay collectives between ranks: split models run eager.
     if (config.device.enforce_eager or not getattr(backend, "replays_decode_steps", False)
-            or config.parallel.tensor_parallel_size > 1):
+            or config.parallel.tensor_parallel_size > 1 or config.parallel.pipeline_parallel_size > 1):
         return None
     return CpuGraphRunner(model)
 
 @hookimpl
-def platform_communicator(rank: int, world_size: int):
+def platform_communicator(rank: int, world_size: int, group):
     from kvserve.plugins.defaults import TorchDistributedCommunicator
 
-    return TorchDistributedCommunicator(rank, world_size, backend="gloo")
+    return TorchDistributedCommunicator(rank, world_size, backend="gloo", group=group)
 
 @hookimpl
 def platform_ops() -> dict:

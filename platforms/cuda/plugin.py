@@ -98,10 +98,10 @@ class GpuPlatform:
         return on_fp8_cores or scaled_gemm(weight)
 
     @hookimpl
-    def platform_communicator(self, rank: int, world_size: int):
+    def platform_communicator(self, rank: int, world_size: int, group):
         from kvserve.plugins.defaults import TorchDistributedCommunicator
 
-        return TorchDistributedCommunicator(rank, world_size, backend="nccl")   # RCCL on ROCm, under the same name
+        return TorchDistributedCommunicator(rank, world_size, backend="nccl", group=group)   # RCCL on ROCm, under the same name
 
     @hookimpl
     def platform_seed(self, seed: int) -> None:

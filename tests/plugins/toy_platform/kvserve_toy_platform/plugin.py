@@ -109,10 +109,10 @@ def platform_graph_runner(model, backend, config):
 
 
 @hookimpl
-def platform_communicator(rank: int, world_size: int):
+def platform_communicator(rank: int, world_size: int, group):
     from kvserve.plugins.defaults import TorchDistributedCommunicator
 
-    return TorchDistributedCommunicator(rank, world_size, "gloo")
+    return TorchDistributedCommunicator(rank, world_size, "gloo", group)
 
 
 @hookimpl
