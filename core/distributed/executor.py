@@ -11,6 +11,7 @@ import atexit
 import threading
 from collections import deque
 
+import torch
 import torch.distributed as dist
 
 from kvserve.core.config import EngineConfig
@@ -50,6 +51,9 @@ class DistributedRunner:
     def __init__(self, config: EngineConfig, platform: Platform, checkpoint: Checkpoint, model_cls: type):
         port = free_port()
         self.ranks = start_ranks(config, port)
+        self.threads_before = torch.get_num_threads()
+        if self.ranks.threads is not None:   # rank 0's share of this machine's threads
+            torch.set_num_threads(self.ranks.threads)
         self.failure: RankFailure | None = None
         self.stopping = threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="kvserve-rank-watch").start()
@@ -103,6 +107,7 @@ class DistributedRunner:
             self.link.flush()
             self.ranks.join()
         dist.destroy_process_group()
+        torch.set_num_threads(self.threads_before)
         set_parallel(TensorParallel(), PipelineStage())
         DistributedRunner.active = None
 

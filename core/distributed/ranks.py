@@ -8,6 +8,8 @@ import multiprocessing.connection
 import os
 import socket
 
+import torch
+
 from kvserve.core.config import EngineConfig
 from kvserve.core.distributed.worker import run_rank, world_size
 
@@ -18,12 +20,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def share_of_threads(processes: int) -> int | None:
+    """Torch threads for each of ``processes`` on this machine: processes that each took all of its threads would
+    contend for its cores (several times slower on 2), so each takes its share, unless OMP_NUM_THREADS says."""
+    return None if "OMP_NUM_THREADS" in os.environ else max(1, torch.get_num_threads() // processes)
+
+
 class ProcessRanks:
     address = "127.0.0.1"
 
     def __init__(self, config: EngineConfig, port: int):
         context = multiprocessing.get_context("spawn")
-        self.processes = [context.Process(target=run_rank, args=(config, rank, self.address, port), daemon=True,
+        self.threads = share_of_threads(world_size(config))
+        self.processes = [context.Process(target=run_rank, args=(config, rank, self.address, port, self.threads),
+                                          daemon=True,
                                           name=f"kvserve-rank-{rank}")
                           for rank in range(1, world_size(config))]
         for process in self.processes:
@@ -56,10 +66,12 @@ class RankActor:
         return os.getpid()
 
     def run(self, config: EngineConfig, rank: int, address: str, port: int) -> None:
-        run_rank(config, rank, address, port)
+        run_rank(config, rank, address, port, None)
 
 
 class RayRanks:
+    threads = None   # no share of this machine's: Ray places the ranks
+
     def __init__(self, config: EngineConfig, port: int):
         try:
             import ray

@@ -8,6 +8,7 @@ import time
 from datetime import timedelta
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 
 from kvserve.core.config import EngineConfig
@@ -76,7 +77,10 @@ def receive_call(first_stage_group, link: StageLink) -> tuple[tuple, tuple]:
     return link.recv(dist.get_rank() - tensor_parallel().size)
 
 
-def run_rank(config: EngineConfig, rank: int, address: str, port: int) -> None:
+def run_rank(config: EngineConfig, rank: int, address: str, port: int, threads: int | None) -> None:
+    """``threads``: this rank's share of its machine's, if it has one."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     plugins = PluginManager()
     platform = plugins.select_platform(config.device.device)
     first_stage_group = join_group(config, platform, rank, address, port)
