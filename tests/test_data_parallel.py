@@ -1,7 +1,7 @@
 """Data parallelism: replicas, each a whole engine in a process of its own (tensor-parallel itself or not), give
 the greedy tokens of one engine; the front balances requests by load and by prompt prefix, rejects bad input
-before any replica sees it, sums the replicas' counters in /metrics, and stops with a clear error when a
-replica's process ends."""
+before any replica sees it, sums the replicas' counters in /metrics, fails only the requests of a replica's failed
+step, and stops with a clear error when a replica's process ends."""
 from __future__ import annotations
 
 import json
@@ -23,7 +23,6 @@ from kvserve.core.engine.llm_engine import FAULT_TOKEN_ENV
 RUN = """
 import json, sys
 from kvserve import LLM, SamplingParams
-from kvserve.core.engine.llm_engine import FAULT_TOKEN_ENV
 path, layouts = sys.argv[1], json.loads(sys.argv[2])
 prompts = [[5, 17, 42, 99, 3] * 6, [7, 8, 9] * 9 + [11], list(range(20, 44)) * 2, list(range(100, 140)),
            [11, 12] * 10, list(range(200, 260)), [3] * 17, list(range(300, 320))]
@@ -60,7 +59,6 @@ def test_replicas_give_the_tokens_of_one_engine(tiny_model, arch, layouts):
 ROUTING = """
 import json, sys
 from kvserve import LLM, SamplingParams
-from kvserve.core.engine.llm_engine import FAULT_TOKEN_ENV
 llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", max_model_len=128, data_parallel_size=2)
 engine, params = llm.llm_engine, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 rejected = []
@@ -104,7 +102,6 @@ def test_the_front_rejects_bad_input_and_routes_by_load_and_prefix(tiny_model):
 KILL = """
 import os, signal, sys, time
 from kvserve import LLM, SamplingParams
-from kvserve.core.engine.llm_engine import FAULT_TOKEN_ENV
 llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", data_parallel_size=2)
 engine, params = llm.llm_engine, SamplingParams(max_tokens=500, ignore_eos=True)
 for request_id in "abcdefgh":
@@ -134,7 +131,6 @@ def test_a_replica_that_dies_stops_the_engine_with_a_clear_error(tiny_model):
 FAULT = """
 import json, sys
 from kvserve import LLM, SamplingParams
-from kvserve.core.engine.llm_engine import FAULT_TOKEN_ENV
 from kvserve.core.engine.llm_engine import EngineStepError
 llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="16MiB", data_parallel_size=2)
 params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
