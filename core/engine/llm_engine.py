@@ -36,9 +36,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, plugins: PluginManager | None = None):
         start = time.perf_counter()
         self.config = config
-        for name in ("data_parallel_size",):
-            if getattr(config.parallel, name) != 1:
-                raise ValueError(f"{name}={getattr(config.parallel, name)} is not supported yet; allowed: 1")
+        if config.parallel.data_parallel_size != 1:
+            raise ValueError(f"an LLMEngine is one replica (data_parallel_size=1, got "
+                             f"{config.parallel.data_parallel_size}); make_engine(config) builds a front over several")
         checkpoint = Checkpoint.open(config.model.model)
         config.model.quantization = checkpoint.quantization(config.model.quantization)
         self.plugins = plugins or PluginManager()

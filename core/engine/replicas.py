@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from kvserve.core.config import EngineConfig
+from kvserve.core.distributed.ranks import share_of_threads
 from kvserve.core.engine.llm_engine import EngineStepError, LLMEngine
 from kvserve.core.engine.stats import EngineStats
 from kvserve.core.log import init_logging, logger
@@ -47,9 +48,7 @@ class Replicas:
     def __init__(self, config: EngineConfig):
         replica_config = replace(config, parallel=replace(config.parallel, data_parallel_size=1))
         size = config.parallel.data_parallel_size
-        # Replicas that each took all of the host's threads would contend for its cores (8x slower on 2 cores):
-        # each takes its share, unless OMP_NUM_THREADS says what a process takes.
-        self.threads = None if "OMP_NUM_THREADS" in os.environ else max(1, torch.get_num_threads() // size)
+        self.threads = share_of_threads(size)   # 8x slower on 2 cores when each took all
         context = multiprocessing.get_context("spawn")
         self.replicas: list[Replica] = []
         for index in range(size):
