@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import replace
 
 from kvserve.core.config import EngineConfig
-from collections import deque
-
 from kvserve.core.distributed.executor import DistributedRunner, RankFailure, leave_parallel_group
 from kvserve.core.distributed.layout import check_parallel, log_layout
 from kvserve.core.engine.beam_search import BeamSearch
