@@ -16,6 +16,12 @@ from collections import OrderedDict, deque
 from kvserve.core.engine.sequence import Sequence
 
 
+def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    """A full block's key in the prefix cache: its tokens and, through ``parent`` (the key of the block before
+    it, None for the first), every token before them."""
+    return hash((parent, tokens))
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, num_host_blocks: int = 0):
         self.num_blocks = num_blocks
@@ -134,7 +140,7 @@ class BlockManager:
             return
         for i in range(len(seq.block_hashes), num_tokens // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            block_hash = hash((seq.block_hashes[-1] if seq.block_hashes else None, tokens))
+            block_hash = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
             seq.block_hashes.append(block_hash)
             block = seq.block_table[i]
             if block_hash not in self.cached:   # else the same content is already cached in another block
@@ -172,7 +178,7 @@ class BlockManager:
         hits, parent = [], None
         for i in range((seq.num_tokens - 1) // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            parent = hash((parent, tokens))
+            parent = chain_hash(parent, tokens)
             block = self.cached.get(parent)
             if block is None or self.block_tokens[block] != tokens:
                 break

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.core.config import EngineConfig
+from kvserve.core.engine.block_manager import chain_hash
 from kvserve.core.engine.input_processor import InputProcessor
 from kvserve.core.engine.llm_engine import EngineStepError, LLMEngine
 from kvserve.core.engine.replicas import DataParallelFailure, Replica, Replicas
@@ -64,7 +65,7 @@ class Router:
         """A hash for each full block among the first AFFINITY_BLOCKS, of the prompt up to that block's end."""
         hashes, chain, size = [], None, self.block_size
         for start in range(0, min(len(ids) // size, AFFINITY_BLOCKS) * size, size):
-            chain = hash((chain, tuple(ids[start:start + size])))
+            chain = chain_hash(chain, tuple(ids[start:start + size]))
             hashes.append(chain)
         return hashes
 
@@ -114,11 +115,13 @@ class DataParallelEngine:
         self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
                                      config.scheduler.max_num_seqs, config.model.chat_template)
         self.router = Router(len(self.replicas.replicas), config.cache.block_size)
-        tp = config.parallel.tensor_parallel_size
+        tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+        split = " of ".join([f"{pp} pipeline stages"] * (pp > 1) + [f"{tp} tensor-parallel ranks" + " each" * (pp > 1)]
+                            * (tp > 1))
         threads = self.replicas.threads
         logger.info("data parallelism over %d replicas: %s%s%s", len(self.replicas.replicas),
                     ", ".join(f"replica {r.index} in process {r.process.pid}" for r in self.replicas.replicas),
-                    f"; each splits its model over {tp} tensor-parallel ranks" if tp > 1 else "",
+                    f"; each splits its model over {split}" if split else "",
                     "" if threads is None else f"; {threads} CPU thread{'s' * (threads > 1)} a process")
 
     def validate(self, prompt: str | list[int], params: SamplingParams | BeamSearchParams) -> list[int]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from kvserve.core.config import EngineConfig
+from kvserve.core.distributed.executor import leave_parallel_group
 from kvserve.core.distributed.ranks import share_of_threads
 from kvserve.core.engine.llm_engine import EngineStepError, LLMEngine
 from kvserve.core.engine.stats import EngineStats
@@ -161,8 +162,7 @@ def run_replica(index: int, config: EngineConfig, conn: multiprocessing.connecti
         return
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if engine is not None and hasattr(engine.runner, "shutdown"):   # a tensor-parallel runner stops its ranks
-        engine.runner.shutdown()
+    leave_parallel_group()   # a split engine's ranks stop with it
 
 
 def terminated(*_) -> None:
