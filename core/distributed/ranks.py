@@ -7,6 +7,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import socket
+import threading
 
 import torch
 
@@ -39,19 +40,22 @@ class ProcessRanks:
         for process in self.processes:
             process.start()
         self.pids = [process.pid for process in self.processes]
+        self.sentinels = [process.sentinel for process in self.processes]
+        self.reaping = threading.Lock()
 
     def wait(self, timeout: float | None = None) -> None:
-        """Return once a rank has ended (and can be seen to have), or after ``timeout`` seconds."""
-        ended = multiprocessing.connection.wait([p.sentinel for p in self.processes], timeout)
-        for process in self.processes:   # its pipe closes a moment before the process can be reaped
-            if process.sentinel in ended:
-                process.join()
+        """Return once a rank has ended, or after ``timeout`` seconds."""
+        multiprocessing.connection.wait(self.sentinels, timeout)
 
     def ended(self) -> str | None:
         """How the first rank that has ended did, if one has."""
-        for rank, process in enumerate(self.processes, 1):
-            if not process.is_alive():
-                return f"rank {rank} (process {process.pid}) ended with exit code {process.exitcode}"
+        # One thread at a time: of two reaping a process at once, the loser's waitpid fails and it looks alive.
+        with self.reaping:
+            ended = multiprocessing.connection.wait(self.sentinels, 0)
+            for rank, process in enumerate(self.processes, 1):
+                if process.sentinel in ended:
+                    process.join()
+                    return f"rank {rank} (process {process.pid}) ended with exit code {process.exitcode}"
         return None
 
     def join(self) -> None:
