@@ -151,10 +151,12 @@ class ParallelConfig:
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False   # split mixture-of-experts layers by experts over the ranks
     distributed_executor_backend: str = "mp"   # where ranks 1.. run: spawned processes, or Ray actors
+    data_parallel_rank: int = 0   # which replica this engine is, as the data-parallel front numbers them
 
     def __post_init__(self):
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             check_int(name, getattr(self, name), 1)
+        check_int("data_parallel_rank", self.data_parallel_rank, 0)
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, got "
                              f"{self.distributed_executor_backend!r}")

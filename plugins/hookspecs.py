@@ -44,6 +44,18 @@ def platform_detect() -> PlatformInfo | None:
 # -- configuration -----------------------------------------------------------
 
 @hookspec(firstresult=True)
+def platform_bind_device(local_index: int) -> torch.device | None:
+    """Take device ``local_index`` of this machine for this process, and return it; the engine then allocates
+    its model and KV cache there. Called once per process, before ``platform_update_config``. Optional: without
+    it (or given None) the process uses ``torch.device(PlatformInfo.device_type)``.
+
+    :param local_index: this process's place among the engine's processes on this machine: 0 for one engine,
+        else the data-parallel replica's index times its ranks (tensor × pipeline parallel), plus the rank.
+        Raise ValueError saying how many devices there are when there are too few.
+    """
+
+
+@hookspec(firstresult=True)
 def platform_update_config(config: EngineConfig) -> None:
     """Validate and adjust the engine configuration for this platform before anything is built.
 

@@ -1,6 +1,7 @@
 """Plugin discovery through entry points, and platform selection."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -16,6 +17,8 @@ from kvserve.plugins.interfaces import (AttentionBackend, AttentionSpec, Communi
 PLATFORM_GROUP = "kvserve.platforms"
 GENERAL_GROUP = "kvserve.plugins"
 PLATFORM_ENV = "KVSERVE_PLATFORM"
+
+logger = logging.getLogger("kvserve")
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Platform:
         self.device = torch.device(self.info.device_type)
         others = [p for p in manager.pm.get_plugins() if p is not record.plugin]
         self._hooks = {name: manager.pm.subset_hook_caller(name, remove_plugins=others)
-                       for name in ("platform_update_config", "platform_memory_info",
+                       for name in ("platform_bind_device", "platform_update_config", "platform_memory_info",
                                     "platform_attention_backend", "platform_graph_runner",
                                     "platform_communicator", "platform_ops", "platform_linear_kernel",
                                     "platform_gate_up_kernel", "platform_quant_kernel", "platform_seed",
@@ -60,6 +63,12 @@ class Platform:
 
     def _call(self, hook: str, **kwargs) -> Any:
         return self._hooks[hook](**kwargs)
+
+    def bind_device(self, local_index: int) -> None:
+        device = self._call("platform_bind_device", local_index=local_index)
+        if device is not None:
+            self.device = device
+            logger.info("this process runs on %s (device %d of this machine's for the engine)", device, local_index)
 
     def update_config(self, config) -> None:
         self._call("platform_update_config", config=config)

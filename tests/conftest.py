@@ -149,14 +149,15 @@ def plugin_site(tmp_path_factory) -> Path:
     return site
 
 
-def run_python(site: Path, args: list[str], **env: str) -> str:
-    """Run ``python ARGS`` with the plugin packages of ``site`` importable; returns its stdout."""
+def run_python(site: Path, args: list[str], with_stderr: bool = False, **env: str) -> str:
+    """Run ``python ARGS`` with the plugin packages of ``site`` importable; returns its stdout (and then its
+    stderr, where the engine logs, ``with_stderr``)."""
     environment = {k: v for k, v in os.environ.items() if k != "KVSERVE_PLATFORM"}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
                             env={**environment, **env})
     assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    return result.stdout + result.stderr * with_stderr
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -126,6 +127,27 @@ def test_int8_on_the_toy_platform_runs_the_reference_and_equals_the_cpu_kernel(g
 def test_a_vendor_backend_that_keeps_no_fp8_cache_is_a_clear_error(generations):
     assert generations["toy-fp8"] == ("platform 'toy''s attention backend 'toy-naive' cannot keep the KV cache in "
                                       "float8_e4m3fn (FP8 types it keeps: none); use kv_cache_dtype='auto'")
+
+
+SPLIT = """
+import json, sys
+from kvserve import LLM, SamplingParams
+params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+for layout in ({}, {"tensor_parallel_size": 2, "data_parallel_size": 2}):
+    llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory="8MiB", **layout)
+    outputs = llm.generate([[5, 6, 7], [9, 10, 11, 12]], params, use_tqdm=False)
+    print(json.dumps([o.outputs[0].token_ids for o in outputs]))
+"""
+
+
+def test_each_replica_and_rank_binds_a_device_of_its_own(plugin_site, tiny_model):
+    output = run_python(plugin_site, ["-c", SPLIT, tiny_model("llama-tied-gqa")], with_stderr=True,
+                        KVSERVE_PLATFORM="toy")
+    one, split = [json.loads(line) for line in output.splitlines() if line.startswith("[")]
+    assert split == one
+    bound = re.findall(r"runs on cpu \(device (\d+) of this machine's", output)
+    # The single engine takes device 0; then replica r's rank k takes 2r + k.
+    assert sorted(map(int, bound)) == [0, 0, 1, 2, 3], output[-3000:]
 
 
 def test_plugins_cli_prints_each_plugin(plugin_site):

@@ -17,6 +17,7 @@ from kvserve.core.distributed.parallel_state import (PipelineStage, TensorParall
 from kvserve.core.distributed.pipeline import StageLink, rekeyed, seq_id
 from kvserve.core.engine.model_runner import ModelRunner, StepOutput
 from kvserve.core.loader.model_loader import Checkpoint
+from kvserve.core.log import init_logging
 from kvserve.core.models.registry import resolve_model_class
 from kvserve.plugins.manager import Platform, PluginManager
 
@@ -27,6 +28,11 @@ WAIT_S = COLLECTIVE_TIMEOUT.total_seconds()
 
 def world_size(config: EngineConfig) -> int:
     return config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size
+
+
+def local_device_index(config: EngineConfig, rank: int) -> int:
+    """Which of this machine's devices rank ``rank`` of this replica takes: the replicas' ranks, in turn."""
+    return config.parallel.data_parallel_rank * world_size(config) + rank
 
 
 def join_group(config: EngineConfig, platform: Platform, rank: int, address: str, port: int,
@@ -81,8 +87,10 @@ def run_rank(config: EngineConfig, rank: int, address: str, port: int, threads: 
     """``threads``: this rank's share of its machine's, if it has one."""
     if threads is not None:
         torch.set_num_threads(threads)
+    init_logging(f" [rank {rank}]")
     plugins = PluginManager()
     platform = plugins.select_platform(config.device.device)
+    platform.bind_device(local_device_index(config, rank))
     first_stage_group = join_group(config, platform, rank, address, port)
     platform.seed(config.model.seed)
     checkpoint = Checkpoint.open(config.model.model)

@@ -9,6 +9,7 @@ from dataclasses import replace
 from kvserve.core.config import EngineConfig
 from kvserve.core.distributed.executor import DistributedRunner, RankFailure, leave_parallel_group
 from kvserve.core.distributed.layout import check_parallel, log_layout
+from kvserve.core.distributed.worker import local_device_index
 from kvserve.core.engine.beam_search import BeamSearch
 from kvserve.core.engine.block_manager import BlockManager
 from kvserve.core.engine.detokenizer import IncrementalDetokenizer
@@ -42,6 +43,7 @@ class LLMEngine:
         self.plugins = plugins or PluginManager()
         model_cls = resolve_model_class(checkpoint.hf_config, self.plugins.models())
         self.platform = self.plugins.select_platform(config.device.device)
+        self.platform.bind_device(local_device_index(config, 0))
         self.platform.update_config(config)
         config.finalize(checkpoint.max_model_len)
         self.platform.seed(config.model.seed)

@@ -47,7 +47,6 @@ class Replicas:
     for the front; a replica whose process ends (or that reports what stopped its engine) is ``failure``."""
 
     def __init__(self, config: EngineConfig):
-        replica_config = replace(config, parallel=replace(config.parallel, data_parallel_size=1))
         size = config.parallel.data_parallel_size
         self.threads = share_of_threads(size)   # 8x slower on 2 cores when each took all
         context = multiprocessing.get_context("spawn")
@@ -56,6 +55,8 @@ class Replicas:
             ours, theirs = context.Pipe()
             # Not daemonic: a tensor-parallel replica starts rank processes of its own. It ends when told to, or
             # once its pipe closes as this process ends.
+            replica_config = replace(config, parallel=replace(config.parallel, data_parallel_size=1,
+                                                              data_parallel_rank=index))
             process = context.Process(target=run_replica, args=(index, replica_config, theirs, self.threads),
                                       name=f"kvserve-dp-replica-{index}")
             process.start()

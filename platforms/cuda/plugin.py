@@ -17,6 +17,14 @@ OPTIONAL_KERNELS = ("triton", "flash_attn", "flashinfer")
 KV_CACHE_SHARE = 0.5
 
 
+def check_devices(needed: int) -> None:
+    count = torch.cuda.device_count()
+    if needed > count:
+        raise ValueError(f"the engine's processes need {needed} GPUs on this machine, one each, but {count} are "
+                         f"visible: tensor_parallel_size x pipeline_parallel_size x data_parallel_size may be at "
+                         f"most {count} here (CUDA_VISIBLE_DEVICES or HIP_VISIBLE_DEVICES says which are visible)")
+
+
 class GpuPlatform:
     """One GPU vendor's platform; ``vendor`` is "cuda" (NVIDIA) or "rocm" (AMD)."""
 
@@ -53,7 +61,16 @@ class GpuPlatform:
                                      "kernels": ", ".join(found) or "none"})
 
     @hookimpl
+    def platform_bind_device(self, local_index: int) -> torch.device:
+        check_devices(local_index + 1)
+        torch.cuda.set_device(local_index)   # where NCCL and every tensor made on "cuda" go
+        return torch.device("cuda", local_index)
+
+    @hookimpl
     def platform_update_config(self, config) -> None:
+        parallel = config.parallel   # every rank of this replica, and of the replicas before it, takes a GPU
+        check_devices((parallel.data_parallel_rank + 1) * parallel.tensor_parallel_size
+                      * parallel.pipeline_parallel_size)
         cache = config.cache
         if cache.kv_cache_memory is None:
             cache.kv_cache_memory = int(torch.cuda.mem_get_info()[0] * KV_CACHE_SHARE)

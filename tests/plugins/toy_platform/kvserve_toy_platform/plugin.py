@@ -84,6 +84,11 @@ def platform_detect() -> PlatformInfo:
 
 
 @hookimpl
+def platform_bind_device(local_index: int) -> torch.device:
+    return torch.device("cpu")   # one device for all: the engine logs which index each process would take
+
+
+@hookimpl
 def platform_update_config(config) -> None:
     if config.cache.kv_cache_memory is None:
         config.cache.kv_cache_memory = KV_CACHE_BYTES
