@@ -21,7 +21,11 @@ if TYPE_CHECKING:
                                             MemoryInfo, PlatformInfo, QuantizedWeight)
 
 PROJECT = "kvserve"
-CONTRACT_VERSION = 1
+# The contract this kvserve implements, and those whose plugins it still runs (docs/plugins.md's changelog says
+# what each changed). Each plugin says which it was built for in its attribute KVSERVE_CONTRACT_VERSION.
+CONTRACT_VERSION = 2
+SUPPORTED_CONTRACT_VERSIONS = (1, 2)
+DECLARATION = "KVSERVE_CONTRACT_VERSION"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

@@ -32,11 +32,12 @@ class PluginRecord:
     plugin: Any = None
     error: str = ""
     info: PlatformInfo | None = None
+    refused: bool = False   # loaded, but built for a plugin contract this kvserve does not support
 
     @property
     def status(self) -> str:
         if self.error:
-            return f"failed to load: {self.error}"
+            return f"{'refused' if self.refused else 'failed to load'}: {self.error}"
         if self.group == PLATFORM_GROUP:
             if self.info is None:
                 return "not a platform (platform_detect returned None)"
@@ -127,7 +128,12 @@ class PluginManager:
         record = PluginRecord(ep.name, group, dist.name if dist else "?", dist.version if dist else "?")
         self.records.append(record)
         try:
-            self.register(ep.load(), ep.name, group, record)
+            plugin = ep.load()
+            record.error = incompatibility(plugin)
+            if record.error:
+                record.refused = True
+                return
+            self.register(plugin, ep.name, group, record)
         except Exception as exc:  # a broken plugin is reported, never fatal
             record.plugin, record.info, record.error = None, None, f"{type(exc).__name__}: {exc}"
             if self.pm.has_plugin(f"{group}:{ep.name}"):
@@ -179,6 +185,19 @@ class PluginManager:
 
     def models(self) -> dict[str, type]:
         return _merge(self.pm.hook.register_models(), "model architecture")
+
+
+def incompatibility(plugin: Any) -> str:
+    """Why a discovered plugin cannot be run, by the contract version it declares; "" if it can."""
+    supported = ", ".join(map(str, hookspecs.SUPPORTED_CONTRACT_VERSIONS))
+    declared = getattr(plugin, hookspecs.DECLARATION, None)
+    if declared is None:
+        return (f"declares no plugin contract version ({hookspecs.DECLARATION}); this kvserve supports "
+                f"versions {supported}")
+    if declared not in hookspecs.SUPPORTED_CONTRACT_VERSIONS:
+        return (f"built for plugin contract version {declared!r}; this kvserve supports versions {supported} "
+                f"(install a kvserve or a plugin release that match)")
+    return ""
 
 
 def _merge(results: list[dict], what: str) -> dict:

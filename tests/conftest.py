@@ -135,11 +135,11 @@ def smollm2_path() -> str:
 
 @pytest.fixture(scope="session")
 def plugin_site(tmp_path_factory) -> Path:
-    """The toy and broken plugin packages (tests/plugins) installed by pip into their own folder, used through
+    """The toy, broken and future plugin packages (tests/plugins) installed by pip into their own folder, used through
     PYTHONPATH by run_python so that the other tests never see them."""
     tmp = tmp_path_factory.mktemp("plugins")
     sources = []
-    for name in ("toy_platform", "broken_platform"):
+    for name in ("toy_platform", "broken_platform", "future_platform"):
         sources.append(str(shutil.copytree(PLUGIN_SOURCES / name, tmp / "src" / name,
                                            ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))))
     site = tmp / "site"

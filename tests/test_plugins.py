@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from kvserve.plugins.interfaces import (AttentionBackend, AttentionSpec, Communi
 from kvserve.plugins.manager import PluginManager
 
 PACKAGES = {"toy": "kvserve-toy-platform", "toy-models": "kvserve-toy-platform", "broken": "kvserve-broken-platform",
+            "future": "kvserve-future-platform",
             "cpu": "kvserve", "cuda": "kvserve", "rocm": "kvserve"}
 
 DISCOVER = """
@@ -81,6 +83,22 @@ def test_discovery_lists_installed_broken_and_in_tree_plugins(discovery):
     assert records["cpu"]["status"] == records["toy"]["status"] == "available"
     assert records["toy-models"]["status"] == "loaded"
     assert records["broken"]["status"] == "failed to load: ImportError: vendor SDK missing"
+
+
+def test_a_plugin_built_for_another_contract_is_refused_with_the_supported_versions(discovery, plugin_site):
+    records = {r["name"]: r for r in discovery["records"]}
+    assert records["future"]["status"] == ("refused: built for plugin contract version 99; this kvserve supports "
+                                           "versions 1, 2 (install a kvserve or a plugin release that match)")
+    undeclared = plugin_site.parent / "undeclared"   # the toy models without their declaration
+    shutil.copytree(plugin_site / "kvserve_toy_platform", undeclared / "kvserve_toy_platform")
+    models = undeclared / "kvserve_toy_platform" / "models.py"
+    models.write_text(models.read_text().replace("KVSERVE_CONTRACT_VERSION = 1", ""))
+    shutil.copytree(next(plugin_site.glob("kvserve_toy_platform-*.dist-info")),
+                    undeclared / "kvserve_toy_platform-0.1.0.dist-info")
+    stdout = run_python(undeclared, ["-m", "kvserve.core.entrypoints.cli", "plugins"])
+    line = next(line for line in stdout.splitlines() if line.startswith("toy-models"))
+    assert line.endswith("refused: declares no plugin contract version (KVSERVE_CONTRACT_VERSION); this kvserve "
+                         "supports versions 1, 2"), line
 
 
 def test_broken_plugin_does_not_change_the_default(discovery):
@@ -155,6 +173,8 @@ def test_plugins_cli_prints_each_plugin(plugin_site):
     lines = stdout.splitlines()
     for name, group, status in (("cpu", "kvserve.platforms", "available"), ("toy", "kvserve.platforms", "available"),
                                 ("broken", "kvserve.platforms", "failed to load: ImportError: vendor SDK missing"),
+                                ("future", "kvserve.platforms", "refused: built for plugin contract version 99; this "
+                                 "kvserve supports versions 1, 2 (install a kvserve or a plugin release that match)"),
                                 ("toy-models", "kvserve.plugins", "loaded")):
         line = next((line for line in lines if line.split() and line.split()[0] == name), None)
         assert line is not None, stdout

@@ -8,6 +8,7 @@ from kvserve.plugins.hookspecs import hookimpl
 from kvserve.plugins.interfaces import (GROUPED_BITS, AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo,
                                        QuantizedWeight)
 
+KVSERVE_CONTRACT_VERSION = 2
 DEFAULT_KV_CACHE_BYTES = 4 << 30
 
 def _meminfo() -> MemoryInfo:

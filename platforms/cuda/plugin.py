@@ -28,6 +28,8 @@ def check_devices(needed: int) -> None:
 class GpuPlatform:
     """One GPU vendor's platform; ``vendor`` is "cuda" (NVIDIA) or "rocm" (AMD)."""
 
+    KVSERVE_CONTRACT_VERSION = 2
+
     def __init__(self, vendor: str):
         self.vendor = vendor
 

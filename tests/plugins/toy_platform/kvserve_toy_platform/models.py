@@ -8,6 +8,8 @@ from __future__ import annotations
 from kvserve.core.models.llama import LlamaForCausalLM
 from kvserve.plugins import hookimpl
 
+KVSERVE_CONTRACT_VERSION = 1   # built before platform_bind_device; a general plugin uses none of what 2 added
+
 
 class ToyLlamaForCausalLM(LlamaForCausalLM):
     """kvserve's Llama, registered under an architecture name of its own."""

@@ -11,11 +11,10 @@ import os
 
 import torch
 
-from kvserve.plugins import CONTRACT_VERSION, hookimpl
+from kvserve.plugins import hookimpl
 from kvserve.plugins.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, MemoryInfo, PlatformInfo
 
-if CONTRACT_VERSION != 1:
-    raise ImportError(f"kvserve-toy-platform supports plugin contract 1, kvserve has {CONTRACT_VERSION}")
+KVSERVE_CONTRACT_VERSION = 2
 
 KV_CACHE_BYTES = 32 << 20
 CALLS = {"attention": 0, "copy_blocks": 0, "rms_norm": 0}
