@@ -20,6 +20,9 @@ PACKAGES = {"toy": "kvserve-toy-platform", "toy-models": "kvserve-toy-platform",
             "future": "kvserve-future-platform",
             "cpu": "kvserve", "cuda": "kvserve", "rocm": "kvserve"}
 
+FUTURE_STATUS = ("refused: built for plugin contract version 99; this kvserve supports versions 1, 2 (install a "
+                 "kvserve or a plugin release that match)")
+
 DISCOVER = """
 import json, os
 from kvserve.plugins.manager import PluginManager
@@ -87,8 +90,7 @@ def test_discovery_lists_installed_broken_and_in_tree_plugins(discovery):
 
 def test_a_plugin_built_for_another_contract_is_refused_with_the_supported_versions(discovery, plugin_site):
     records = {r["name"]: r for r in discovery["records"]}
-    assert records["future"]["status"] == ("refused: built for plugin contract version 99; this kvserve supports "
-                                           "versions 1, 2 (install a kvserve or a plugin release that match)")
+    assert records["future"]["status"] == FUTURE_STATUS
     undeclared = plugin_site.parent / "undeclared"   # the toy models without their declaration
     shutil.copytree(plugin_site / "kvserve_toy_platform", undeclared / "kvserve_toy_platform")
     models = undeclared / "kvserve_toy_platform" / "models.py"
@@ -173,8 +175,7 @@ def test_plugins_cli_prints_each_plugin(plugin_site):
     lines = stdout.splitlines()
     for name, group, status in (("cpu", "kvserve.platforms", "available"), ("toy", "kvserve.platforms", "available"),
                                 ("broken", "kvserve.platforms", "failed to load: ImportError: vendor SDK missing"),
-                                ("future", "kvserve.platforms", "refused: built for plugin contract version 99; this "
-                                 "kvserve supports versions 1, 2 (install a kvserve or a plugin release that match)"),
+                                ("future", "kvserve.platforms", FUTURE_STATUS),
                                 ("toy-models", "kvserve.plugins", "loaded")):
         line = next((line for line in lines if line.split() and line.split()[0] == name), None)
         assert line is not None, stdout
