@@ -74,7 +74,7 @@ def rotary_embedding(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
              kv_scales: tuple[float, float] = (1.0, 1.0)) -> None:
-    """Like paged_attention.store_kv, but keys go into their block transposed, [head, block_size]."""
+    """Like kvserve.plugins.torch_attention.store_kv, but keys go into their block transposed, [head, block_size]."""
     op("store_kv")(key, value, kv_cache, slot_mapping, *kv_scales)
 
 

@@ -16,18 +16,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from server_utils import openai_client  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, MixtralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig  # noqa: E402,E501
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig  # noqa: E402,E501
+
+from kvserve.conformance.tiny_model import build_tokenizer, save_tiny_model  # noqa: E402
 
 PLUGIN_SOURCES = Path(__file__).parent / "plugins"
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. Paged attention stores keys and values in blocks.",
-    "Continuous batching lets new requests join while others decode; déjà vu, naïve café, 東京, 🙂.",
-    "Once upon a time there was a tiny model that generated tokens one at a time, very quickly.",
-] * 20
-
-TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=512, initializer_range=0.3, bos_token_id=1, eos_token_id=2)
 ARCHITECTURES = {
     "llama-tied-gqa": (LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "llama-untied-llama3-rope": (LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=False, rope_parameters={
@@ -54,25 +47,6 @@ EXTRA_ARCHITECTURES = {
 }
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY["vocab_size"], special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-def randomize_biases(model: torch.nn.Module) -> None:
-    """transformers initialises biases to zero, which a model that ignored them would match: make them count."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(std=TINY["initializer_range"], generator=generator)
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(name) -> folder of a random-weight checkpoint saved by transformers."""
@@ -82,14 +56,7 @@ def tiny_model(tmp_path_factory):
     def make(name: str) -> str:
         if name not in built:
             config_cls, extra = {**ARCHITECTURES, **EXTRA_ARCHITECTURES}[name]
-            config = config_cls(**{**TINY, **extra})
-            config.architectures = [config_cls.__name__.replace("Config", "ForCausalLM")]
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            randomize_biases(model)
-            path = str(tmp_path_factory.mktemp(name))
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
+            path = save_tiny_model(str(tmp_path_factory.mktemp(name)), config_cls, tokenizer, **extra)
             built[name] = path
         return built[name]
 
@@ -133,30 +100,34 @@ def smollm2_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
-def plugin_site(tmp_path_factory) -> Path:
-    """The toy, broken and future plugin packages (tests/plugins) installed by pip into their own folder, used through
-    PYTHONPATH by run_python so that the other tests never see them."""
-    tmp = tmp_path_factory.mktemp("plugins")
-    sources = []
-    for name in ("toy_platform", "broken_platform", "future_platform"):
-        sources.append(str(shutil.copytree(PLUGIN_SOURCES / name, tmp / "src" / name,
-                                           ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))))
-    site = tmp / "site"
+def install_plugins(folder: Path, sources: list[Path]) -> Path:
+    """pip-install the plugin packages at ``sources`` into ``folder``/site, used through PYTHONPATH by run_python so
+    that the other tests never see them."""
+    copies = [str(shutil.copytree(source, folder / "src" / source.name,
+                                  ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")))
+              for source in sources]
+    site = folder / "site"
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                             "--quiet", "--target", str(site), *sources], capture_output=True, text=True, timeout=300)
+                             "--quiet", "--target", str(site), *copies], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return site
 
 
-def run_python(site: Path, args: list[str], with_stderr: bool = False, **env: str) -> str:
-    """Run ``python ARGS`` with the plugin packages of ``site`` importable; returns its stdout (and then its
-    stderr, where the engine logs, ``with_stderr``)."""
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """The toy, broken and future plugin packages of tests/plugins, installed."""
+    return install_plugins(tmp_path_factory.mktemp("plugins"),
+                           [PLUGIN_SOURCES / name for name in ("toy_platform", "broken_platform", "future_platform")])
+
+
+def run_python(site: Path, args: list[str], with_stderr: bool = False, returncode: int = 0, **env: str) -> str:
+    """Run ``python ARGS`` with the plugin packages of ``site`` importable, expecting its exit status
+    ``returncode``; returns its stdout (and then its stderr, where the engine logs, ``with_stderr``)."""
     environment = {k: v for k, v in os.environ.items() if k != "KVSERVE_PLATFORM"}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
                             env={**environment, **env})
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == returncode, result.stdout + result.stderr
     return result.stdout + result.stderr * with_stderr
 
 

@@ -7,11 +7,12 @@ import torch
 
 from kvserve import LLM, SamplingParams
 from kvserve.kernels_cpu import native
-from kvserve.platforms.cpu.attention import NativePagedAttention, TorchPagedAttention
+from kvserve.platforms.cpu.attention import NativePagedAttention
 from kvserve.platforms.cpu.graphs import CpuGraphRunner
 from kvserve.core.config import build_engine_config
 from kvserve.plugins.interfaces import AttentionMetadata, AttentionSpec
 from kvserve.plugins.manager import PluginManager
+from kvserve.plugins.torch_attention import TorchPagedAttention
 
 pytestmark = pytest.mark.skipif(native.load()[0] is None, reason=f"native kernels unavailable: {native.load()[1]}")
 

@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from op_cases import TOLERANCE, check_argmax, check_rms_norm, check_rotary_on_strided_views, check_silu_and_mul
+from kvserve.conformance.ops import (TOLERANCE, check_add_rms_norm, check_argmax, check_rms_norm,
+                                     check_rotary_on_strided_views, check_silu_and_mul)
 from kvserve.core.quantization import dequantize, fp8, int4
 from kvserve.core.quantization.int8 import quantize_weight, reference_kernel
 from kvserve.kernels_cpu import native
@@ -24,6 +25,7 @@ def dtype(request):
 
 def test_rms_norm(dtype):
     check_rms_norm(native.FUSED_OPS, dtype, CPU)
+    check_add_rms_norm(native.FUSED_OPS, dtype, CPU)
 
 
 def test_silu_and_mul(dtype):

@@ -7,12 +7,13 @@ import shutil
 import pytest
 import torch
 
-from attention_cases import NUM_HEADS, NUM_KV_HEADS, SHAPES, check_against_reference
+from kvserve.conformance.attention import NUM_HEADS, NUM_KV_HEADS, SHAPES, check_against_reference
 from kvserve.kernels_cpu import native
-from kvserve.platforms.cpu.attention import NativePagedAttention, TorchPagedAttention
+from kvserve.platforms.cpu.attention import NativePagedAttention
 from kvserve.platforms.cpu.ipex_attention import ipex_unavailable_reason
 from kvserve.plugins.interfaces import AttentionSpec
 from kvserve.plugins.manager import PluginManager
+from kvserve.plugins.torch_attention import TorchPagedAttention
 
 
 def spec(**overrides) -> AttentionSpec:

@@ -1,7 +1,7 @@
 """Incremental detokenization never emits half a multi-byte character."""
 from __future__ import annotations
 
-from conftest import build_tokenizer
+from kvserve.conformance.tiny_model import build_tokenizer
 from kvserve.core.engine.detokenizer import IncrementalDetokenizer
 
 

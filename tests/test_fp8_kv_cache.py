@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from attention_cases import as_fp8_cache_holds
+from kvserve.conformance.attention import as_fp8_cache_holds
 from kvserve import LLM, SamplingParams
 
 FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

@@ -104,6 +104,20 @@ def test_kernels_never_import_the_engine():
     assert found == [], "kernels must not depend on kvserve.core:\n" + "\n".join(found)
 
 
+# What kvserve.plugins' contract says a platform plugin imports: kvserve.plugins, torch and its own libraries.
+FORBIDDEN_IN_PLATFORM_PLUGINS = ("kvserve.core", "kvserve.platforms", *KERNEL_PACKAGES)
+ROOT = Path(__file__).resolve().parents[1]
+OUT_OF_TREE_PLATFORMS = [ROOT / "examples" / "vendor_plugin" / "kvserve_example_platform" / "plugin.py",
+                         *sorted((ROOT / "tests" / "plugins").glob("*_platform/*/plugin.py"))]
+
+
+def test_out_of_tree_platforms_import_only_the_contract():
+    assert len(OUT_OF_TREE_PLATFORMS) >= 4
+    found = [v for path in OUT_OF_TREE_PLATFORMS
+             for v in violations(path.read_text(), path.parent.name, FORBIDDEN_IN_PLATFORM_PLUGINS, str(path))]
+    assert found == [], "platform plugins must use only kvserve.plugins:\n" + "\n".join(found)
+
+
 FLAGGED = [
     "import torch.cuda",
     "import torch.npu as npu",

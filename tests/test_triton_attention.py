@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_cases import NUM_HEADS, NUM_KV_HEADS, SHAPES, check_against_reference
+from kvserve.conformance.attention import NUM_HEADS, NUM_KV_HEADS, SHAPES, check_against_reference
 from kvserve.plugins.interfaces import AttentionSpec, StepLayout
 
 pytestmark = pytest.mark.triton

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from op_cases import check_rms_norm, check_rotary_on_strided_views, check_silu_and_mul
+from kvserve.conformance.ops import (check_add_rms_norm, check_rms_norm, check_rotary_on_strided_views,
+                                     check_silu_and_mul)
 
 pytestmark = pytest.mark.triton
 pytest.importorskip("triton")
@@ -27,6 +28,7 @@ def ulps(dtype: torch.dtype) -> int:
 def test_rms_norm(dtype):
     torch.manual_seed(0)
     check_rms_norm(FUSED_OPS, dtype, DEVICE, ulps(dtype))
+    check_add_rms_norm(FUSED_OPS, dtype, DEVICE, ulps(dtype))
 
 
 @DTYPES

@@ -167,6 +167,24 @@ def cmd_plugins(args) -> None:
         print(f"\nno platform selected: {exc}")
 
 
+def cmd_conformance(args) -> int:
+    import os
+
+    try:
+        import pytest
+    except ImportError:
+        raise ValueError("kvserve conformance runs its checks with pytest, which is not installed: pip install pytest")
+    from kvserve import conformance
+    from kvserve.conformance.plugin import OPTION
+    from kvserve.plugins.manager import PluginManager
+
+    PluginManager().select_platform(args.platform)   # an unknown or unavailable one: an error before any check
+    # The suite's folder by path, with no configuration file: the caller's pytest settings do not apply to it.
+    folder = os.path.dirname(conformance.__file__)
+    return int(pytest.main([folder, "-c", os.devnull, "--rootdir", folder, "--import-mode=importlib",
+                            "-p", "no:cacheprovider", "-q", "-rfEs", OPTION, args.platform, *args.pytest_args]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvserve", description="LLM inference and serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -185,13 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or KVSERVE_API_KEY)")
     add_engine_args(serve)
     commands.add_parser("plugins", help="list discovered plugins and the platform that would be used")
+    conformance = commands.add_parser("conformance", help="check a platform plugin against kvserve's references")
+    conformance.add_argument("platform", help="the platform's name, as `kvserve plugins` lists it")
+    conformance.add_argument("pytest_args", nargs=argparse.REMAINDER, help="more pytest arguments (-k, -x, ...)")
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
     serving_bench.add_parser(bench)
     latency_bench.add_parser(bench, add_engine_args)
     throughput_bench.add_parser(bench, add_engine_args)
     args = parser.parse_args(argv)
     handler = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "plugins": cmd_plugins,
-               "bench": lambda a: a.bench(a)}[args.command]
+               "conformance": cmd_conformance, "bench": lambda a: a.bench(a)}[args.command]
     try:
         return handler(args) or 0
     except (ValueError, TypeError) as exc:

@@ -51,7 +51,8 @@ def platform_memory_info(device: torch.device) -> MemoryInfo:
 
 @hookimpl
 def platform_attention_backend(spec: AttentionSpec) -> type[AttentionBackend]:
-    from kvserve.platforms.cpu.attention import NativePagedAttention, TorchPagedAttention
+    from kvserve.platforms.cpu.attention import NativePagedAttention
+    from kvserve.plugins.torch_attention import TorchPagedAttention
     from kvserve.platforms.cpu.ipex_attention import IpexPagedAttention
 
     return choose_backend([IpexPagedAttention, NativePagedAttention, TorchPagedAttention], spec)

@@ -6,7 +6,8 @@ import torch
 from kvserve.core.layers import ops as reference
 
 # float32 agrees to rounding; bfloat16 rounds where the references round, so results differ by at most one ulp.
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+             torch.float16: dict(rtol=1e-3, atol=1e-3)}
 
 
 def tolerance_of(dtype: torch.dtype, ulps: int = 1) -> dict:
@@ -14,10 +15,15 @@ def tolerance_of(dtype: torch.dtype, ulps: int = 1) -> dict:
 
 
 def check_rms_norm(ops: dict, dtype: torch.dtype, device: torch.device, ulps: int = 1) -> None:
-    x, residual = (torch.randn(37, 96, dtype=dtype, device=device) for _ in range(2))
+    x = torch.randn(37, 96, dtype=dtype, device=device)
     weight = torch.randn(96, dtype=dtype, device=device)
     torch.testing.assert_close(ops["rms_norm"](x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5),
                                **tolerance_of(dtype, ulps))
+
+
+def check_add_rms_norm(ops: dict, dtype: torch.dtype, device: torch.device, ulps: int = 1) -> None:
+    x, residual = (torch.randn(37, 96, dtype=dtype, device=device) for _ in range(2))
+    weight = torch.randn(96, dtype=dtype, device=device)
     for got, expected in zip(ops["add_rms_norm"](x, residual, weight, 1e-6),
                              reference.add_rms_norm(x, residual, weight, 1e-6)):
         torch.testing.assert_close(got, expected, **tolerance_of(dtype, ulps))
@@ -50,3 +56,16 @@ def check_argmax(ops: dict, device: torch.device) -> None:
     logits[4, -1] = 1e9
     assert torch.equal(ops["argmax"](logits), reference.argmax(logits))
     assert ops["argmax"](logits)[[1, 2, 3, 4]].tolist() == [5, 40, 0, 1012]
+
+
+def check_fused_moe(ops: dict, dtype: torch.dtype, device: torch.device, ulps: int = 2) -> None:
+    # Two of each token's experts, one of them sometimes another rank's (-1); the last expert gets no token.
+    tokens, hidden, intermediate, experts = 9, 64, 96, 4
+    x = torch.randn(tokens, hidden, dtype=dtype, device=device)
+    w13 = torch.randn(experts, 2 * intermediate, hidden, dtype=dtype, device=device) * 0.1
+    w2 = torch.randn(experts, hidden, intermediate, dtype=dtype, device=device) * 0.1
+    topk_weights = torch.rand(tokens, 2, device=device).softmax(-1)
+    topk_ids = torch.randint(0, experts - 1, (tokens, 2), device=device)
+    topk_ids[::3, 1] = -1
+    torch.testing.assert_close(ops["fused_moe"](x, w13, w2, topk_weights, topk_ids),
+                               reference.fused_moe(x, w13, w2, topk_weights, topk_ids), **tolerance_of(dtype, ulps))

@@ -1,5 +1,5 @@
 """Paged-attention parity cases that every backend runs: a batch of sequences with some tokens already cached
-and some new, against a direct reference."""
+and some new, against a direct reference. They use only the backend contract (build_metadata, forward)."""
 from __future__ import annotations
 
 import torch
@@ -39,30 +39,40 @@ FP8_KV_SCALES = (0.006, 0.02)
 def check_against_reference(backend, shapes, head_size: int, block_size: int, dtype: torch.dtype,
                             window: int | None, device: torch.device = torch.device("cpu"),
                             cache_dtype: torch.dtype | None = None) -> None:
-    """Cache each sequence's old keys with the backend's own store_kv, run one step, compare with the reference;
-    with an FP8 ``cache_dtype``, the reference attends keys and values as that cache holds them."""
+    """Two steps, each compared with the reference: the first prefills each sequence's cached tokens, the second
+    runs ``shapes`` over them. With an FP8 ``cache_dtype``, the reference attends keys and values as that cache
+    holds them."""
     torch.manual_seed(0)
     num_blocks = 40
     fp8 = {} if cache_dtype is None else {"kv_scales": FP8_KV_SCALES}
     cache = torch.zeros(backend.kv_cache_shape(num_blocks, block_size, NUM_KV_HEADS, head_size),
                         dtype=cache_dtype or dtype, device=device)
     free = torch.randperm(num_blocks).tolist()
-    queries, keys, values, expected, tables = [], [], [], [], []
+    sequences = []
     for cached, new in shapes:
         total = cached + new
-        table = [free.pop() for _ in range(-(-total // block_size))]
         k, v = (torch.randn(total, NUM_KV_HEADS, head_size, dtype=dtype, device=device) for _ in range(2))
-        old = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(cached)],
-                           dtype=torch.int64, device=device)
-        backend.store_kv(k[:cached], v[:cached], cache, old, *fp8.values())
-        q = torch.randn(new, NUM_HEADS, head_size, dtype=dtype, device=device)
-        queries.append(q), keys.append(k[cached:]), values.append(v[cached:]), tables.append(table)
+        q = torch.randn(total, NUM_HEADS, head_size, dtype=dtype, device=device)
+        table = [free.pop() for _ in range(-(-total // block_size))]
+        sequences.append((cached, total, q, k, v, table))
+    earlier = [(0, cached, *rest) for cached, _, *rest in sequences if cached]
+    now = [(cached, *rest) for cached, *rest in sequences]
+    for step, num_decodes in ((earlier, 0), (now, sum(1 for cached, new in shapes if new == 1 and cached))):
+        if step:
+            _check_step(backend, step, num_decodes, cache, dtype, window, cache_dtype, fp8)
+
+
+def _check_step(backend, step, num_decodes, cache, dtype, window, cache_dtype, fp8) -> None:
+    """One forward over ``step``'s sequences: (tokens in context before, after, their q, k, v, block table)."""
+    queries, keys, values, expected = [], [], [], []
+    for start, end, q, k, v, _ in step:
+        queries.append(q[start:end]), keys.append(k[start:end]), values.append(v[start:end])
+        k, v = k[:end], v[:end]
         if cache_dtype is not None:
             k, v = (as_fp8_cache_holds(x, cache_dtype, scale) for x, scale in zip((k, v), FP8_KV_SCALES))
-        expected.append(reference_attention(q.float(), k.float(), v.float(), 0.3, window).to(dtype))
-    num_decodes = sum(1 for cached, new in shapes if new == 1 and cached)
-    layout = StepLayout(query_lens=[n for _, n in shapes], seq_lens=[c + n for c, n in shapes],
-                        block_tables=tables, num_decodes=num_decodes)
+        expected.append(reference_attention(q[start:end].float(), k.float(), v.float(), 0.3, window).to(dtype))
+    layout = StepLayout(query_lens=[end - start for start, end, *_ in step], seq_lens=[end for _, end, *_ in step],
+                        block_tables=[table for *_, table in step], num_decodes=num_decodes)
     out = backend.forward(torch.cat(queries), torch.cat(keys), torch.cat(values), cache,
                           backend.build_metadata(layout), 0.3, **fp8)
     # bfloat16: kernels round probabilities to bfloat16 before multiplying by values.
