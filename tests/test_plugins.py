@@ -18,7 +18,7 @@ from kvserve.plugins.manager import PluginManager
 
 PACKAGES = {"toy": "kvserve-toy-platform", "toy-models": "kvserve-toy-platform", "broken": "kvserve-broken-platform",
             "future": "kvserve-future-platform",
-            "cpu": "kvserve", "cuda": "kvserve", "rocm": "kvserve"}
+            **{name: "kvserve" for name in ("cpu", "cuda", "rocm", "xpu", "hpu", "npu")}}
 
 FUTURE_STATUS = ("refused: built for plugin contract version 99; this kvserve supports versions 1, 2 (install a "
                  "kvserve or a plugin release that match)")

@@ -1,4 +1,5 @@
-"""Paged attention through intel-extension-for-pytorch's CPU kernels, when a matching IPEX is installed."""
+"""Paged attention through intel-extension-for-pytorch's kernels, on CPU tensors or (the xpu platform) Intel GPUs',
+when a matching IPEX is installed."""
 from __future__ import annotations
 
 import functools
@@ -54,7 +55,7 @@ class IpexPagedAttention(AttentionBackend):
 
         self.kernels = PagedAttention
         group = spec.num_heads // spec.num_kv_heads
-        self.head_mapping = torch.arange(spec.num_kv_heads, dtype=torch.int32).repeat_interleave(group)
+        self.head_mapping = torch.arange(spec.num_kv_heads, dtype=torch.int32, device=device).repeat_interleave(group)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float) -> torch.Tensor:

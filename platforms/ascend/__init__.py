@@ -1,0 +1,1 @@
+"""The Huawei Ascend platform (torch.npu through torch_npu)."""

@@ -1,0 +1,1 @@
+"""The Intel Gaudi platform (torch.hpu through habana_frameworks)."""
