@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvserve.conformance.tiny_model import hf_greedy
+
 PROMPTS = [[5, 17, 42, 99, 3] * 6, [7, 8, 9] * 9 + [11], list(range(20, 44)) * 2, [3, 1, 4, 1, 5]]
 MAX_TOKENS = 24
 
@@ -25,13 +27,8 @@ def test_greedy_tokens_equal_transformers(platform, tiny_llama):
 
     if torch.float32 not in platform.info.supported_dtypes:
         pytest.skip(f"platform {platform.name!r} does not run float32, in which the tokens must be exact")
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None   # as ignore_eos: generate every token
-    expected = []
-    for ids in PROMPTS:
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
-        expected.append(out[0, len(ids):].tolist())
+    expected = hf_greedy(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval(), PROMPTS,
+                         MAX_TOKENS)
     tokens, _ = kvserve_greedy(tiny_llama, platform.name, dtype="float32", enforce_eager=True)
     assert tokens == expected
 

@@ -47,3 +47,14 @@ def save_tiny_model(path: str, config_cls: type[PretrainedConfig] = LlamaConfig,
     model.save_pretrained(path)
     (tokenizer or build_tokenizer()).save_pretrained(path)
     return path
+
+
+def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy tokens for each prompt, every one of ``max_new_tokens`` (no stop at EOS)."""
+    model.generation_config.eos_token_id = None
+    outputs = []
+    for ids in prompts:
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        outputs.append(out[0, len(ids):].tolist())
+    return outputs

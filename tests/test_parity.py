@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ARCHITECTURES
 from kvserve import LLM, SamplingParams
+from kvserve.conformance.tiny_model import hf_greedy
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. Continuous batching lets new requests join while others decode.",
@@ -16,16 +17,6 @@ TEXTS = [
     "déjà vu, naïve café, 東京",
     "Paged attention stores keys and values in blocks.",
 ]
-
-
-def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    model.generation_config.eos_token_id = None
-    outputs = []
-    for ids in prompts:
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-        outputs.append(out[0, len(ids):].tolist())
-    return outputs
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -4,6 +4,7 @@ checks their detection is made of, and the device-count check they share with th
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -43,7 +44,8 @@ def test_kvserve_plugins_shows_the_reasons_and_selects_the_cpu(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(REASONS))
 def test_asking_for_one_is_an_error_naming_the_reason(name):
-    with pytest.raises(ValueError, match=f"platform '{name}' is unavailable: {REASONS[name][13:30]}"):
+    reason = REASONS[name].removeprefix("unavailable: ")
+    with pytest.raises(ValueError, match=re.escape(f"platform '{name}' is unavailable: {reason}")):
         PluginManager().select_platform(name)
 
 

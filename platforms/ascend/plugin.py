@@ -23,7 +23,6 @@ class AscendPlatform(AcceleratorPlatform):
 
     def device_module(self):
         importlib.import_module("torch_npu")   # it registers torch.npu and the hccl backend
-
         return torch.npu
 
     def device_facts(self) -> PlatformInfo:
