@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "__version__"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,7 @@ def __getattr__(name: str):
     if name in ("SamplingParams", "BeamSearchParams"):
         from kvserve.core import sampling_params
         return getattr(sampling_params, name)
+    if name == "StructuredOutputsParams":
+        from kvserve.core.structured_outputs import StructuredOutputsParams
+        return StructuredOutputsParams
     raise AttributeError(f"module 'kvserve' has no attribute {name!r}")

@@ -10,6 +10,7 @@ import torch
 from kvserve.core.engine.speculation import SpeculativeConfig
 from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
 from kvserve.core.quantization.int4 import GROUP_SIZES as INT4_GROUP_SIZES
+from kvserve.core.structured_outputs.backends import BACKENDS as STRUCTURED_OUTPUTS_BACKENDS
 
 DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
@@ -169,6 +170,23 @@ class DeviceConfig:
 
 
 @dataclass
+class StructuredOutputsConfig:
+    backend: str = "auto"               # auto: xgrammar, or llguidance where xgrammar cannot compile a constraint
+    max_bytes: int = 64 * 1024          # the largest constraint (schema, regex, grammar text) a request may send
+    compile_timeout: float = 10.0       # seconds a request may wait for its constraint to compile
+
+    def __post_init__(self):
+        if self.backend not in STRUCTURED_OUTPUTS_BACKENDS:
+            raise ValueError(f"structured_outputs_backend must be one of {', '.join(STRUCTURED_OUTPUTS_BACKENDS)}, "
+                             f"got {self.backend!r}")
+        check_int("structured_outputs_max_bytes", self.max_bytes, 1)
+        if isinstance(self.compile_timeout, bool) or not isinstance(self.compile_timeout, (int, float)) or \
+                not 0 < self.compile_timeout < float("inf"):
+            raise ValueError(f"structured_outputs_compile_timeout must be a number of seconds > 0, got "
+                             f"{self.compile_timeout!r}")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -176,6 +194,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     speculative_config: dict | None = None
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
     def __post_init__(self):
         self.speculation = (None if self.speculative_config is None else
@@ -213,7 +232,9 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                         load_format: str = "auto", quantization_group_size: int | None = None,
                         kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False,
                         enable_expert_parallel: bool = False,
-                        distributed_executor_backend: str = "mp") -> EngineConfig:
+                        distributed_executor_backend: str = "mp", structured_outputs_backend: str = "auto",
+                        structured_outputs_max_bytes: int = 64 * 1024,
+                        structured_outputs_compile_timeout: float = 10.0) -> EngineConfig:
     """An EngineConfig from the flat keyword arguments that ``LLM(...)`` and the command line take (vLLM's names)."""
     return EngineConfig(
         model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template, load_format,
@@ -225,4 +246,6 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                                 enable_expert_parallel, distributed_executor_backend),
         device=DeviceConfig(device, enforce_eager),
         speculative_config=speculative_config,
+        structured_outputs=StructuredOutputsConfig(structured_outputs_backend, structured_outputs_max_bytes,
+                                                   structured_outputs_compile_timeout),
     )

@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass, field
 
 from kvserve.core.config import check_int
+from kvserve.core.structured_outputs.params import KINDS as CONSTRAINT_KINDS
+from kvserve.core.structured_outputs.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1    # generators take 64 bits; the n samples of a request use seed .. seed + n - 1
@@ -47,6 +49,7 @@ class SamplingParams:
     logprobs: int | None = None                 # top-k logprobs per generated token, k in [0, 20]
     prompt_logprobs: int | None = None          # top-k logprobs per prompt token, k in [0, 20]
     speculate: bool = True                      # False: no speculative proposals, where the engine makes them
+    structured_outputs: StructuredOutputsParams | None = None   # a JSON schema, regex, choice or grammar to follow
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -84,6 +87,19 @@ class SamplingParams:
         check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, allow_none=True)
         if not isinstance(self.speculate, bool):
             raise ValueError(f"speculate must be true or false, got {self.speculate!r}")
+        if isinstance(self.structured_outputs, dict):
+            unknown = sorted(set(self.structured_outputs) - set(CONSTRAINT_KINDS), key=str)
+            if unknown:
+                raise ValueError(f"structured_outputs has unknown keys {unknown}; allowed: "
+                                 f"{', '.join(CONSTRAINT_KINDS)}")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise TypeError(f"structured_outputs must be a StructuredOutputsParams, got "
+                                f"{type(self.structured_outputs).__name__}")
+            if self.min_tokens:
+                raise ValueError("min_tokens cannot be combined with structured_outputs: the constraint decides where "
+                                 "the output may end; remove min_tokens")
 
     @property
     def num_samples(self) -> int:

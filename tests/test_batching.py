@@ -67,7 +67,7 @@ def test_all_blocks_free_after_mixed_requests(llm):
     assert manager.num_free_blocks == manager.num_blocks
     assert sorted(manager.free_blocks) == list(range(manager.num_blocks))
     assert not any(manager.ref_counts)
-    assert not engine.requests and not engine.runner.generators
+    assert not engine.requests and not engine.runner.sampler.generators
 
 
 def test_more_requests_than_kv_capacity(tiny_model):

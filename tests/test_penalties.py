@@ -158,7 +158,7 @@ def test_bad_words_never_appear(llm, qwen2_hf, prompt, tiny_tokenizer):
     sampled = SamplingParams(temperature=2.0, seed=1, max_tokens=64, ignore_eos=True, bad_words=words)
     output = llm.generate([prompt], sampled, use_tqdm=False)[0].outputs[0].token_ids
     assert not any(contains(output, ids) for ids in spellings(words))
-    assert not llm.llm_engine.runner.bad_words   # released with their requests
+    assert not llm.llm_engine.runner.sampler.bad_words   # released with their requests
 
 
 def test_seeded_sampling_with_penalties_reproducible(llm, prompt):

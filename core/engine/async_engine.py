@@ -22,7 +22,8 @@ class AsyncLLMEngine:
         self.engine = engine
         # The server tokenizes on its own thread: fast tokenizers must not be shared across threads.
         self.inputs = InputProcessor(copy.deepcopy(engine.tokenizer), engine.runner.vocab_size, engine.max_model_len,
-                                     engine.config.scheduler.max_num_seqs, engine.config.model.chat_template)
+                                     engine.config.scheduler.max_num_seqs, engine.grammars,
+                                     engine.config.model.chat_template)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()

@@ -21,6 +21,7 @@ from kvserve.core.loader.model_loader import Checkpoint
 from kvserve.core.log import logger
 from kvserve.core.outputs import RequestOutput
 from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
+from kvserve.core.structured_outputs.manager import StructuredOutputManager
 
 STEP_WAIT_S = 0.01        # how long step() waits for the replicas' outputs: short, as new requests wait on it
 AFFINITY_BLOCKS = 8       # how many of a prompt's first blocks route it to where they were sent before
@@ -112,8 +113,11 @@ class DataParallelEngine:
         vars(config).update({k: v for k, v in vars(info["config"]).items() if k != "parallel"})
         self.max_model_len = config.model.max_model_len
         self.runner = ReplicaRunner(info["vocab_size"], info["dtype"])
+        # The front compiles each constraint to refuse a bad one before any replica is sent the request.
+        self.grammars = StructuredOutputManager(config.structured_outputs, self.tokenizer, self.runner.vocab_size,
+                                                checkpoint.eos_token_ids or [self.tokenizer.eos_token_id])
         self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
-                                     config.scheduler.max_num_seqs, config.model.chat_template)
+                                     config.scheduler.max_num_seqs, self.grammars, config.model.chat_template)
         self.router = Router(len(self.replicas.replicas), config.cache.block_size)
         tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
         split = " of ".join([f"{pp} pipeline stages"] * (pp > 1) + [f"{tp} tensor-parallel ranks" + " each" * (pp > 1)]

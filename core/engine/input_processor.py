@@ -2,20 +2,23 @@
 from __future__ import annotations
 
 from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
+from kvserve.core.structured_outputs.manager import StructuredOutputManager
 
 
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_num_seqs: int,
-                 chat_template: str | None = None):
+                 grammars: StructuredOutputManager, chat_template: str | None = None):
         self.tokenizer = tokenizer
+        self.grammars = grammars
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
 
     def render_chat(self, conversation: list[dict], chat_template: str | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation through the chat template (the request's, the engine's, or the model's)."""
+                    add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation through the chat template (the request's, the engine's, or the model's),
+        which is given the declared ``tools`` too."""
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this model has no chat template; pass chat_template=... (a Jinja template)")
@@ -25,7 +28,7 @@ class InputProcessor:
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {message!r}")
         ids = self.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=True,
-                                                 add_generation_prompt=add_generation_prompt)
+                                                 add_generation_prompt=add_generation_prompt, tools=tools)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -79,7 +82,15 @@ class InputProcessor:
                     words.append(ids)
         return words
 
+    def check_constraint(self, params: SamplingParams | BeamSearchParams) -> None:
+        """Compile the request's structured output constraint, if it has one (a ValueError if it cannot be), so
+        that the engine finds it compiled. It may take a while: a server calls it off its event loop."""
+        if isinstance(params, SamplingParams) and params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)
+
     def validate(self, prompt: str | list[int], params: SamplingParams | BeamSearchParams) -> list[int]:
         """Check a request without starting it; returns its prompt token ids."""
         self.check_params(params)
-        return self.tokenize(prompt)
+        ids = self.tokenize(prompt)
+        self.check_constraint(params)
+        return ids

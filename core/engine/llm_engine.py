@@ -25,6 +25,7 @@ from kvserve.core.log import logger
 from kvserve.core.models.registry import resolve_model_class
 from kvserve.core.outputs import RequestOutput
 from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
+from kvserve.core.structured_outputs.manager import StructuredOutputManager
 from kvserve.plugins.manager import PluginManager
 
 FAULT_TOKEN_ENV = "KVSERVE_FAULT_TOKEN"
@@ -78,8 +79,10 @@ class LLMEngine:
         self.fault_token, self.fatal_token = (int(os.environ[name]) if os.environ.get(name) else None
                                               for name in (FAULT_TOKEN_ENV, FATAL_TOKEN_ENV))
         self.max_model_len = config.model.max_model_len
+        self.grammars = StructuredOutputManager(config.structured_outputs, self.tokenizer, self.runner.vocab_size,
+                                                self.eos_token_ids)
         self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
-                                     config.scheduler.max_num_seqs, config.model.chat_template)
+                                     config.scheduler.max_num_seqs, self.grammars, config.model.chat_template)
         self.logprobs_builder = LogprobsBuilder(self.tokenizer)
         logger.info("loaded %s on %s (%s, %s attention, weights %.1f MiB%s) in %.1fs; KV cache %.2f GiB = %d "
                     "tokens in %d blocks", checkpoint.path, self.platform.name,
@@ -123,6 +126,8 @@ class LLMEngine:
         bad_words = self.inputs.bad_words_token_ids(params)
         for seq in seqs:
             self.runner.add(seq, bad_words)
+            if params.structured_outputs is not None:
+                self.grammars.add(seq.seq_id, params.structured_outputs)
         # The first sequence computes the prompt once; the others fork from it when it samples its first token.
         seqs[0].pending_forks = seqs[1:]
         self.scheduler.add(seqs[0])
@@ -162,6 +167,7 @@ class LLMEngine:
         depth = self.config.parallel.pipeline_parallel_size
         batch = self.scheduler.schedule(depth - len(self.in_flight))
         if batch.seqs:
+            batch.grammar = self.grammars.bitmask(batch)
             self._submit(batch)
         # Pipeline stages run the steps in flight one after another: collect one once they are all busy.
         if not self.in_flight or (batch.seqs and len(self.in_flight) < depth):
@@ -218,7 +224,7 @@ class LLMEngine:
                 if request.params.logprobs is not None:
                     request.logprobs[seq.seq_id].append(self.logprobs_builder(entry))
                 request.cumulative_logprobs[seq.seq_id] += entry.logprob
-            self._check_stop(seq, request.detokenizers[seq.seq_id])
+            self._check_stop(seq, request.detokenizers[seq.seq_id], self.grammars.accept(seq.seq_id, token))
             touched[seq.request_id] = request
         self.scheduler.finish_step(batch, result.accepted)
         for request in touched.values():
@@ -230,10 +236,13 @@ class LLMEngine:
                 self._forget(output.request_id)
         return outputs
 
-    def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer) -> None:
+    def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer, grammar_complete: bool) -> None:
+        """Finish ``seq`` if its newest token ends it: a stop token or string, its grammar's end, its length."""
         delta = detok.add(seq.token_ids[-1])
         params, token = seq.params, seq.token_ids[-1]
-        if seq.num_output_tokens >= params.min_tokens:
+        if grammar_complete and token not in seq.stop_token_ids:
+            seq.finish("stop")
+        if seq.num_output_tokens >= params.min_tokens and not seq.is_finished:
             if token in seq.eos_token_ids:
                 seq.finish("stop")
             elif token in (params.stop_token_ids or ()):
@@ -252,6 +261,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         for seq in request.seqs if request else []:
             self.runner.release(seq)
+            self.grammars.release(seq.seq_id)
             if self.proposer is not None:
                 self.proposer.release(seq)
 

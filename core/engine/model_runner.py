@@ -19,10 +19,10 @@ from kvserve.core.engine.model_builder import build_model, choose_dtype
 from kvserve.core.engine.scheduler import ScheduledBatch
 from kvserve.core.engine.sequence import Sequence
 from kvserve.core.engine.speculation import verify
-from kvserve.core.layers.logits_processors import apply_penalties, bad_word_bans, pad_ids, token_logprobs
+from kvserve.core.engine.sampler import Sampler
 from kvserve.core.layers.ops import Ops
-from kvserve.core.layers.sampler import SamplingBatch, sample
 from kvserve.core.loader.model_loader import Checkpoint
+from kvserve.core.structured_outputs.manager import GrammarBitmask
 from kvserve.plugins.interfaces import StepLayout
 from kvserve.plugins.manager import Platform
 
@@ -85,8 +85,7 @@ class ModelRunner:
             layer.backend, layer.kv_cache = self.backend, self.kv_cache[i]
         bind_kv_scales(layers, self.spec, config.cache.calculate_kv_scales)
         self.graph_runner = built.graph_runner = platform.graph_runner(self.model, self.backend, config)
-        self.generators: dict[int, torch.Generator] = {}
-        self.bad_words: dict[int, list[list[int]]] = {}    # seq_id -> token ids of each bad word
+        self.sampler = Sampler(self.device, self.ops.argmax)
         self.prompt_logprobs = PromptLogprobsPlanner()
         self.submitted: deque[StepOutput] = deque()
 
@@ -98,13 +97,11 @@ class ModelRunner:
             self.populating_kv_cache.join()
 
     def add(self, seq: Sequence, bad_words_token_ids: list[list[int]]) -> None:
-        if bad_words_token_ids:
-            self.bad_words[seq.seq_id] = bad_words_token_ids
+        self.sampler.add(seq, bad_words_token_ids)
         self.prompt_logprobs.add(seq)
 
     def release(self, seq: Sequence) -> None:
-        self.generators.pop(seq.seq_id, None)
-        self.bad_words.pop(seq.seq_id, None)
+        self.sampler.release(seq)
         self.prompt_logprobs.release(seq)
 
     def submit(self, batch: ScheduledBatch) -> None:
@@ -159,13 +156,13 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[self._tensor(hidden_rows)]).float()
         out = StepOutput(prompt_logprobs=prompt_logprobs(logits[len(rows):len(rows) + len(prompt_rows)], prompt_slices))
         if rows:
-            self._choose(samplers, logits[:len(rows)], out)
+            self._choose(samplers, logits[:len(rows)], batch.grammar, out)
         kept, kept_rows = [], []   # the tokens verifying sequences keep, and the verified rows that chose them
         if verified_rows:
             verifiers = [seqs[i] for i in speculating]
             row_seqs = [seq for seq in verifiers for _ in range(len(seq.proposal) + 1)]
             verified_logits = logits[len(hidden_rows) - len(verified_rows):]
-            kept, out.accepted, kept_rows = verify(verifiers, verified_logits, self._sampling_batch(row_seqs),
+            kept, out.accepted, kept_rows = verify(verifiers, verified_logits, self.sampler.sampling_batch(row_seqs),
                                                    self.ops.argmax)
             out.sampled += kept
             if any(seq.params.logprobs is not None for seq in verifiers):
@@ -179,7 +176,8 @@ class ModelRunner:
                 seq.head_proposal = tokens
         return out
 
-    def _choose(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor, grammar: GrammarBitmask | None,
+                out: StepOutput) -> None:
         """Sample each sequence's next token; beams report their most likely next tokens instead."""
         beams = [row for row, s in enumerate(seqs) if s.beam is not None]
         if beams:
@@ -187,80 +185,7 @@ class ModelRunner:
             others = [row for row, s in enumerate(seqs) if s.beam is None]
             seqs, logits = [seqs[row] for row in others], logits[others]
         if seqs:
-            self._sample(seqs, logits, out)
-
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
-        wants_logprobs = [row for row, s in enumerate(seqs) if s.params.logprobs is not None]
-        raw_logprobs = logits[wants_logprobs].log_softmax(dim=-1) if wants_logprobs else None
-        self._mask_stop_tokens_before_min(logits, seqs)
-        logits = self._apply_processors(logits, seqs)
-        tokens = sample(logits, self._sampling_batch(seqs), self.ops.argmax)
-        out.sampled = list(zip(seqs, tokens.tolist()))
-        if wants_logprobs:
-            width = max(seqs[row].params.logprobs for row in wants_logprobs)
-            chosen = tokens[wants_logprobs]
-            for row, values in zip(wants_logprobs, token_logprobs(raw_logprobs, chosen, width)):
-                seq, token = out.sampled[row]
-                out.logprobs[seq] = [TokenLogprobs.from_row(values, token, seq.params.logprobs, width)]
-
-    def _apply_processors(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """bad_words, logit_bias, then presence/frequency/repetition penalties, on the rows that use them."""
-        ban_rows, ban_cols, bias_rows, bias_cols, biases = [], [], [], [], []
-        for row, seq in enumerate(seqs):
-            if seq.seq_id in self.bad_words:
-                banned = bad_word_bans(self.bad_words[seq.seq_id], seq.output_token_ids)
-                ban_rows += [row] * len(banned)
-                ban_cols += banned
-            if seq.params.logit_bias:
-                bias_rows += [row] * len(seq.params.logit_bias)
-                bias_cols += seq.params.logit_bias.keys()
-                biases += seq.params.logit_bias.values()
-        if ban_rows:
-            logits[self._tensor(ban_rows), self._tensor(ban_cols)] = float("-inf")
-        if bias_rows:
-            logits.index_put_((self._tensor(bias_rows), self._tensor(bias_cols)),
-                              self._tensor(biases, torch.float32), accumulate=True)
-        penalized = [row for row, seq in enumerate(seqs) if seq.params.uses_penalties]
-        if penalized:
-            params = [seqs[row].params for row in penalized]
-            vocab, index = logits.shape[-1], self._tensor(penalized)
-            output_ids = pad_ids([seqs[row].output_token_ids for row in penalized], vocab, self.device)
-            prompt_ids = None if all(p.repetition_penalty == 1 for p in params) else pad_ids(
-                [seqs[row].token_ids[:seqs[row].num_prompt_tokens] for row in penalized], vocab, self.device)
-            penalties = [self._tensor([getattr(p, name) for p in params], torch.float32)
-                         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")]
-            logits[index] = apply_penalties(logits[index], prompt_ids, output_ids, *penalties)
-        return logits
+            out.sampled, out.logprobs = self.sampler(seqs, logits, grammar)
 
     def _tensor(self, values, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
-
-    def _mask_stop_tokens_before_min(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        rows, cols = [], []
-        for row, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens:
-                banned = seq.stop_token_ids
-                rows += [row] * len(banned)
-                cols += banned
-        if rows:
-            logits[self._tensor(rows), self._tensor(cols)] = float("-inf")
-
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        params = [s.params for s in seqs]
-        generators = {}
-        for row, seq in enumerate(seqs):
-            if seq.params.seed is not None and not seq.params.greedy:
-                if seq.seq_id not in self.generators:
-                    self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
-                generators[row] = self.generators[seq.seq_id]
-        return SamplingBatch(
-            temperatures=self._tensor([p.temperature for p in params], torch.float32),
-            top_k=self._tensor([max(p.top_k, 0) for p in params], torch.int64),
-            top_p=self._tensor([p.top_p for p in params], torch.float32),
-            min_p=self._tensor([p.min_p for p in params], torch.float32),
-            all_greedy=all(p.greedy for p in params),
-            use_top_k=any(p.top_k > 0 for p in params),
-            use_top_p=any(p.top_p < 1.0 for p in params),
-            use_min_p=any(p.min_p > 0.0 for p in params),
-            generators=generators,
-        )

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvserve.core.config import EngineConfig
 from kvserve.core.engine.block_manager import BlockManager
 from kvserve.core.engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from kvserve.core.structured_outputs.manager import GrammarBitmask
 
 
 @dataclass
@@ -32,6 +36,7 @@ class ScheduledBatch:
     swap_outs: list[tuple[int, int]]      # (device block, host block)
     block_copies: list[tuple[int, int]]   # (source, destination) device blocks, for copy on write
     swap_ins: list[tuple[int, int]]       # (host block, device block)
+    grammar: GrammarBitmask | None = None   # the engine's: the tokens its constrained sequences may sample
 
 
 class Scheduler:

@@ -142,10 +142,11 @@ def verify(seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch,
 
 def speculates(seq: Sequence) -> bool:
     """Whether ``seq`` may take proposals this step: a sampled sequence about to decode, not opted out, whose
-    logits go to sampling as they are (no penalties, biases, bans, or stop tokens still masked)."""
+    logits go to sampling as they are (no penalties, biases, bans, grammar, or stop tokens still masked)."""
     params = seq.params
     return (seq.num_uncomputed_tokens == 1 and seq.beam is None and params.speculate and not params.uses_penalties
-            and not params.logit_bias and not params.bad_words and seq.num_output_tokens >= params.min_tokens)
+            and not params.logit_bias and not params.bad_words and params.structured_outputs is None
+            and seq.num_output_tokens >= params.min_tokens)
 
 
 class Proposer:

@@ -1,6 +1,6 @@
-"""What runs on the logits between the model and the sampler: penalties, logit_bias and bad words, and the
-logprobs of the raw logits. Every function works on a batch of rows at once; the runner passes only the rows
-that use a feature, so a batch without them pays nothing.
+"""What runs on the logits between the model and the sampler: penalties, logit_bias, bad words and grammar
+bitmasks, and the logprobs of the raw logits. Every function works on a batch of rows at once; the sampler passes
+only the rows that use a feature, so a batch without them pays nothing.
 """
 from __future__ import annotations
 
@@ -51,3 +51,11 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> l
     top_logprobs, top_ids = logprobs.topk(k, dim=-1)
     # float32 holds ids and ranks exactly below 2**24, far above any vocabulary (and some devices lack float64).
     return torch.cat([chosen, ranks.float(), top_logprobs, top_ids.float()], dim=1).tolist()
+
+
+def apply_token_bitmask(logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``logits`` [rows, vocab] with -inf wherever ``bits`` [rows, ceil(vocab / 32)] int32 (bit t % 32 of word
+    t // 32: token t allowed, as xgrammar and llguidance pack them) does not allow the token."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :logits.shape[-1]]
+    return logits.masked_fill(~allowed, float("-inf"))

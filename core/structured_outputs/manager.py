@@ -1,0 +1,111 @@
+"""Compiles each distinct constraint once, off the engine loop, and keeps each constrained sequence's matcher:
+one bitmask a step for the rows that sample under a constraint, and the matchers advanced by the tokens they
+take."""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvserve.core.log import logger
+from kvserve.core.structured_outputs.backends import Backend, GuidanceBackend, Matcher, XgrammarBackend
+from kvserve.core.structured_outputs.params import StructuredOutputsParams
+
+if TYPE_CHECKING:
+    from kvserve.core.config import StructuredOutputsConfig
+    from kvserve.core.engine.scheduler import ScheduledBatch
+
+BACKEND_CLASSES = {"xgrammar": XgrammarBackend, "guidance": GuidanceBackend}
+CACHED_GRAMMARS = 256
+
+
+@dataclass
+class GrammarBitmask:
+    """The tokens each constrained sequence of a step may sample: ``bits[rows[seq_id]]``, packed 32 to a word."""
+
+    rows: dict[int, int]
+    bits: torch.Tensor      # [len(rows), ceil(vocab / 32)] int32, on the CPU
+
+
+class StructuredOutputManager:
+    def __init__(self, config: StructuredOutputsConfig, tokenizer, vocab_size: int, stop_token_ids: list[int]):
+        self.config = config
+        self.tokenizer, self.vocab_size, self.stop_token_ids = tokenizer, vocab_size, list(stop_token_ids)
+        self.backends: dict[str, Backend] = {}
+        self.lock, self.backend_lock = threading.Lock(), threading.Lock()
+        self.compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()   # (kind, spec) -> its compilation
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvserve-grammar")
+        self.matchers: dict[int, Matcher] = {}   # seq_id -> its matcher
+
+    def compile(self, params: StructuredOutputsParams) -> tuple[Backend, Any]:
+        """(backend, compiled constraint), compiled once per distinct constraint on a worker thread; a ValueError
+        if it is too large, fails to compile, or takes longer than the configured limit."""
+        spec, limit = params.spec, self.config.max_bytes
+        if len(spec.encode()) > limit:
+            raise ValueError(f"structured_outputs.{params.kind} is {len(spec.encode())} bytes, over the limit of "
+                             f"{limit} (structured_outputs_max_bytes)")
+        key = (params.kind, spec)
+        with self.lock:
+            future = self.compiled.get(key)
+            if future is None:
+                future = self.compiled[key] = self.pool.submit(self._compile, params)
+                while len(self.compiled) > CACHED_GRAMMARS:
+                    self.compiled.popitem(last=False)
+            self.compiled.move_to_end(key)
+        try:
+            return future.result(timeout=self.config.compile_timeout)
+        except TimeoutError:
+            raise ValueError(f"compiling structured_outputs.{params.kind} took longer than "
+                             f"{self.config.compile_timeout} s (structured_outputs_compile_timeout); simplify the "
+                             "constraint") from None
+
+    def add(self, seq_id: int, params: StructuredOutputsParams) -> None:
+        backend, compiled = self.compile(params)
+        self.matchers[seq_id] = backend.matcher(compiled)
+
+    def release(self, seq_id: int) -> None:
+        self.matchers.pop(seq_id, None)
+
+    def bitmask(self, batch: ScheduledBatch) -> GrammarBitmask | None:
+        """The allowed tokens of the constrained sequences that sample this step, and of their pending forks."""
+        if not self.matchers:
+            return None
+        sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n >= s.num_tokens]
+        seqs = [s for s in sampling + [c for s in sampling for c in s.pending_forks] if s.seq_id in self.matchers]
+        if not seqs:
+            return None
+        bits = torch.full((len(seqs), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        for row, seq in enumerate(seqs):
+            self.matchers[seq.seq_id].fill(bits, row)
+        return GrammarBitmask({seq.seq_id: row for row, seq in enumerate(seqs)}, bits)
+
+    def accept(self, seq_id: int, token: int) -> bool:
+        """Advance the sequence's matcher by its new token; whether its output is now complete."""
+        matcher = self.matchers.get(seq_id)
+        if matcher is None:
+            return False
+        if not matcher.accept(token):
+            logger.error("sequence %d sampled token %d, which its grammar does not allow; ending it", seq_id, token)
+            return True
+        return matcher.is_terminated()
+
+    def _compile(self, params: StructuredOutputsParams) -> tuple[Backend, Any]:
+        names = ("xgrammar", "guidance") if self.config.backend == "auto" else (self.config.backend,)
+        errors = []
+        for name in names:
+            backend = self._backend(name)
+            try:
+                return backend, backend.compile(params)
+            except ValueError as exc:
+                errors.append(exc)
+        raise errors[0]
+
+    def _backend(self, name: str) -> Backend:
+        with self.backend_lock:
+            if name not in self.backends:
+                self.backends[name] = BACKEND_CLASSES[name](self.tokenizer, self.vocab_size, self.stop_token_ids)
+            return self.backends[name]
