@@ -2,8 +2,8 @@
 
 Platform plugins (entry-point group ``kvserve.platforms``) implement the ``platform_*`` hooks;
 only the selected platform's implementations are called, except ``platform_detect``, which
-every platform answers. General plugins (group ``kvserve.plugins``) add models; their
-``register_*`` results are merged with every other plugin's.
+every platform answers. General plugins (group ``kvserve.plugins``) add models, tool call parsers and reasoning
+parsers; their ``register_*`` results are merged with every other plugin's.
 
 Hooks are grouped by phase: detection, configuration, execution resources, registration.
 """
@@ -17,14 +17,16 @@ if TYPE_CHECKING:
     import torch
 
     from kvserve.core.config import EngineConfig
+    from kvserve.core.entrypoints.openai.reasoning_parsers import ReasoningParser
+    from kvserve.core.entrypoints.openai.tool_parsers import ToolParser
     from kvserve.plugins.interfaces import (AttentionBackend, AttentionSpec, Communicator, GraphRunner,
                                             MemoryInfo, PlatformInfo, QuantizedWeight)
 
 PROJECT = "kvserve"
 # The contract this kvserve implements, and those whose plugins it still runs (docs/plugins.md's changelog says
 # what each changed). Each plugin says which it was built for in its attribute KVSERVE_CONTRACT_VERSION.
-CONTRACT_VERSION = 2
-SUPPORTED_CONTRACT_VERSIONS = (1, 2)
+CONTRACT_VERSION = 3
+SUPPORTED_CONTRACT_VERSIONS = (1, 2, 3)
 DECLARATION = "KVSERVE_CONTRACT_VERSION"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -184,3 +186,26 @@ def register_models() -> dict[str, type[torch.nn.Module]]:
     A name already registered by kvserve or another plugin is an error.
     """
 
+
+@hookspec
+def register_tool_parsers() -> dict[str, type[ToolParser]]:
+    """Add tool call parsers, keyed by the name ``--tool-call-parser`` selects them with: subclasses of
+    ``kvserve.core.entrypoints.openai.tool_parsers.ToolParser`` that turn a model's generated text into OpenAI
+    tool calls and content, whole or streamed.
+
+    A name already registered by kvserve or another plugin is an error.
+
+    :return: parser classes by name.
+    """
+
+
+@hookspec
+def register_reasoning_parsers() -> dict[str, type[ReasoningParser]]:
+    """Add reasoning parsers, keyed by the name ``--reasoning-parser`` selects them with: subclasses of
+    ``kvserve.core.entrypoints.openai.reasoning_parsers.ReasoningParser`` that split a response into the model's
+    reasoning and its answer.
+
+    A name already registered by kvserve or another plugin is an error.
+
+    :return: parser classes by name.
+    """

@@ -186,6 +186,14 @@ class PluginManager:
     def models(self) -> dict[str, type]:
         return _merge(self.pm.hook.register_models(), "model architecture")
 
+    def tool_parsers(self) -> dict[str, type]:
+        """Plugins' tool call parser classes by name (kvserve's own are added by the parser registry)."""
+        return _merge(self.pm.hook.register_tool_parsers(), "tool call parser")
+
+    def reasoning_parsers(self) -> dict[str, type]:
+        """Plugins' reasoning parser classes by name (kvserve's own are added by the parser registry)."""
+        return _merge(self.pm.hook.register_reasoning_parsers(), "reasoning parser")
+
 
 def incompatibility(plugin: Any) -> str:
     """Why a discovered plugin cannot be run, by the contract version it declares; "" if it can."""

@@ -20,7 +20,7 @@ PACKAGES = {"toy": "kvserve-toy-platform", "toy-models": "kvserve-toy-platform",
             "future": "kvserve-future-platform",
             **{name: "kvserve" for name in ("cpu", "cuda", "rocm", "xpu", "hpu", "npu")}}
 
-FUTURE_STATUS = ("refused: built for plugin contract version 99; this kvserve supports versions 1, 2 (install a "
+FUTURE_STATUS = ("refused: built for plugin contract version 99; this kvserve supports versions 1, 2, 3 (install a "
                  "kvserve or a plugin release that match)")
 
 DISCOVER = """
@@ -100,7 +100,7 @@ def test_a_plugin_built_for_another_contract_is_refused_with_the_supported_versi
     stdout = run_python(undeclared, ["-m", "kvserve.core.entrypoints.cli", "plugins"])
     line = next(line for line in stdout.splitlines() if line.startswith("toy-models"))
     assert line.endswith("refused: declares no plugin contract version (KVSERVE_CONTRACT_VERSION); this kvserve "
-                         "supports versions 1, 2"), line
+                         "supports versions 1, 2, 3"), line
 
 
 def test_broken_plugin_does_not_change_the_default(discovery):
