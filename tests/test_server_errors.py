@@ -72,12 +72,16 @@ def test_top_logprobs_needs_logprobs(server):
     assert_error(post(server, CHAT, {"messages": MESSAGES, "top_logprobs": 2}), 400, "top_logprobs", "logprobs: true")
 
 
-@pytest.mark.parametrize("path, field, value", [
-    (COMPLETIONS, "suffix", "!"), (CHAT, "response_format", {"type": "json_object"}),
-    (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}])])
-def test_unsupported_parameter_is_400_naming_it(server, path, field, value):
-    body = {"prompt": "The quick"} if path == COMPLETIONS else {"messages": MESSAGES}
-    assert_error(post(server, path, {**body, field: value}), 400, field, field, "not supported")
+def test_unsupported_parameter_is_400_naming_it(server):
+    assert_error(post(server, COMPLETIONS, {"prompt": "The quick", "suffix": "!"}), 400, "suffix", "suffix",
+                 "not supported")
+
+
+def test_tools_that_need_a_parser_this_server_lacks_are_400(server):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    for tool_choice, param in ((None, "tools"), ("auto", "tool_choice")):
+        assert_error(post(server, CHAT, {"messages": MESSAGES, "tools": tools, "tool_choice": tool_choice}), 400,
+                     param, "--enable-auto-tool-choice --tool-call-parser NAME")
 
 
 def test_malformed_requests(server):

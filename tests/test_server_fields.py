@@ -101,9 +101,10 @@ def test_a_reply_sent_back_by_the_client_is_accepted(server):
         follow_up = [*MESSAGES, sent_back, {"role": "user", "content": "Once upon a time"}]
         again = client.chat.completions.create(model=reply.model, messages=follow_up, **DEFAULTS)
     assert again.usage.prompt_tokens > reply.usage.total_tokens
-    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}
     messages = [{"role": "assistant", "content": None, "tool_calls": [call]}, *MESSAGES]
-    assert_error(post(server, CHAT, {"messages": messages}), 400, "messages", "messages[0].tool_calls is not supported")
+    assert_error(post(server, CHAT, {"messages": messages}), 400, "messages",
+                 "messages[0].tool_calls[0].function.arguments must be a JSON object")
 
 
 def test_metrics_count_requests_not_sequences(server):

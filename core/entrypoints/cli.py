@@ -8,7 +8,7 @@ import sys
 from kvserve.core.bench import latency as latency_bench
 from kvserve.core.bench import serving as serving_bench
 from kvserve.core.bench import throughput as throughput_bench
-from kvserve.core.config import EXECUTOR_BACKENDS, KV_CACHE_DTYPES
+from kvserve.core.config import EXECUTOR_BACKENDS, KV_CACHE_DTYPES, STRUCTURED_OUTPUTS_BACKENDS
 from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -56,6 +56,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help='speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 3}')
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                         help="dummy: random weights of the model's shapes, no checkpoint tensors read (benchmarks)")
+    parser.add_argument("--structured-outputs-backend", default="auto", choices=list(STRUCTURED_OUTPUTS_BACKENDS),
+                        help="grammar library for structured outputs; auto: xgrammar, else llguidance where "
+                             "xgrammar cannot compile a constraint")
+    parser.add_argument("--structured-outputs-max-bytes", type=int, default=64 * 1024,
+                        help="the largest schema, regex or grammar a request may send, in bytes")
+    parser.add_argument("--structured-outputs-compile-timeout", type=float, default=10.0,
+                        help="seconds a request may wait for its constraint to compile before it is refused")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +80,8 @@ ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_nu
                   "quantization_group_size", "load_format", "kv_cache_dtype",
                   "calculate_kv_scales", "speculative_config", "tensor_parallel_size",
                   "pipeline_parallel_size", "data_parallel_size", "enable_expert_parallel",
-                  "distributed_executor_backend")
+                  "distributed_executor_backend", "structured_outputs_backend", "structured_outputs_max_bytes",
+                  "structured_outputs_compile_timeout")
 
 
 def json_object(text: str) -> dict:
@@ -138,6 +146,7 @@ def cmd_serve(args) -> int:
 
     from kvserve.core.config import build_engine_config
     from kvserve.core.entrypoints.openai.api_server import serve
+    from kvserve.core.entrypoints.openai.tools import reply_parsers
     from kvserve.core.log import init_logging
 
     init_logging()
@@ -145,7 +154,8 @@ def cmd_serve(args) -> int:
     config = build_engine_config(model, **engine_options(args))
     names = args.served_model_name or [model or DEFAULT_SERVED_NAME]
     api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
-    return serve(config, args.host, args.port, names, api_key)
+    parsers = reply_parsers(args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser)
+    return serve(config, args.host, args.port, names, api_key, parsers)
 
 
 def cmd_plugins(args) -> None:
@@ -201,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or KVSERVE_API_KEY)")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser")
+    serve.add_argument("--tool-call-parser", default=None,
+                       help="how the model writes tool calls: hermes, llama3_json, mistral, pythonic, or a plugin's")
+    serve.add_argument("--reasoning-parser", default=None,
+                       help="move the model's reasoning into reasoning_content: deepseek_r1, qwen3, or a plugin's")
     add_engine_args(serve)
     commands.add_parser("plugins", help="list discovered plugins and the platform that would be used")
     conformance = commands.add_parser("conformance", help="check a platform plugin against kvserve's references")

@@ -23,6 +23,7 @@ from kvserve.core.entrypoints.openai.metrics import ServerMetrics
 from kvserve.core.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                       TokenizeRequest)
 from kvserve.core.entrypoints.openai.serving_chat import OpenAIServingChat
+from kvserve.core.entrypoints.openai.tools import ReplyParsers
 from kvserve.core.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from kvserve.core.log import logger
 
@@ -32,8 +33,9 @@ PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 class ServerState:
     """The engine, loaded on a background thread so that /health answers 503 while it loads."""
 
-    def __init__(self, config: EngineConfig, served_model_names: list[str], api_key: str | None):
-        self.config = config
+    def __init__(self, config: EngineConfig, served_model_names: list[str], api_key: str | None,
+                 parsers: ReplyParsers = ReplyParsers()):
+        self.config, self.parsers = config, parsers
         self.model_names = served_model_names
         self.api_key = api_key
         self.engine: AsyncLLMEngine | None = None
@@ -51,7 +53,7 @@ class ServerState:
             self.on_load_failure()
             return
         self.completion = OpenAIServingCompletion(engine, self.model_names, self.metrics)
-        self.chat = OpenAIServingChat(engine, self.model_names, self.metrics)
+        self.chat = OpenAIServingChat(engine, self.model_names, self.metrics, parsers=self.parsers)
         self.engine = engine
         logger.info("engine ready; serving %s", ", ".join(self.model_names))
 
@@ -180,11 +182,11 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 def serve(config: EngineConfig, host: str, port: int, served_model_names: list[str], api_key: str | None,
-          shutdown_timeout: float = 30.0) -> int:
+          parsers: ReplyParsers = ReplyParsers(), shutdown_timeout: float = 30.0) -> int:
     """Run the server until SIGINT/SIGTERM; returns the process exit code."""
     import uvicorn
 
-    state = ServerState(config, served_model_names, api_key)
+    state = ServerState(config, served_model_names, api_key, parsers)
     server = uvicorn.Server(uvicorn.Config(build_app(state), host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=shutdown_timeout))
     state.on_load_failure = lambda: setattr(server, "should_exit", True)

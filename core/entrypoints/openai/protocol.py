@@ -1,16 +1,19 @@
 """Request bodies of the OpenAI-compatible API. Unknown fields are rejected, never silently ignored."""
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvserve.core.entrypoints.openai.constraints import request_constraint
 from kvserve.core.sampling_params import MAX_LOGPROBS, BeamSearchParams, SamplingParams
 
 # Fields that shape sampling, which beam search (n beams, max_tokens, temperature, ignore_eos) cannot honour.
 NOT_FOR_BEAM_SEARCH = ("top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "include_stop_str_in_output",
                        "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
-                       "bad_words", "logprobs", "top_logprobs", "best_of")
+                       "bad_words", "logprobs", "top_logprobs", "best_of", "response_format", "structured_outputs",
+                       "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class Strict(BaseModel):
@@ -49,6 +52,12 @@ class SamplingFields(Strict):
     use_beam_search: bool = False       # vLLM's extension: beam search with n beams, returning all n
     length_penalty: float | None = None
     early_stopping: bool | Literal["never"] | None = None
+    response_format: dict[str, Any] | None = None   # OpenAI's: text, json_object or json_schema
+    structured_outputs: dict[str, Any] | None = None   # vLLM's: one of json, regex, choice, grammar, json_object
+    guided_json: dict[str, Any] | str | bool | None = None   # vLLM's older names for structured_outputs' keys
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def unsupported(self) -> list[str]:
         """Fields set to something the engine cannot honour yet."""
@@ -72,7 +81,8 @@ class SamplingFields(Strict):
             n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens, speculate=self.speculate,
-            logit_bias=self.token_id_biases(), bad_words=self.bad_words, **self.endpoint_params(),
+            logit_bias=self.token_id_biases(), bad_words=self.bad_words,
+            structured_outputs=request_constraint(self), **self.endpoint_params(),
             **{k: v for k, v in optional.items() if v is not None})
 
     def beam_search_params(self, max_tokens: int | None) -> BeamSearchParams:
@@ -115,19 +125,63 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None     # the participant's name, passed to the chat template as vLLM does
+    tool_calls: list[dict[str, Any]] | None = None   # an assistant's calls, sent back with their results
+    tool_call_id: str | None = None                  # the call a tool message answers
     # What an assistant reply carries when a client sends it back: accepted while empty, as nothing uses them.
-    tool_calls: list[dict[str, Any]] | None = None
     function_call: dict[str, Any] | None = None
     refusal: str | None = None
     audio: dict[str, Any] | None = None
     annotations: list[Any] | None = None
 
     def unsupported(self) -> list[str]:
-        return [name for name in ("tool_calls", "function_call", "refusal", "audio", "annotations")
-                if getattr(self, name)]
+        return [name for name in ("function_call", "refusal", "audio", "annotations") if getattr(self, name)]
+
+    def template_message(self, i: int) -> dict[str, Any]:
+        """The message as chat templates take it: text content, developer as system (templates know no
+        developer role), an assistant's calls with their arguments as objects, a tool result's call id."""
+        if self.unsupported():
+            raise ValueError(f"messages[{i}].{self.unsupported()[0]} is not supported; send the message's role, "
+                             "content, name, tool_calls or tool_call_id only")
+        content = self.content or ""
+        if isinstance(content, list):
+            kinds = {part.get("type") for part in content}
+            if kinds - {"text"}:
+                raise ValueError(f"messages[{i}].content has parts of type {sorted(map(str, kinds - {'text'}))}; "
+                                 "only 'text' parts are supported")
+            content = "".join(part.get("text", "") for part in content)
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.name is not None:
+            message["name"] = self.name
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError(f"messages[{i}]: tool_call_id belongs to, and is required on, messages of role 'tool'")
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise ValueError(f"messages[{i}].tool_calls belongs to messages of role 'assistant'")
+            message["tool_calls"] = [template_call(call, f"messages[{i}].tool_calls[{j}]")
+                                     for j, call in enumerate(self.tool_calls)]
+        return message
+
+
+def template_call(call: dict[str, Any], where: str) -> dict[str, Any]:
+    function = call.get("function")
+    if call.get("type", "function") != "function" or not isinstance(function, dict) or \
+            not isinstance(function.get("name"), str):
+        raise ValueError(f"{where} must be {{'id': ..., 'type': 'function', 'function': {{'name': ..., "
+                         f"'arguments': ...}}}}, got {call!r}")
+    arguments = function.get("arguments", "{}")
+    try:
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"{where}.function.arguments must be a JSON object (as text), got "
+                         f"{function.get('arguments')!r}")
+    return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -139,13 +193,8 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     chat_template: str | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-
-    def unsupported(self) -> list[str]:
-        return super().unsupported() + [name for name, bad in (
-            ("tools", bool(self.tools)), ("tool_choice", self.tool_choice not in (None, "none")),
-            ("response_format", self.response_format not in (None, {"type": "text"}))) if bad]
+    tool_choice: Any = None             # none, auto (the default with tools), required, or a named function
+    parallel_tool_calls: bool = True
 
     def endpoint_params(self) -> dict:
         if self.top_logprobs is not None:
@@ -155,23 +204,9 @@ class ChatCompletionRequest(SamplingFields):
                 raise ValueError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
         return dict(logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
-    def conversation(self) -> list[dict[str, str]]:
-        """Messages as the chat template takes them: text content only, and the name where one is given."""
-        conversation = []
-        for i, message in enumerate(self.messages):
-            if message.unsupported():
-                raise ValueError(f"messages[{i}].{message.unsupported()[0]} is not supported; send the message's "
-                                 "role, content and name only")
-            content = message.content or ""
-            if isinstance(content, list):
-                kinds = {part.get("type") for part in content}
-                if kinds - {"text"}:
-                    raise ValueError(f"messages[{i}].content has parts of type {sorted(map(str, kinds - {'text'}))}; "
-                                     "only 'text' parts are supported")
-                content = "".join(part.get("text", "") for part in content)
-            named = {} if message.name is None else {"name": message.name}
-            conversation.append({"role": message.role, "content": content, **named})
-        return conversation
+    def conversation(self) -> list[dict[str, Any]]:
+        """Messages as the chat template takes them."""
+        return [message.template_message(i) for i, message in enumerate(self.messages)]
 
 
 class TokenizeRequest(Strict):

@@ -1,50 +1,82 @@
 """POST /v1/chat/completions."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import AsyncIterator
 
-from kvserve.core.entrypoints.openai.errors import APIError
+from kvserve.core.entrypoints.openai.constraints import constraint_field
+from kvserve.core.entrypoints.openai.errors import APIError, bad_request
 from kvserve.core.entrypoints.openai.logprobs import chat_logprobs
 from kvserve.core.entrypoints.openai.protocol import ChatCompletionRequest
 from kvserve.core.entrypoints.openai.serving_common import (DeltaTracker, OpenAIServing, new_id, now, sse, sse_stream,
                                                             usage, wants_usage)
+from kvserve.core.entrypoints.openai.tools import ReplyParsers, ReplyReader, ToolPlan, plan_tools
 from kvserve.core.outputs import CompletionOutput
+from kvserve.core.sampling_params import SamplingParams
 
 
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, *args, parsers: ReplyParsers = ReplyParsers()):
+        super().__init__(*args)
+        self.parsers = parsers
+
     def render(self, request: ChatCompletionRequest) -> list[int]:
         try:
             ids = self.inputs.render_chat(request.conversation(), request.chat_template,
-                                          request.add_generation_prompt)
+                                          request.add_generation_prompt, request.tools or None)
         except (ValueError, TypeError) as exc:
             raise APIError(400, str(exc), "messages") from exc
         return self.tokenize(ids, "messages")
 
+    def tool_plan(self, request: ChatCompletionRequest) -> ToolPlan | None:
+        try:
+            plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls, self.parsers.tool)
+            if plan is not None and plan.mode != "none" and constraint_field(request) != "tools":
+                raise ValueError(f"{constraint_field(request)} cannot be combined with tools unless tool_choice is "
+                                 "'none': tool calls have a format of their own")
+            if plan is not None and plan.constraint is not None and request.use_beam_search:
+                raise ValueError("tool_choice 'required' or a named function cannot be used with use_beam_search")
+        except ValueError as exc:
+            raise bad_request(exc, set(type(request).model_fields)) from exc
+        return plan
+
+    def reader(self, plan: ToolPlan | None) -> ReplyReader:
+        tokenizer = self.inputs.tokenizer
+        return ReplyReader(plan, self.parsers.tool(tokenizer) if self.parsers.tool else None,
+                           self.parsers.reasoning(tokenizer) if self.parsers.reasoning else None)
+
     async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
         model = self.model_name(request.model)
+        plan = self.tool_plan(request)
         ids = self.render(request)
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
             else request.max_tokens
         params = self.sampling_params(request, len(ids), max_tokens, explicit=max_tokens is not None)
+        if plan is not None and plan.constraint is not None and isinstance(params, SamplingParams):
+            params = replace(params, structured_outputs=plan.constraint)
+        await self.check_constraint(request, params)
         request_id = new_id("chatcmpl")
         outputs = self.run(request_id, [ids], [ids], [params])
         if request.stream:
-            return self._stream(request, model, request_id, outputs, len(ids))
+            return self._stream(request, model, request_id, outputs, len(ids), plan)
         final = None
         async for _, output in outputs:
             final = output
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._logprobs(request, c), "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason} for c in final.outputs]
+        choices = []
+        for c in final.outputs:
+            message, finish_reason = self.reader(plan).whole(c.text, c.finish_reason)
+            choices.append({"index": c.index, "message": message, "logprobs": self._logprobs(request, c),
+                            "finish_reason": finish_reason, "stop_reason": c.stop_reason})
         generated = sum(len(c.token_ids) for c in final.outputs)
         return {"id": request_id, "object": "chat.completion", "created": now(), "model": model,
                 "choices": choices, "usage": usage(len(ids), generated)}
 
     def _stream(self, request: ChatCompletionRequest, model: str, request_id: str, outputs,
-                prompt_tokens: int) -> AsyncIterator[str]:
+                prompt_tokens: int, plan: ToolPlan | None) -> AsyncIterator[str]:
         include_usage = wants_usage(request)
         base = {"id": request_id, "object": "chat.completion.chunk", "created": now(), "model": model}
         tracker, generated = DeltaTracker(), {}
+        readers = [self.reader(plan) for _ in range(request.n)]
 
         def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
             body = {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
@@ -62,11 +94,15 @@ class OpenAIServingChat(OpenAIServing):
                     text, finishing = change
                     logprobs = self._logprobs(request, c, generated.get(c.index, 0))
                     generated[c.index] = len(c.token_ids)
-                    if text or not finishing:   # a token without text yet still gets its chunk
-                        yield chunk(c.index, {"content": text}, logprobs=logprobs)
+                    deltas = readers[c.index].feed(text)
+                    if finishing:
+                        held, finish_reason = readers[c.index].finish(c.finish_reason)
+                        deltas += held
+                    for delta in deltas or ([{"content": ""}] if not finishing else []):
+                        yield chunk(c.index, delta, logprobs=logprobs)   # a token without text yet still gets one
                         logprobs = None
                     if finishing:
-                        yield chunk(c.index, {}, c.finish_reason, logprobs)
+                        yield chunk(c.index, {}, finish_reason, logprobs)
 
         def usage_chunk() -> dict | None:
             if not include_usage:

@@ -8,6 +8,7 @@ import uuid
 from typing import AsyncIterator, Callable
 
 from kvserve.core.engine.async_engine import AsyncLLMEngine
+from kvserve.core.entrypoints.openai.constraints import constraint_field, rename
 from kvserve.core.entrypoints.openai.errors import APIError, bad_request, unsupported
 from kvserve.core.entrypoints.openai.metrics import RequestTimer, ServerMetrics
 from kvserve.core.entrypoints.openai.protocol import SamplingFields
@@ -49,6 +50,15 @@ class OpenAIServing:
             return params
         except (ValueError, TypeError) as exc:
             raise bad_request(exc, set(type(request).model_fields)) from exc
+
+    async def check_constraint(self, request: SamplingFields, params: SamplingParams | BeamSearchParams) -> None:
+        """Compile the request's output constraint on a worker thread, so that a slow one stalls neither the event
+        loop nor the engine; a 400 naming the field if it cannot be compiled."""
+        try:
+            await asyncio.to_thread(self.inputs.check_constraint, params)
+        except ValueError as exc:
+            message = rename(str(exc), constraint_field(request))
+            raise bad_request(ValueError(message), set(type(request).model_fields)) from exc
 
     def decode_token(self, token_id: int) -> str:
         return self.inputs.tokenizer.decode([token_id])

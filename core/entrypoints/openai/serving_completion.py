@@ -30,6 +30,7 @@ class OpenAIServingCompletion(OpenAIServing):
         token_ids = [self.tokenize(p) for p in prompts]
         explicit = "max_tokens" in request.model_fields_set
         params = [self.sampling_params(request, len(ids), request.max_tokens, explicit) for ids in token_ids]
+        await self.check_constraint(request, params[0])   # the prompts share it
         echoes = [self.inputs.tokenizer.decode(ids) if request.echo else "" for ids in token_ids]
         request_id = new_id("cmpl")
         outputs = self.run(request_id, prompts, token_ids, params)
