@@ -75,3 +75,14 @@ def test_bad_options_are_refused_before_the_model_loads(tiny_model, args, messag
                              "--kv-cache-memory", "64MiB", "--num-prompts", "2", "--input-len", "8",
                              "--output-len", "2", *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_throughput_under_a_json_schema_beside_the_same_run_unconstrained(tiny_model, tmp_path):
+    result = bench(tmp_path, "--model", tiny_model("qwen2-big-vocab"), "--dtype", "float32", "--kv-cache-memory",
+                   "64MiB", "--num-prompts", "3", "--input-len", "8:16", "--output-len", "6", "--json-schema")
+    constrained = result["json_schema"]
+    assert constrained["output_tokens"] == result["output_tokens"] == 3 * 6
+    assert constrained["prompt_tokens_computed"] == result["prompt_tokens_computed"] == result["prompt_tokens"]
+    assert result["json_schema_ratio"] == round(constrained["output_tok_s"] / result["output_tok_s"], 2)
+    compile_s = constrained["compile_s"]
+    assert set(compile_s) == {"backend_start", "cold", "cached"} and compile_s["cached"] < compile_s["cold"]

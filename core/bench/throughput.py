@@ -32,9 +32,9 @@ def random_workload(num_prompts: int, input_len: tuple[int, int], seed: int,
     return prompts
 
 
-def run(llm, model: str, prompts: list[list[int]], output_len: int) -> dict:
-    """Greedy generation of exactly ``output_len`` tokens per prompt, timed once the KV cache is resident and
-    after an untimed warm-up."""
+def run(llm, model: str, prompts: list[list[int]], output_len: int, structured_outputs=None) -> dict:
+    """Greedy generation of exactly ``output_len`` tokens per prompt (each under ``structured_outputs``, if
+    given), timed once the KV cache is resident and after an untimed warm-up."""
     from kvserve.core.bench.baselines import rates, warmup_prompts
     from kvserve.core.bench.report import dtype_name
     from kvserve.core.engine.stats import engine_stats
@@ -44,7 +44,8 @@ def run(llm, model: str, prompts: list[list[int]], output_len: int) -> dict:
     engine.runner.wait_for_kv_cache()
     llm.generate(warmup_prompts(prompts), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                  use_tqdm=False)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True,
+                            structured_outputs=structured_outputs)
     before = engine_stats(engine)   # one engine's, or summed over a data-parallel engine's replicas
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -62,6 +63,25 @@ def run(llm, model: str, prompts: list[list[int]], output_len: int) -> dict:
             "prefix_cache_hit_rate": round((after.prefix_hits - before.prefix_hits) / queries, 3) if queries else 0.0}
 
 
+def constrained_run(llm, model: str, prompts: list[list[int]], output_len: int) -> dict:
+    """``run`` with every request under one JSON schema whose outputs are longer than ``output_len`` tokens (a
+    list of at least that many digits), on the prompts with their first token changed so that the prefix cache
+    holds none of them, and the schema's compile times: the backend's start (its tokenizer tables), the schema's
+    first compile, and a cached one."""
+    from kvserve.core.structured_outputs import StructuredOutputsParams
+
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": output_len}
+    constraint, grammars = StructuredOutputsParams(json=schema), llm.llm_engine.grammars
+    times = []
+    for first in (StructuredOutputsParams(json_object=True), constraint, constraint):
+        start = time.perf_counter()
+        grammars.compile(first)
+        times.append(round(time.perf_counter() - start, 4))
+    compile_s = dict(zip(("backend_start", "cold", "cached"), times))
+    uncached = [[prompt[0] + 1] + prompt[1:] for prompt in prompts]
+    return {**run(llm, model, uncached, output_len, constraint), "compile_s": compile_s}
+
+
 def add_parser(commands, add_engine_args) -> None:
     parser = commands.add_parser("throughput", help="offline throughput on a random token-id workload")
     parser.add_argument("--dataset", default="random", choices=["random"])
@@ -72,6 +92,8 @@ def add_parser(commands, add_engine_args) -> None:
     parser.add_argument("--baseline", choices=["hf", "vllm"], default=None,
                         help="also run Hugging Face transformers (hf) or vLLM on the same workload, and report the ratio")
     parser.add_argument("--baseline-python", default=None, help="with --baseline vllm: the python of a venv with vLLM")
+    parser.add_argument("--json-schema", action="store_true",
+                        help="also run the workload with every request under a JSON schema, and report the ratio")
     parser.add_argument("--output-json", default=None, help="also write the results to this file")
     add_engine_args(parser)   # its --seed seeds the workload too, as in vLLM's benchmarks
 
@@ -96,6 +118,9 @@ def add_parser(commands, add_engine_args) -> None:
         result = {"workload": {k: getattr(args, k) for k in (
             "dataset", "num_prompts", "input_len", "output_len", "shared_prefix_len", "seed")},
             **run(llm, model_path, prompts, args.output_len)}
+        if args.json_schema:
+            result["json_schema"] = constrained_run(llm, model_path, prompts, args.output_len)
+            result["json_schema_ratio"] = round(result["json_schema"]["output_tok_s"] / result["output_tok_s"], 2)
         engine = llm.llm_engine
         dtype = engine.runner.dtype
         if args.baseline == "hf":
