@@ -31,10 +31,11 @@ for layout in layouts:
                           bytes=engine.runner.built.weight_bytes, in_flight=max(in_flight))))
 """
 
-# Seeded parallel sampling with logprobs and prompt logprobs, beam search and penalties, for each layout.
+# Seeded parallel sampling with logprobs and prompt logprobs, beam search, penalties and a regex constraint, for
+# each layout.
 FEATURES = """
 import json, sys
-from kvserve import LLM, BeamSearchParams, SamplingParams
+from kvserve import LLM, BeamSearchParams, SamplingParams, StructuredOutputsParams
 path, layouts, options = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 prompts = [[5, 17, 42, 99, 3] * 6, list(range(100, 140))]
 for layout in layouts:
@@ -44,13 +45,16 @@ for layout in layouts:
     beams = llm.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True))
     penalized = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
                                                      repetition_penalty=1.2), use_tqdm=False)
+    constrained = llm.generate(prompts, SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=16,
+        structured_outputs=StructuredOutputsParams(regex="[a-e]{3,9}!")), use_tqdm=False)
     print(json.dumps(dict(sampled=[[c.token_ids for c in o.outputs] for o in sampled],
                           logprobs=[e[t].logprob for o in sampled for c in o.outputs
                                     for t, e in zip(c.token_ids, c.logprobs)],
                           prompt_logprobs=[next(iter(e.values())).logprob for o in sampled
                                            for e in o.prompt_logprobs[1:]],
                           beams=[[s.tokens for s in o.sequences] for o in beams],
-                          penalized=[o.outputs[0].token_ids for o in penalized])))
+                          penalized=[o.outputs[0].token_ids for o in penalized],
+                          constrained=[c.text for o in constrained for c in o.outputs])))
 """
 
 # Rank 1 killed half a second into a long generation: how that generation, and the next, end.

@@ -173,7 +173,8 @@ def test_ray_actors_give_the_tokens_of_processes(tiny_model):
 
 
 def test_split_ranks_serve_every_sampling_feature_alike(tiny_model):
-    """Seeded parallel sampling with logprobs and prompt logprobs, beam search, penalties, n-gram speculation."""
+    """Seeded parallel sampling with logprobs and prompt logprobs, beam search, penalties, a constraint, n-gram
+    speculation."""
     # The last, in the process the split one ran in, with layers of its own again.
     layouts = [dict(tensor_parallel_size=1), dict(tensor_parallel_size=2), dict(tensor_parallel_size=1)]
     one, two, again = run_layouts(FEATURES, tiny_model("llama-tied-gqa"), layouts,
@@ -182,6 +183,7 @@ def test_split_ranks_serve_every_sampling_feature_alike(tiny_model):
     for name in ("logprobs", "prompt_logprobs"):   # summed over ranks in another order: equal to float32's rounding
         assert two.pop(name) == pytest.approx(one.pop(name), abs=1e-4)
     assert two == one
+    assert all(re.fullmatch("[a-e]{3,9}!", text) for text in one["constrained"]), one["constrained"]
 
 
 @pytest.mark.parametrize("name", ["model.embed_tokens.weight", "lm_head.weight"])
