@@ -174,6 +174,7 @@ class StructuredOutputsConfig:
     backend: str = "auto"               # auto: xgrammar, or llguidance where xgrammar cannot compile a constraint
     max_bytes: int = 64 * 1024          # the largest constraint (schema, regex, grammar text) a request may send
     compile_timeout: float = 10.0       # seconds a request may wait for its constraint to compile
+    reasoning_parser: str | None = None  # constraints start after the reasoning this parser finds (deepseek_r1, ...)
 
     def __post_init__(self):
         if self.backend not in STRUCTURED_OUTPUTS_BACKENDS:
@@ -234,7 +235,8 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
                         enable_expert_parallel: bool = False,
                         distributed_executor_backend: str = "mp", structured_outputs_backend: str = "auto",
                         structured_outputs_max_bytes: int = 64 * 1024,
-                        structured_outputs_compile_timeout: float = 10.0) -> EngineConfig:
+                        structured_outputs_compile_timeout: float = 10.0,
+                        reasoning_parser: str | None = None) -> EngineConfig:
     """An EngineConfig from the flat keyword arguments that ``LLM(...)`` and the command line take (vLLM's names)."""
     return EngineConfig(
         model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template, load_format,
@@ -247,5 +249,5 @@ def build_engine_config(model: str | None = None, *, tokenizer: str | None = Non
         device=DeviceConfig(device, enforce_eager),
         speculative_config=speculative_config,
         structured_outputs=StructuredOutputsConfig(structured_outputs_backend, structured_outputs_max_bytes,
-                                                   structured_outputs_compile_timeout),
+                                                   structured_outputs_compile_timeout, reasoning_parser),
     )

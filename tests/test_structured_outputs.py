@@ -98,7 +98,7 @@ def test_unconstrained_requests_keep_their_greedy_tokens_beside_constrained_ones
     assert [o.outputs[0].token_ids for o in mixed[:2]] == alone
 
 
-def test_greedy_constrained_outputs_survive_preemption_and_speculation(llm, smollm2_path):
+def test_constrained_outputs_survive_preemption_and_speculation(llm, smollm2_path):
     digits = constrained(json={"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
                                "minItems": 24, "maxItems": 24})
     params = [SamplingParams(temperature=0, max_tokens=80, **kind) for kind in CONSTRAINTS + [digits] * 2]
@@ -109,8 +109,14 @@ def test_greedy_constrained_outputs_survive_preemption_and_speculation(llm, smol
                    num_gpu_blocks_override=10, speculative_config={"method": "ngram", "num_speculative_tokens": 3})
     outputs = stressed.chat(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected
-    assert stressed.llm_engine.scheduler.num_preemptions > 0
+    engine = stressed.llm_engine
+    assert engine.scheduler.num_preemptions > 0 and engine.spec_accepted_tokens > 0
     assert json.loads(outputs[-1].outputs[0].text) and outputs[-1].outputs[0].finish_reason == "stop"
+    sampled = [SamplingParams(temperature=1.0, seed=seed, max_tokens=80, **kind) for kind in CONSTRAINTS
+               for seed in SEEDS[:2]]
+    outputs = stressed.chat([prompts[i // 2] for i in range(len(sampled))], sampled, use_tqdm=False)
+    for p, output in zip(sampled, outputs):
+        assert holds(p, output.outputs[0].text), (p.structured_outputs, output.outputs[0].text)
 
 
 @pytest.mark.parametrize("kind, message", [

@@ -127,7 +127,7 @@ class LLMEngine:
         for seq in seqs:
             self.runner.add(seq, bad_words)
             if params.structured_outputs is not None:
-                self.grammars.add(seq.seq_id, params.structured_outputs)
+                self.grammars.add(seq.seq_id, params.structured_outputs, ids)
         # The first sequence computes the prompt once; the others fork from it when it samples its first token.
         seqs[0].pending_forks = seqs[1:]
         self.scheduler.add(seqs[0])
@@ -164,6 +164,7 @@ class LLMEngine:
         """
         if self.proposer is not None:
             self.proposer.propose(self.scheduler.running)
+            self.grammars.trim_proposals(self.scheduler.running)
         depth = self.config.parallel.pipeline_parallel_size
         batch = self.scheduler.schedule(depth - len(self.in_flight))
         if batch.seqs:

@@ -162,7 +162,8 @@ class ModelRunner:
             verifiers = [seqs[i] for i in speculating]
             row_seqs = [seq for seq in verifiers for _ in range(len(seq.proposal) + 1)]
             verified_logits = logits[len(hidden_rows) - len(verified_rows):]
-            kept, out.accepted, kept_rows = verify(verifiers, verified_logits, self.sampler.sampling_batch(row_seqs),
+            masked = self.sampler.mask_grammar(verified_logits, row_seqs, batch.grammar)
+            kept, out.accepted, kept_rows = verify(verifiers, masked, self.sampler.sampling_batch(row_seqs),
                                                    self.ops.argmax)
             out.sampled += kept
             if any(seq.params.logprobs is not None for seq in verifiers):

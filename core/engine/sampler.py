@@ -3,6 +3,8 @@
 top-k/top-p/min-p and sampling. Keeps each sequence's generator and bad words."""
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from kvserve.core.engine.logprobs import TokenLogprobs
@@ -74,12 +76,23 @@ class Sampler:
             penalties = [self._tensor([getattr(p, name) for p in params], torch.float32)
                          for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")]
             logits[index] = apply_penalties(logits[index], prompt_ids, output_ids, *penalties)
-        constrained = [] if grammar is None else [row for row, s in enumerate(seqs) if s.seq_id in grammar.rows]
-        if constrained:
-            bits = grammar.bits[[grammar.rows[seqs[row].seq_id] for row in constrained]].to(self.device)
-            index = self._tensor(constrained)
-            logits[index] = apply_token_bitmask(logits[index], bits)
-        return logits
+        return self.mask_grammar(logits, seqs, grammar)
+
+    def mask_grammar(self, logits: torch.Tensor, row_seqs: list[Sequence], grammar: GrammarBitmask | None
+                     ) -> torch.Tensor:
+        """``logits`` with -inf where a constrained row's grammar forbids a token; ``row_seqs``: each row's
+        sequence, a verifying one's once per position, in order. A new tensor where any row is constrained."""
+        rows, bit_rows, positions = [], [], Counter()
+        for row, seq in enumerate(row_seqs):
+            if grammar is not None and seq.seq_id in grammar.rows:
+                rows.append(row)
+                bit_rows.append(grammar.rows[seq.seq_id] + positions[seq.seq_id])
+                positions[seq.seq_id] += 1
+        if not rows:
+            return logits
+        index, masked = self._tensor(rows), logits.clone()
+        masked[index] = apply_token_bitmask(logits[index], grammar.bits[bit_rows].to(self.device))
+        return masked
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         params = [s.params for s in seqs]

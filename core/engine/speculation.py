@@ -142,11 +142,11 @@ def verify(seqs: list[Sequence], logits: torch.Tensor, batch: SamplingBatch,
 
 def speculates(seq: Sequence) -> bool:
     """Whether ``seq`` may take proposals this step: a sampled sequence about to decode, not opted out, whose
-    logits go to sampling as they are (no penalties, biases, bans, grammar, or stop tokens still masked)."""
+    logits go to sampling as they are (no penalties, biases, bans, or stop tokens still masked; a grammar's mask
+    is applied to each position it verifies)."""
     params = seq.params
     return (seq.num_uncomputed_tokens == 1 and seq.beam is None and params.speculate and not params.uses_penalties
-            and not params.logit_bias and not params.bad_words and params.structured_outputs is None
-            and seq.num_output_tokens >= params.min_tokens)
+            and not params.logit_bias and not params.bad_words and seq.num_output_tokens >= params.min_tokens)
 
 
 class Proposer:
@@ -171,6 +171,8 @@ class Proposer:
                 seq.proposal = index.propose(seq.token_ids, room)
             elif config.method == "medusa":
                 seq.proposal = seq.head_proposal[:room]
+            elif seq.params.structured_outputs is not None:   # its grammar's masks are made before any drafting
+                seq.proposal = []
             elif config.method == "draft_model" or seq.num_tokens > 1:   # EAGLE's needs a hidden state before
                 seq.proposal = [UNDRAFTED] * room
             else:

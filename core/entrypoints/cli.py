@@ -63,6 +63,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="the largest schema, regex or grammar a request may send, in bytes")
     parser.add_argument("--structured-outputs-compile-timeout", type=float, default=10.0,
                         help="seconds a request may wait for its constraint to compile before it is refused")
+    parser.add_argument("--reasoning-parser", default=None,
+                        help="the model's reasoning format (deepseek_r1, qwen3, or a plugin's): constraints start "
+                             "after the reasoning, and the server moves it into reasoning_content")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +84,7 @@ ENGINE_OPTIONS = ("tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_nu
                   "calculate_kv_scales", "speculative_config", "tensor_parallel_size",
                   "pipeline_parallel_size", "data_parallel_size", "enable_expert_parallel",
                   "distributed_executor_backend", "structured_outputs_backend", "structured_outputs_max_bytes",
-                  "structured_outputs_compile_timeout")
+                  "structured_outputs_compile_timeout", "reasoning_parser")
 
 
 def json_object(text: str) -> dict:
@@ -215,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
                        help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser")
     serve.add_argument("--tool-call-parser", default=None,
                        help="how the model writes tool calls: hermes, llama3_json, mistral, pythonic, or a plugin's")
-    serve.add_argument("--reasoning-parser", default=None,
-                       help="move the model's reasoning into reasoning_content: deepseek_r1, qwen3, or a plugin's")
     add_engine_args(serve)
     commands.add_parser("plugins", help="list discovered plugins and the platform that would be used")
     conformance = commands.add_parser("conformance", help="check a platform plugin against kvserve's references")

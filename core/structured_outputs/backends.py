@@ -27,6 +27,12 @@ class Matcher(Protocol):
     def is_terminated(self) -> bool:
         """Whether the output is complete (a stop token was accepted after a whole match)."""
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of ``tokens``, from the first, the grammar allows next (the matcher does not move)."""
+
+    def rollback(self, count: int) -> None:
+        """Undo the last ``count`` accepted tokens."""
+
 
 class Backend(Protocol):
     name: str
@@ -86,6 +92,17 @@ class XgrammarMatcher:
     def is_terminated(self) -> bool:
         return self.inner.is_terminated()
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        count = 0
+        while count < len(tokens) and self.inner.accept_token(tokens[count]):
+            count += 1
+        self.rollback(count)
+        return count
+
+    def rollback(self, count: int) -> None:
+        if count:
+            self.inner.rollback(count)
+
 
 class GuidanceBackend:
     name = "guidance"
@@ -135,6 +152,13 @@ class GuidanceMatcher:
 
     def is_terminated(self) -> bool:
         return self.inner.is_stopped()
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        return self.inner.validate_tokens(tokens)
+
+    def rollback(self, count: int) -> None:
+        if count:
+            self.inner.rollback(count)
 
 
 def _first_line(exc: Exception) -> str:

@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,10 +15,12 @@ import torch
 from kvserve.core.log import logger
 from kvserve.core.structured_outputs.backends import Backend, GuidanceBackend, Matcher, XgrammarBackend
 from kvserve.core.structured_outputs.params import StructuredOutputsParams
+from kvserve.core.structured_outputs.reasoning import CONSTRAINED, DECIDING, THINKING, ReasoningGate
 
 if TYPE_CHECKING:
     from kvserve.core.config import StructuredOutputsConfig
     from kvserve.core.engine.scheduler import ScheduledBatch
+    from kvserve.core.engine.sequence import Sequence
 
 BACKEND_CLASSES = {"xgrammar": XgrammarBackend, "guidance": GuidanceBackend}
 CACHED_GRAMMARS = 256
@@ -25,10 +28,17 @@ CACHED_GRAMMARS = 256
 
 @dataclass
 class GrammarBitmask:
-    """The tokens each constrained sequence of a step may sample: ``bits[rows[seq_id]]``, packed 32 to a word."""
+    """The tokens each constrained sequence of a step may sample, packed 32 to a word: ``bits[rows[seq_id] + i]``
+    at the i-th position the step samples or verifies for it (after i of its proposed tokens)."""
 
     rows: dict[int, int]
-    bits: torch.Tensor      # [len(rows), ceil(vocab / 32)] int32, on the CPU
+    bits: torch.Tensor      # [positions, ceil(vocab / 32)] int32, on the CPU
+
+
+def allow_token(row: torch.Tensor, token: int) -> None:
+    """Set ``token``'s bit in a bitmask row of int32 words (bit 31 is the sign bit)."""
+    bit = 1 << (token % 32)
+    row[token // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit
 
 
 class StructuredOutputManager:
@@ -40,6 +50,8 @@ class StructuredOutputManager:
         self.compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()   # (kind, spec) -> its compilation
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvserve-grammar")
         self.matchers: dict[int, Matcher] = {}   # seq_id -> its matcher
+        self.gate = ReasoningGate.for_parser(config.reasoning_parser, tokenizer)
+        self.phases: dict[int, str] = {}         # seq_id -> where it is in its reasoning, with a gate
 
     def compile(self, params: StructuredOutputsParams) -> tuple[Backend, Any]:
         """(backend, compiled constraint), compiled once per distinct constraint on a worker thread; a ValueError
@@ -63,31 +75,60 @@ class StructuredOutputManager:
                              f"{self.config.compile_timeout} s (structured_outputs_compile_timeout); simplify the "
                              "constraint") from None
 
-    def add(self, seq_id: int, params: StructuredOutputsParams) -> None:
+    def add(self, seq_id: int, params: StructuredOutputsParams, prompt_ids: list[int]) -> None:
         backend, compiled = self.compile(params)
         self.matchers[seq_id] = backend.matcher(compiled)
+        self.phases[seq_id] = CONSTRAINED if self.gate is None else self.gate.initial(prompt_ids)
 
     def release(self, seq_id: int) -> None:
         self.matchers.pop(seq_id, None)
+        self.phases.pop(seq_id, None)
+
+    def trim_proposals(self, seqs: list[Sequence]) -> None:
+        """Cut each constrained sequence's proposal before its first token the grammar forbids (a thinking one's
+        before the end of its reasoning)."""
+        for seq in seqs:
+            if seq.proposal and seq.seq_id in self.matchers:
+                if self.phases[seq.seq_id] == CONSTRAINED:
+                    seq.proposal = seq.proposal[:self.matchers[seq.seq_id].valid_prefix(seq.proposal)]
+                else:
+                    seq.proposal = self.gate.thinking_part(seq.proposal)
 
     def bitmask(self, batch: ScheduledBatch) -> GrammarBitmask | None:
-        """The allowed tokens of the constrained sequences that sample this step, and of their pending forks."""
+        """The allowed tokens of the constrained sequences that sample this step (at each position of a
+        proposal they verify), and of their pending forks."""
         if not self.matchers:
             return None
         sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n >= s.num_tokens]
-        seqs = [s for s in sampling + [c for s in sampling for c in s.pending_forks] if s.seq_id in self.matchers]
+        seqs = [s for s in sampling + [c for s in sampling for c in s.pending_forks]
+                if s.seq_id in self.matchers and self.phases[s.seq_id] != THINKING]
         if not seqs:
             return None
-        bits = torch.full((len(seqs), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
-        for row, seq in enumerate(seqs):
-            self.matchers[seq.seq_id].fill(bits, row)
-        return GrammarBitmask({seq.seq_id: row for row, seq in enumerate(seqs)}, bits)
+        starts = list(accumulate((len(s.proposal) + 1 for s in seqs), initial=0))
+        bits = torch.full((starts[-1], (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        for seq, start in zip(seqs, starts):
+            matcher = self.matchers[seq.seq_id]
+            for i, token in enumerate(seq.proposal + [None]):
+                if not matcher.is_terminated():   # after a proposed stop token: a position the output ends before
+                    matcher.fill(bits, start + i)
+                if token is not None:
+                    matcher.accept(token)
+            matcher.rollback(len(seq.proposal))
+            if self.phases[seq.seq_id] == DECIDING:   # the first token may open the reasoning instead
+                allow_token(bits[start], self.gate.start_id)
+        return GrammarBitmask({seq.seq_id: start for seq, start in zip(seqs, starts)}, bits)
 
     def accept(self, seq_id: int, token: int) -> bool:
-        """Advance the sequence's matcher by its new token; whether its output is now complete."""
+        """Advance the sequence's matcher by its new token (in its reasoning, its phase); whether its output is
+        now complete."""
         matcher = self.matchers.get(seq_id)
         if matcher is None:
             return False
+        phase = self.phases[seq_id]
+        if phase != CONSTRAINED:
+            self.phases[seq_id] = self.gate.after(phase, token)
+            if phase == THINKING or self.phases[seq_id] == THINKING:
+                return False
         if not matcher.accept(token):
             logger.error("sequence %d sampled token %d, which its grammar does not allow; ending it", seq_id, token)
             return True

@@ -9,10 +9,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from kvserve.core.entrypoints.openai.reasoning_parsers import ReasoningParser
-from kvserve.core.entrypoints.openai.tool_parsers import FunctionCall, StreamDelta, ToolCallStream, ToolParser
+from kvserve.core.entrypoints.openai.reasoning_parsers import ReasoningParser, get_reasoning_parser
+from kvserve.core.entrypoints.openai.tool_parsers import (FunctionCall, StreamDelta, ToolCallStream, ToolParser,
+                                                          get_tool_parser, tool_parser_names)
 from kvserve.core.entrypoints.openai.tool_parsers.mistral import MistralStream
 from kvserve.core.structured_outputs.params import StructuredOutputsParams, parse_json_schema
+from kvserve.plugins.manager import PluginManager
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 TOOL_KEYS, FUNCTION_KEYS = {"type", "function"}, {"name", "description", "parameters", "strict"}
@@ -32,10 +34,6 @@ class ReplyParsers:
 def reply_parsers(enable_auto_tool_choice: bool, tool_call_parser: str | None,
                   reasoning_parser: str | None) -> ReplyParsers:
     """The server's parsers by their names (plugins' too); a ValueError naming the options if they do not fit."""
-    from kvserve.core.entrypoints.openai.reasoning_parsers import get_reasoning_parser
-    from kvserve.core.entrypoints.openai.tool_parsers import get_tool_parser, tool_parser_names
-    from kvserve.plugins.manager import PluginManager
-
     plugins = PluginManager()
     if enable_auto_tool_choice != (tool_call_parser is not None):
         raise ValueError("--enable-auto-tool-choice and --tool-call-parser NAME go together (NAME: "
