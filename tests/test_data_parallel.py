@@ -19,10 +19,11 @@ from server_utils import (kill_mid_stream, metrics, openai_client, start_server,
 from kvserve import LLM, SamplingParams
 from kvserve.core.engine.llm_engine import FAULT_TOKEN_ENV
 
-# Each layout in one process, for a model: the tokens, and how many requests each replica was sent.
+# Each layout in one process, for a model: the tokens (free, then under a regex that each replica compiles while
+# its other requests run), and how many requests each replica was sent.
 RUN = """
 import json, sys
-from kvserve import LLM, SamplingParams
+from kvserve import LLM, SamplingParams, StructuredOutputsParams
 path, layouts = sys.argv[1], json.loads(sys.argv[2])
 prompts = [[5, 17, 42, 99, 3] * 6, [7, 8, 9] * 9 + [11], list(range(20, 44)) * 2, list(range(100, 140)),
            [11, 12] * 10, list(range(200, 260)), [3] * 17, list(range(300, 320))]
@@ -31,7 +32,12 @@ for layout in layouts:
     llm = LLM(path, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=4, **layout)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     router = getattr(llm.llm_engine, "router", None)
-    print(json.dumps(dict(tokens=[o.outputs[0].token_ids for o in outputs], served=router and router.served)))
+    served = router and list(router.served)
+    regex = StructuredOutputsParams(regex="[a-e]{3,9}!")
+    constrained = llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=16, structured_outputs=regex),
+                               use_tqdm=False)
+    print(json.dumps(dict(tokens=[o.outputs[0].token_ids for o in outputs], served=served,
+                          constrained=[o.outputs[0].text for o in constrained])))
 """
 
 
@@ -51,8 +57,9 @@ def outcomes(script: str, *args: str) -> list[dict]:
     ("qwen2", [dict(data_parallel_size=2)])])
 def test_replicas_give_the_tokens_of_one_engine(tiny_model, arch, layouts):
     one, *replicated = outcomes(RUN, tiny_model(arch), json.dumps([{}, *layouts]))
+    assert all(re.fullmatch("[a-e]{3,9}!", text) for text in one["constrained"]), one["constrained"]
     for layout, outcome in zip(layouts, replicated):
-        assert outcome["tokens"] == one["tokens"], layout
+        assert outcome["tokens"] == one["tokens"] and outcome["constrained"] == one["constrained"], layout
         assert outcome["served"] == [4, 4], layout   # 8 requests at once: each replica serves half
 
 

@@ -43,7 +43,9 @@ def allowed(manager: StructuredOutputManager, seq: Sequence) -> set[int] | None:
 def started(manager: StructuredOutputManager, prompt: list[int]) -> Sequence:
     seq = Sequence("r", prompt, SamplingParams(), 512, [2])
     seq.num_computed_tokens = len(prompt) - 1
-    manager.add(seq.seq_id, StructuredOutputsParams(regex=REGEX), prompt)
+    params = StructuredOutputsParams(regex=REGEX)
+    manager.compile(params)
+    manager.add(seq.seq_id, params, prompt)
     return seq
 
 

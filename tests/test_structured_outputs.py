@@ -11,6 +11,7 @@ import torch
 
 from kvserve import LLM, SamplingParams, StructuredOutputsParams
 from kvserve.core.config import StructuredOutputsConfig
+from kvserve.core.engine.llm_engine import EngineStepError
 from kvserve.core.layers.logits_processors import apply_token_bitmask
 from kvserve.core.structured_outputs.manager import StructuredOutputManager
 
@@ -174,3 +175,35 @@ def test_each_backend_masks_the_logits_as_its_library_does(llm, backend):
     assert torch.equal(apply_token_bitmask(logits, bits), expected)
     allowed = torch.isfinite(expected[0]).nonzero().flatten().tolist()
     assert tokenizer.decode(allowed[:1]).startswith("{") and len(allowed) < vocab
+
+
+def test_a_request_waits_for_its_grammar_while_the_others_run(tiny_model):
+    # A new engine's first compile builds the backend's vocabulary tables too: long enough to watch the wait.
+    engine = LLM(tiny_model("llama-tied-gqa"), dtype="float32", kv_cache_memory="16MiB").llm_engine
+    free = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    engine.add_request("free", [5, 6, 7], free, prompt_token_ids=[5, 6, 7])
+    constrained_params = SamplingParams(temperature=1.0, seed=1, max_tokens=16, **constrained(regex="[a-e]{3,9}!"))
+    engine.add_request("constrained", [8, 9], constrained_params, prompt_token_ids=[8, 9])   # not validated
+    assert "constrained" in engine.grammars.held
+    tokens_while_held, finished = 0, {}
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        if "constrained" in engine.grammars.held:
+            tokens_while_held = sum(len(o.outputs[0].token_ids) for o in outputs if o.request_id == "free")
+        finished.update((o.request_id, o.outputs[0]) for o in outputs if o.finished)
+    assert tokens_while_held > 0
+    assert re.fullmatch("[a-e]{3,9}!", finished["constrained"].text) and len(finished["free"].token_ids) == 40
+
+
+def test_a_held_request_whose_grammar_is_too_slow_fails_alone(tiny_model):
+    engine = LLM(tiny_model("llama-tied-gqa"), dtype="float32", kv_cache_memory="16MiB",
+                 structured_outputs_compile_timeout=1e-4).llm_engine
+    engine.add_request("free", [5, 6, 7], SamplingParams(temperature=0, max_tokens=8), prompt_token_ids=[5, 6, 7])
+    engine.add_request("slow", [8, 9], SamplingParams(**constrained(regex="[a-e]+")), prompt_token_ids=[8, 9])
+    with pytest.raises(EngineStepError, match=r"\['slow'\].*structured_outputs_compile_timeout"):
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert "slow" not in engine.requests and not engine.grammars.held
+    while engine.has_unfinished_requests():
+        finished = [o for o in engine.step() if o.finished]
+    assert finished[0].request_id == "free" and len(finished[0].outputs[0].token_ids) == 8

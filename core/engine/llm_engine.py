@@ -115,6 +115,8 @@ class LLMEngine:
             return
         seqs = [Sequence(request_id, ids, child, self.max_model_len, self.eos_token_ids)
                 for child in self._child_params(params)]
+        constraint = params.structured_outputs
+        held = constraint is not None and not self.grammars.hold(request_id, seqs, constraint, ids)
         detokenizers = {s.seq_id: IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                         for s in seqs}
         wants = params.logprobs is not None
@@ -126,11 +128,10 @@ class LLMEngine:
         bad_words = self.inputs.bad_words_token_ids(params)
         for seq in seqs:
             self.runner.add(seq, bad_words)
-            if params.structured_outputs is not None:
-                self.grammars.add(seq.seq_id, params.structured_outputs, ids)
         # The first sequence computes the prompt once; the others fork from it when it samples its first token.
         seqs[0].pending_forks = seqs[1:]
-        self.scheduler.add(seqs[0])
+        if not held:   # else it joins once its constraint has compiled
+            self.scheduler.add(seqs[0])
 
     @staticmethod
     def _child_params(params: SamplingParams) -> list[SamplingParams]:
@@ -149,7 +150,7 @@ class LLMEngine:
         self._forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.grammars.held)
 
     @property
     def failure(self) -> Exception | None:
@@ -162,6 +163,8 @@ class LLMEngine:
         If the model step fails, the requests in it are aborted (their blocks freed) and
         EngineStepError names them; the engine itself stays usable.
         """
+        if self.grammars.held:
+            self._admit_compiled()
         if self.proposer is not None:
             self.proposer.propose(self.scheduler.running)
             self.grammars.trim_proposals(self.scheduler.running)
@@ -175,6 +178,19 @@ class LLMEngine:
             return []
         batch = self.in_flight.popleft()
         return self._finish(batch, self.runner.collect())
+
+    def _admit_compiled(self) -> None:
+        """Schedule the requests whose constraints have compiled (waiting a moment when nothing else runs); fail
+        those whose constraints could not be compiled."""
+        if not self.scheduler.has_unfinished():
+            self.grammars.wait_for_held(0.05)
+        ready, failed = self.grammars.take_compiled()
+        for seq in ready:
+            self.scheduler.add(seq)
+        for request_id in failed:
+            self.abort_request(request_id)
+        if failed:
+            raise EngineStepError(list(failed), next(iter(failed.values())))
 
     def _submit(self, batch) -> None:
         try:
@@ -262,7 +278,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         for seq in request.seqs if request else []:
             self.runner.release(seq)
-            self.grammars.release(seq.seq_id)
+            self.grammars.release(request_id, seq.seq_id)
             if self.proposer is not None:
                 self.proposer.release(seq)
 

@@ -4,8 +4,9 @@ take."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, TimeoutError, wait
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,7 @@ class StructuredOutputManager:
         self.matchers: dict[int, Matcher] = {}   # seq_id -> its matcher
         self.gate = ReasoningGate.for_parser(config.reasoning_parser, tokenizer)
         self.phases: dict[int, str] = {}         # seq_id -> where it is in its reasoning, with a gate
+        self.held: dict[str, tuple] = {}         # request_id -> (compilation, since, sequences, params, prompt)
 
     def compile(self, params: StructuredOutputsParams) -> tuple[Backend, Any]:
         """(backend, compiled constraint), compiled once per distinct constraint on a worker thread; a ValueError
@@ -60,7 +62,13 @@ class StructuredOutputManager:
         if len(spec.encode()) > limit:
             raise ValueError(f"structured_outputs.{params.kind} is {len(spec.encode())} bytes, over the limit of "
                              f"{limit} (structured_outputs_max_bytes)")
-        key = (params.kind, spec)
+        try:
+            return self._compilation(params).result(timeout=self.config.compile_timeout)
+        except TimeoutError:
+            raise self._too_slow(params) from None
+
+    def _compilation(self, params: StructuredOutputsParams) -> Future:
+        key = (params.kind, params.spec)
         with self.lock:
             future = self.compiled.get(key)
             if future is None:
@@ -68,19 +76,52 @@ class StructuredOutputManager:
                 while len(self.compiled) > CACHED_GRAMMARS:
                     self.compiled.popitem(last=False)
             self.compiled.move_to_end(key)
-        try:
-            return future.result(timeout=self.config.compile_timeout)
-        except TimeoutError:
-            raise ValueError(f"compiling structured_outputs.{params.kind} took longer than "
-                             f"{self.config.compile_timeout} s (structured_outputs_compile_timeout); simplify the "
-                             "constraint") from None
+        return future
+
+    def _too_slow(self, params: StructuredOutputsParams) -> ValueError:
+        return ValueError(f"compiling structured_outputs.{params.kind} took longer than {self.config.compile_timeout} "
+                          "s (structured_outputs_compile_timeout); simplify the constraint")
+
+    def hold(self, request_id: str, seqs: list[Sequence], params: StructuredOutputsParams,
+             prompt_ids: list[int]) -> bool:
+        """Give a request's sequences their matchers (True), or keep them while its constraint compiles (False)
+        until ``take_compiled`` hands them back: the engine runs its other requests meanwhile."""
+        future = self._compilation(params)
+        if not future.done():
+            self.held[request_id] = (future, time.monotonic(), seqs, params, prompt_ids)
+            return False
+        for seq in seqs:
+            self.add(seq.seq_id, params, prompt_ids)
+        return True
+
+    def take_compiled(self) -> tuple[list[Sequence], dict[str, Exception]]:
+        """The first sequences of the held requests whose constraints are compiled now, with their matchers, and
+        the held requests whose constraints failed to compile or took too long, with why."""
+        ready, failed = [], {}
+        for request_id, (future, since, seqs, params, prompt_ids) in list(self.held.items()):
+            if future.done() or time.monotonic() - since > self.config.compile_timeout:
+                del self.held[request_id]
+                try:
+                    for seq in seqs:
+                        self.add(seq.seq_id, params, prompt_ids)
+                    ready.append(seqs[0])
+                except ValueError as exc:
+                    failed[request_id] = exc
+        return ready, failed
+
+    def wait_for_held(self, timeout: float) -> None:
+        wait([entry[0] for entry in self.held.values()], timeout, return_when=FIRST_COMPLETED)
 
     def add(self, seq_id: int, params: StructuredOutputsParams, prompt_ids: list[int]) -> None:
-        backend, compiled = self.compile(params)
+        future = self._compilation(params)
+        if not future.done():
+            raise self._too_slow(params)
+        backend, compiled = future.result()
         self.matchers[seq_id] = backend.matcher(compiled)
         self.phases[seq_id] = CONSTRAINED if self.gate is None else self.gate.initial(prompt_ids)
 
-    def release(self, seq_id: int) -> None:
+    def release(self, request_id: str, seq_id: int) -> None:
+        self.held.pop(request_id, None)
         self.matchers.pop(seq_id, None)
         self.phases.pop(seq_id, None)
 
