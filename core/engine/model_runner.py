@@ -119,25 +119,9 @@ class ModelRunner:
         stage before the last returns the (hidden, residual) it hands on, one after the first starts from
         the ``intermediate`` one it was handed."""
         seqs, counts = batch.seqs, batch.num_new_tokens
-        for source, destination, pairs in ((self.kv_cache, self.host_kv_cache, batch.swap_outs),
-                                           (self.kv_cache, self.kv_cache, batch.block_copies),
-                                           (self.host_kv_cache, self.kv_cache, batch.swap_ins)):
-            if pairs:
-                self.backend.copy_blocks(source, destination, pairs)
-        eagle = self.drafter if isinstance(self.drafter, EagleDrafter) else None
-        if eagle is not None:
-            eagle.copy_blocks(batch)
-        if self.drafter is not None:
-            self.drafter.propose([s for s in seqs if s.proposal])
-        metadata = self.backend.build_metadata(step_layout(batch))
-        token_ids = [t for s, n in zip(seqs, counts) for t in s.next_tokens(n)]
-        input_ids = self._tensor(token_ids)
-        hidden = self.built.forward(input_ids, metadata, intermediate)
+        hidden = self._forward(batch, intermediate)
         if not pipeline_stage().is_last:
             return hidden
-        if eagle is not None:
-            eagle.keep_features(hidden, metadata)
-
         starts = list(accumulate(counts, initial=0))
         done = [i for i, (s, n) in enumerate(zip(seqs, counts))
                 if s.num_computed_tokens + n == s.num_tokens + len(s.proposal)]
@@ -159,15 +143,8 @@ class ModelRunner:
             self._choose(samplers, logits[:len(rows)], batch.grammar, out)
         kept, kept_rows = [], []   # the tokens verifying sequences keep, and the verified rows that chose them
         if verified_rows:
-            verifiers = [seqs[i] for i in speculating]
-            row_seqs = [seq for seq in verifiers for _ in range(len(seq.proposal) + 1)]
-            verified_logits = logits[len(hidden_rows) - len(verified_rows):]
-            masked = self.sampler.mask_grammar(verified_logits, row_seqs, batch.grammar)
-            kept, out.accepted, kept_rows = verify(verifiers, masked, self.sampler.sampling_batch(row_seqs),
-                                                   self.ops.argmax)
-            out.sampled += kept
-            if any(seq.params.logprobs is not None for seq in verifiers):
-                out.logprobs.update(kept_token_logprobs(verified_logits, kept, kept_rows))
+            kept, kept_rows = self._verify([seqs[i] for i in speculating],
+                                           logits[len(hidden_rows) - len(verified_rows):], batch.grammar, out)
         if self.medusa is not None:
             # The hidden state each sequence's newest token came from: a sampled row, or a verified one.
             sources = {seq: row for seq, row in zip(samplers, hidden_rows) if seq.beam is None}
@@ -176,6 +153,38 @@ class ModelRunner:
             for seq, tokens in zip(sources, proposals):
                 seq.head_proposal = tokens
         return out
+
+    def _forward(self, batch: ScheduledBatch, intermediate: tuple) -> torch.Tensor | tuple:
+        """The step's block copies, a drafter's proposals, and the model's forward pass over the step's tokens."""
+        for source, destination, pairs in ((self.kv_cache, self.host_kv_cache, batch.swap_outs),
+                                           (self.kv_cache, self.kv_cache, batch.block_copies),
+                                           (self.host_kv_cache, self.kv_cache, batch.swap_ins)):
+            if pairs:
+                self.backend.copy_blocks(source, destination, pairs)
+        eagle = self.drafter if isinstance(self.drafter, EagleDrafter) else None
+        if eagle is not None:
+            eagle.copy_blocks(batch)
+        if self.drafter is not None:
+            self.drafter.propose([s for s in batch.seqs if s.proposal])
+        metadata = self.backend.build_metadata(step_layout(batch))
+        token_ids = [t for s, n in zip(batch.seqs, batch.num_new_tokens) for t in s.next_tokens(n)]
+        hidden = self.built.forward(self._tensor(token_ids), metadata, intermediate)
+        if eagle is not None and pipeline_stage().is_last:
+            eagle.keep_features(hidden, metadata)
+        return hidden
+
+    def _verify(self, verifiers: list[Sequence], logits: torch.Tensor, grammar: GrammarBitmask | None,
+                out: StepOutput) -> tuple[list[tuple[Sequence, int]], list[int]]:
+        """Keep the tokens of each verifier's proposal the target agrees with (``logits``: at its last token and
+        each proposed one); returns them, and the row that chose each."""
+        row_seqs = [seq for seq in verifiers for _ in range(len(seq.proposal) + 1)]
+        masked = self.sampler.mask_grammar(logits, row_seqs, grammar)
+        kept, out.accepted, kept_rows = verify(verifiers, masked, self.sampler.sampling_batch(row_seqs),
+                                               self.ops.argmax)
+        out.sampled += kept
+        if any(seq.params.logprobs is not None for seq in verifiers):
+            out.logprobs.update(kept_token_logprobs(logits, kept, kept_rows))
+        return kept, kept_rows
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor, grammar: GrammarBitmask | None,
                 out: StepOutput) -> None:
