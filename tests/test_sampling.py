@@ -54,6 +54,10 @@ def test_stop_token_ids_and_min_tokens(llm):
     first = greedy[0]
     out = tokens(llm, SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[first]))
     assert out.token_ids == [first] and out.finish_reason == "stop" and out.stop_reason == first
+    assert out.text == ""   # a stop token's text is left out, unless asked for
+    out = tokens(llm, SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[first],
+                                     include_stop_str_in_output=True))
+    assert out.text == llm.get_tokenizer().decode([first]) != ""
     out = tokens(llm, SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[first], min_tokens=3))
     assert first not in out.token_ids[:3] and len(out.token_ids) >= 3
 

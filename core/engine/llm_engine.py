@@ -255,8 +255,10 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer, grammar_complete: bool) -> None:
         """Finish ``seq`` if its newest token ends it: a stop token or string, its grammar's end, its length."""
-        delta = detok.add(seq.token_ids[-1])
         params, token = seq.params, seq.token_ids[-1]
+        stops = seq.num_output_tokens >= params.min_tokens and token in seq.stop_token_ids
+        # A stop token ends the output without its text, as in vLLM, unless include_stop_str_in_output.
+        delta = "" if stops and not params.include_stop_str_in_output else detok.add(token)
         if grammar_complete and token not in seq.stop_token_ids:
             seq.finish("stop")
         if seq.num_output_tokens >= params.min_tokens and not seq.is_finished:

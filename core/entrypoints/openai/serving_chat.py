@@ -52,8 +52,11 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
             else request.max_tokens
         params = self.sampling_params(request, len(ids), max_tokens, explicit=max_tokens is not None)
-        if plan is not None and plan.constraint is not None and isinstance(params, SamplingParams):
-            params = replace(params, structured_outputs=plan.constraint)
+        if plan is not None and isinstance(params, SamplingParams):
+            if plan.constraint is not None:
+                params = replace(params, structured_outputs=plan.constraint)
+            if plan.mode == "auto" and not self.parsers.tool.skip_special_tokens:
+                params = replace(params, skip_special_tokens=False)   # the parser reads markers that are special
         await self.check_constraint(request, params)
         request_id = new_id("chatcmpl")
         outputs = self.run(request_id, [ids], [ids], [params])

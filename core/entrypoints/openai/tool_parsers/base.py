@@ -176,6 +176,8 @@ class ToolParser:
     """
 
     name: ClassVar[str]
+    # False for formats whose markers are special tokens, which the server then keeps in the text it parses
+    skip_special_tokens: ClassVar[bool] = True
 
     def __init__(self, tokenizer: Any = None):
         self.tokenizer = tokenizer

@@ -15,10 +15,11 @@ class Llama3JsonToolParser(ToolParser):
 
     They count only at the start of the response (after whitespace) or right after ``<|python_tag|>``; a JSON
     object anywhere else, or one without parameters, is content. Text after the last call is content. The server
-    must keep special tokens in the text for ``<|python_tag|>`` to be seen.
+    keeps special tokens in the text for ``<|python_tag|>`` to be seen.
     """
 
     name: ClassVar[str] = "llama3_json"
+    skip_special_tokens: ClassVar[bool] = False
 
     def stream(self) -> ToolCallStream:
         return Llama3JsonStream()

@@ -17,10 +17,11 @@ NEEDS_TEXT = ("after_marker", "list_item", "list_separator", "name")
 class MistralToolParser(ToolParser):
     """Each ``[TOOL_CALLS]`` starts a list of JSON calls (or one JSON call), or one call written as its name,
     ``[ARGS]`` (which a tokenizer that skips special tokens leaves out) and its arguments object. Text before and
-    after is content. The server must keep special tokens in the text for ``[TOOL_CALLS]`` to be seen.
+    after is content. The server keeps special tokens in the text for ``[TOOL_CALLS]`` to be seen.
     """
 
     name: ClassVar[str] = "mistral"
+    skip_special_tokens: ClassVar[bool] = False
 
     def stream(self) -> ToolCallStream:
         return MistralStream()
