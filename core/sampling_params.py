@@ -10,6 +10,7 @@ from kvserve.core.structured_outputs.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1    # generators take 64 bits; the n samples of a request use seed .. seed + n - 1
+GREEDY_BELOW = 1e-5     # a temperature this small is greedy, as in vLLM: dividing by it overflows the logits
 
 
 @dataclass
@@ -55,7 +56,9 @@ class SamplingParams:
     def __post_init__(self):
         check_int("n", self.n, 1)
         check_int("best_of", self.best_of, self.n, allow_none=True)
-        _check_float("temperature", self.temperature, 0.0, math.inf, "a number >= 0 (0 means greedy)")
+        _check_float("temperature", self.temperature, 0.0, math.inf, "a finite number >= 0 (0 means greedy)")
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
         _check_float("top_p", self.top_p, 0.0, 1.0, "in (0, 1]", low_open=True)
         _check_float("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
@@ -116,7 +119,7 @@ class SamplingParams:
 
 
 def _check_float(name: str, value, low: float, high: float, allowed: str, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     if value < low or value > high or (low_open and value == low):
         raise ValueError(f"{name} must be {allowed}, got {value}")
@@ -144,7 +147,7 @@ class BeamSearchParams:
     def __post_init__(self):
         check_int("beam_width", self.beam_width, 1)
         check_int("max_tokens", self.max_tokens, 1, allow_none=True)
-        _check_float("temperature", self.temperature, 0.0, math.inf, "a number >= 0 (0 means the raw logits)")
+        _check_float("temperature", self.temperature, 0.0, math.inf, "a finite number >= 0 (0 means the raw logits)")
         if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)) or \
                 not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")

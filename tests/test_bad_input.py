@@ -16,6 +16,7 @@ def llm(tiny_model):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
     (dict(top_p=0.0), "top_p must be in (0, 1]"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-2), "top_k"),
@@ -168,3 +169,11 @@ def test_unknown_architecture(tmp_path):
                                                       "max_position_embeddings": 64}))
     with pytest.raises(ValueError, match=r"\['FooForCausalLM'\] is not supported; supported: LlamaForCausalLM"):
         LLM(str(tmp_path), kv_cache_memory="8MiB")
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(llm):
+    greedy = llm.generate(["Once upon"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    params = SamplingParams(temperature=1e-40, seed=1, max_tokens=12, ignore_eos=True)
+    assert params.temperature == 0
+    assert llm.generate(["Once upon"], params, use_tqdm=False)[0].outputs[0].token_ids == greedy

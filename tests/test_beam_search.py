@@ -124,7 +124,7 @@ def test_output_text_and_finish_reasons(llm):
     (dict(beam_width=0), "beam_width must be >= 1"), (dict(beam_width=2, max_tokens=0), "max_tokens must be >= 1"),
     (dict(beam_width=2, length_penalty=float("nan")), "length_penalty must be a finite number"),
     (dict(beam_width=2, early_stopping="sometimes"), "early_stopping must be True, False or 'never'"),
-    (dict(beam_width=2, temperature=-1.0), "temperature must be a number >= 0")])
+    (dict(beam_width=2, temperature=-1.0), "temperature must be a finite number >= 0")])
 def test_bad_parameters_are_named(params, message):
     with pytest.raises(ValueError, match=message):
         BeamSearchParams(**params)

@@ -41,7 +41,7 @@ def test_chat_keeps_the_conversation():
 def test_bad_option_is_a_clear_error(engine_args):
     result = kvserve("generate", "hi", "--temperature", "-1", *engine_args)
     assert result.returncode == 2
-    assert "temperature must be a number >= 0" in result.stderr
+    assert "temperature must be a finite number >= 0" in result.stderr
 
 
 def test_speculative_config_is_json(engine_args):

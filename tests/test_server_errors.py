@@ -259,3 +259,24 @@ def test_nonexistent_model_path_fails_fast():
     assert result.returncode != 0
     assert "/nonexistent/path" in result.stderr and "could not start" in result.stderr, result.stderr
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("path, body, param, words", [
+    (COMPLETIONS, {"prompt": [True, 5]}, "prompt", "prompt"),
+    (COMPLETIONS, {"prompt": "hi", "stop_token_ids": [True]}, "stop_token_ids", "valid integer"),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": "5"}, "max_tokens", "valid integer"),
+    (COMPLETIONS, '{"prompt": "hi", "temperature": 1e999}', "temperature", "finite"),   # JSON's infinity
+    ("/tokenize", {"messages": []}, "messages", "at least 1"),
+    (CHAT, {"messages": MESSAGES, "chat_template": "{% for %}"}, "messages", "chat template cannot be rendered"),
+    (CHAT, {"messages": MESSAGES, "chat_template": "{{ raise_exception('no system role') }}"}, "messages",
+     "no system role"),
+])
+def test_user_input_never_reaches_a_500(server, path, body, param, words):
+    response = post(server, path, content=body, headers={"content-type": "application/json"}) \
+        if isinstance(body, str) else post(server, path, body)
+    assert_error(response, 400, param, words)
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(server):
+    assert_error(post(server, "/v1/nothing", {}), 404, None, "Not Found")
+    assert_error(httpx.get(f"{server.url}{COMPLETIONS}", timeout=30), 405, None, "Method Not Allowed")

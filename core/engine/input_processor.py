@@ -1,6 +1,8 @@
 """Turns a prompt and its sampling parameters into checked token ids, before any work starts."""
 from __future__ import annotations
 
+import jinja2
+
 from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
 from kvserve.core.structured_outputs.manager import StructuredOutputManager
 
@@ -27,8 +29,11 @@ class InputProcessor:
         for message in conversation:
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {message!r}")
-        ids = self.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=True,
-                                                 add_generation_prompt=add_generation_prompt, tools=tools)
+        try:
+            ids = self.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=True,
+                                                     add_generation_prompt=add_generation_prompt, tools=tools)
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"the chat template cannot be rendered: {type(exc).__name__}: {exc}") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -10,6 +10,7 @@ from typing import Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -107,6 +108,10 @@ def build_app(state: ServerState) -> FastAPI:
         fields = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = next((p for p in fields if not p.isdigit()), None)
         return APIError(400, f"{'.'.join(fields) or 'body'}: {first.get('msg', 'invalid request')}", param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):   # unknown routes and methods, in OpenAI's shape
+        return APIError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, exc: EngineDeadError):
