@@ -10,6 +10,9 @@ from kvserve.core.structured_outputs.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1    # generators take 64 bits; the n samples of a request use seed .. seed + n - 1
+PENALTY_LIMIT = 2.0             # presence and frequency penalties lie in [-2, 2]
+MAX_REPETITION_PENALTY = 2.0
+LOGIT_BIAS_LIMIT = 100.0
 GREEDY_BELOW = 1e-5     # a temperature this small is greedy, as in vLLM: dividing by it overflows the logits
 
 
@@ -73,16 +76,18 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
         self.stop_strings = stops
-        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0, "in [-2, 2]")
-        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "in [-2, 2]")
-        _check_float("repetition_penalty", self.repetition_penalty, 0.0, 2.0, "in (0, 2] (1 means off)",
-                     low_open=True)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_float(name, getattr(self, name), -PENALTY_LIMIT, PENALTY_LIMIT,
+                         f"in [{-PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}]")
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY,
+                     f"in (0, {MAX_REPETITION_PENALTY:g}] (1 means off)", low_open=True)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
             for token, bias in self.logit_bias.items():
                 check_int("logit_bias token id", token, 0)
-                _check_float(f"logit_bias[{token}]", bias, -100.0, 100.0, "in [-100, 100]")
+                _check_float(f"logit_bias[{token}]", bias, -LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT,
+                             f"in [{-LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]")
         if self.bad_words is not None and (not isinstance(self.bad_words, list) or any(
                 not isinstance(w, str) or not w.strip() for w in self.bad_words)):
             raise ValueError(f"bad_words must be a list of non-blank strings, got {self.bad_words!r}")

@@ -21,6 +21,11 @@ class InputProcessor:
                     add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation through the chat template (the request's, the engine's, or the model's),
         which is given the declared ``tools`` too."""
+        return self.chat_ids(self.chat_text(conversation, chat_template, add_generation_prompt, tools))
+
+    def chat_text(self, conversation: list[dict], chat_template: str | None = None,
+                  add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """The text of a conversation through the chat template, not yet tokenized."""
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this model has no chat template; pass chat_template=... (a Jinja template)")
@@ -30,11 +35,14 @@ class InputProcessor:
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {message!r}")
         try:
-            ids = self.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=True,
-                                                     add_generation_prompt=add_generation_prompt, tools=tools)
+            return self.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, tools=tools)
         except jinja2.TemplateError as exc:
             raise ValueError(f"the chat template cannot be rendered: {type(exc).__name__}: {exc}") from None
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def chat_ids(self, text: str) -> list[int]:
+        """Token ids of a rendered chat: its special tokens come from the template, so none are added."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt, checked against the vocabulary and the context length."""

@@ -9,6 +9,7 @@ from kvserve.core.bench import latency as latency_bench
 from kvserve.core.bench import serving as serving_bench
 from kvserve.core.bench import throughput as throughput_bench
 from kvserve.core.config import EXECUTOR_BACKENDS, KV_CACHE_DTYPES, STRUCTURED_OUTPUTS_BACKENDS
+from kvserve.core.entrypoints.openai.limits import limit_args
 from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -149,6 +150,7 @@ def cmd_serve(args) -> int:
 
     from kvserve.core.config import build_engine_config
     from kvserve.core.entrypoints.openai.api_server import serve
+    from kvserve.core.entrypoints.openai.limits import limits_from_args
     from kvserve.core.entrypoints.openai.tools import reply_parsers
     from kvserve.core.log import init_logging
 
@@ -158,7 +160,7 @@ def cmd_serve(args) -> int:
     names = args.served_model_name or [model or DEFAULT_SERVED_NAME]
     api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
     parsers = reply_parsers(args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser)
-    return serve(config, args.host, args.port, names, api_key, parsers)
+    return serve(config, args.host, args.port, names, api_key, parsers, limits_from_args(args))
 
 
 def cmd_plugins(args) -> None:
@@ -218,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser")
     serve.add_argument("--tool-call-parser", default=None,
                        help="how the model writes tool calls: hermes, llama3_json, mistral, pythonic, or a plugin's")
+    limit_args(serve)
     add_engine_args(serve)
     commands.add_parser("plugins", help="list discovered plugins and the platform that would be used")
     conformance = commands.add_parser("conformance", help="check a platform plugin against kvserve's references")

@@ -3,23 +3,26 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import signal
 import threading
 import time
-from typing import Awaitable
+from typing import Awaitable, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kvserve
 from kvserve.core.config import EngineConfig
 from kvserve.core.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from kvserve.core.engine.data_parallel import make_engine
 from kvserve.core.engine.llm_engine import EngineStepError
-from kvserve.core.entrypoints.openai.errors import APIError
+from kvserve.core.entrypoints.openai import openapi
+from kvserve.core.entrypoints.openai.errors import APIError, invalid_body
+from kvserve.core.entrypoints.openai.limits import BodyLimit, Offload, ServerLimits
 from kvserve.core.entrypoints.openai.metrics import ServerMetrics
 from kvserve.core.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                       TokenizeRequest)
@@ -29,14 +32,15 @@ from kvserve.core.entrypoints.openai.serving_completion import OpenAIServingComp
 from kvserve.core.log import logger
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+Body = TypeVar("Body", bound=BaseModel)
 
 
 class ServerState:
     """The engine, loaded on a background thread so that /health answers 503 while it loads."""
 
     def __init__(self, config: EngineConfig, served_model_names: list[str], api_key: str | None,
-                 parsers: ReplyParsers = ReplyParsers()):
-        self.config, self.parsers = config, parsers
+                 parsers: ReplyParsers = ReplyParsers(), limits: ServerLimits = ServerLimits()):
+        self.config, self.parsers, self.limits, self.offload = config, parsers, limits, Offload()
         self.model_names = served_model_names
         self.api_key = api_key
         self.engine: AsyncLLMEngine | None = None
@@ -53,8 +57,10 @@ class ServerState:
             self.load_error = exc
             self.on_load_failure()
             return
-        self.completion = OpenAIServingCompletion(engine, self.model_names, self.metrics)
-        self.chat = OpenAIServingChat(engine, self.model_names, self.metrics, parsers=self.parsers)
+        limits = self.limits.for_engine(engine.inputs.max_model_len, engine.inputs.max_num_seqs)
+        serving = (engine, self.model_names, self.metrics, limits, self.offload)
+        self.completion = OpenAIServingCompletion(*serving)
+        self.chat = OpenAIServingChat(*serving, parsers=self.parsers)
         self.engine = engine
         logger.info("engine ready; serving %s", ", ".join(self.model_names))
 
@@ -87,6 +93,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable):
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="kvserve", version=kvserve.__version__)
     app.state.kvserve = state
+    openapi.install(app, state.model_names)
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -96,18 +103,11 @@ def build_app(state: ServerState) -> FastAPI:
                 return APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'").response()
         return await call_next(request)
 
+    app.add_middleware(BodyLimit, max_bytes=state.limits.max_request_bytes)
+
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
         return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError):
-        first = (exc.errors() or [{}])[0]
-        if first.get("type") == "json_invalid":
-            return APIError(400, f"invalid JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}").response()
-        fields = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = next((p for p in fields if not p.isdigit()), None)
-        return APIError(400, f"{'.'.join(fields) or 'body'}: {first.get('msg', 'invalid request')}", param).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):   # unknown routes and methods, in OpenAI's shape
@@ -121,21 +121,32 @@ def build_app(state: ServerState) -> FastAPI:
     async def step_failed(_: Request, exc: EngineStepError):
         return APIError(500, str(exc)).response()
 
-    @app.get("/health")
+    async def parse(request: Request, model: type[Body]) -> Body:
+        """The request's body as ``model``, parsed off the event loop, once the engine is ready for it."""
+        state.ready_engine()
+        try:
+            return await state.offload(model.model_validate_json, await request.body())
+        except ValidationError as exc:
+            raise invalid_body(exc.errors()) from None
+
+    async def reply(result: dict) -> Response:
+        return Response(await state.offload(json_bytes, result), media_type="application/json")
+
+    @app.get("/health", **openapi.documented(None, openapi.Health, openapi.NOT_READY))
     async def health():
         engine = state.ready_engine()
         return {"status": "ok", "failed_steps": engine.failed_steps,
                 "last_error": None if engine.last_error is None else str(engine.last_error)}
 
-    @app.get("/version")
+    @app.get("/version", **openapi.documented(None, openapi.Version, {}))
     async def version():
         return {"version": kvserve.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **openapi.documented(None, openapi.ModelList, openapi.UNAUTHORIZED))
     async def models():
         limit = state.config.model.max_model_len
         return {"object": "list", "data": [{"id": name, "object": "model", "created": state.created,
@@ -147,51 +158,44 @@ def build_app(state: ServerState) -> FastAPI:
         if isinstance(result, Response):
             return result
         if isinstance(result, dict):
-            return JSONResponse(result)
+            return await reply(result)
         return StreamingResponse(result, media_type="text/event-stream")
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        state.ready_engine()
+    @app.post("/v1/completions", **openapi.documented(CompletionRequest, openapi.Completion, streams=True))
+    async def completions(request: Request):
+        body = await parse(request, CompletionRequest)
         return await respond(request, state.completion.create(body))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        state.ready_engine()
+    @app.post("/v1/chat/completions", **openapi.documented(ChatCompletionRequest, openapi.ChatCompletion,
+                                                           streams=True))
+    async def chat_completions(request: Request):
+        body = await parse(request, ChatCompletionRequest)
         return await respond(request, state.chat.create(body))
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
-        state.ready_engine()
-        serving = state.chat
-        serving.model_name(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of prompt or messages", "prompt")
-        if body.messages is not None:
-            chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt)
-            tokens = serving.render(chat)
-        else:
-            tokens = serving.inputs.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": serving.inputs.max_model_len}
+    @app.post("/tokenize", **openapi.documented(TokenizeRequest, openapi.Tokens))
+    async def tokenize(request: Request):
+        body = await parse(request, TokenizeRequest)
+        return await reply(await state.offload(state.chat.tokenize_request, body))
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
-        state.ready_engine()
-        serving = state.chat
-        serving.model_name(body.model)
-        if any(not 0 <= t < serving.inputs.vocab_size for t in body.tokens):
-            raise APIError(400, f"tokens must be integers in [0, {serving.inputs.vocab_size})", "tokens")
-        return {"prompt": serving.inputs.tokenizer.decode(body.tokens)}
+    @app.post("/detokenize", **openapi.documented(DetokenizeRequest, openapi.Text))
+    async def detokenize(request: Request):
+        body = await parse(request, DetokenizeRequest)
+        return await reply(await state.offload(state.chat.detokenize_request, body))
 
     return app
 
 
+def json_bytes(result: dict) -> bytes:
+    return json.dumps(result, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
 def serve(config: EngineConfig, host: str, port: int, served_model_names: list[str], api_key: str | None,
-          parsers: ReplyParsers = ReplyParsers(), shutdown_timeout: float = 30.0) -> int:
+          parsers: ReplyParsers = ReplyParsers(), limits: ServerLimits = ServerLimits(),
+          shutdown_timeout: float = 30.0) -> int:
     """Run the server until SIGINT/SIGTERM; returns the process exit code."""
     import uvicorn
 
-    state = ServerState(config, served_model_names, api_key, parsers)
+    state = ServerState(config, served_model_names, api_key, parsers, limits)
     server = uvicorn.Server(uvicorn.Config(build_app(state), host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=shutdown_timeout))
     state.on_load_failure = lambda: setattr(server, "should_exit", True)
@@ -207,4 +211,5 @@ def serve(config: EngineConfig, host: str, port: int, served_model_names: list[s
             signal.signal(sig, handler)
         if state.engine is not None:
             state.engine.shutdown()
+        state.offload.shutdown()
     return 1 if state.load_error is not None else 0

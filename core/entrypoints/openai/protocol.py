@@ -2,18 +2,26 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvserve.core.entrypoints.openai.constraints import request_constraint
-from kvserve.core.sampling_params import MAX_LOGPROBS, BeamSearchParams, SamplingParams
+from kvserve.core.sampling_params import (LOGIT_BIAS_LIMIT, MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_SEED,
+                                          PENALTY_LIMIT, BeamSearchParams, SamplingParams)
 
 # Fields that shape sampling, which beam search (n beams, max_tokens, temperature, ignore_eos) cannot honour.
 NOT_FOR_BEAM_SEARCH = ("top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "include_stop_str_in_output",
                        "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
                        "bad_words", "logprobs", "top_logprobs", "best_of", "response_format", "structured_outputs",
                        "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+# The bounds the schema shows are those SamplingParams checks; the vocabulary's size is known only at run time.
+TokenId = Annotated[int, Field(ge=0)]
+Penalty = Annotated[float | None, Field(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)]
+Finite = Annotated[float | None, Field(allow_inf_nan=False)]
+Logprobs = Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 class Strict(BaseModel):
@@ -29,29 +37,30 @@ class SamplingFields(Strict):
     """Fields shared by completions and chat completions, including vLLM's extensions."""
 
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
+    n: int = Field(1, ge=1)
+    temperature: Finite = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
     speculate: bool = True              # kvserve's: false keeps this request out of speculative decoding
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None    # token id (a string, as JSON keys are) -> bias
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
+    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
+    # token id (a string, as JSON keys are) -> bias
+    logit_bias: dict[str, Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]] | None = None
     bad_words: list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     use_beam_search: bool = False       # vLLM's extension: beam search with n beams, returning all n
-    length_penalty: float | None = None
+    length_penalty: Finite = None
     early_stopping: bool | Literal["never"] | None = None
     response_format: dict[str, Any] | None = None   # OpenAI's: text, json_object or json_schema
     structured_outputs: dict[str, Any] | None = None   # vLLM's: one of json, regex, choice, grammar, json_object
@@ -107,11 +116,11 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(16, ge=0)   # 0 with echo: score the prompt, generate nothing
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: Logprobs = None
+    best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
     def unsupported(self) -> list[str]:
@@ -187,10 +196,10 @@ def template_call(call: dict[str, Any], where: str) -> dict[str, Any]:
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Logprobs = None
     add_generation_prompt: bool = True
     chat_template: str | None = None
     tools: list[dict[str, Any]] | None = None
@@ -201,8 +210,6 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise ValueError("top_logprobs needs logprobs: true")
-            if isinstance(self.top_logprobs, bool) or not 0 <= self.top_logprobs <= MAX_LOGPROBS:
-                raise ValueError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
         return dict(logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
     def conversation(self) -> list[dict[str, Any]]:
@@ -220,4 +227,4 @@ class TokenizeRequest(Strict):
 
 class DetokenizeRequest(Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

@@ -7,7 +7,7 @@ from typing import AsyncIterator
 from kvserve.core.entrypoints.openai.constraints import constraint_field
 from kvserve.core.entrypoints.openai.errors import APIError, bad_request
 from kvserve.core.entrypoints.openai.logprobs import chat_logprobs
-from kvserve.core.entrypoints.openai.protocol import ChatCompletionRequest
+from kvserve.core.entrypoints.openai.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
 from kvserve.core.entrypoints.openai.serving_common import (DeltaTracker, OpenAIServing, new_id, now, sse, sse_stream,
                                                             usage, wants_usage)
 from kvserve.core.entrypoints.openai.tools import ReplyParsers, ReplyReader, ToolPlan, plan_tools
@@ -21,12 +21,36 @@ class OpenAIServingChat(OpenAIServing):
         self.parsers = parsers
 
     def render(self, request: ChatCompletionRequest) -> list[int]:
+        if request.chat_template is not None and not self.limits.trust_request_chat_template:
+            raise APIError(400, "chat_template in a request runs the sender's template code on the server, so this "
+                                "server refuses it; remove it, or start the server with "
+                                "--trust-request-chat-template (or give the template with --chat-template)",
+                           "chat_template")
         try:
-            ids = self.inputs.render_chat(request.conversation(), request.chat_template,
-                                          request.add_generation_prompt, request.tools or None)
+            text = self.inputs.chat_text(request.conversation(), request.chat_template,
+                                         request.add_generation_prompt, request.tools or None)
         except (ValueError, TypeError) as exc:
             raise APIError(400, str(exc), "messages") from exc
-        return self.tokenize(ids, "messages")
+        self.limits.check_chars(text, "messages")
+        return self.tokenize(self.inputs.chat_ids(text), "messages")
+
+    def tokenize_request(self, request: TokenizeRequest) -> dict:
+        self.model_name(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        if request.messages is not None:
+            tokens = self.render(ChatCompletionRequest(messages=request.messages,
+                                                       add_generation_prompt=request.add_generation_prompt))
+        else:
+            self.limits.check_chars(request.prompt, "prompt")
+            tokens = self.inputs.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.inputs.max_model_len}
+
+    def detokenize_request(self, request: DetokenizeRequest) -> dict:
+        self.model_name(request.model)
+        if any(not 0 <= t < self.inputs.vocab_size for t in request.tokens):
+            raise APIError(400, f"tokens must be integers in [0, {self.inputs.vocab_size})", "tokens")
+        return {"prompt": self.inputs.tokenizer.decode(request.tokens)}
 
     def tool_plan(self, request: ChatCompletionRequest) -> ToolPlan | None:
         try:
@@ -47,16 +71,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
         model = self.model_name(request.model)
-        plan = self.tool_plan(request)
-        ids = self.render(request)
-        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
-            else request.max_tokens
-        params = self.sampling_params(request, len(ids), max_tokens, explicit=max_tokens is not None)
-        if plan is not None and isinstance(params, SamplingParams):
-            if plan.constraint is not None:
-                params = replace(params, structured_outputs=plan.constraint)
-            if plan.mode == "auto" and not self.parsers.tool.skip_special_tokens:
-                params = replace(params, skip_special_tokens=False)   # the parser reads markers that are special
+        plan, ids, params = await self.offload(self.prepare, request)
         await self.check_constraint(request, params)
         request_id = new_id("chatcmpl")
         outputs = self.run(request_id, [ids], [ids], [params])
@@ -73,6 +88,21 @@ class OpenAIServingChat(OpenAIServing):
         generated = sum(len(c.token_ids) for c in final.outputs)
         return {"id": request_id, "object": "chat.completion", "created": now(), "model": model,
                 "choices": choices, "usage": usage(len(ids), generated)}
+
+    def prepare(self, request: ChatCompletionRequest) -> tuple[ToolPlan | None, list[int], SamplingParams]:
+        """The request's tool plan, prompt token ids and parameters, checked against the limits."""
+        plan = self.tool_plan(request)
+        ids = self.render(request)
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
+            else request.max_tokens
+        params = self.sampling_params(request, len(ids), max_tokens, explicit=max_tokens is not None)
+        if plan is not None and isinstance(params, SamplingParams):
+            if plan.constraint is not None:
+                params = replace(params, structured_outputs=plan.constraint)
+            if plan.mode == "auto" and not self.parsers.tool.skip_special_tokens:
+                params = replace(params, skip_special_tokens=False)   # the parser reads markers that are special
+        self.check_request_tokens([len(ids)], [params])
+        return plan, ids, params
 
     def _stream(self, request: ChatCompletionRequest, model: str, request_id: str, outputs,
                 prompt_tokens: int, plan: ToolPlan | None) -> AsyncIterator[str]:

@@ -10,6 +10,7 @@ from typing import AsyncIterator, Callable
 from kvserve.core.engine.async_engine import AsyncLLMEngine
 from kvserve.core.entrypoints.openai.constraints import constraint_field, rename
 from kvserve.core.entrypoints.openai.errors import APIError, bad_request, unsupported
+from kvserve.core.entrypoints.openai.limits import Offload, ServerLimits
 from kvserve.core.entrypoints.openai.metrics import RequestTimer, ServerMetrics
 from kvserve.core.entrypoints.openai.protocol import SamplingFields
 from kvserve.core.outputs import RequestOutput
@@ -19,11 +20,16 @@ _DONE = object()
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], metrics: ServerMetrics):
+    """A request's checks and preparation run in ``offload``'s worker threads (they may tokenize or render a long
+    prompt); only awaiting the engine runs on the event loop."""
+
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], metrics: ServerMetrics,
+                 limits: ServerLimits, offload: Offload):
         self.engine = engine
         self.inputs = engine.inputs
         self.model_names = served_model_names
         self.metrics = metrics
+        self.limits, self.offload = limits, offload
 
     def model_name(self, requested: str | None) -> str:
         if requested is not None and requested not in self.model_names:
@@ -47,9 +53,15 @@ class OpenAIServing:
         try:
             params = request.sampling_params(max_tokens)
             self.inputs.check_params(params)
-            return params
         except (ValueError, TypeError) as exc:
             raise bad_request(exc, set(type(request).model_fields)) from exc
+        return params
+
+    def check_request_tokens(self, prompt_lens: list[int], params: list[SamplingParams | BeamSearchParams]) -> None:
+        """The request's tokens at its fullest: each sample of each prompt holds its prompt and max_tokens."""
+        self.limits.check_tokens(sum(
+            (p.beam_width if isinstance(p, BeamSearchParams) else p.num_samples) * (length + p.max_tokens)
+            for length, p in zip(prompt_lens, params)))
 
     async def check_constraint(self, request: SamplingFields, params: SamplingParams | BeamSearchParams) -> None:
         """Compile the request's output constraint on a worker thread, so that a slow one stalls neither the event
@@ -64,6 +76,8 @@ class OpenAIServing:
         return self.inputs.tokenizer.decode([token_id])
 
     def tokenize(self, prompt: str | list[int], field: str = "prompt") -> list[int]:
+        if isinstance(prompt, str):
+            self.limits.check_chars(prompt, field)
         try:
             return self.inputs.tokenize(prompt)
         except (ValueError, TypeError) as exc:

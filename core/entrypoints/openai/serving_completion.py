@@ -1,6 +1,7 @@
 """POST /v1/completions."""
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 from kvserve.core.entrypoints.openai.errors import APIError
@@ -9,6 +10,15 @@ from kvserve.core.entrypoints.openai.protocol import CompletionRequest
 from kvserve.core.entrypoints.openai.serving_common import (DeltaTracker, OpenAIServing, new_id, now, sse, sse_stream,
                                                             usage, wants_usage)
 from kvserve.core.outputs import CompletionOutput, RequestOutput
+from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
+
+
+async def prompt_only(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs without their generated token, for echo with max_tokens 0: the prompt, and none generated."""
+    async for i, output in outputs:
+        yield i, replace(output, outputs=[replace(c, text="", token_ids=[], logprobs=c.logprobs and [],
+                                                  cumulative_logprob=None, finish_reason=c.finish_reason and "length",
+                                                  stop_reason=None) for c in output.outputs])
 
 
 def split_prompts(prompt) -> list[str | list[int]]:
@@ -23,17 +33,24 @@ def split_prompts(prompt) -> list[str | list[int]]:
     return list(prompt)
 
 
+@dataclass
+class Prepared:
+    prompts: list[str | list[int]]
+    token_ids: list[list[int]]
+    params: list[SamplingParams | BeamSearchParams]
+    echoes: list[str]
+
+
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
         model = self.model_name(request.model)
-        prompts = split_prompts(request.prompt)
-        token_ids = [self.tokenize(p) for p in prompts]
-        explicit = "max_tokens" in request.model_fields_set
-        params = [self.sampling_params(request, len(ids), request.max_tokens, explicit) for ids in token_ids]
-        await self.check_constraint(request, params[0])   # the prompts share it
-        echoes = [self.inputs.tokenizer.decode(ids) if request.echo else "" for ids in token_ids]
+        prepared = await self.offload(self.prepare, request)
+        await self.check_constraint(request, prepared.params[0])   # the prompts share it
         request_id = new_id("cmpl")
-        outputs = self.run(request_id, prompts, token_ids, params)
+        outputs = self.run(request_id, prepared.prompts, prepared.token_ids, prepared.params)
+        if request.max_tokens == 0:
+            outputs = prompt_only(outputs)
+        token_ids, echoes = prepared.token_ids, prepared.echoes
         if request.stream:
             return self._stream(request, model, request_id, outputs, token_ids, echoes)
         final = {}
@@ -46,6 +63,23 @@ class OpenAIServingCompletion(OpenAIServing):
         generated = sum(len(c.token_ids) for o in final.values() for c in o.outputs)
         return {"id": request_id, "object": "text_completion", "created": now(), "model": model,
                 "choices": choices, "usage": usage(sum(map(len, token_ids)), generated)}
+
+    def prepare(self, request: CompletionRequest) -> Prepared:
+        """The request's prompts, token ids, parameters and echoed texts, checked against the limits."""
+        prompts = split_prompts(request.prompt)
+        self.limits.check_prompt_count(len(prompts))
+        token_ids = [self.tokenize(p) for p in prompts]
+        explicit = "max_tokens" in request.model_fields_set
+        max_tokens = request.max_tokens
+        if max_tokens == 0:   # prompt scoring: the engine samples one token, which the reply leaves out
+            if not request.echo:
+                raise APIError(400, "max_tokens: 0 needs echo: true (it scores the prompt); otherwise give "
+                                    "max_tokens >= 1", "max_tokens")
+            max_tokens = 1
+        params = [self.sampling_params(request, len(ids), max_tokens, explicit) for ids in token_ids]
+        self.check_request_tokens(list(map(len, token_ids)), params)
+        echoes = [self.inputs.tokenizer.decode(ids) if request.echo else "" for ids in token_ids]
+        return Prepared(prompts, token_ids, params, echoes)
 
     def _stream(self, request: CompletionRequest, model: str, request_id: str, outputs,
                 token_ids: list[list[int]], echoes: list[str]) -> AsyncIterator[str]:
