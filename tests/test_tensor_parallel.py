@@ -119,9 +119,12 @@ import os, signal, sys, threading, time
 from kvserve import LLM
 
 def kill_the_first_rank():
-    while True:   # the spawned rank, once it exists (not multiprocessing's resource tracker)
+    # The spawned rank, once it runs its own command line: a child not yet exec'd still shows this script's, and
+    # multiprocessing's resource tracker is a child too.
+    while True:
         for child in open(f"/proc/{os.getpid()}/task/{threading.main_thread().native_id}/children").read().split():
-            if "spawn_main" in open(f"/proc/{child}/cmdline").read():
+            if any(arg.startswith("from multiprocessing.spawn import spawn_main")
+                   for arg in open(f"/proc/{child}/cmdline").read().split("\\0")):
                 os.kill(int(child), signal.SIGKILL)
                 return
         time.sleep(0.01)
