@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -19,9 +19,20 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.f
                    "fp8_e5m2": torch.float8_e5m2}
 PREEMPTION_MODES = ("recompute", "swap")
 EXECUTOR_BACKENDS = ("mp", "ray")
-LOAD_FORMATS = ("auto", "dummy")   # dummy: random weights of the checkpoint's shapes, for benchmarks
+LOAD_FORMATS = ("auto", "dummy")
+DEFAULT_MAX_NUM_SEQS = 128   # dummy: random weights of the checkpoint's shapes, for benchmarks
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
                "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
+
+
+def option(default: Any, help: str, *, name: str | None = None, choices: Any = None, short: str | None = None,
+           parse: Any = None) -> Any:
+    """A config field that users set, as ``LLM(name=...)`` and ``--name``. ``name`` defaults to the field's;
+    ``short`` is a flag alias; ``parse`` names how the command line reads the value ("json", "template"), where
+    its type does not say; ``choices`` are the allowed values. The help, default and choices show in ``--help``
+    and in docs/options.md."""
+    return field(default=default, metadata={"help": help, "name": name, "choices": choices, "short": short,
+                                            "parse": parse})
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None, allow_none: bool = False) -> None:
@@ -74,15 +85,25 @@ def resolve_dtype(value: str | torch.dtype) -> torch.dtype | None:
 
 @dataclass
 class ModelConfig:
-    model: str | None = None            # None: the default model (SmolLM2-135M-Instruct GGUF)
-    tokenizer: str | None = None
-    dtype: str | torch.dtype = "auto"
-    max_model_len: int | None = None
-    seed: int = 0
-    quantization: str | None = None
-    chat_template: str | None = None
-    load_format: str = "auto"
-    quantization_group_size: int | None = None   # online int4's inputs per group; None: its default, 32
+    model: str | None = option(None, "a Hugging Face model folder or a .gguf file (default: SmolLM2-135M-Instruct)")
+    tokenizer: str | None = option(None, "a tokenizer folder other than the model's")
+    dtype: str | torch.dtype = option("auto", "the weights' and activations' dtype; auto: the checkpoint's",
+                                      choices=tuple(DTYPES))
+    max_model_len: int | None = option(None, "the longest prompt plus output, in tokens (default: the model's, "
+                                             "lowered to what the KV cache holds when that is smaller)")
+    seed: int = option(0, "seeds sampling's default generator")
+    quantization: str | None = option(None, "a quantized checkpoint's format (found in its quantization_config "
+                                            "without being asked), gguf for a .gguf file's quantized blocks, or "
+                                            "int4 / int8 / fp8 quantized at load", choices=tuple(QUANTIZATION_METHODS),
+                                      short="-q")
+    chat_template: str | None = option(None, "a Jinja chat template, or (on the command line) a file holding one",
+                                       parse="template")
+    load_format: str = option("auto", "dummy: random weights of the model's shapes, no checkpoint read (benchmarks)",
+                              choices=LOAD_FORMATS)
+    quantization_group_size: int | None = option(None, "with quantization int4: inputs per group (default 32)",
+                                                 choices=INT4_GROUP_SIZES)
+    # max_model_len came from the model, not the user: the KV cache may lower it to what it holds
+    max_model_len_from_model: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
         self.torch_dtype = resolve_dtype(self.dtype)
@@ -104,14 +125,20 @@ class ModelConfig:
 
 @dataclass
 class CacheConfig:
-    block_size: int = 16
-    kv_cache_memory: int | str | None = None   # None: the platform's default budget
-    num_gpu_blocks_override: int | None = None
-    enable_prefix_caching: bool = True
-    preemption_mode: str = "recompute"     # or "swap", on platforms with device memory
-    swap_space: float | str = 4             # GiB (or a size string) of host memory for swapped-out blocks
-    cache_dtype: str = "auto"               # one of KV_CACHE_DTYPES
-    calculate_kv_scales: bool = False       # an FP8 cache's scales from the first batch's keys and values
+    block_size: int = option(16, "tokens per KV cache block", choices=(8, 16, 32, 64, 128))
+    kv_cache_memory: int | str | None = option(None, "the KV cache's budget, in bytes or like 4GiB (default: the "
+                                                     "platform's; 4GiB on CPUs)")
+    num_gpu_blocks_override: int | None = option(None, "this many KV cache blocks, whatever the budget")
+    enable_prefix_caching: bool = option(True, "reuse the KV blocks of prompts' shared prefixes")
+    preemption_mode: str = option("recompute", "what happens to a preempted sequence's KV blocks: dropped and "
+                                  "recomputed, or swapped to host memory", choices=PREEMPTION_MODES)
+    swap_space: float | str = option(4, "GiB (or a size like 512MiB) of host memory for swapped-out KV blocks, with "
+                                        "preemption_mode swap")
+    cache_dtype: str = option("auto", "fp8 (e4m3) / fp8_e5m2: the KV cache in 8 bits, twice bfloat16's tokens in a "
+                                      "budget; auto: the model's dtype", name="kv_cache_dtype",
+                              choices=tuple(KV_CACHE_DTYPES))
+    calculate_kv_scales: bool = option(False, "with an FP8 KV cache: each layer's scales from the first batch's keys "
+                                              "and values, instead of the checkpoint's (or 1.0)")
 
     def __post_init__(self):
         if self.cache_dtype not in KV_CACHE_DTYPES:
@@ -136,22 +163,30 @@ class CacheConfig:
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int | None = None   # None: 2048, or max_model_len without chunked prefill
-    enable_chunked_prefill: bool = True
+    max_num_seqs: int | None = option(None, f"the most sequences running at once (default {DEFAULT_MAX_NUM_SEQS}, "
+                                            "or max_num_batched_tokens where that is set and smaller)")
+    max_num_batched_tokens: int | None = option(None, "the most tokens one step computes (default 2048, or "
+                                                      "max_model_len without chunked prefill)")
+    enable_chunked_prefill: bool = option(True, "split long prompts over steps, beside running decodes")
 
     def __post_init__(self):
-        check_int("max_num_seqs", self.max_num_seqs, 1)
+        check_int("max_num_seqs", self.max_num_seqs, 1, allow_none=True)
         check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, allow_none=True)
+        if self.max_num_seqs is None:   # the default gives way to a smaller step budget; an explicit one does not
+            self.max_num_seqs = min(DEFAULT_MAX_NUM_SEQS, self.max_num_batched_tokens or DEFAULT_MAX_NUM_SEQS)
 
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    data_parallel_size: int = 1
-    enable_expert_parallel: bool = False   # split mixture-of-experts layers by experts over the ranks
-    distributed_executor_backend: str = "mp"   # where ranks 1.. run: spawned processes, or Ray actors
+    tensor_parallel_size: int = option(1, "ranks (processes on this machine) to split the model over", short="-tp")
+    pipeline_parallel_size: int = option(1, "stages to split the model's layers over, each of tensor_parallel_size "
+                                            "ranks", short="-pp")
+    data_parallel_size: int = option(1, "engine replicas, each with the whole model, that requests are balanced "
+                                        "over", short="-dp")
+    enable_expert_parallel: bool = option(False, "split mixture-of-experts layers over the ranks by experts, not by "
+                                                 "columns")
+    distributed_executor_backend: str = option("mp", "where ranks 1.. run: processes spawned here (mp), or Ray "
+                                                     "actors (ray)", choices=EXECUTOR_BACKENDS)
     data_parallel_rank: int = 0   # which replica this engine is, as the data-parallel front numbers them
 
     def __post_init__(self):
@@ -165,16 +200,24 @@ class ParallelConfig:
 
 @dataclass
 class DeviceConfig:
-    device: str | None = None           # a platform name; None: KVSERVE_PLATFORM or the best available
-    enforce_eager: bool = False
+    device: str | None = option(None, "a platform's name, as `kvserve plugins` lists them (default: "
+                                      "KVSERVE_PLATFORM, or the best platform found)")
+    enforce_eager: bool = option(False, "run every step eagerly, without the platform's graphs (CUDA/HIP graphs, "
+                                        "CPU replays)")
 
 
 @dataclass
 class StructuredOutputsConfig:
-    backend: str = "auto"               # auto: xgrammar, or llguidance where xgrammar cannot compile a constraint
-    max_bytes: int = 64 * 1024          # the largest constraint (schema, regex, grammar text) a request may send
-    compile_timeout: float = 10.0       # seconds a request may wait for its constraint to compile
-    reasoning_parser: str | None = None  # constraints start after the reasoning this parser finds (deepseek_r1, ...)
+    backend: str = option("auto", "grammar library for structured outputs; auto: xgrammar, else llguidance where "
+                                  "xgrammar cannot compile a constraint", name="structured_outputs_backend",
+                          choices=STRUCTURED_OUTPUTS_BACKENDS)
+    max_bytes: int = option(64 * 1024, "the largest schema, regex or grammar a request may send, in bytes",
+                            name="structured_outputs_max_bytes")
+    compile_timeout: float = option(10.0, "seconds a request may wait for its constraint to compile before it is "
+                                          "refused", name="structured_outputs_compile_timeout")
+    reasoning_parser: str | None = option(None, "the model's reasoning format (deepseek_r1, qwen3, or a plugin's): "
+                                                "constraints start after the reasoning, and the server moves it "
+                                                "into reasoning_content")
 
     def __post_init__(self):
         if self.backend not in STRUCTURED_OUTPUTS_BACKENDS:
@@ -194,7 +237,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
-    speculative_config: dict | None = None
+    speculative_config: dict | None = option(None, 'speculative decoding, as JSON on the command line: {"method": '
+                                                   '"ngram", "num_speculative_tokens": 3}', parse="json")
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
     def __post_init__(self):
@@ -205,7 +249,7 @@ class EngineConfig:
         """Fill in limits that depend on the loaded model."""
         model_cfg, sched = self.model, self.scheduler
         if model_cfg.max_model_len is None:
-            model_cfg.max_model_len = model_max_len
+            model_cfg.max_model_len, model_cfg.max_model_len_from_model = model_max_len, True
         elif model_cfg.max_model_len > model_max_len:
             raise ValueError(f"max_model_len={model_cfg.max_model_len} exceeds the model's context "
                              f"length {model_max_len}; allowed: 1..{model_max_len}")
@@ -220,34 +264,49 @@ class EngineConfig:
                              f"max_num_seqs={sched.max_num_seqs}, so every running sequence can decode each step")
 
 
-def build_engine_config(model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
-                        max_model_len: int | None = None, max_num_seqs: int = 128,
-                        max_num_batched_tokens: int | None = None, seed: int = 0,
-                        enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                        preemption_mode: str = "recompute", swap_space: float | str = 4,
-                        num_gpu_blocks_override: int | None = None, quantization: str | None = None,
-                        tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
-                        speculative_config: dict | None = None, block_size: int = 16,
-                        kv_cache_memory: int | str | None = None, device: str | None = None,
-                        enforce_eager: bool = False, chat_template: str | None = None,
-                        load_format: str = "auto", quantization_group_size: int | None = None,
-                        kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False,
-                        enable_expert_parallel: bool = False,
-                        distributed_executor_backend: str = "mp", structured_outputs_backend: str = "auto",
-                        structured_outputs_max_bytes: int = 64 * 1024,
-                        structured_outputs_compile_timeout: float = 10.0,
-                        reasoning_parser: str | None = None) -> EngineConfig:
-    """An EngineConfig from the flat keyword arguments that ``LLM(...)`` and the command line take (vLLM's names)."""
-    return EngineConfig(
-        model=ModelConfig(model, tokenizer, dtype, max_model_len, seed, quantization, chat_template, load_format,
-                          quantization_group_size),
-        cache=CacheConfig(block_size, kv_cache_memory, num_gpu_blocks_override, enable_prefix_caching,
-                          preemption_mode, swap_space, kv_cache_dtype, calculate_kv_scales),
-        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
-        parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, data_parallel_size,
-                                enable_expert_parallel, distributed_executor_backend),
-        device=DeviceConfig(device, enforce_eager),
-        speculative_config=speculative_config,
-        structured_outputs=StructuredOutputsConfig(structured_outputs_backend, structured_outputs_max_bytes,
-                                                   structured_outputs_compile_timeout, reasoning_parser),
-    )
+@dataclass(frozen=True)
+class Option:
+    name: str
+    section: str | None     # the EngineConfig field of its config, or None for EngineConfig's own
+    owner: type             # the config class that declares it
+    field: Field
+
+    @property
+    def help(self) -> str:
+        return self.field.metadata["help"]
+
+    @property
+    def choices(self) -> tuple | None:
+        return self.field.metadata["choices"]
+
+
+def class_options(owner: type, section: str | None = None) -> list[Option]:
+    """The options a config class declares with option(), in its field order."""
+    return [Option(spec.metadata["name"] or spec.name, section, owner, spec) for spec in fields(owner)
+            if "help" in spec.metadata]
+
+
+def engine_options() -> dict[str, Option]:
+    """Every engine option by name, in the order of the config classes."""
+    found = {}
+    for outer in fields(EngineConfig):
+        if outer.default_factory is MISSING:
+            found.update((o.name, o) for o in class_options(EngineConfig) if o.field is outer)
+        else:
+            found.update((o.name, o) for o in class_options(outer.default_factory, outer.name))
+    return found
+
+
+def build_engine_config(model: str | None = None, **options) -> EngineConfig:
+    """An EngineConfig from the flat keyword options that ``LLM(...)`` and the command line take (vLLM's names)."""
+    known = engine_options()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"unknown engine option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; allowed: "
+                        f"{', '.join(name for name in known if name != 'model')}")
+    sections: dict[str | None, dict] = {None: {}}
+    for name, value in {**options, "model": model}.items():
+        sections.setdefault(known[name].section, {})[known[name].field.name] = value
+    configs = {outer.name: outer.default_factory(**sections.get(outer.name, {})) for outer in fields(EngineConfig)
+               if outer.default_factory is not MISSING}
+    return EngineConfig(**configs, **sections[None])

@@ -74,7 +74,12 @@ def allocate_kv_cache(config: EngineConfig, spec: AttentionSpec, backend: Attent
     # Pipeline stages hold different layers, so different blocks in the same budget: the scheduler's are all's.
     num_blocks, num_host_blocks = fewest_over_ranks([num_blocks, num_host_blocks], platform.device)
     max_len = config.model.max_model_len
-    if num_blocks * spec.block_size < max_len:
+    if num_blocks * spec.block_size < max_len and config.model.max_model_len_from_model:
+        config.model.max_model_len = num_blocks * spec.block_size
+        logger.info("max_model_len is %d, not the model's %d: the KV cache holds %d tokens (%d blocks); set "
+                    "max_model_len or a larger KV cache to choose", config.model.max_model_len, max_len,
+                    config.model.max_model_len, num_blocks)
+    elif num_blocks * spec.block_size < max_len:
         raise ValueError(f"the KV cache holds {num_blocks * spec.block_size} tokens ({num_blocks} blocks), "
                          f"fewer than max_model_len={max_len}; raise kv_cache_memory (or "
                          f"num_gpu_blocks_override) or lower max_model_len")

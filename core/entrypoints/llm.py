@@ -17,8 +17,8 @@ Prompt = str | list[int] | dict
 
 class LLM:
     def __init__(self, model: str | None = None, **engine_options):
-        """Load ``model`` (a HF folder or .gguf file; None: the default model). ``engine_options`` are
-        ``build_engine_config``'s keywords, named as vLLM names them (dtype, max_model_len, ...).
+        """Load ``model`` (a HF folder or .gguf file; None: the default model). ``engine_options`` are the engine
+        options of docs/options.md, named as vLLM names them (dtype, max_model_len, ...).
         With data_parallel_size > 1 the engine's replicas are spawned processes: a script that builds one needs an
         ``if __name__ == "__main__":`` guard."""
         init_logging()

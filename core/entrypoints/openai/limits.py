@@ -4,10 +4,10 @@ from __future__ import annotations
 import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
-from kvserve.core.config import check_int
+from kvserve.core.config import check_int, class_options, option
 from kvserve.core.entrypoints.openai.errors import APIError
 
 T = TypeVar("T")
@@ -20,19 +20,16 @@ class ServerLimits:
     to what the engine can hold: max_prompt_chars to 32 characters per token of max_model_len, and
     max_request_tokens to max_num_seqs sequences of max_model_len tokens."""
 
-    max_request_bytes: int = field(default=2 * 1024 * 1024, metadata={
-        "help": "largest request body in bytes; a larger one is refused with 413 before it is parsed"})
-    max_prompts_per_request: int = field(default=256, metadata={
-        "help": "most prompts one completions request may send"})
-    max_prompt_chars: int | None = field(default=None, metadata={
-        "help": "most characters in one prompt (a chat's rendered prompt), checked before tokenization "
-                f"(default: {CHARS_PER_TOKEN} x max_model_len)"})
-    max_request_tokens: int | None = field(default=None, metadata={
-        "help": "most tokens one request may hold at once, summed over its prompts and samples: prompt tokens "
-                "plus max_tokens, for each of n (or best_of, or the beams) (default: max_num_seqs x max_model_len)"})
-    trust_request_chat_template: bool = field(default=False, metadata={
-        "help": "accept a chat_template in requests; it runs the sender's Jinja on the server, so it is refused "
-                "by default"})
+    max_request_bytes: int = option(2 * 1024 * 1024, "largest request body in bytes; a larger one is refused with "
+                                                     "413 before it is parsed")
+    max_prompts_per_request: int = option(256, "most prompts one completions request may send")
+    max_prompt_chars: int | None = option(None, "most characters in one prompt (a chat's rendered prompt), checked "
+                                                f"before tokenization (default: {CHARS_PER_TOKEN} x max_model_len)")
+    max_request_tokens: int | None = option(None, "most tokens one request may hold at once, summed over its prompts "
+                                                  "and samples: prompt tokens plus max_tokens, for each of n (or "
+                                                  "best_of, or the beams) (default: max_num_seqs x max_model_len)")
+    trust_request_chat_template: bool = option(False, "accept a chat_template in requests; it runs the sender's "
+                                                      "Jinja on the server, so it is refused by default")
 
     def __post_init__(self):
         check_int("max_request_bytes", self.max_request_bytes, 1)
@@ -62,18 +59,8 @@ class ServerLimits:
                                 "lower max_tokens, n or the number of prompts", "max_tokens")
 
 
-def limit_args(parser) -> None:
-    """The serve command's flags, one per field of ServerLimits."""
-    for spec in fields(ServerLimits):
-        flag = "--" + spec.name.replace("_", "-")
-        if spec.type == "bool":
-            parser.add_argument(flag, action="store_true", help=spec.metadata["help"])
-        else:
-            parser.add_argument(flag, type=int, default=spec.default, help=spec.metadata["help"])
-
-
 def limits_from_args(args) -> ServerLimits:
-    return ServerLimits(**{spec.name: getattr(args, spec.name) for spec in fields(ServerLimits)})
+    return ServerLimits(**{option.name: getattr(args, option.name) for option in class_options(ServerLimits)})
 
 
 class Offload:
