@@ -20,7 +20,7 @@ class EngineDeadError(RuntimeError):
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        # The server tokenizes on its own thread: fast tokenizers must not be shared across threads.
+        # The server tokenizes on its own threads, with its own copy, apart from the engine thread that detokenizes.
         self.inputs = InputProcessor(copy.deepcopy(engine.tokenizer), engine.runner.vocab_size, engine.max_model_len,
                                      engine.config.scheduler.max_num_seqs, engine.grammars,
                                      engine.config.model.chat_template)

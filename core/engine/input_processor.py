@@ -16,6 +16,10 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        # A fast tokenizer's first call may reset the truncation or padding its file sets, a change that fails
+        # ("Already borrowed") while another thread encodes; made here, later calls only read it, and the server's
+        # worker threads can share the tokenizer.
+        tokenizer("")
 
     def render_chat(self, conversation: list[dict], chat_template: str | None = None,
                     add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
