@@ -11,6 +11,8 @@ from types import ModuleType
 
 import torch
 
+from kvserve.plugins.stages import stage
+
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [str(CSRC / name) for name in
            ("paged_attention.cpp", "linear_bf16.cpp", "linear_int8.cpp", "linear_int8_avx2.cpp", "linear_grouped.cpp",
@@ -34,8 +36,8 @@ def load() -> tuple[ModuleType | None, str]:
     try:
         from torch.utils.cpp_extension import load as build
 
-        module = build(NAME, SOURCES, extra_cflags=FLAGS,
-                       extra_ldflags=["-fopenmp"], verbose=False)
+        with stage("building the CPU kernels for this CPU (once after an install; later starts load them)"):
+            module = build(NAME, SOURCES, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:   # no compiler, or a failed build: the torch implementations still work
         last_line = (str(exc).strip().splitlines() or [""])[-1]
         reason = f"{type(exc).__name__}: {last_line}"

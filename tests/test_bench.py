@@ -36,6 +36,7 @@ def bench(tmp_path, *args: str) -> dict:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "output_tok_s:" in result.stdout   # the text report
+    assert ("Processed prompts" in result.stderr) != ("--disable-tqdm" in args), result.stderr   # the progress bar
     return json.loads(path.read_text())
 
 
@@ -44,7 +45,7 @@ def test_throughput_reports_prefix_cache_savings(tiny_model, tmp_path):
     common = ["--model", tiny_model("qwen2-big-vocab"), "--dtype", "float32", "--kv-cache-memory", "64MiB",
               "--num-prompts", "6", "--input-len", "8:16", "--output-len", "4", "--shared-prefix-len", "64"]
     cached = bench(tmp_path, *common)
-    uncached = bench(tmp_path, *common, "--no-enable-prefix-caching")
+    uncached = bench(tmp_path, *common, "--no-enable-prefix-caching", "--disable-tqdm")
     assert cached["prompt_tokens"] == uncached["prompt_tokens"] == uncached["prompt_tokens_computed"]
     assert cached["prompt_tokens_computed"] <= uncached["prompt_tokens_computed"] - 5 * 64
     assert cached["prefix_cache_hit_rate"] > 0 and uncached["prefix_cache_hit_rate"] == 0

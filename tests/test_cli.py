@@ -1,6 +1,8 @@
 """The kvserve command, run as a user runs it."""
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 
 import pytest
@@ -20,6 +22,20 @@ def test_generate_prints_each_completion(engine_args):
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip("\n").split("\n")) >= 2
     assert "KV cache" in result.stderr
+
+
+def test_start_up_announces_its_slow_stages(engine_args):
+    # Every stage counts as slow here: each says what it does, then how long it took.
+    result = subprocess.run(["kvserve", "generate", "Once upon a time", "--max-tokens", "2", *engine_args],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "KVSERVE_STAGE_LOG_AFTER": "0"})
+    assert result.returncode == 0, result.stderr
+    for stage in ("building the CPU kernels", "reading the weights", "preparing the weights for the platform"):
+        assert re.search(f"{stage}.* \\.\\.\\.\n", result.stderr), result.stderr
+        assert re.search(f"{stage}.*: done in \\d+\\.\\ds\n", result.stderr), result.stderr
+    assert "reading weights:" in result.stderr   # the progress bar
+    quiet = kvserve("generate", "Once upon a time", "--max-tokens", "2", *engine_args)
+    assert "reading the weights" not in quiet.stderr   # fast stages stay silent by default
 
 
 def test_generate_on_default_model():

@@ -32,7 +32,8 @@ def random_workload(num_prompts: int, input_len: tuple[int, int], seed: int,
     return prompts
 
 
-def run(llm, model: str, prompts: list[list[int]], output_len: int, structured_outputs=None) -> dict:
+def run(llm, model: str, prompts: list[list[int]], output_len: int, structured_outputs=None,
+        show_progress: bool = False) -> dict:
     """Greedy generation of exactly ``output_len`` tokens per prompt (each under ``structured_outputs``, if
     given), timed once the KV cache is resident and after an untimed warm-up."""
     from kvserve.core.bench.baselines import rates, warmup_prompts
@@ -48,7 +49,7 @@ def run(llm, model: str, prompts: list[list[int]], output_len: int, structured_o
                             structured_outputs=structured_outputs)
     before = engine_stats(engine)   # one engine's, or summed over a data-parallel engine's replicas
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = llm.generate(prompts, params, use_tqdm=show_progress)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     if generated != len(prompts) * output_len:
@@ -63,7 +64,7 @@ def run(llm, model: str, prompts: list[list[int]], output_len: int, structured_o
             "prefix_cache_hit_rate": round((after.prefix_hits - before.prefix_hits) / queries, 3) if queries else 0.0}
 
 
-def constrained_run(llm, model: str, prompts: list[list[int]], output_len: int) -> dict:
+def constrained_run(llm, model: str, prompts: list[list[int]], output_len: int, show_progress: bool = False) -> dict:
     """``run`` with every request under one JSON schema whose outputs are longer than ``output_len`` tokens (a
     list of at least that many digits), on the prompts with their first token changed so that the prefix cache
     holds none of them, and the schema's compile times: the backend's start (its tokenizer tables), the schema's
@@ -79,7 +80,7 @@ def constrained_run(llm, model: str, prompts: list[list[int]], output_len: int) 
         times.append(round(time.perf_counter() - start, 4))
     compile_s = dict(zip(("backend_start", "cold", "cached"), times))
     uncached = [[prompt[0] + 1] + prompt[1:] for prompt in prompts]
-    return {**run(llm, model, uncached, output_len, constraint), "compile_s": compile_s}
+    return {**run(llm, model, uncached, output_len, constraint, show_progress), "compile_s": compile_s}
 
 
 def add_parser(commands, add_engine_args) -> None:
@@ -95,6 +96,7 @@ def add_parser(commands, add_engine_args) -> None:
     parser.add_argument("--json-schema", action="store_true",
                         help="also run the workload with every request under a JSON schema, and report the ratio")
     parser.add_argument("--output-json", default=None, help="also write the results to this file")
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar for the timed run")
     add_engine_args(parser)   # its --seed seeds the workload too, as in vLLM's benchmarks
 
     def bench(args) -> None:
@@ -117,9 +119,9 @@ def add_parser(commands, add_engine_args) -> None:
         llm, model_path = build_llm(args), args.model or default_model_path()
         result = {"workload": {k: getattr(args, k) for k in (
             "dataset", "num_prompts", "input_len", "output_len", "shared_prefix_len", "seed")},
-            **run(llm, model_path, prompts, args.output_len)}
+            **run(llm, model_path, prompts, args.output_len, show_progress=not args.disable_tqdm)}
         if args.json_schema:
-            result["json_schema"] = constrained_run(llm, model_path, prompts, args.output_len)
+            result["json_schema"] = constrained_run(llm, model_path, prompts, args.output_len, not args.disable_tqdm)
             result["json_schema_ratio"] = round(result["json_schema"]["output_tok_s"] / result["output_tok_s"], 2)
         engine = llm.llm_engine
         dtype = engine.runner.dtype

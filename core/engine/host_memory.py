@@ -10,6 +10,8 @@ import threading
 import numpy as np
 import torch
 
+from kvserve.plugins.stages import stage
+
 MADV_POPULATE_WRITE = 23   # Linux 5.14+: fault pages in writable without changing their contents
 PAGE = 4096
 
@@ -36,4 +38,5 @@ def _populate(raw: np.ndarray) -> None:
     end = raw.ctypes.data + raw.nbytes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise(start, (end - start) // PAGE * PAGE, MADV_POPULATE_WRITE)   # older kernels: EINVAL, harmless
+    with stage(f"touching the KV cache's {raw.nbytes / 2**30:.1f} GiB, in the background"):
+        libc.madvise(start, (end - start) // PAGE * PAGE, MADV_POPULATE_WRITE)   # older kernels: EINVAL, harmless

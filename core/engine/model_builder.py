@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+from tqdm import tqdm
 
 from kvserve.core.config import EngineConfig
 from kvserve.core.engine.kv_cache import check_cache_dtype
@@ -18,6 +19,7 @@ from kvserve.core.loader.weights import fill_random, load_weights
 from kvserve.core.quantization.online import gate_up_kernel_factory, kernel_factory
 from kvserve.plugins.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, GraphRunner
 from kvserve.plugins.manager import Platform
+from kvserve.plugins.stages import log_after, stage
 
 
 def choose_dtype(config: EngineConfig, checkpoint: Checkpoint, platform: Platform) -> torch.dtype:
@@ -65,12 +67,15 @@ def build_model(config: EngineConfig, platform: Platform, checkpoint: Checkpoint
     if config.model.load_format == "dummy":
         fill_random(model, config.model.seed)
     else:
-        load_weights(model, checkpoint.weights(quantization) if weights is None else weights)
+        with stage("reading the weights"):
+            tensors = checkpoint.weights(quantization) if weights is None else weights
+            load_weights(model, tqdm(tensors, desc="reading weights", unit=" tensors", delay=log_after()))
     model = model.to(dtype).eval()
     weight_bytes = loaded_weight_bytes(model)
     online = checkpoint.own_quantization is None
-    use_platform_kernels(model, kernel_factory(quantization, platform, dtype, online, group_size),
-                         gate_up_kernel_factory(quantization, platform, online))
+    with stage("preparing the weights for the platform's kernels"):
+        use_platform_kernels(model, kernel_factory(quantization, platform, dtype, online, group_size),
+                             gate_up_kernel_factory(quantization, platform, online))
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     first = layers[0]
     spec = AttentionSpec(first.num_heads, first.num_kv_heads, first.head_size, dtype, config.cache.block_size,
