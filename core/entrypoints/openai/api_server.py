@@ -46,7 +46,7 @@ class ServerState:
         self.engine: AsyncLLMEngine | None = None
         self.load_error: BaseException | None = None
         self.on_load_failure = lambda: None
-        self.metrics = ServerMetrics(lambda: self.engine)
+        self.metrics = ServerMetrics(lambda: self.engine, served_model_names[0])
         self.created = int(time.time())
 
     def load(self) -> None:
