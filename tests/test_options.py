@@ -25,6 +25,14 @@ def test_the_docs_tables_are_the_code_s():
     assert documented == set(engine_options()) | {o.name for o in class_options(ServerLimits)}
 
 
+def test_option_rows_on_topic_pages_are_the_code_s():
+    rows = set(options_table(list(engine_options().values()) + class_options(ServerLimits)).splitlines()[2:])
+    copied = [(page.name, line) for page in DOC.parent.glob("*.md") for line in page.read_text().splitlines()
+              if re.match(r"\| `\w+` \| `--", line)]
+    assert len(copied) > len(rows)   # the topic pages copy rows
+    assert [(page, line) for page, line in copied if line not in rows] == []
+
+
 @pytest.mark.parametrize("command", ENGINE_COMMANDS, ids=" ".join)
 def test_every_engine_command_takes_every_engine_option(command):
     args = build_parser().parse_args(command)
