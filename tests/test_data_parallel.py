@@ -63,6 +63,15 @@ def test_replicas_give_the_tokens_of_one_engine(tiny_model, arch, layouts):
         assert outcome["served"] == [4, 4], layout   # 8 requests at once: each replica serves half
 
 
+def test_replicas_start_from_a_script_on_stdin(tiny_model):
+    # A replica does not run the script that built the engine again: `python -` has none to run.
+    result = subprocess.run([sys.executable, "-", tiny_model("llama-tied-gqa"), json.dumps([{}, dict(
+        data_parallel_size=2)])], input=RUN, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, replicated = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert replicated["tokens"] == one["tokens"] and replicated["served"] == [4, 4]
+
+
 ROUTING = """
 import json, sys
 from kvserve import LLM, SamplingParams

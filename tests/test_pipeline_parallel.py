@@ -1,11 +1,13 @@
 """Pipeline parallelism over processes on this machine (gloo): layers split over stages, alone and with tensor
 parallelism in each stage, give the same greedy tokens as one process, with several steps in flight and each
 rank holding its stage's share of the weights; a rank that dies stops the engine at once; what does not split
-is a clear error before any process starts."""
+is a clear error before any process starts; split engines start from a script on standard input."""
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 
 import httpx
@@ -47,6 +49,24 @@ def test_stages_serve_every_sampling_feature_alike(tiny_model):
     for name in ("logprobs", "prompt_logprobs"):
         assert two.pop(name) == pytest.approx(one.pop(name), abs=1e-4)
     assert two == one
+
+
+# Spawned ranks do not run the script that built the engine again: ``python -`` has none to run (its main
+# module's __file__ is '<stdin>'), and a script without an `if __name__ == "__main__":` guard (TOKENS has none)
+# would build its engine again in each rank.
+@pytest.mark.parametrize("via", ["stdin", "a script without a main guard"])
+def test_split_engines_start_from_stdin_or_an_unguarded_script(tiny_model, tmp_path, via):
+    layouts = [{}, dict(pipeline_parallel_size=2), dict(tensor_parallel_size=2)]
+    args = [tiny_model("llama-tied-gqa"), json.dumps(layouts), json.dumps(TINY)]
+    if via == "stdin":
+        command, script = [sys.executable, "-"], TOKENS
+    else:
+        (path := tmp_path / "split.py").write_text(TOKENS)
+        command, script = [sys.executable, str(path)], None
+    result = subprocess.run([*command, *args], input=script, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, stages, ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert stages["tokens"] == one["tokens"] and ranks["tokens"] == one["tokens"]
 
 
 @pytest.mark.parametrize("options, words", [

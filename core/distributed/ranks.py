@@ -1,13 +1,17 @@
 """Where ranks 1 to N - 1 run: processes that multiprocessing spawns on this machine (``mp``), or Ray actors
 (``ray``) on the Ray instance ``ray.init`` finds (a cluster's, given ``RAY_ADDRESS``, else a new local one).
-Either way rank 0 can wait for one to end and say which ended and how."""
+Either way rank 0 can wait for one to end and say which ended and how, and a rank runs kvserve's code only: the
+script that built the engine is not run again in it."""
 from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
 import os
 import socket
+import sys
 import threading
+import types
+from contextlib import contextmanager
 
 import torch
 
@@ -27,6 +31,31 @@ def share_of_threads(processes: int) -> int | None:
     return None if "OMP_NUM_THREADS" in os.environ else max(1, torch.get_num_threads() // processes)
 
 
+_main_swap = threading.Lock()
+
+
+@contextmanager
+def main_module_left_behind():
+    """While processes spawn, a bare module stands in for this one's ``__main__``, so that they do not run it again.
+
+    A spawned process first runs its parent's main module again (as ``__mp_main__``, from the path in its
+    ``__file__`` or by its module name) so that what the parent's script defines can be unpickled. A rank needs
+    none of it: its target and arguments are kvserve's. Run again, a script on standard input (``python -``, whose
+    ``__file__`` is ``'<stdin>'``) is a FileNotFoundError, and one without an ``if __name__ == "__main__":`` guard
+    builds its engine again inside the rank; with the main module left behind, a rank starts as it does for
+    ``python -c`` or a REPL (whose main module has neither path nor name), whatever started the engine."""
+    with _main_swap:
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            if main is None:
+                del sys.modules["__main__"]
+            else:
+                sys.modules["__main__"] = main
+
+
 class ProcessRanks:
     address = "127.0.0.1"
 
@@ -37,8 +66,9 @@ class ProcessRanks:
                                           daemon=True,
                                           name=f"kvserve-rank-{rank}")
                           for rank in range(1, world_size(config))]
-        for process in self.processes:
-            process.start()
+        with main_module_left_behind():
+            for process in self.processes:
+                process.start()
         self.pids = [process.pid for process in self.processes]
         self.sentinels = [process.sentinel for process in self.processes]
         self.reaping = threading.Lock()

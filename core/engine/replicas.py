@@ -18,7 +18,7 @@ import torch
 
 from kvserve.core.config import EngineConfig
 from kvserve.core.distributed.executor import leave_parallel_group
-from kvserve.core.distributed.ranks import share_of_threads
+from kvserve.core.distributed.ranks import main_module_left_behind, share_of_threads
 from kvserve.core.engine.llm_engine import EngineStepError, LLMEngine
 from kvserve.core.engine.stats import EngineStats
 from kvserve.core.log import init_logging, logger
@@ -59,7 +59,8 @@ class Replicas:
                                                               data_parallel_rank=index))
             process = context.Process(target=run_replica, args=(index, replica_config, theirs, self.threads),
                                       name=f"kvserve-dp-replica-{index}")
-            process.start()
+            with main_module_left_behind():
+                process.start()
             theirs.close()
             self.replicas.append(Replica(index, process, ours))
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()   # (replica, kind, body), or None to wake the front
@@ -105,8 +106,7 @@ class Replicas:
                 replica.conn.close()
                 replica.process.join(1)
                 self._fail(replica, f"ended with exit code {replica.process.exitcode}" + (
-                    "" if replica.info else " before it was ready; its output says why (a script that builds a "
-                    "data-parallel engine needs an `if __name__ == '__main__':` guard)"))
+                    "" if replica.info else " before it was ready; its output says why"))
 
     def _take(self, replica: Replica, kind: str, *body) -> None:
         if kind == "died":
