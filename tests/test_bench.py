@@ -8,6 +8,8 @@ import pytest
 
 from kvserve.core.bench.throughput import parse_range, random_workload
 
+pytestmark = pytest.mark.slow
+
 
 def test_w1_is_the_published_algorithm():
     # The issue that defines W1 lets other engines replay it: numpy's default_rng(0), lengths then token ids.

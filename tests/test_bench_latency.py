@@ -6,6 +6,8 @@ import subprocess
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 
 

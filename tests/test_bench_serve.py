@@ -12,6 +12,8 @@ from kvserve.core.bench.report import percentiles
 from kvserve.core.bench.serving import arrival_times
 from kvserve.core.bench.throughput import random_workload
 
+pytestmark = pytest.mark.slow
+
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 FIELDS = {"model", "num_prompts", "request_rate", "completed", "failed", "duration_s", "total_input_tokens",
           "total_output_tokens", "request_throughput", "output_throughput", "total_token_throughput", "errors",

@@ -7,6 +7,8 @@ import subprocess
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 
 def kvserve(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["kvserve", *args], input=stdin, capture_output=True, text=True, timeout=300)

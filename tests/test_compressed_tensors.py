@@ -18,6 +18,8 @@ from kvserve import LLM, SamplingParams
 from kvserve.plugins.interfaces import QuantizedWeight
 from kvserve.core.quantization import checkpoints, dequantize, fp8, int8
 
+pytestmark = pytest.mark.slow
+
 # (AutoRound scheme, symmetric) of each export, and the kvserve scheme its layers read as
 EXPORTS = {("W4A16", True): "w4a16_int4", ("W4A16", False): "w4a16_int4", ("W8A16", True): "w8a16_int8",
            ("W8A16", False): "w8a16_int8", ("INT8_W8A8", True): "w8a8_int8", ("FP8_BLOCK", True): "w8a8_fp8",

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import PLUGIN_SOURCES, install_plugins, run_python
 
+pytestmark = pytest.mark.slow
+
 TEMPLATE = Path(__file__).resolve().parents[1] / "examples" / "vendor_plugin"
 CONFORMANCE = ["-m", "kvserve.core.entrypoints.cli", "conformance"]
 

@@ -19,6 +19,8 @@ from server_utils import (kill_mid_stream, metrics, openai_client, start_server,
 from kvserve import LLM, SamplingParams
 from kvserve.core.engine.llm_engine import FAULT_TOKEN_ENV
 
+pytestmark = pytest.mark.slow
+
 # Each layout in one process, for a model: the tokens (free, then under a regex that each replica compiles while
 # its other requests run), and how many requests each replica was sent.
 RUN = """

@@ -11,6 +11,8 @@ from conftest import ARCHITECTURES
 from kvserve import LLM, SamplingParams
 from kvserve.conformance.tiny_model import hf_greedy
 
+pytestmark = pytest.mark.slow
+
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. Continuous batching lets new requests join while others decode.",
     "Once",

@@ -19,6 +19,8 @@ from test_tensor_parallel import rank_processes
 
 from kvserve import LLM, SamplingParams
 
+pytestmark = pytest.mark.slow
+
 TINY = dict(dtype="float32", kv_cache_memory="16MiB")
 
 

@@ -17,6 +17,8 @@ import quant_packers
 from kvserve import LLM, SamplingParams
 from kvserve.core.quantization import checkpoints, dequantize, grouped
 
+pytestmark = pytest.mark.slow
+
 
 def test_packed_words_follow_the_documented_layouts():
     # Output 0's inputs 0-7 (GPTQ packs inputs) and input 0's outputs 0-7 (AWQ packs outputs) hold levels 1-8.

@@ -12,6 +12,8 @@ import pytest
 from server_utils import (Server, assert_error, free_port, metrics, post, start_server, stop_server, tiny_args,
                           token_count, wait_until)
 
+pytestmark = pytest.mark.slow
+
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
 NAMES = ["tiny-a", "tiny-b"]

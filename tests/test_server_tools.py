@@ -11,6 +11,8 @@ import jsonschema
 import pytest
 from server_utils import DEFAULT_NAME, assert_error, openai_client, post, start_server, stop_server
 
+pytestmark = pytest.mark.slow
+
 TEMPLATE = Path(__file__).parents[1] / "examples" / "tool_chat_template_chatml_hermes.jinja"
 CHAT = "/v1/chat/completions"
 QUESTION = [{"role": "user", "content": "What is the weather in Paris, and what is 2 + 3?"}]

@@ -16,6 +16,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaModel
 from kvserve import LLM, SamplingParams
 from kvserve.core.loader.model_loader import Checkpoint
 
+pytestmark = pytest.mark.slow
+
 TARGET = "llama-draft"   # one layer of hidden size 32: a draft of two can mirror it
 PROMPTS = [[5, 17, 42, 99, 3] * 6, [7, 8, 9] * 9 + [11], list(range(20, 44)) * 2, list(range(100, 140))]
 GREEDY = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)

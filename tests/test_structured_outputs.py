@@ -15,6 +15,8 @@ from kvserve.core.engine.llm_engine import EngineStepError
 from kvserve.core.layers.logits_processors import apply_token_bitmask
 from kvserve.core.structured_outputs.manager import StructuredOutputManager
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["Describe a person as JSON.", "Write a phone number.", "Pick a colour.", "Say yes or no."]
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12},

@@ -8,6 +8,8 @@ import json
 import pytest
 from conftest import run_python
 
+pytestmark = pytest.mark.slow
+
 RUN = """
 import json, sys
 from kvserve import LLM, BeamSearchParams, SamplingParams

@@ -23,6 +23,8 @@ from kvserve.core.layers.ops import Ops
 from kvserve.core.loader.weights import load_weights
 from kvserve.core.models.llama import LlamaForCausalLM
 
+pytestmark = pytest.mark.slow
+
 # Over 4 ranks, llama-tied-gqa's 2 key-value heads are each copied to the 2 ranks whose query heads use it. The
 # mixtures of experts split every expert's columns, or with expert parallelism the experts.
 @pytest.mark.parametrize("arch, size, options", [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
 pytest.importorskip("triton")
 from kvserve.core.config import build_engine_config  # noqa: E402
 from kvserve.core.engine.llm_engine import LLMEngine  # noqa: E402
