@@ -15,7 +15,12 @@ logger = logging.getLogger("kvserve")
 
 
 def log_after() -> float:
-    return float(os.environ.get(LOG_AFTER_ENV, "2"))
+    text = os.environ.get(LOG_AFTER_ENV, "2")
+    try:
+        return float(text)
+    except ValueError:   # a start must not fail, nor its kernels give way, for how it is announced
+        logger.warning("%s must be a number of seconds, got %r; using 2", LOG_AFTER_ENV, text)
+        return 2.0
 
 
 @contextmanager
