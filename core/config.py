@@ -276,6 +276,10 @@ class Option:
         return self.field.metadata["help"]
 
     @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
     def choices(self) -> tuple | None:
         return self.field.metadata["choices"]
 

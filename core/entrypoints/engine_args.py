@@ -47,7 +47,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def add_option_args(parser: argparse.ArgumentParser, options: Iterable[Option]) -> None:
     """A flag for each option, with its default, allowed values and help."""
     for option, hint in typed(options):
-        spec, flags = option.field, [f"--{option.name.replace('_', '-')}"]
+        spec, flags = option.field, [option.flag]
         if spec.metadata["short"]:
             flags.append(spec.metadata["short"])
         kind = command_line_type(hint)
@@ -77,8 +77,7 @@ def options_table(options: Iterable[Option]) -> str:
     rows = ["| option | flag | default | allowed | meaning |", "|---|---|---|---|---|"]
     for option in options:
         spec = option.field
-        flag = f"`--{option.name.replace('_', '-')}`" + (f" `{spec.metadata['short']}`" if spec.metadata["short"]
-                                                          else "")
+        flag = f"`{option.flag}`" + (f" `{spec.metadata['short']}`" if spec.metadata["short"] else "")
         allowed = ", ".join(f"`{c}`" for c in option.choices) if option.choices else ""
         meaning = option.help.replace("|", "\\|")
         rows.append(f"| `{option.name}` | {flag} | `{spec.default!r}` | {allowed} | {meaning} |")
