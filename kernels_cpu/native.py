@@ -15,8 +15,8 @@ from kvserve.plugins.stages import stage
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [str(CSRC / name) for name in
-           ("paged_attention.cpp", "linear_bf16.cpp", "linear_int8.cpp", "linear_int8_avx2.cpp", "linear_grouped.cpp",
-            "linear_grouped_avx2.cpp", "linear_fp8.cpp", "fused_ops.cpp", "replay.cpp")]
+           ("replay.cpp", "paged_attention.cpp", "linear_bf16.cpp", "linear_int8.cpp", "linear_int8_avx2.cpp", "linear_grouped.cpp",
+            "linear_grouped_avx2.cpp", "linear_fp8.cpp", "fused_ops.cpp")]
 NAME = "kvserve_cpu_ops"
 DISABLE_ENV = "KVSERVE_CPU_NATIVE"   # "0" keeps the CPU platform on its torch implementations
 # Without errno and trapping semantics, loops calling floorf (in fast_exp) vectorize. torch rebuilds a cached

@@ -114,13 +114,13 @@ struct BlockSums {
 };
 
 // The rows of x as a float32 [m, k] tensor.
-inline torch::Tensor float_rows(const torch::Tensor& x) {
+inline at::Tensor float_rows(const at::Tensor& x) {
   return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
 }
 
 // Floats per output (scales, a bias) as float32 padded with zeros to `blocks` whole blocks.
-inline torch::Tensor padded_floats(const torch::Tensor& values, int64_t blocks) {
-  auto padded = torch::zeros({blocks * kOutBlock}, values.options().dtype(at::kFloat));
+inline at::Tensor padded_floats(const at::Tensor& values, int64_t blocks) {
+  auto padded = at::zeros({blocks * kOutBlock}, values.options().dtype(at::kFloat));
   padded.narrow(0, 0, values.numel()).copy_(values);
   return padded;
 }

@@ -3,8 +3,18 @@
 // Arithmetic is float32 whatever the storage dtype; results are rounded where the torch references round.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <cstring>
 
@@ -143,7 +153,7 @@ template <int N>
 inline float sum_of(Floats<N> v) { return reduce<N>(v, [](auto a, auto b) { return a + b; }); }
 
 template <typename S>
-S* ptr(const torch::Tensor& t) { return static_cast<S*>(t.data_ptr()); }
+S* ptr(const at::Tensor& t) { return static_cast<S*>(t.data_ptr()); }
 
 // Calls body(S{}) with S the storage type of `type`: float, uint16_t (bfloat16 bits) or c10::Half.
 template <typename Body>

@@ -1,5 +1,5 @@
 // Per-token ops that torch runs as several passes over memory: RMSNorm (after a residual add), SiLU-and-mul,
-// rotary embedding; a row argmax for greedy sampling; and the module's bindings.
+// rotary embedding; a row argmax for greedy sampling; and the operator registrations.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -132,13 +132,13 @@ int64_t argmax_row(const float* __restrict__ row, int64_t n) {
 }  // namespace
 
 
-std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
-                                    const torch::Tensor& weight, double eps) {
+std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                    const at::Tensor& weight, double eps) {
   auto input = x.contiguous();
   auto w = weight.to(input.scalar_type()).contiguous();
-  auto res = residual ? residual->to(input.scalar_type()).contiguous() : torch::Tensor();
-  auto normed = torch::empty_like(input);
-  auto summed = residual ? torch::empty_like(input) : torch::Tensor();
+  auto res = residual ? residual->to(input.scalar_type()).contiguous() : at::Tensor();
+  auto normed = at::empty_like(input);
+  auto summed = residual ? at::empty_like(input) : at::Tensor();
   const int64_t hidden = input.size(-1);
   dispatch(input.scalar_type(), "rms_norm", [&](auto zero) {
     using scalar_t = decltype(zero);
@@ -150,12 +150,12 @@ std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<
   return {normed};
 }
 
-torch::Tensor silu_and_mul(const torch::Tensor& x) {
+at::Tensor silu_and_mul(const at::Tensor& x) {
   auto input = x.contiguous();
   const int64_t width = input.size(-1) / 2;
   auto sizes = input.sizes().vec();
   sizes.back() = width;
-  auto out = torch::empty(sizes, input.options());
+  auto out = at::empty(sizes, input.options());
   dispatch(input.scalar_type(), "silu_and_mul", [&](auto zero) {
     using scalar_t = decltype(zero);
     silu_and_mul_kernel<scalar_t>(ptr<scalar_t>(out), ptr<scalar_t>(input), input.numel() / (2 * width),
@@ -166,10 +166,10 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
 
 // Each row's first largest value, NaN counting as the largest, as torch.argmax (whose CPU loop is scalar: 1.3 ms
 // for a [32, 49152] float32 batch of logits here, against 0.27 ms for a vector max and a scan for its index).
-torch::Tensor argmax(const torch::Tensor& x) {
+at::Tensor argmax(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "argmax takes float32 [rows, n]");
   auto input = x.contiguous();
-  auto out = torch::empty({input.size(0)}, input.options().dtype(at::kLong));
+  auto out = at::empty({input.size(0)}, input.options().dtype(at::kLong));
   const float* data = input.data_ptr<float>();
   int64_t* index = out.data_ptr<int64_t>();
   const int64_t n = input.size(1);
@@ -179,11 +179,11 @@ torch::Tensor argmax(const torch::Tensor& x) {
   return out;
 }
 
-torch::Tensor rotary_embedding(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "rotary_embedding takes [tokens, heads, head] with a contiguous head");
-  auto c = cos.to(torch::kFloat32).contiguous();
-  auto s = sin.to(torch::kFloat32).contiguous();
-  auto out = torch::empty(x.sizes(), x.options());
+  auto c = cos.to(at::kFloat).contiguous();
+  auto s = sin.to(at::kFloat).contiguous();
+  auto out = at::empty(x.sizes(), x.options());
   dispatch(x.scalar_type(), "rotary_embedding", [&](auto zero) {
     using scalar_t = decltype(zero);
     rotary_kernel<scalar_t>(ptr<scalar_t>(out), ptr<scalar_t>(x), x.stride(0), x.stride(1),
@@ -224,20 +224,4 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_embedding", &rotary_embedding);
   m.impl("argmax", &argmax);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack_linear_bf16", &pack_linear_bf16, "lay a bfloat16 [out, in] weight out for linear_bf16");
-  m.def("pack_gate_up_bf16", &pack_gate_up_bf16, "lay a bfloat16 [gate; up] weight out for gate_up_bf16");
-  m.def("linear_bf16_supported", &linear_bf16_supported, "whether this build has linear_bf16 (AVX512-BF16)");
-  m.def("pack_linear_int8", &pack_linear_int8, "lay an int8 [out, in] weight out for linear_int8, with its shift");
-  m.def("linear_int8_supported", &linear_int8_supported, "whether this build has linear_int8 (AVX512-VNNI)");
-  m.def("pack_linear_grouped", &pack_linear_grouped,
-        "lay int4 or int8 levels, scales and offsets or zero points out for linear_grouped");
-  m.def("linear_grouped_supported", &linear_grouped_supported,
-        "whether this build's linear_grouped takes inputs of `dtype` (bfloat16 on AVX512-BF16; float32 and "
-        "bfloat16 on AVX2)");
-  m.def("pack_linear_fp8", &pack_linear_fp8, "lay an e4m3 weight and its scales out for linear_fp8");
-  m.def("linear_fp8_supported", &linear_fp8_supported, "whether this build has linear_fp8 (AVX2)");
-  bind_replay(m);
 }

@@ -35,15 +35,15 @@ void quantize_rows(const T* x, int64_t stride, int64_t m, int64_t k, int64_t pad
 }
 
 struct QuantizedRows {
-  torch::Tensor levels;   // uint8 [m, quads * 4]
-  torch::Tensor scales;   // float32 [m]
+  at::Tensor levels;   // uint8 [m, quads * 4]
+  at::Tensor scales;   // float32 [m]
 };
 
 // The rows of x [m, k] (float32 or bfloat16, unit stride along k) for a weight of `quads` quads of inputs.
-inline QuantizedRows quantize_input(const torch::Tensor& input, int64_t quads, uint8_t shift) {
+inline QuantizedRows quantize_input(const at::Tensor& input, int64_t quads, uint8_t shift) {
   const int64_t m = input.size(0), k = input.size(1);
-  QuantizedRows rows{torch::empty({m, quads * 4}, input.options().dtype(at::kByte)),
-                     torch::empty({m}, input.options().dtype(at::kFloat))};
+  QuantizedRows rows{at::empty({m, quads * 4}, input.options().dtype(at::kByte)),
+                     at::empty({m}, input.options().dtype(at::kFloat))};
   if (input.scalar_type() == at::kBFloat16)
     quantize_rows(ptr<const uint16_t>(input), input.stride(0), m, k, quads * 4, shift, ptr<uint8_t>(rows.levels),
                   ptr<float>(rows.scales));
@@ -54,8 +54,8 @@ inline QuantizedRows quantize_input(const torch::Tensor& input, int64_t quads, u
 }
 
 // linear_int8's checks on every CPU; x as rows [m, k] with unit stride along k.
-inline torch::Tensor int8_input_rows(const torch::Tensor& x, const torch::Tensor& packed,
-                                     const torch::Tensor& w_scales) {
+inline at::Tensor int8_input_rows(const at::Tensor& x, const at::Tensor& packed,
+                                     const at::Tensor& w_scales) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "linear_int8 takes float32 or bfloat16 inputs");
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && w_scales.scalar_type() == at::kFloat,

@@ -85,8 +85,8 @@ struct Bf16Linear {
 };
 
 // x @ weight.T + bias for n outputs; with `gated`, silu(gate) * up of the gate-up layer's `gated` outputs.
-torch::Tensor run_bf16_linear(const torch::Tensor& x, const torch::Tensor& packed,
-                              const c10::optional<torch::Tensor>& bias, int64_t n, int64_t gated) {
+at::Tensor run_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
+                              const c10::optional<at::Tensor>& bias, int64_t n, int64_t gated) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
               "linear_bf16 takes bfloat16 inputs and weights");
   auto input = x.reshape({-1, x.size(-1)});
@@ -94,9 +94,9 @@ torch::Tensor run_bf16_linear(const torch::Tensor& x, const torch::Tensor& packe
   const int64_t m = input.size(0), num_blocks = packed.size(0);
   TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 2 == input.size(1) && num_blocks * kOutBlock >= n,
               "linear_bf16: the input's width does not match the packed weight");
-  auto b = bias ? bias->to(at::kBFloat16).contiguous() : torch::Tensor();
+  auto b = bias ? bias->to(at::kBFloat16).contiguous() : at::Tensor();
   const int64_t width = gated ? gated : n;
-  auto out = torch::empty({m, width}, input.options());
+  auto out = at::empty({m, width}, input.options());
   auto sizes = x.sizes().vec();
   sizes.back() = width;
   const Bf16Linear kernel{ptr<const uint16_t>(input), input.stride(0), packed.size(1), n, ptr<const uint16_t>(packed),
@@ -107,24 +107,24 @@ torch::Tensor run_bf16_linear(const torch::Tensor& x, const torch::Tensor& packe
 
 }  // namespace
 
-torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                           int64_t n) {
   return run_bf16_linear(x, packed, bias, n, 0);
 }
 
-torch::Tensor gate_up_bf16(const torch::Tensor& x, const torch::Tensor& packed,
-                           const c10::optional<torch::Tensor>& bias, int64_t intermediate) {
+at::Tensor gate_up_bf16(const at::Tensor& x, const at::Tensor& packed,
+                           const c10::optional<at::Tensor>& bias, int64_t intermediate) {
   TORCH_CHECK(packed.size(0) * kOutBlock == 2 * intermediate, "gate_up_bf16: the packed weight has ",
               packed.size(0) * kOutBlock, " outputs, not twice the intermediate size ", intermediate);
   return run_bf16_linear(x, packed, bias, 2 * intermediate, intermediate);
 }
 
-torch::Tensor pack_linear_bf16(const torch::Tensor& weight) {
+at::Tensor pack_linear_bf16(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) % 2 == 0, "pack_linear_bf16 takes [out, in] with an even in");
   return pack_blocked(weight.to(at::kBFloat16), 2);
 }
 
-torch::Tensor pack_gate_up_bf16(const torch::Tensor& weight) {
+at::Tensor pack_gate_up_bf16(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) % (2 * kOutBlock) == 0 && weight.size(1) % 2 == 0,
               "pack_gate_up_bf16 takes [gate; up] of an intermediate size divisible by 16, and an even in");
   const int64_t blocks = weight.size(0) / kOutBlock / 2, in = weight.size(1);
@@ -136,14 +136,14 @@ bool linear_bf16_supported() { return true; }
 
 #else
 
-torch::Tensor linear_bf16(const torch::Tensor&, const torch::Tensor&, const c10::optional<torch::Tensor>&, int64_t) {
+at::Tensor linear_bf16(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t) {
   TORCH_CHECK(false, "linear_bf16 needs a CPU with AVX512-BF16");
 }
-torch::Tensor gate_up_bf16(const torch::Tensor&, const torch::Tensor&, const c10::optional<torch::Tensor>&, int64_t) {
+at::Tensor gate_up_bf16(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t) {
   TORCH_CHECK(false, "gate_up_bf16 needs a CPU with AVX512-BF16");
 }
-torch::Tensor pack_linear_bf16(const torch::Tensor&) { TORCH_CHECK(false, "linear_bf16 needs a CPU with AVX512-BF16"); }
-torch::Tensor pack_gate_up_bf16(const torch::Tensor&) {
+at::Tensor pack_linear_bf16(const at::Tensor&) { TORCH_CHECK(false, "linear_bf16 needs a CPU with AVX512-BF16"); }
+at::Tensor pack_gate_up_bf16(const at::Tensor&) {
   TORCH_CHECK(false, "gate_up_bf16 needs a CPU with AVX512-BF16");
 }
 bool linear_bf16_supported() { return false; }

@@ -54,7 +54,7 @@ struct Fp8Linear : SubTiled<Fp8Linear> {
 
 // Each row's values rounded to e4m3 steps: of input_scale, or (input_scale 0) of max|x| / 448 per group of
 // `group` inputs.
-void round_to_e4m3_steps(torch::Tensor& rows, int64_t group, float input_scale) {
+void round_to_e4m3_steps(at::Tensor& rows, int64_t group, float input_scale) {
   const int64_t m = rows.size(0), k = rows.size(1);
   float* x = ptr<float>(rows);
   at::parallel_for(0, m, 4, [&](int64_t begin, int64_t end) {
@@ -79,8 +79,8 @@ void round_to_e4m3_steps(torch::Tensor& rows, int64_t group, float input_scale) 
 }  // namespace
 
 // input_group 0: weight-only; else W8A8 with inputs rounded per group of input_group, or with input_scale.
-torch::Tensor linear_fp8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
-                         const c10::optional<torch::Tensor>& bias, int64_t n, int64_t group_size, int64_t input_group,
+at::Tensor linear_fp8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                         const c10::optional<at::Tensor>& bias, int64_t n, int64_t group_size, int64_t input_group,
                          double input_scale) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "linear_fp8 takes float32 or bfloat16 inputs");
@@ -95,8 +95,8 @@ torch::Tensor linear_fp8(const torch::Tensor& x, const torch::Tensor& packed, co
     if (input.data_ptr() == x.data_ptr()) input = input.clone();
     round_to_e4m3_steps(input, input_group, static_cast<float>(input_scale));
   }
-  const auto b = bias ? padded_floats(*bias, packed.size(0)) : torch::Tensor();
-  auto out = torch::empty({m, n}, x.options());
+  const auto b = bias ? padded_floats(*bias, packed.size(0)) : at::Tensor();
+  auto out = at::empty({m, n}, x.options());
   const Fp8Linear kernel{{}, ptr<const float>(input), k, k / kStepInputs, groups, group_size / kStepInputs,
                          ptr<const uint8_t>(packed), ptr<const float>(scales),
                          bias ? ptr<const float>(b) : nullptr,
@@ -106,7 +106,7 @@ torch::Tensor linear_fp8(const torch::Tensor& x, const torch::Tensor& packed, co
 }
 
 // An e4m3 weight [n, k] (k a multiple of 4) and its float32 scales, [n] or [n, groups] per group of group_size.
-std::vector<torch::Tensor> pack_linear_fp8(const torch::Tensor& weight, const torch::Tensor& scale,
+std::vector<at::Tensor> pack_linear_fp8(const at::Tensor& weight, const at::Tensor& scale,
                                            int64_t group_size) {
   const int64_t n = weight.size(0), k = weight.size(1), groups = (k + group_size - 1) / group_size;
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::ScalarType::Float8_e4m3fn && k % kStepInputs == 0 &&
@@ -116,7 +116,7 @@ std::vector<torch::Tensor> pack_linear_fp8(const torch::Tensor& weight, const to
               "float32 scales [out] or [out, groups]");
   const int64_t blocks = (n + kOutBlock - 1) / kOutBlock;
   const auto packed = pack_blocked(weight.view(at::kByte), 1).view({blocks, k, kOutBlock});
-  auto padded = torch::zeros({blocks * kOutBlock, groups}, scale.options());
+  auto padded = at::zeros({blocks * kOutBlock, groups}, scale.options());
   padded.narrow(0, 0, n).copy_(scale.view({n, -1}) * 256.f);
   return {packed, padded.view({blocks, kOutBlock, groups}).transpose(1, 2).contiguous()};
 }
@@ -125,11 +125,11 @@ bool linear_fp8_supported() { return true; }
 
 #else
 
-torch::Tensor linear_fp8(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                         const c10::optional<torch::Tensor>&, int64_t, int64_t, int64_t, double) {
+at::Tensor linear_fp8(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t, double) {
   TORCH_CHECK(false, "linear_fp8 needs a CPU with AVX2");
 }
-std::vector<torch::Tensor> pack_linear_fp8(const torch::Tensor&, const torch::Tensor&, int64_t) {
+std::vector<at::Tensor> pack_linear_fp8(const at::Tensor&, const at::Tensor&, int64_t) {
   TORCH_CHECK(false, "linear_fp8 needs a CPU with AVX2");
 }
 bool linear_fp8_supported() { return false; }

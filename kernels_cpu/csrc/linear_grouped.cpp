@@ -106,9 +106,9 @@ struct GroupedLinear {
 };
 
 // Each row's sum of inputs in every group of `group` inputs (both multiples of 16).
-torch::Tensor group_sums(const torch::Tensor& input, int64_t group, int64_t groups) {
+at::Tensor group_sums(const at::Tensor& input, int64_t group, int64_t groups) {
   const int64_t m = input.size(0), k = input.size(1), stride = input.stride(0);
-  auto sums = torch::empty({m, groups}, input.options().dtype(at::kFloat));
+  auto sums = at::empty({m, groups}, input.options().dtype(at::kFloat));
   const uint16_t* x = ptr<const uint16_t>(input);
   float* out = ptr<float>(sums);
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
@@ -126,8 +126,8 @@ torch::Tensor group_sums(const torch::Tensor& input, int64_t group, int64_t grou
 }
 
 template <int Bits>
-void run_grouped(const torch::Tensor& input, const torch::Tensor& packed, const torch::Tensor& scales,
-                 const torch::Tensor& bias, torch::Tensor& out, int64_t group_size, bool zero_points) {
+void run_grouped(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& scales,
+                 const at::Tensor& bias, at::Tensor& out, int64_t group_size, bool zero_points) {
   const int64_t n = out.size(1), groups = scales.size(1);
   const auto sums = group_sums(input, group_size, groups);
   const GroupedLinear<Bits> kernel{
@@ -139,8 +139,8 @@ void run_grouped(const torch::Tensor& input, const torch::Tensor& packed, const 
 
 }  // namespace
 
-torch::Tensor linear_grouped(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
-                             const c10::optional<torch::Tensor>& bias, int64_t n, int64_t group_size,
+at::Tensor linear_grouped(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                             const c10::optional<at::Tensor>& bias, int64_t n, int64_t group_size,
                              bool zero_points, int64_t bits) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_grouped takes bfloat16 inputs");
   TORCH_CHECK(packed.scalar_type() == at::kShort && packed.dim() == 3 && scales.scalar_type() == at::kHalf &&
@@ -152,30 +152,30 @@ torch::Tensor linear_grouped(const torch::Tensor& x, const torch::Tensor& packed
   TORCH_CHECK(packed.size(1) * step_inputs(bits) == k && packed.size(0) * kOutBlock >= n &&
               groups == (k + group_size - 1) / group_size,
               "linear_grouped: the input's width does not match the packed weight");
-  auto b = bias ? bias->to(at::kBFloat16).contiguous() : torch::Tensor();
-  auto out = torch::empty({m, n}, input.options());
+  auto b = bias ? bias->to(at::kBFloat16).contiguous() : at::Tensor();
+  auto out = at::empty({m, n}, input.options());
   if (bits == 4) run_grouped<4>(input, packed, scales, b, out, group_size, zero_points);
   else run_grouped<8>(input, packed, scales, b, out, group_size, zero_points);
   return shaped_like_input(out, x);
 }
 
 // `second` is the offsets (float16) or the zero points (integers) per output and group.
-std::vector<torch::Tensor> pack_linear_grouped(const torch::Tensor& qweight, const torch::Tensor& scale,
-                                               const torch::Tensor& second, int64_t group_size, int64_t bits) {
+std::vector<at::Tensor> pack_linear_grouped(const at::Tensor& qweight, const at::Tensor& scale,
+                                               const at::Tensor& second, int64_t group_size, int64_t bits) {
   check_grouped_levels(qweight, scale, group_size, bits);
   const int64_t n = qweight.size(0), k = qweight.size(1);
   const int64_t blocks = (n + kOutBlock - 1) / kOutBlock, steps = k / step_inputs(bits);
-  auto levels = torch::zeros({blocks * kOutBlock, k}, qweight.options().dtype(at::kInt));
+  auto levels = at::zeros({blocks * kOutBlock, k}, qweight.options().dtype(at::kInt));
   levels.narrow(0, 0, n).copy_(qweight);
-  torch::Tensor nibbles;   // [block, step, j, i, t]
+  at::Tensor nibbles;   // [block, step, j, i, t]
   if (bits == 4) {   // [block, j, step, t, i]
     nibbles = levels.view({blocks, kOutBlock, steps, kNibblesPerWord, 2}).permute({0, 2, 1, 4, 3});
   } else {   // [block, j, step, pair, i, half]: nibble t = 2 pair + half
-    auto halves = torch::stack({levels.bitwise_and(0xF), levels.__rshift__(4)}, -1)
+    auto halves = at::stack({levels.bitwise_and(0xF), levels.__rshift__(4)}, -1)
                       .view({blocks, kOutBlock, steps, 2, 2, 2});
     nibbles = halves.permute({0, 2, 1, 4, 3, 5}).reshape({blocks, steps, kOutBlock, 2, kNibblesPerWord});
   }
-  auto nibble_values = torch::tensor({1, 1 << 4, 1 << 8, 1 << 12}, levels.options());
+  auto nibble_values = at::tensor({1, 1 << 4, 1 << 8, 1 << 12}, levels.options());
   auto words = (nibbles * nibble_values).sum(-1).to(at::kShort).reshape({blocks, steps, 2 * kOutBlock});
   auto packed = empty_on_huge_pages(words.sizes(), words.options()).copy_(words);
   return {packed, pack_group_scales(scale, second, blocks)};
@@ -185,11 +185,11 @@ bool linear_grouped_supported(const std::string& dtype) { return dtype == "bfloa
 
 #elif !KVSERVE_AVX2
 
-torch::Tensor linear_grouped(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                             const c10::optional<torch::Tensor>&, int64_t, int64_t, bool, int64_t) {
+at::Tensor linear_grouped(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const c10::optional<at::Tensor>&, int64_t, int64_t, bool, int64_t) {
   TORCH_CHECK(false, "linear_grouped needs a CPU with AVX512-BF16 or AVX2");
 }
-std::vector<torch::Tensor> pack_linear_grouped(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+std::vector<at::Tensor> pack_linear_grouped(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                int64_t, int64_t) {
   TORCH_CHECK(false, "linear_grouped needs a CPU with AVX512-BF16 or AVX2");
 }

@@ -78,8 +78,8 @@ struct GroupedLinear : SubTiled<GroupedLinear<Bits>> {
 };
 
 template <int Bits>
-void run_grouped(const torch::Tensor& input, const torch::Tensor& packed, const torch::Tensor& scales,
-                 const torch::Tensor& bias, torch::Tensor& out, int64_t group_size, bool zero_points) {
+void run_grouped(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& scales,
+                 const at::Tensor& bias, at::Tensor& out, int64_t group_size, bool zero_points) {
   const GroupedLinear<Bits> kernel{
       {}, ptr<const float>(input), input.size(1), packed.size(1), scales.size(1), group_size / (32 / Bits),
       ptr<const uint32_t>(packed), ptr<const uint16_t>(scales), bias.defined() ? ptr<const float>(bias) : nullptr,
@@ -89,8 +89,8 @@ void run_grouped(const torch::Tensor& input, const torch::Tensor& packed, const 
 
 }  // namespace
 
-torch::Tensor linear_grouped(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
-                             const c10::optional<torch::Tensor>& bias, int64_t n, int64_t group_size,
+at::Tensor linear_grouped(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                             const c10::optional<at::Tensor>& bias, int64_t n, int64_t group_size,
                              bool zero_points, int64_t bits) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "linear_grouped takes float32 or bfloat16 inputs");
@@ -102,24 +102,24 @@ torch::Tensor linear_grouped(const torch::Tensor& x, const torch::Tensor& packed
   TORCH_CHECK(packed.size(1) * (32 / bits) == k && packed.size(0) * kOutBlock >= n &&
               groups == (k + group_size - 1) / group_size,
               "linear_grouped: the input's width does not match the packed weight");
-  const auto b = bias ? padded_floats(*bias, packed.size(0)) : torch::Tensor();
-  auto out = torch::empty({m, n}, x.options());
+  const auto b = bias ? padded_floats(*bias, packed.size(0)) : at::Tensor();
+  auto out = at::empty({m, n}, x.options());
   if (bits == 4) run_grouped<4>(input, packed, scales, b, out, group_size, zero_points);
   else run_grouped<8>(input, packed, scales, b, out, group_size, zero_points);
   return shaped_like_input(out, x);
 }
 
 // `second` is the offsets (float16) or the zero points (integers) per output and group.
-std::vector<torch::Tensor> pack_linear_grouped(const torch::Tensor& qweight, const torch::Tensor& scale,
-                                               const torch::Tensor& second, int64_t group_size, int64_t bits) {
+std::vector<at::Tensor> pack_linear_grouped(const at::Tensor& qweight, const at::Tensor& scale,
+                                               const at::Tensor& second, int64_t group_size, int64_t bits) {
   check_grouped_levels(qweight, scale, group_size, bits);
   const int64_t n = qweight.size(0), k = qweight.size(1), per_lane = 32 / bits;
   const int64_t blocks = (n + kOutBlock - 1) / kOutBlock, steps = k / per_lane;
-  auto levels = torch::zeros({blocks * kOutBlock, k}, qweight.options().dtype(at::kLong));
+  auto levels = at::zeros({blocks * kOutBlock, k}, qweight.options().dtype(at::kLong));
   levels.narrow(0, 0, n).copy_(qweight);
-  const auto shifts = torch::arange(per_lane, levels.options()) * bits;
+  const auto shifts = at::arange(per_lane, levels.options()) * bits;
   auto lanes = levels.view({blocks, kOutBlock, steps, per_lane}).__lshift__(shifts).sum(-1).permute({0, 2, 1});
-  lanes = torch::where(lanes >= (int64_t{1} << 31), lanes - (int64_t{1} << 32), lanes);   // as int32 bits
+  lanes = at::where(lanes >= (int64_t{1} << 31), lanes - (int64_t{1} << 32), lanes);   // as int32 bits
   auto packed = empty_on_huge_pages(lanes.sizes(), lanes.options().dtype(at::kInt)).copy_(lanes);
   return {packed, pack_group_scales(scale, second, blocks)};
 }

@@ -70,13 +70,13 @@ struct Int8Linear {
 
 }  // namespace
 
-torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& shift,
-                          const torch::Tensor& w_scales, const c10::optional<torch::Tensor>& bias) {
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& shift,
+                          const at::Tensor& w_scales, const c10::optional<at::Tensor>& bias) {
   const auto input = int8_input_rows(x, packed, w_scales);
   const int64_t m = input.size(0), n = w_scales.size(0), quads = packed.size(1);
   const auto rows = quantize_input(input, quads, 128);
-  auto b = bias ? bias->to(at::kFloat).contiguous() : torch::Tensor();
-  auto out = torch::empty({m, n}, input.options());
+  auto b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  auto out = at::empty({m, n}, input.options());
   const Int8Linear kernel{ptr<const uint8_t>(rows.levels), ptr<const float>(rows.scales), quads, n,
                           ptr<const int8_t>(packed), ptr<const int32_t>(shift), ptr<const float>(w_scales),
                           bias ? ptr<const float>(b) : nullptr, out.data_ptr(), x.scalar_type() == at::kBFloat16};
@@ -84,10 +84,10 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
   return shaped_like_input(out, x);
 }
 
-std::vector<torch::Tensor> pack_linear_int8(const torch::Tensor& qweight) {
+std::vector<at::Tensor> pack_linear_int8(const at::Tensor& qweight) {
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar, "pack_linear_int8 takes an int8 [out, in]");
   auto packed = pack_blocked(qweight, 4);
-  auto shift = torch::zeros({packed.size(0) * kOutBlock}, qweight.options().dtype(at::kInt));
+  auto shift = at::zeros({packed.size(0) * kOutBlock}, qweight.options().dtype(at::kInt));
   shift.narrow(0, 0, qweight.size(0)).copy_(qweight.sum(1, false, at::kInt) * 128);
   return {packed, shift};
 }
@@ -96,11 +96,11 @@ bool linear_int8_supported() { return true; }
 
 #elif !KVSERVE_AVX2
 
-torch::Tensor linear_int8(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                          const c10::optional<torch::Tensor>&) {
+at::Tensor linear_int8(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const c10::optional<at::Tensor>&) {
   TORCH_CHECK(false, "linear_int8 needs a CPU with AVX512-VNNI or AVX2");
 }
-std::vector<torch::Tensor> pack_linear_int8(const torch::Tensor&) {
+std::vector<at::Tensor> pack_linear_int8(const at::Tensor&) {
   TORCH_CHECK(false, "linear_int8 needs a CPU with AVX512-VNNI or AVX2");
 }
 bool linear_int8_supported() { return false; }

@@ -63,14 +63,14 @@ struct Int8Linear : SubTiled<Int8Linear> {
 }  // namespace
 
 // `shift` is unused here (the AVX-512 kernel's correction for its unsigned rows).
-torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& shift,
-                          const torch::Tensor& w_scales, const c10::optional<torch::Tensor>& bias) {
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& shift,
+                          const at::Tensor& w_scales, const c10::optional<at::Tensor>& bias) {
   const auto input = int8_input_rows(x, packed, w_scales);
   const int64_t m = input.size(0), n = w_scales.size(0), quads = packed.size(1), blocks = packed.size(0);
   const auto rows = quantize_input(input, quads, 0);
   const auto scales = padded_floats(w_scales, blocks);
-  const auto b = bias ? padded_floats(*bias, blocks) : torch::Tensor();
-  auto out = torch::empty({m, n}, input.options());
+  const auto b = bias ? padded_floats(*bias, blocks) : at::Tensor();
+  auto out = at::empty({m, n}, input.options());
   const Int8Linear kernel{{}, ptr<const int8_t>(rows.levels), ptr<const float>(rows.scales), quads,
                           ptr<const int8_t>(packed), ptr<const float>(scales), bias ? ptr<const float>(b) : nullptr,
                           Outputs{out.data_ptr(), n, x.scalar_type() == at::kBFloat16}};
@@ -78,9 +78,9 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& packed, c
   return shaped_like_input(out, x);
 }
 
-std::vector<torch::Tensor> pack_linear_int8(const torch::Tensor& qweight) {
+std::vector<at::Tensor> pack_linear_int8(const at::Tensor& qweight) {
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar, "pack_linear_int8 takes an int8 [out, in]");
-  return {pack_blocked(qweight, 4), torch::zeros({0}, qweight.options().dtype(at::kInt))};
+  return {pack_blocked(qweight, 4), at::zeros({0}, qweight.options().dtype(at::kInt))};
 }
 
 bool linear_int8_supported() { return true; }

@@ -202,9 +202,9 @@ void dispatch_cache(at::ScalarType cache_type, Body&& body) {
 
 bool is_fp8(at::ScalarType type) { return type == at::kFloat8_e4m3fn || type == at::kFloat8_e5m2; }
 
-torch::Tensor paged_attention(const torch::Tensor& query, const torch::Tensor& kv_cache,
-                              const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-                              const torch::Tensor& query_start_loc, double scale, int64_t window,
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& kv_cache,
+                              const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                              const at::Tensor& query_start_loc, double scale, int64_t window,
                               double value_scale) {
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 5 && kv_cache.is_contiguous(), "bad paged_attention shapes");
   const bool fp8 = is_fp8(kv_cache.scalar_type());
@@ -212,7 +212,7 @@ torch::Tensor paged_attention(const torch::Tensor& query, const torch::Tensor& k
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   auto starts = query_start_loc.contiguous();
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   const int64_t num_kv_heads = kv_cache.size(1), num_blocks = kv_cache.size(2), block_size = kv_cache.size(3);
   dispatch(q.scalar_type(), "paged_attention", [&](auto zero) {
     using scalar_t = decltype(zero);
@@ -232,8 +232,8 @@ torch::Tensor paged_attention(const torch::Tensor& query, const torch::Tensor& k
 
 // Writes each token's [kv_heads, head] key and value into its slot (block * block_size + offset) of the cache,
 // keys transposed within their block; an FP8 cache holds x / scale, saturated at the type's largest value.
-void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& kv_cache,
-              const torch::Tensor& slot_mapping, double key_scale, double value_scale) {
+void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
+              const at::Tensor& slot_mapping, double key_scale, double value_scale) {
   TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && kv_cache.dim() == 5 && kv_cache.is_contiguous(),
               "bad store_kv shapes");
   const bool fp8 = is_fp8(kv_cache.scalar_type());

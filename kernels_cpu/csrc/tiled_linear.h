@@ -24,10 +24,10 @@ inline __mmask16 valid_outputs(int64_t first, int64_t n) {
 // huge pages in madvise or always mode; else ordinary pages): every decode step streams every weight, and one TLB
 // miss per 2 MiB instead of per 4 KiB measured 1.09-1.15x faster one-row decodes over SmolLM2's layers. At most
 // half of such a mapping is padding.
-inline torch::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+inline at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
   constexpr size_t kHugePage = size_t{2} << 20;
   const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
-  if (bytes < kHugePage / 2) return torch::empty(sizes, options);
+  if (bytes < kHugePage / 2) return at::empty(sizes, options);
   const size_t length = (bytes + kHugePage - 1) / kHugePage * kHugePage, mapped = length + kHugePage;
   void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   TORCH_CHECK(base != MAP_FAILED, "out of memory for a packed weight of ", bytes, " bytes");
@@ -36,22 +36,22 @@ inline torch::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::Tensor
   if (before) munmap(base, before);
   if (mapped - before > length) munmap(start + length, mapped - before - length);
   madvise(start, length, MADV_HUGEPAGE);
-  return torch::from_blob(start, sizes, [length](void* data) { munmap(data, length); }, options);
+  return at::from_blob(start, sizes, [length](void* data) { munmap(data, length); }, options);
 }
 
 // [N, K] -> [N / 16, K / group, 16, group]: each 16 outputs' groups of inputs together, N and K padded with zeros
 // to whole blocks and groups.
-inline torch::Tensor pack_blocked(const torch::Tensor& weight, int64_t group) {
+inline at::Tensor pack_blocked(const at::Tensor& weight, int64_t group) {
   const int64_t n = weight.size(0), k = weight.size(1);
   const int64_t blocks = (n + kOutBlock - 1) / kOutBlock, groups = (k + group - 1) / group;
-  auto padded = torch::zeros({blocks * kOutBlock, groups * group}, weight.options());
+  auto padded = at::zeros({blocks * kOutBlock, groups * group}, weight.options());
   padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
   auto packed = empty_on_huge_pages({blocks, groups, kOutBlock, group}, weight.options());
   return packed.copy_(padded.view({blocks, kOutBlock, groups, group}).permute({0, 2, 1, 3}));
 }
 
 // A kernel's output [rows, n] viewed as x's leading dimensions and n outputs.
-inline torch::Tensor shaped_like_input(const torch::Tensor& out, const torch::Tensor& x) {
+inline at::Tensor shaped_like_input(const at::Tensor& out, const at::Tensor& x) {
   auto sizes = x.sizes().vec();
   sizes.back() = out.size(1);
   return out.view(sizes);
@@ -59,7 +59,7 @@ inline torch::Tensor shaped_like_input(const torch::Tensor& out, const torch::Te
 
 // What pack_linear_grouped takes on every CPU: levels [out, in] of 4 or 8 bits, in and the group size multiples
 // of 16, scales [out, groups].
-inline void check_grouped_levels(const torch::Tensor& qweight, const torch::Tensor& scale, int64_t group_size,
+inline void check_grouped_levels(const at::Tensor& qweight, const at::Tensor& scale, int64_t group_size,
                                  int64_t bits) {
   const int64_t k = qweight.size(1);
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && k % 16 == 0 && group_size % 16 == 0 &&
@@ -70,9 +70,9 @@ inline void check_grouped_levels(const torch::Tensor& qweight, const torch::Tens
 
 // A grouped weight's float16 scales and its offsets or zero points (`second`), [n, groups] each, as
 // [N / 16, groups, 2, 16]: each block's 16 scales of a group, then its 16 offsets or zeros.
-inline torch::Tensor pack_group_scales(const torch::Tensor& scale, const torch::Tensor& second, int64_t blocks) {
+inline at::Tensor pack_group_scales(const at::Tensor& scale, const at::Tensor& second, int64_t blocks) {
   const int64_t n = scale.size(0), groups = scale.size(1);
-  auto both = torch::zeros({2, blocks * kOutBlock, groups}, scale.options().dtype(at::kHalf));
+  auto both = at::zeros({2, blocks * kOutBlock, groups}, scale.options().dtype(at::kHalf));
   both[0].narrow(0, 0, n).copy_(scale);
   both[1].narrow(0, 0, n).copy_(second);
   return both.view({2, blocks, kOutBlock, groups}).permute({1, 3, 0, 2}).contiguous();
