@@ -18,9 +18,9 @@ def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor 
     """``x @ weight.T + bias`` on the packed weight; None for float16 (no native float16 matmul on most CPUs),
     a torch built without oneDNN, or bfloat16 where oneDNN has no bfloat16 path (CPUs without AVX-512)."""
     weight = weight.detach()
-    ops = native.load()[0]
-    if weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and ops is not None and ops.linear_bf16_supported():
-        packed, width, linear_bf16 = ops.pack_linear_bf16(weight), weight.shape[0], native.op("linear_bf16")
+    if weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and native.supported("bf16"):
+        ops = native.load("bf16")[0]
+        packed, width, linear_bf16 = ops.pack_linear_bf16(weight), weight.shape[0], ops.linear_bf16.default
         return lambda x, bias: linear_bf16(x, packed, bias, width)
     if weight.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return None
@@ -38,12 +38,11 @@ def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor 
 def gate_up_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
     """``silu(x @ gate.T) * (x @ up.T)`` for a [gate; up] weight, SiLU-and-mul done on the matmul's tiles (no
     [tokens, 2 * intermediate] output written and read back); None unless the bfloat16 kernel runs it."""
-    weight, ops = weight.detach(), native.load()[0]
-    intermediate = weight.shape[0] // 2
-    if (weight.dtype != torch.bfloat16 or ops is None or not ops.linear_bf16_supported() or intermediate % 16
-            or weight.shape[1] % 2):
+    weight, intermediate = weight.detach(), weight.shape[0] // 2
+    if weight.dtype != torch.bfloat16 or intermediate % 16 or weight.shape[1] % 2 or not native.supported("bf16"):
         return None
-    packed, gate_up_bf16 = ops.pack_gate_up_bf16(weight), native.op("gate_up_bf16")
+    ops = native.load("bf16")[0]
+    packed, gate_up_bf16 = ops.pack_gate_up_bf16(weight), ops.gate_up_bf16.default
     return lambda x, bias: gate_up_bf16(x, packed, bias, intermediate)
 
 
@@ -51,11 +50,11 @@ def int8_linear(qweight: torch.Tensor, scale: torch.Tensor
                 ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
     """W8A8 on an int8 [out, in] weight with float32 scales per output: rows of x quantized per row to
     [-127, 127] (scale max|x| / 127), int32 sums, both scales applied; None without AVX512-VNNI."""
-    ops = native.load()[0]
-    if ops is None or not ops.linear_int8_supported():
+    if not native.supported("int8"):
         return None
+    ops = native.load("int8")[0]
     (packed, shift), scale = ops.pack_linear_int8(qweight), scale.float().contiguous()
-    linear_int8 = native.op("linear_int8")
+    linear_int8 = ops.linear_int8.default
 
     def linear(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.dtype in (torch.float32, torch.bfloat16):
@@ -72,9 +71,9 @@ def grouped_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Ten
     weight's columns once and each input row at every call. None for other input dtypes or CPUs, unless the width
     and the group size are multiples of 16, for groups of unequal sizes, or for scales float16 does not hold exactly
     (the kernel's)."""
-    ops, tensors, group_size = native.load()[0], weight.tensors, weight.group_size
+    ops, tensors, group_size = native.load("grouped")[0], weight.tensors, weight.group_size
     dtype_name = str(weight.dtype).removeprefix("torch.")
-    if ops is None or not ops.linear_grouped_supported(dtype_name) or weight.shape[1] % 16 or group_size % 16:
+    if not native.supported("grouped", dtype_name) or weight.shape[1] % 16 or group_size % 16:
         return None
     if not torch.equal(tensors["scale"].half().to(tensors["scale"].dtype), tensors["scale"]):
         return None
@@ -85,7 +84,7 @@ def grouped_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Ten
     zero_points, bits = "zero" in tensors, GROUPED_BITS[weight.scheme]
     second = tensors["zero"] if zero_points else tensors["offset"]
     packed, scales = ops.pack_linear_grouped(qweight, tensors["scale"], second, group_size, bits)
-    linear_grouped, out_features = native.op("linear_grouped"), weight.shape[0]
+    linear_grouped, out_features = ops.linear_grouped.default, weight.shape[0]
     if order is None:
         return lambda x, bias: linear_grouped(x, packed, scales, bias, out_features, group_size, zero_points, bits)
     return lambda x, bias: linear_grouped(x.index_select(-1, order), packed, scales, bias, out_features, group_size,
@@ -97,9 +96,8 @@ def fp8_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tensor 
     bfloat16 inputs: the bytes turned into floats in registers, float32 products; W8A8 inputs rounded to their e4m3
     steps first (the checkpoint's static scale, else per token or per group). None without AVX2, or unless the
     width and the group size are multiples of 4."""
-    ops, tensors = native.load()[0], weight.tensors
-    if (ops is None or not ops.linear_fp8_supported() or weight.dtype not in (torch.float32, torch.bfloat16)
-            or weight.shape[1] % 4):
+    ops, tensors = native.load("fp8")[0], weight.tensors
+    if weight.dtype not in (torch.float32, torch.bfloat16) or weight.shape[1] % 4 or not native.supported("fp8"):
         return None
     group = weight.group_size if tensors["scale"].dim() == 2 else weight.shape[1]
     if group % 4:
@@ -107,5 +105,5 @@ def fp8_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tensor 
     packed, scales = ops.pack_linear_fp8(tensors["weight"], tensors["scale"].float(), group)
     input_group = group if weight.scheme == "w8a8_fp8" else 0
     input_scale = float(tensors["input_scale"]) if "input_scale" in tensors else 0.0
-    linear_fp8, out_features = native.op("linear_fp8"), weight.shape[0]
+    linear_fp8, out_features = ops.linear_fp8.default, weight.shape[0]
     return lambda x, bias: linear_fp8(x, packed, scales, bias, out_features, group, input_group, input_scale)

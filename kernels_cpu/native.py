@@ -1,5 +1,7 @@
 """The C++ kernels of csrc/, compiled on first use with torch's cpp_extension (cached under
-~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR) for the CPU this runs on."""
+~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR) for the CPU this runs on. They come in parts, each its own
+extension, so that a first start builds only what its model runs: the core (attention, per-token ops, CPU graphs'
+replay) for every model, a linear part with the first weight that takes it."""
 from __future__ import annotations
 
 import functools
@@ -14,10 +16,12 @@ import torch
 from kvserve.plugins.stages import stage
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [str(CSRC / name) for name in
-           ("replay.cpp", "paged_attention.cpp", "linear_bf16.cpp", "linear_int8.cpp", "linear_int8_avx2.cpp", "linear_grouped.cpp",
-            "linear_grouped_avx2.cpp", "linear_fp8.cpp", "fused_ops.cpp")]
-NAME = "kvserve_cpu_ops"
+# part: its sources; replay.cpp, the slowest to compile, first so that ninja starts it first
+PARTS = {"core": ("replay.cpp", "paged_attention.cpp", "fused_ops.cpp"),
+         "bf16": ("linear_bf16.cpp",),
+         "int8": ("linear_int8.cpp",),
+         "grouped": ("linear_grouped.cpp",),
+         "fp8": ("linear_fp8.cpp",)}
 DISABLE_ENV = "KVSERVE_CPU_NATIVE"   # "0" keeps the CPU platform on its torch implementations
 # Without errno and trapping semantics, loops calling floorf (in fast_exp) vectorize. torch rebuilds a cached
 # extension when its sources or flags change, not its headers: the headers' digest joins the flags.
@@ -28,30 +32,44 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
 logger = logging.getLogger("kvserve")
 
 
+def extension_name(part: str) -> str:
+    """The part's extension, and the namespace of its operators: torch.ops.<extension_name(part)>.<op>."""
+    return f"kvserve_cpu_{part}"
+
+
 @functools.cache
-def load() -> tuple[ModuleType | None, str]:
-    """(the compiled module, "") or (None, why it is not available)."""
+def load(part: str = "core") -> tuple[ModuleType | torch._ops._OpNamespace | None, str]:
+    """(the part, "") or (None, why it is not available). The core is a Python module (Replay, and its operators
+    in torch.ops); a linear part is its operators' namespace, weight packing and feature checks included."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None, f"disabled by {DISABLE_ENV}=0"
     try:
         from torch.utils.cpp_extension import load as build
 
-        with stage("building the CPU kernels for this CPU (once after an install; later starts load them)"):
-            module = build(NAME, SOURCES, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        with stage(f"building the CPU kernels' {part} part for this CPU (once after an install; later starts "
+                   "load it)"):
+            module = build(extension_name(part), [str(CSRC / name) for name in PARTS[part]], extra_cflags=FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=part == "core", verbose=False)
     except Exception as exc:   # no compiler, or a failed build: the torch implementations still work
         last_line = (str(exc).strip().splitlines() or [""])[-1]
         reason = f"{type(exc).__name__}: {last_line}"
-        logger.warning("CPU native kernels unavailable, using torch implementations (%s)", reason)
+        logger.warning("CPU native kernels (%s) unavailable, using torch implementations (%s)", part, reason)
         return None, reason
-    return module, ""
+    return (module if part == "core" else getattr(torch.ops, extension_name(part))), ""
+
+
+def supported(part: str, *args) -> bool:
+    """Whether a linear part built and its kernel runs on this CPU (``args``: the grouped part's input dtype)."""
+    ops = load(part)[0]
+    return ops is not None and getattr(ops, f"linear_{part}_supported")(*args)
 
 
 @functools.cache
 def op(name: str) -> torch._ops.OpOverload:
-    """A kernel as the operator the extension registers (torch.ops.kvserve_cpu_ops.<name>), which CPU graphs
-    record and replay like torch's own."""
+    """A core kernel as the operator the extension registers, which CPU graphs record and replay like torch's
+    own."""
     load()
-    return getattr(getattr(torch.ops, NAME), name).default
+    return getattr(getattr(torch.ops, extension_name("core")), name).default
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -64,26 +64,24 @@ def test_packed_linear_matches_torch(dtype, with_bias, in_features):
     assert packed_linear(weight.half()) is None   # float16 keeps torch's linear
 
 
-@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_bf16_supported(),
-                    reason="the bfloat16 linear kernel needs a CPU with AVX512-BF16")
+@pytest.mark.skipif(not native.supported("bf16"), reason="the bfloat16 linear kernel needs a CPU with AVX512-BF16")
 @pytest.mark.parametrize("rows", [1, 3, 8, 13, 300])   # tiles of 8 rows, and more than one 256-row group
 @pytest.mark.parametrize("out_features", [16, 40, 97])   # whole and partial blocks of 16 outputs
 def test_linear_bf16_tiles_and_tails(rows, out_features):
-    ops = native.load()[0]
+    ops = native.load("bf16")[0]
     torch.manual_seed(rows * out_features)
     weight, bias = torch.randn(out_features, 72, dtype=torch.bfloat16), torch.randn(out_features, dtype=torch.bfloat16)
     x = torch.randn(2, rows, 100, dtype=torch.bfloat16)[..., :72]   # rows further apart than their width
     packed = ops.pack_linear_bf16(weight)
     expected = x.float() @ weight.float().T
-    linear_bf16 = native.op("linear_bf16")
+    linear_bf16 = ops.linear_bf16.default
     torch.testing.assert_close(linear_bf16(x, packed, None, out_features), expected.bfloat16(),
                                **TOLERANCE[torch.bfloat16])
     torch.testing.assert_close(linear_bf16(x, packed, bias, out_features), (expected + bias.float()).bfloat16(),
                                **TOLERANCE[torch.bfloat16])
 
 
-@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_bf16_supported(),
-                    reason="the bfloat16 linear kernel needs a CPU with AVX512-BF16")
+@pytest.mark.skipif(not native.supported("bf16"), reason="the bfloat16 linear kernel needs a CPU with AVX512-BF16")
 @pytest.mark.parametrize("rows", [1, 8, 13, 300])
 @pytest.mark.parametrize("intermediate", [16, 48])   # one and three blocks of gate outputs
 def test_gate_up_kernel_equals_the_matmul_then_silu_and_mul(rows, intermediate):
@@ -98,8 +96,7 @@ def test_gate_up_kernel_equals_the_matmul_then_silu_and_mul(rows, intermediate):
         assert gate_up_linear(unfusable) is None
 
 
-@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_int8_supported(),
-                    reason="the int8 linear kernel needs a CPU with AVX512-VNNI or AVX2")
+@pytest.mark.skipif(not native.supported("int8"), reason="the int8 linear kernel needs a CPU with AVX512-VNNI or AVX2")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 5, 8, 300])
 @pytest.mark.parametrize("out_features,in_features", [(16, 64), (40, 70), (97, 9)])   # partial blocks and quads
@@ -116,7 +113,7 @@ def test_linear_int8_equals_the_w8a8_reference(dtype, rows, out_features, in_fea
 
 
 def grouped_kernel_takes(dtype: torch.dtype) -> bool:
-    return native.load()[0] is not None and native.load()[0].linear_grouped_supported(str(dtype)[6:])
+    return native.supported("grouped", str(dtype)[6:])
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 300])   # each tile height's number of chains of sums
@@ -167,8 +164,7 @@ def fp8_weight(variant: str, out_features: int, in_features: int):
                              fp8.WEIGHT_ONLY if variant == "w8a16-blocks" else fp8.SCHEME)
 
 
-@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_fp8_supported(),
-                    reason="the FP8 linear kernel needs a CPU with AVX2")
+@pytest.mark.skipif(not native.supported("fp8"), reason="the FP8 linear kernel needs a CPU with AVX2")
 @pytest.mark.parametrize("rows", [1, 2, 5, 300])
 @pytest.mark.parametrize("out_features,in_features", [(16, 64), (40, 72), (97, 12)])   # partial blocks and groups
 @pytest.mark.parametrize("variant", ["w8a8-per-channel", "w8a16-per-channel", "w8a8-blocks", "w8a16-blocks",
@@ -202,8 +198,7 @@ def test_grouped_layers_the_kernel_cannot_take_keep_the_reference():
     assert grouped_linear(dataclasses.replace(weight, tensors={**weight.tensors, "scale": tiny})) is None
 
 
-@pytest.mark.skipif(native.load()[0] is None or not native.load()[0].linear_bf16_supported(),
-                    reason="the bfloat16 linear kernel needs a CPU with AVX512-BF16")
+@pytest.mark.skipif(not native.supported("bf16"), reason="the bfloat16 linear kernel needs a CPU with AVX512-BF16")
 def test_bfloat16_models_fuse_gate_up_with_silu_and_mul(tiny_model):
     from kvserve import LLM
     from kvserve.core.layers.linear import GateUpLinear

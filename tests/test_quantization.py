@@ -173,5 +173,5 @@ def test_a_scheme_without_a_platform_kernel_warns_once_at_load(tiny_model, tmp_p
                                    "kernel for w4a16_int4): slower than the unquantized model"]
     assert len(warnings("float16", act_order, None)) == len(warnings("float16", eight_bits, None)) == 1
     for dtype in ("float32", "bfloat16"):
-        if native.load()[0] is not None and native.load()[0].linear_grouped_supported(dtype):
+        if native.supported("grouped", dtype):
             assert warnings(dtype) == warnings(dtype, act_order, None) == warnings(dtype, eight_bits, None) == []

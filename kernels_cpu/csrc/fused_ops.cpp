@@ -192,20 +192,13 @@ at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at
   return out;
 }
 
-// The kernels are operators (torch.ops.<extension name>.*), so that CPU graphs record and replay their calls like
-// torch's own; weight packing and feature checks run once, at load, from Python.
+// The core's kernels are operators (torch.ops.kvserve_cpu_core.*), so that CPU graphs record and replay their calls
+// like torch's own.
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, "
         "Tensor query_start_loc, float scale, int window, float value_scale) -> Tensor");
   m.def("store_kv(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, float key_scale, "
         "float value_scale) -> ()");
-  m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
-  m.def("gate_up_bf16(Tensor x, Tensor packed, Tensor? bias, int intermediate_size) -> Tensor");
-  m.def("linear_int8(Tensor x, Tensor packed, Tensor shift, Tensor w_scales, Tensor? bias) -> Tensor");
-  m.def("linear_grouped(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int out_features, int group_size, "
-        "bool zero_points, int bits) -> Tensor");
-  m.def("linear_fp8(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int out_features, int group_size, "
-        "int input_group, float input_scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> Tensor[]");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin) -> Tensor");
@@ -215,11 +208,6 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("paged_attention", &paged_attention);
   m.impl("store_kv", &store_kv);
-  m.impl("linear_bf16", &linear_bf16);
-  m.impl("gate_up_bf16", &gate_up_bf16);
-  m.impl("linear_int8", &linear_int8);
-  m.impl("linear_grouped", &linear_grouped);
-  m.impl("linear_fp8", &linear_fp8);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_embedding", &rotary_embedding);

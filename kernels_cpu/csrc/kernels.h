@@ -1,4 +1,5 @@
-// The kernels the other sources define, which fused_ops.cpp registers as operators and Python functions.
+// The kernels the sources define, for the file of each part that registers them as operators: fused_ops.cpp for
+// the core's, linear_<kind>.cpp for a linear part (with its AVX2 variant, linear_<kind>_avx2.h, where there is one).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "kernels.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include "tiled_linear.h"
@@ -149,3 +150,17 @@ at::Tensor pack_gate_up_bf16(const at::Tensor&) {
 bool linear_bf16_supported() { return false; }
 
 #endif
+
+// This part's operators; weight packing and the feature check run once, at load.
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  m.def("gate_up_bf16(Tensor x, Tensor packed, Tensor? bias, int intermediate_size) -> Tensor");
+  m.def("pack_linear_bf16(Tensor weight) -> Tensor", &pack_linear_bf16);
+  m.def("pack_gate_up_bf16(Tensor weight) -> Tensor", &pack_gate_up_bf16);
+  m.def("linear_bf16_supported() -> bool", &linear_bf16_supported);
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("gate_up_bf16", &gate_up_bf16);
+}

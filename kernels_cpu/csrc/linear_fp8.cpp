@@ -6,6 +6,7 @@
 // of the value (float16's exponent bias is 8 more) and once the stray copy of the sign is cleared; vcvtph2ps widens
 // 8 at a time and 2^8 joins the scales. The weight is packed as [N / 16, K, 16] bytes: each input's 16 outputs.
 #include "common.h"
+#include "kernels.h"
 
 #if KVSERVE_AVX2
 #include "avx2_linear.h"
@@ -135,3 +136,15 @@ std::vector<at::Tensor> pack_linear_fp8(const at::Tensor&, const at::Tensor&, in
 bool linear_fp8_supported() { return false; }
 
 #endif
+
+// This part's operators; weight packing and the feature check run once, at load.
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_fp8(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int out_features, int group_size, "
+        "int input_group, float input_scale) -> Tensor");
+  m.def("pack_linear_fp8(Tensor weight, Tensor scale, int group_size) -> Tensor[]", &pack_linear_fp8);
+  m.def("linear_fp8_supported() -> bool", &linear_fp8_supported);
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("linear_fp8", &linear_fp8);
+}

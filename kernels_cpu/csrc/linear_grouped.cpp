@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "kernels.h"
 
 #if KVSERVE_AVX512_BF16
 #include "tiled_linear.h"
@@ -196,3 +197,18 @@ std::vector<at::Tensor> pack_linear_grouped(const at::Tensor&, const at::Tensor&
 bool linear_grouped_supported(const std::string&) { return false; }
 
 #endif
+
+#include "linear_grouped_avx2.h"   // on CPUs with AVX2 but not AVX512-BF16: one build, one header parse
+
+// This part's operators; weight packing and the feature check run once, at load.
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_grouped(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int out_features, int group_size, "
+        "bool zero_points, int bits) -> Tensor");
+  m.def("pack_linear_grouped(Tensor qweight, Tensor scale, Tensor second, int group_size, int bits) -> Tensor[]",
+        &pack_linear_grouped);
+  m.def("linear_grouped_supported(str dtype) -> bool", &linear_grouped_supported);
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("linear_grouped", &linear_grouped);
+}

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "kernels.h"
 
 #if KVSERVE_AVX512_VNNI
 #include "int8_rows.h"
@@ -106,3 +107,16 @@ std::vector<at::Tensor> pack_linear_int8(const at::Tensor&) {
 bool linear_int8_supported() { return false; }
 
 #endif
+
+#include "linear_int8_avx2.h"   // on CPUs with AVX2 but not AVX512-VNNI: one build, one header parse
+
+// This part's operators; weight packing and the feature check run once, at load.
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_int8(Tensor x, Tensor packed, Tensor shift, Tensor w_scales, Tensor? bias) -> Tensor");
+  m.def("pack_linear_int8(Tensor qweight) -> Tensor[]", &pack_linear_int8);
+  m.def("linear_int8_supported() -> bool", &linear_int8_supported);
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("linear_int8", &linear_int8);
+}

@@ -1,13 +1,12 @@
 // CPU graphs: a forward recorded as the operator calls it made (platforms/cpu/graphs.py), replayed through the
 // dispatcher without Python. Values live in numbered slots: the step's inputs first, then each tensor an operator
 // returned. An argument is a slot, a list of slots, a constant kept from the capture, or the schema's default.
-// The one source that includes Python's and pybind's headers (a third of the build): the module's bindings are here.
+// The one source that includes Python's and pybind's headers, which take most of its build.
 #include <string>
 #include <vector>
 
 #include <torch/csrc/jit/python/pybind_utils.h>
 
-#include "kernels.h"
 
 namespace {
 
@@ -113,21 +112,7 @@ class Replay {
 
 }  // namespace
 
-// The module's Python functions: weight packing and feature checks, which run once at load, and Replay.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack_linear_bf16", &pack_linear_bf16, "lay a bfloat16 [out, in] weight out for linear_bf16");
-  m.def("pack_gate_up_bf16", &pack_gate_up_bf16, "lay a bfloat16 [gate; up] weight out for gate_up_bf16");
-  m.def("linear_bf16_supported", &linear_bf16_supported, "whether this build has linear_bf16 (AVX512-BF16)");
-  m.def("pack_linear_int8", &pack_linear_int8, "lay an int8 [out, in] weight out for linear_int8, with its shift");
-  m.def("linear_int8_supported", &linear_int8_supported, "whether this build has linear_int8 (AVX512-VNNI)");
-  m.def("pack_linear_grouped", &pack_linear_grouped,
-        "lay int4 or int8 levels, scales and offsets or zero points out for linear_grouped");
-  m.def("linear_grouped_supported", &linear_grouped_supported,
-        "whether this build's linear_grouped takes inputs of `dtype` (bfloat16 on AVX512-BF16; float32 and "
-        "bfloat16 on AVX2)");
-  m.def("pack_linear_fp8", &pack_linear_fp8, "lay an e4m3 weight and its scales out for linear_fp8");
-  m.def("linear_fp8_supported", &linear_fp8_supported, "whether this build has linear_fp8 (AVX2)");
-
   py::class_<Replay>(m, "Replay", "operator calls recorded from a forward, replayed without Python")
       .def(py::init<int64_t>(), py::arg("num_slots"))
       .def("add", &Replay::add, "append a call: op name, overload, arguments, return slots, slots to release")

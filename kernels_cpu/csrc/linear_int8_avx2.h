@@ -4,6 +4,8 @@
 // the weight's signs (a weight may be -128, x is within [-127, 127]), so that a pair sums at most 2 * 128 * 127
 // and never saturates; vpmaddwd then adds pairs of those
 // into the int32 sums of each output's quad of inputs. The weight is packed as [N / 16, K / 4, 16, 4] int8.
+#pragma once
+
 #include "common.h"
 
 #if !KVSERVE_AVX512_VNNI && KVSERVE_AVX2

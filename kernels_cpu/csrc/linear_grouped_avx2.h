@@ -6,6 +6,8 @@
 // with (2^b * scale) and the shifted offset computed once per group. The products then sum straight into the
 // outputs. The weight is packed as [N / 16, K / (32 / b), 16] 32-bit lanes: lane j of a step holds output j's
 // next 32 / b levels, input t of them in bits [b t, b t + b).
+#pragma once
+
 #include "common.h"
 
 #if !KVSERVE_AVX512_BF16 && KVSERVE_AVX2
