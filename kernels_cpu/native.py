@@ -8,6 +8,7 @@ import functools
 import hashlib
 import logging
 import os
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -37,10 +38,26 @@ def extension_name(part: str) -> str:
     return f"kvserve_cpu_{part}"
 
 
-@functools.cache
+_BUILDING = {part: threading.Lock() for part in PARTS}   # one build per part, whichever thread asks first
+
+
 def load(part: str = "core") -> tuple[ModuleType | torch._ops._OpNamespace | None, str]:
     """(the part, "") or (None, why it is not available). The core is a Python module (Replay, and its operators
     in torch.ops); a linear part is its operators' namespace, weight packing and feature checks included."""
+    with _BUILDING[part]:
+        return _load(part)
+
+
+def build_in_background(*parts: str) -> None:
+    """Start building ``parts`` on threads, so that a first start builds them beside its other work and each
+    other; load() then waits for them. The threads are not daemons: a process that ends meanwhile waits for its
+    builds rather than leave torch's build lock behind, which would hold up every later start."""
+    for part in parts:
+        threading.Thread(target=load, args=(part,), name=f"kvserve-build-{part}").start()
+
+
+@functools.cache
+def _load(part: str) -> tuple[ModuleType | torch._ops._OpNamespace | None, str]:
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None, f"disabled by {DISABLE_ENV}=0"
     try:

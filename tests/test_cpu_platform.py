@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -55,8 +57,22 @@ def test_fp8_caches_attend_keys_and_values_as_they_hold_them(shapes, cache_dtype
 @pytest.mark.skipif(shutil.which("c++") is None or os.environ.get(native.DISABLE_ENV) == "0",
                     reason="no C++ compiler, or native kernels disabled")
 def test_native_kernels_build_where_a_compiler_is_present():
-    # Every native test skips when the build fails: this one makes a broken build fail the suite.
-    assert native.load()[0] is not None, native.load()[1]
+    # Every native test skips when the build fails: this one makes a broken build of any part fail the suite.
+    for part in native.PARTS:
+        assert native.load(part)[0] is not None, f"{part}: {native.load(part)[1]}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None or os.environ.get(native.DISABLE_ENV) == "0",
+                    reason="no C++ compiler, or native kernels disabled")
+def test_a_process_that_ends_during_a_background_build_completes_it(tmp_path):
+    # A build cut off would leave torch's lock file behind, and every later start would wait on it forever.
+    script = "from kvserve.kernels_cpu import native; native.build_in_background('fp8')"
+    subprocess.run([sys.executable, "-c", script], env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)},
+                   check=True, timeout=600)
+    name = native.extension_name("fp8")
+    assert (tmp_path / name / f"{name}.so").is_file()
+    assert not (tmp_path / name / "lock").exists()
 
 
 def test_backend_choice_and_override(monkeypatch):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from kvserve.kernels_cpu import native
 from kvserve.plugins.backend_choice import choose_backend
 from kvserve.plugins.hookspecs import hookimpl
 from kvserve.plugins.interfaces import (GROUPED_BITS, AttentionBackend, AttentionSpec, MemoryInfo, PlatformInfo,
@@ -44,6 +45,10 @@ def platform_update_config(config) -> None:
                          "keeps them in host memory already; allowed on cpu: 'recompute'")
     if cache.kv_cache_memory is None:
         cache.kv_cache_memory = min(DEFAULT_KV_CACHE_BYTES, _meminfo().free_bytes // 4)
+    # What nearly every model runs: attention, and bfloat16 linear layers where bfloat16 is native. A first start
+    # builds them while it reads the tokenizer and weights; other linear kernels build when a weight needs them.
+    bfloat16 = config.model.torch_dtype in (None, torch.bfloat16) and _has_native_bfloat16()
+    native.build_in_background("core", *(("bf16",) if bfloat16 else ()))
 
 @hookimpl
 def platform_memory_info(device: torch.device) -> MemoryInfo:
@@ -75,8 +80,6 @@ def platform_communicator(rank: int, world_size: int, group):
 
 @hookimpl
 def platform_ops() -> dict:
-    from kvserve.kernels_cpu import native
-
     return native.FUSED_OPS if native.load()[0] is not None else {}
 
 @hookimpl
