@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from kvserve.core.config import check_int
+from kvserve.core.options import check_int
 from kvserve.core.structured_outputs.params import KINDS as CONSTRAINT_KINDS
 from kvserve.core.structured_outputs.params import StructuredOutputsParams
 

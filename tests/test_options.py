@@ -8,25 +8,28 @@ from pathlib import Path
 import pytest
 
 from kvserve import LLM
-from kvserve.core.config import build_engine_config, class_options, engine_options
+from kvserve.core.config import build_engine_config, engine_options
+from kvserve.core.options import class_options
 from kvserve.core.entrypoints.cli import build_parser
 from kvserve.core.entrypoints.engine_args import options_table
 from kvserve.core.entrypoints.openai.limits import ServerLimits
+from kvserve.core.entrypoints.openai.server_options import ServerOptions, options_from
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "options.md"
+SERVER_OPTIONS = class_options(ServerOptions) + class_options(ServerLimits)
 ENGINE_COMMANDS = (["generate", "x"], ["chat"], ["serve"], ["bench", "throughput"], ["bench", "latency"])
 
 
 def test_the_docs_tables_are_the_code_s():
     text = DOC.read_text()
     assert options_table(engine_options().values()) in text
-    assert options_table(class_options(ServerLimits)) in text
+    assert options_table(SERVER_OPTIONS) in text
     documented = set(re.findall(r"^\| `(\w+)` \|", text, re.MULTILINE))
-    assert documented == set(engine_options()) | {o.name for o in class_options(ServerLimits)}
+    assert documented == set(engine_options()) | {o.name for o in SERVER_OPTIONS}
 
 
 def test_option_rows_on_topic_pages_are_the_code_s():
-    rows = set(options_table(list(engine_options().values()) + class_options(ServerLimits)).splitlines()[2:])
+    rows = set(options_table(list(engine_options().values()) + SERVER_OPTIONS).splitlines()[2:])
     copied = [(page.name, line) for page in DOC.parent.glob("*.md") for line in page.read_text().splitlines()
               if re.match(r"\| `\w+` \| `--", line)]
     assert len(copied) > len(rows)   # the topic pages copy rows
@@ -54,6 +57,16 @@ def test_flags_read_each_option_s_type_and_choices():
                   ["--speculative-config", "[1]"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", *wrong])
+
+
+def test_server_options_read_their_flags_and_check_their_values():
+    args = build_parser().parse_args(["serve", "--served-model-name", "a", "b", "--port", "9000",
+                                      "--enable-auto-tool-choice", "--max-prompts-per-request", "3"])
+    server, limits = options_from(ServerOptions, args), options_from(ServerLimits, args)
+    assert (server.served_model_name, server.port, server.enable_auto_tool_choice) == (["a", "b"], 9000, True)
+    assert (server.host, server.api_key, limits.max_prompts_per_request) == ("127.0.0.1", None, 3)
+    with pytest.raises(ValueError, match=r"port must be in \[0, 65535\], got 70000"):
+        options_from(ServerOptions, build_parser().parse_args(["serve", "--port", "70000"]))
 
 
 def test_unknown_keywords_are_refused_with_the_allowed_ones():

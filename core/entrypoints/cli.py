@@ -7,9 +7,10 @@ import sys
 from kvserve.core.bench import latency as latency_bench
 from kvserve.core.bench import serving as serving_bench
 from kvserve.core.bench import throughput as throughput_bench
-from kvserve.core.config import class_options
 from kvserve.core.entrypoints.engine_args import add_engine_args, add_option_args, options_from_args
 from kvserve.core.entrypoints.openai.limits import ServerLimits
+from kvserve.core.entrypoints.openai.server_options import ServerOptions, options_from
+from kvserve.core.options import class_options
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
@@ -67,17 +68,17 @@ def cmd_serve(args) -> int:
 
     from kvserve.core.config import build_engine_config
     from kvserve.core.entrypoints.openai.api_server import serve
-    from kvserve.core.entrypoints.openai.limits import limits_from_args
     from kvserve.core.entrypoints.openai.tools import reply_parsers
     from kvserve.core.log import init_logging
 
     init_logging()
     model = args.model_tag or args.model
     config = build_engine_config(model, **options_from_args(args))
-    names = args.served_model_name or [model or DEFAULT_SERVED_NAME]
-    api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
-    parsers = reply_parsers(args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser)
-    return serve(config, args.host, args.port, names, api_key, parsers, limits_from_args(args))
+    server = options_from(ServerOptions, args)
+    names = server.served_model_name or [model or DEFAULT_SERVED_NAME]
+    api_key = server.api_key or os.environ.get("KVSERVE_API_KEY") or None
+    parsers = reply_parsers(server.enable_auto_tool_choice, server.tool_call_parser, args.reasoning_parser)
+    return serve(config, server.host, server.port, names, api_key, parsers, options_from(ServerLimits, args))
 
 
 def cmd_plugins(args) -> None:
@@ -129,15 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_sampling_args(sub)
     serve = commands.add_parser("serve", help="run the OpenAI-compatible server")
     serve.add_argument("model_tag", nargs="?", default=None, help="model to serve (default: SmolLM2-135M-Instruct)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves the network)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or KVSERVE_API_KEY)")
-    serve.add_argument("--enable-auto-tool-choice", action="store_true",
-                       help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser")
-    serve.add_argument("--tool-call-parser", default=None,
-                       help="how the model writes tool calls: hermes, llama3_json, mistral, pythonic, or a plugin's")
-    add_option_args(serve, class_options(ServerLimits))
+    add_option_args(serve, class_options(ServerOptions) + class_options(ServerLimits))
     add_engine_args(serve)
     commands.add_parser("plugins", help="list discovered plugins and the platform that would be used")
     conformance = commands.add_parser("conformance", help="check a platform plugin against kvserve's references")

@@ -7,7 +7,8 @@ import typing
 from types import NoneType, UnionType
 from typing import Iterable
 
-from kvserve.core.config import Option, engine_options
+from kvserve.core.config import engine_options
+from kvserve.core.options import Option
 
 
 def json_object(text: str) -> dict:
@@ -34,10 +35,13 @@ def template_text(text: str) -> str:
 PARSERS = {"json": json_object, "template": template_text}
 
 
-def command_line_type(hint) -> type:
-    """The type the command line reads: the field's, or str where it takes several (a size as 4GiB or bytes)."""
+def command_line_type(hint) -> tuple[type, bool]:
+    """The type the command line reads: the field's, or str where it takes several (a size as 4GiB or bytes);
+    and whether it takes a list of them."""
     kinds = [t for t in typing.get_args(hint) if t is not NoneType] if isinstance(hint, UnionType) else [hint]
-    return kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float, str) else str
+    if len(kinds) == 1 and typing.get_origin(kinds[0]) is list:
+        return typing.get_args(kinds[0])[0], True
+    return (kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float, str) else str), False
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -50,13 +54,14 @@ def add_option_args(parser: argparse.ArgumentParser, options: Iterable[Option]) 
         spec, flags = option.field, [option.flag]
         if spec.metadata["short"]:
             flags.append(spec.metadata["short"])
-        kind = command_line_type(hint)
+        kind, many = command_line_type(hint)
         if kind is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=spec.default,
                                 help=option.help)
         else:
             reader = PARSERS[spec.metadata["parse"]] if spec.metadata["parse"] else kind
-            parser.add_argument(*flags, type=reader, default=spec.default, help=option.help, choices=option.choices)
+            parser.add_argument(*flags, type=reader, default=spec.default, help=option.help, choices=option.choices,
+                                nargs="+" if many else None)
 
 
 def typed(options: Iterable[Option]) -> list[tuple[Option, object]]:

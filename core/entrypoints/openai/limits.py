@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
-from kvserve.core.config import check_int, class_options, option
+from kvserve.core.options import check_int, option
 from kvserve.core.entrypoints.openai.errors import APIError
 
 T = TypeVar("T")
@@ -57,10 +57,6 @@ class ServerLimits:
             raise APIError(400, f"the request would hold {tokens} tokens (prompt plus max_tokens, for each prompt "
                                 f"and sample); at most {self.max_request_tokens} are allowed (--max-request-tokens); "
                                 "lower max_tokens, n or the number of prompts", "max_tokens")
-
-
-def limits_from_args(args) -> ServerLimits:
-    return ServerLimits(**{option.name: getattr(args, option.name) for option in class_options(ServerLimits)})
 
 
 class Offload:
