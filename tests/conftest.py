@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from server_utils import openai_client  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig  # noqa: E402,E501
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig  # noqa: E402,E501
 
 from kvserve.conformance.tiny_model import build_tokenizer, save_tiny_model  # noqa: E402
 
@@ -44,6 +44,12 @@ EXTRA_ARCHITECTURES = {
     "llama-draft": (LlamaConfig, dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
                                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
                                       max_position_embeddings=256)),
+    # Heads of 32, not hidden_size / heads = 16.
+    "qwen3": (Qwen3Config, dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+    # Its second layer is dense; the first routes to 2 of 4 experts, their weights renormalized.
+    "qwen3-moe": (Qwen3MoeConfig, dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                       moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1],
+                                       tie_word_embeddings=False)),
 }
 
 

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3/3.1, SmolLM2); Mistral and Qwen2 reuse it."""
+"""Llama-family decoder (Llama 2/3/3.1, SmolLM2); Mistral, Qwen2 and Qwen3 reuse it."""
 from __future__ import annotations
 
 from typing import Callable
@@ -30,19 +30,25 @@ class RMSNorm(nn.Module):
 
 class LlamaAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_size: int,
-                 rotary_emb: RotaryEmbedding, qkv_bias: bool):
+                 rotary_emb: RotaryEmbedding, qkv_bias: bool, ops: Ops, qk_norm_eps: float | None = None):
+        """``qk_norm_eps``: where given, each query and key head is RMS-normalized with it before rotary (Qwen3's
+        q_norm and k_norm)."""
         super().__init__()
         self.qkv_proj, heads, kv_heads = qkv_projection(hidden_size, num_heads, num_kv_heads, head_size, qkv_bias)
         self.q_size, self.kv_size = heads * head_size, kv_heads * head_size   # this rank's
         self.o_proj = RowParallelLinear(num_heads * head_size, hidden_size, bias=False)
+        self.q_norm, self.k_norm = (None, None) if qk_norm_eps is None else (
+            RMSNorm(head_size, qk_norm_eps, ops), RMSNorm(head_size, qk_norm_eps, ops))
         self.rotary_emb = rotary_emb
         self.attn = Attention(heads, kv_heads, head_size, scale=head_size ** -0.5)
 
     def forward(self, angles: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        shape_q, shape_k = (q.shape[0], -1, self.attn.head_size), (k.shape[0], -1, self.attn.head_size)
-        q, k = self.rotary_emb(angles, q.reshape(shape_q), k.reshape(shape_k))
+        q, k = q.reshape(q.shape[0], -1, self.attn.head_size), k.reshape(k.shape[0], -1, self.attn.head_size)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(angles, q, k)
         return self.o_proj(self.attn(q, k, v, metadata))
 
 
@@ -71,10 +77,12 @@ def head_size_of(config) -> int:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, ops: Ops, qkv_bias: bool, rotary_emb: RotaryEmbedding, mlp: nn.Module):
+    def __init__(self, config, ops: Ops, qkv_bias: bool, rotary_emb: RotaryEmbedding, mlp: nn.Module,
+                 qk_norm: bool = False):
         super().__init__()
         self.self_attn = LlamaAttention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                                        head_size_of(config), rotary_emb, qkv_bias)
+                                        head_size_of(config), rotary_emb, qkv_bias, ops,
+                                        config.rms_norm_eps if qk_norm else None)
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
@@ -95,9 +103,11 @@ class OnAnotherStage(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, ops: Ops, qkv_bias: bool, make_mlp: Callable[[int], nn.Module], embeds: bool):
+    def __init__(self, config, ops: Ops, qkv_bias: bool, make_mlp: Callable[[int], nn.Module], embeds: bool,
+                 qk_norm: bool):
         """``make_mlp(layer)``: the feed-forward block of each layer. ``embeds``: this pipeline stage needs the
-        embedding (the first embeds the tokens; the last's output head may be tied to it)."""
+        embedding (the first embeds the tokens; the last's output head may be tied to it). ``qk_norm``: each
+        attention normalizes its query and key heads."""
         super().__init__()
         stage = pipeline_stage()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if embeds else None
@@ -105,7 +115,8 @@ class LlamaModel(nn.Module):
                                           rope_parameters(config), ops)
         self.own_layers = stage.layers(config.num_hidden_layers)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, ops, qkv_bias, self.rotary_emb, make_mlp(layer)) if layer in self.own_layers
+            LlamaDecoderLayer(config, ops, qkv_bias, self.rotary_emb, make_mlp(layer), qk_norm)
+            if layer in self.own_layers
             else OnAnotherStage() for layer in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops) if stage.is_last else None
 
@@ -128,6 +139,7 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
     }
     qkv_bias = False
+    qk_norm = False
     supports_pipeline_parallel = True
 
     def __init__(self, config, ops: Ops):
@@ -139,7 +151,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         stage = pipeline_stage()
         self.model = LlamaModel(config, ops, qkv_bias, lambda layer: self.make_mlp(config, ops, layer),
-                                stage.is_first or (stage.is_last and self.tie_word_embeddings))
+                                stage.is_first or (stage.is_last and self.tie_word_embeddings), self.qk_norm)
         self.lm_head = None if not stage.is_last else (
             ParallelLMHead.tied_to(self.model.embed_tokens) if self.tie_word_embeddings
             else ParallelLMHead(config.hidden_size, config.vocab_size))

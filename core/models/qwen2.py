@@ -10,5 +10,5 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     @staticmethod
     def window_of(config) -> int | None:
         if getattr(config, "use_sliding_window", False):
-            raise ValueError("Qwen2 checkpoints with use_sliding_window=True are not supported yet")
+            raise ValueError(f"{config.model_type} checkpoints with use_sliding_window=True are not supported yet")
         return None

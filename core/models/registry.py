@@ -7,6 +7,8 @@ from kvserve.core.models.llama import LlamaForCausalLM, MistralForCausalLM
 from kvserve.core.models.mixtral import MixtralForCausalLM
 from kvserve.core.models.qwen2 import Qwen2ForCausalLM
 from kvserve.core.models.qwen2_moe import Qwen2MoeForCausalLM
+from kvserve.core.models.qwen3 import Qwen3ForCausalLM
+from kvserve.core.models.qwen3_moe import Qwen3MoeForCausalLM
 
 BUILTIN_MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -14,6 +16,8 @@ BUILTIN_MODELS: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 
