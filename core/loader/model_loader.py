@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+from kvserve.core.layers.rotary import max_positions
 from kvserve.core.loader import gguf
 from kvserve.core.quantization import checkpoints
 from kvserve.plugins.interfaces import QuantizedWeight
@@ -54,7 +55,8 @@ class Checkpoint:
 
     @property
     def max_model_len(self) -> int:
-        return int(self.hf_config.max_position_embeddings)
+        """max_position_embeddings, stretched by the checkpoint's rope scaling."""
+        return max_positions(self.hf_config)
 
     def tokenizer(self, override: str | None = None):
         if override is None and self.is_gguf:
