@@ -10,6 +10,7 @@ from kvserve.core.options import Option, check_int, class_options, option, parse
 from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
 from kvserve.core.quantization.int4 import GROUP_SIZES as INT4_GROUP_SIZES
 from kvserve.core.structured_outputs.backends import BACKENDS as STRUCTURED_OUTPUTS_BACKENDS
+from kvserve.core.vllm_keywords import without_vllm_keywords
 
 DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
@@ -19,6 +20,7 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.f
 PREEMPTION_MODES = ("recompute", "swap")
 EXECUTOR_BACKENDS = ("mp", "ray")
 LOAD_FORMATS = ("auto", "dummy")
+TOKENIZER_MODES = ("auto", "hf")
 DEFAULT_MAX_NUM_SEQS = 128   # dummy: random weights of the checkpoint's shapes, for benchmarks
 def resolve_dtype(value: str | torch.dtype) -> torch.dtype | None:
     """A torch dtype for a user's dtype name; None for 'auto'."""
@@ -33,8 +35,20 @@ def resolve_dtype(value: str | torch.dtype) -> torch.dtype | None:
 
 @dataclass
 class ModelConfig:
-    model: str | None = option(None, "a Hugging Face model folder or a .gguf file (default: SmolLM2-135M-Instruct)")
-    tokenizer: str | None = option(None, "a tokenizer folder other than the model's")
+    model: str | None = option(None, "a Hugging Face model folder, a .gguf file, or a model id: ORG/NAME, "
+                                     "ORG/NAME:QUANT for a GGUF repo's file (default: SmolLM2-135M-Instruct)")
+    tokenizer: str | None = option(None, "a tokenizer folder or model id other than the model's")
+    revision: str | None = option(None, "the branch, tag or commit of a model id (default: main)")
+    tokenizer_revision: str | None = option(None, "the branch, tag or commit of the tokenizer's id (default: "
+                                                  "revision)")
+    download_dir: str | None = option(None, "the Hugging Face cache folder that model ids are found in and "
+                                            "downloaded to (default: HF_HUB_CACHE, or HF_HOME's hub)")
+    gguf_file: str | None = option(None, "the .gguf file to load of a model id's repo or a folder (or choose it "
+                                         "by an ORG/NAME:QUANT suffix)")
+    trust_remote_code: bool = option(False, "let transformers run the Python code a model ships for its config "
+                                            "or tokenizer (its auto_map)")
+    tokenizer_mode: str = option("auto", "vLLM's; both load the model's tokenizer with transformers, which has no "
+                                         "slow tokenizers from version 5 on", choices=TOKENIZER_MODES)
     dtype: str | torch.dtype = option("auto", "the weights' and activations' dtype; auto: the checkpoint's",
                                       choices=tuple(DTYPES))
     max_model_len: int | None = option(None, "the longest prompt plus output, in tokens (default: the model's, "
@@ -59,6 +73,12 @@ class ModelConfig:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         check_int("max_model_len", self.max_model_len, 1, allow_none=True)
         check_int("seed", self.seed, 0)
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code must be True or False, got {self.trust_remote_code!r}")
+        if self.tokenizer_mode not in TOKENIZER_MODES:
+            raise ValueError(f"tokenizer_mode must be one of {', '.join(TOKENIZER_MODES)}, got "
+                             f"{self.tokenizer_mode!r}: kvserve loads tokenizers with transformers, which has no slow "
+                             f"ones from version 5 on, and not with mistral_common or a custom class")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization {self.quantization!r} is not supported yet; allowed: None, "
                              f"{', '.join(map(repr, QUANTIZATION_METHODS))}")
@@ -224,7 +244,10 @@ def engine_options() -> dict[str, Option]:
 
 
 def build_engine_config(model: str | None = None, **options) -> EngineConfig:
-    """An EngineConfig from the flat keyword options that ``LLM(...)`` and the command line take (vLLM's names)."""
+    """An EngineConfig from the flat keyword options that ``LLM(...)`` and the command line take (vLLM's names).
+    A vLLM keyword that kvserve has no option for is a ValueError that says why, unless its value asks for what
+    kvserve does anyway."""
+    options = without_vllm_keywords(options)
     known = engine_options()
     unknown = sorted(set(options) - set(known))
     if unknown:

@@ -91,7 +91,7 @@ class DataParallelEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        checkpoint = Checkpoint.open(config.model.model)   # a wrong path fails here, before any process starts
+        checkpoint = Checkpoint.open(config.model)   # a wrong path fails here, before any process starts
         self.replicas = Replicas(config)
         self._finalizer = multiprocessing.util.Finalize(self, self.replicas.stop, exitpriority=10)
         self.replica_of: dict[str, int] = {}   # unfinished request id -> the replica running it

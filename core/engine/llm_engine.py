@@ -39,7 +39,7 @@ class LLMEngine:
         if config.parallel.data_parallel_size != 1:
             raise ValueError(f"an LLMEngine is one replica (data_parallel_size=1, got "
                              f"{config.parallel.data_parallel_size}); make_engine(config) builds a front over several")
-        checkpoint = Checkpoint.open(config.model.model)
+        checkpoint = Checkpoint.open(config.model)
         config.model.quantization = checkpoint.quantization(config.model.quantization)
         self.plugins = plugins or PluginManager()
         model_cls = resolve_model_class(checkpoint.hf_config, self.plugins.models())

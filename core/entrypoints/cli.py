@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(sub)
         add_sampling_args(sub)
     serve = commands.add_parser("serve", help="run the OpenAI-compatible server")
-    serve.add_argument("model_tag", nargs="?", default=None, help="model to serve (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("model_tag", nargs="?", default=None, help="model to serve: a folder, .gguf file or model id, "
+                       "ORG/NAME[:QUANT] (default: SmolLM2-135M-Instruct)")
     add_option_args(serve, class_options(ServerOptions) + class_options(ServerLimits))
     add_engine_args(serve)
     commands.add_parser("plugins", help="list discovered plugins and the platform that would be used")

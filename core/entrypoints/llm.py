@@ -17,10 +17,12 @@ Prompt = str | list[int] | dict
 
 class LLM:
     def __init__(self, model: str | None = None, **engine_options):
-        """Load ``model`` (a HF folder or .gguf file; None: the default model). ``engine_options`` are the engine
-        options of docs/options.md, named as vLLM names them (dtype, max_model_len, ...). Ranks and data-parallel
-        replicas are spawned processes that do not run the calling script again: a script needs no
-        ``if __name__ == "__main__":`` guard, and one on standard input works too."""
+        """Load ``model`` (a HF folder, a .gguf file, or a model id ORG/NAME[:QUANT] found in or downloaded to the
+        Hugging Face cache; None: the default model). ``engine_options`` are the engine options of docs/options.md,
+        named as vLLM names them (dtype, max_model_len, revision, ...); a vLLM keyword that kvserve has no option
+        for is a ValueError that says why. Ranks and data-parallel replicas are spawned processes that do not run
+        the calling script again: a script needs no ``if __name__ == "__main__":`` guard, and one on standard
+        input works too."""
         init_logging()
         self.llm_engine = make_engine(build_engine_config(model, **engine_options))
         self._request_ids = count()

@@ -1,19 +1,20 @@
-"""Find a checkpoint (a Hugging Face folder or a GGUF file), and load its config, tokenizer and model."""
+"""Find a checkpoint (a Hugging Face folder or a GGUF file, by path or model id), and load its config, tokenizer
+and model."""
 from __future__ import annotations
 
 import functools
-import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+from kvserve.core.config import ModelConfig
 from kvserve.core.layers.rotary import max_positions
-from kvserve.core.loader import gguf
+from kvserve.core.loader import gguf, hub
+from kvserve.core.loader.weights import read_weights
 from kvserve.core.quantization import checkpoints
 from kvserve.plugins.interfaces import QuantizedWeight
 
@@ -36,22 +37,27 @@ class Checkpoint:
     is_gguf: bool
     hf_config: object
     eos_token_ids: list[int]
+    source: ModelConfig = field(default_factory=ModelConfig)   # what it was opened as: for its tokenizer
 
     @classmethod
-    def open(cls, model: str | None) -> Checkpoint:
-        path = model or default_model_path()
+    def open(cls, model: ModelConfig | str | None) -> Checkpoint:
+        """The checkpoint an engine's ModelConfig names (its model, at its revision, in its download_dir, with its
+        gguf_file and trust_remote_code), or a path or model id alone (a draft's); None: the default model."""
+        source = model if isinstance(model, ModelConfig) else ModelConfig(model=model)
+        path = (hub.resolve(source.model, source.revision, source.download_dir, source.gguf_file) if source.model
+                else default_model_path())
         if os.path.isfile(path) and path.endswith(".gguf"):
             config = gguf.load_gguf_config(path)
-            return cls(path, True, config, _as_list(config.eos_token_id))
+            return cls(path, True, config, _as_list(config.eos_token_id), source)
         if not os.path.isdir(path):
             raise ValueError(f"model {path!r} is neither a Hugging Face model folder nor a .gguf file")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"model folder {path!r} has no config.json")
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=source.trust_remote_code)
         eos = _as_list(config.eos_token_id)
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             eos += _as_list(GenerationConfig.from_pretrained(path).eos_token_id)
-        return cls(path, False, config, sorted(set(eos)))
+        return cls(path, False, config, sorted(set(eos)), source)
 
     @property
     def max_model_len(self) -> int:
@@ -59,9 +65,17 @@ class Checkpoint:
         return max_positions(self.hf_config)
 
     def tokenizer(self, override: str | None = None):
-        if override is None and self.is_gguf:
-            return gguf.load_gguf_tokenizer(self.path)
-        return AutoTokenizer.from_pretrained(override or self.path)
+        """The tokenizer of ``override`` (a folder, .gguf file or model id), else the checkpoint's own; at
+        tokenizer_revision (default: revision) where it is an id."""
+        source = self.source
+        revision = source.tokenizer_revision or source.revision
+        path = self.path
+        if override is not None or (source.model and revision != source.revision):
+            path = hub.resolve(override or source.model, revision, source.download_dir,
+                               None if override else source.gguf_file, weights=False)
+        if path.endswith(".gguf"):
+            return gguf.load_gguf_tokenizer(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=source.trust_remote_code)
 
     @functools.cached_property
     def own_quantization(self) -> str | None:
@@ -90,25 +104,9 @@ class Checkpoint:
             yield from gguf.iter_gguf_weights(self.path, quantized_blocks=quantization == "gguf")
             return
         if self.own_quantization is not None:
-            yield from checkpoints.read_quantized(self._safetensors(), self.hf_config)
+            yield from checkpoints.read_quantized(read_weights(self.path), self.hf_config)
             return
-        yield from self._safetensors()
-
-    def _safetensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The *.safetensors files' tensors, or where a folder has none, its PyTorch pickles' (as EAGLE's drafts
-        ship), read with weights_only so that they can run no code."""
-        files = sorted(glob.glob(os.path.join(self.path, "*.safetensors")))
-        if not files:
-            pickles = sorted(glob.glob(os.path.join(self.path, "pytorch_model*.bin")))
-            if not pickles:
-                raise ValueError(f"model folder {self.path!r} has no *.safetensors (or pytorch_model*.bin) weights")
-            for file in pickles:
-                yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
-            return
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+        yield from read_weights(self.path)
 
 
 def _as_list(value) -> list[int]:

@@ -1,9 +1,14 @@
-"""Copy checkpoint tensors into a model, through its packed-module mapping, checking every name and shape."""
+"""Read a checkpoint folder's tensors, and copy them into a model through its packed-module mapping, checking every
+name and shape."""
 from __future__ import annotations
 
-from typing import Iterable
+import fnmatch
+import json
+import os
+from typing import Callable, Iterable, Iterator
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from kvserve.core.layers.linear import Linear
@@ -12,6 +17,40 @@ from kvserve.core.quantization import dequantize
 from kvserve.plugins.interfaces import QuantizedWeight
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Weight files by preference, each with the index that names a sharded checkpoint's files.
+WEIGHT_FILES = {"*.safetensors": "model.safetensors.index.json", "pytorch_model*.bin": "pytorch_model.bin.index.json"}
+
+
+def weight_files(names: Iterable[str], index_path: Callable[[str], str]) -> list[str]:
+    """Which of a Hugging Face checkpoint's files (``names``, relative to its folder) hold its weights: the shards
+    its model.safetensors.index.json names (not the consolidated.safetensors that some repos ship beside them),
+    else its *.safetensors, else the same of its PyTorch pickles. ``index_path(name)``: where the index file
+    ``name`` is read (downloaded first, for a repo)."""
+    top_level = {name for name in names if "/" not in name}
+    for pattern, index in WEIGHT_FILES.items():
+        if index in top_level:
+            with open(index_path(index)) as f:
+                return sorted(set(json.load(f)["weight_map"].values()))
+        if found := sorted(fnmatch.filter(top_level, pattern)):
+            return found
+    return []
+
+
+def read_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Name and tensor of every weight in the folder's weight files; PyTorch pickles are read with weights_only, so
+    that they can run no code."""
+    files = weight_files(os.listdir(folder), lambda index: os.path.join(folder, index))
+    if not files:
+        raise ValueError(f"model folder {folder!r} has no *.safetensors (or pytorch_model*.bin) weights")
+    if missing := [file for file in files if not os.path.isfile(os.path.join(folder, file))]:
+        raise ValueError(f"model folder {folder!r} lacks {', '.join(missing)}, which its index names")
+    for path in (os.path.join(folder, file) for file in files):
+        if path.endswith(".bin"):
+            yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+        else:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
