@@ -13,6 +13,8 @@ import transformers
 from transformers import AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from gguf_files import FFN, HEADS, HIDDEN, KV_HEADS, VOCAB, llama_cpp_permute, write_gguf
+
 from kvserve.core.layers.linear import MergedLinear
 from kvserve.core.layers.rotary import inverse_frequencies, rope_parameters
 from kvserve.core.loader.gguf import iter_gguf_weights, load_gguf_config, load_gguf_tokenizer
@@ -63,8 +65,6 @@ def test_tokenizer_has_chat_template(smollm):
     assert tokenizer.decode(tokenizer.encode("Hello world")) == "Hello world"
 
 
-# A tiny model: 4 heads of 16 dims, 2 kv heads, one layer.
-HIDDEN, FFN, VOCAB, HEADS, KV_HEADS = 64, 128, 32, 4, 2
 NAMES = {  # gguf name -> (HF name, HF shape, stored type)
     "token_embd.weight": ("model.embed_tokens.weight", (VOCAB, HIDDEN), QType.F16),
     "output_norm.weight": ("model.norm.weight", (HIDDEN,), QType.F32),
@@ -82,33 +82,6 @@ NAMES = {  # gguf name -> (HF name, HF shape, stored type)
     "blk.0.ffn_up.weight": ("model.layers.0.mlp.up_proj.weight", (FFN, HIDDEN), QType.BF16),
     "blk.0.ffn_down.weight": ("model.layers.0.mlp.down_proj.weight", (HIDDEN, FFN), QType.Q8_0),
 }
-
-
-def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_gguf(path, arch="llama", tensors=None, extra=lambda writer: None) -> str:
-    """tensors: gguf name -> (float array in the GGUF layout, type), or raw uint8 blocks for an exotic type."""
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(1)
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_rope_freq_base(50000.0)
-    extra(writer)
-    for name, (array, qtype) in (tensors or {}).items():
-        data = array if array.dtype == np.uint8 else gguf.quants.quantize(array, qtype)
-        writer.add_tensor(name, data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
 
 
 def tiny_model(tmp_path, arch, tied=False, types=None):
@@ -237,10 +210,6 @@ def test_errors_name_the_problem(tmp_path):
     odd = write_gguf(tmp_path / "odd.gguf", tensors=fused_qkv)
     with pytest.raises(ValueError, match=r"'blk.0.attn_qkv.weight' has no Hugging Face equivalent"):
         list(iter_gguf_weights(odd))
-    q4_k = np.zeros((8, 144), np.uint8)  # one 256-value Q4_K block per row
-    k_quant = write_gguf(tmp_path / "k.gguf", tensors={"blk.0.ffn_up.weight": (q4_k, QType.Q4_K)})
-    with pytest.raises(ValueError, match=r"'blk.0.ffn_up.weight' has type Q4_K, supported: F32, F16, BF16"):
-        list(iter_gguf_weights(k_quant))
     rope_freqs = write_gguf(tmp_path / "l3.gguf", tensors={"rope_freqs.weight": (np.ones(5, np.float32), QType.F32)})
     with pytest.raises(ValueError, match="rope_freqs.weight has 5 factors, expected 8"):
         load_gguf_config(rope_freqs)

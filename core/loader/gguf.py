@@ -1,10 +1,10 @@
 """Read a llama.cpp GGUF file as a Hugging Face checkpoint: config, float32 weights and tokenizer.
 
-Only dense Llama (with linear or llama3 rope scaling) and Qwen2 models are supported, with F32, F16, BF16, Q4_0,
-Q4_1 and Q8_0 tensors.
-Quantized tensors are dequantized to float32 on load, except that on request the linear layers' Q4_0, Q4_1 and
-Q8_0 blocks (the output head's too, a tied head's from the embedding's blocks) become int4 / int8 weight-only
-weights as they are; names and layouts follow Hugging Face.
+Architectures: llama (Mistral's files are llama files too) with linear or llama3 rope scaling, qwen2, qwen2moe,
+qwen3 and qwen3moe; tensor types: gguf_blocks.SUPPORTED_TYPES. Quantized tensors are dequantized to float32 on
+load, except that on request the linear layers' blocks that a grouped weight-only scheme holds exactly (Q4_0, Q4_1,
+Q8_0, Q5_0, Q5_1, IQ4_NL; the output head's too, a tied head's from the embedding's blocks) stay as they are;
+names and layouts follow Hugging Face.
 """
 from __future__ import annotations
 
@@ -15,21 +15,23 @@ import re
 from typing import Iterator
 
 import gguf
-import numpy as np
 import torch
 import transformers
-from gguf import GGMLQuantizationType as QType
 
-from kvserve.core.quantization import grouped
+from kvserve.core.loader.gguf_blocks import BLOCK_SCHEMES, BLOCK_SIZE, K_QUANTS, block_levels, check_type, dequantize
+from kvserve.core.log import logger
 from kvserve.plugins.interfaces import QuantizedWeight
 
 ARCHITECTURES = {
     "llama": (transformers.LlamaConfig, "LlamaForCausalLM"),
     "qwen2": (transformers.Qwen2Config, "Qwen2ForCausalLM"),
+    "qwen2moe": (transformers.Qwen2MoeConfig, "Qwen2MoeForCausalLM"),
+    "qwen3": (transformers.Qwen3Config, "Qwen3ForCausalLM"),
+    "qwen3moe": (transformers.Qwen3MoeConfig, "Qwen3MoeForCausalLM"),
 }
-SUPPORTED_TYPES = (QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q8_0)
-BLOCK_TYPES = {QType.Q4_0: grouped.W4A16, QType.Q4_1: grouped.W4A16, QType.Q8_0: grouped.W8A16}
-BLOCK_SIZE = 32   # inputs in a Q4_0, Q4_1 or Q8_0 block
+OPTIONAL_BIASES = ("llama", "qwen3", "qwen3moe")   # attention_bias: whether the file has q/k/v biases
+# Mixtures of experts, and whether llama.cpp renormalizes the chosen experts' weights (norm_topk_prob).
+MIXTURES = {"qwen2moe": False, "qwen3moe": True}
 
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -41,14 +43,19 @@ LAYER_NAMES = {
     "ffn_norm.weight": "post_attention_layernorm.weight",
     **{f"attn_{g}.{p}": f"self_attn.{h}_proj.{p}"
        for g, h in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")) for p in ("weight", "bias")},
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     **{f"ffn_{g}.weight": f"mlp.{g}_proj.weight" for g in ("gate", "up", "down")},
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    **{f"ffn_{g}_exps.weight": f"mlp.experts.{{}}.{g}_proj.weight" for g in ("gate", "up", "down")},  # per expert
+    **{f"ffn_{g}_shexp.weight": f"mlp.shared_expert.{g}_proj.weight" for g in ("gate", "up", "down")},
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
 LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(.+)")
 
 
 def load_gguf_config(path: str) -> transformers.PretrainedConfig:
-    reader = _open(path)
-    arch = _arch(reader)
+    reader, arch = _model_reader(path)
     config_cls, hf_arch = ARCHITECTURES[arch]
 
     def meta(key: str, default=None):
@@ -83,8 +90,10 @@ def load_gguf_config(path: str) -> transformers.PretrainedConfig:
         pad_token_id=meta("tokenizer.ggml.padding_token_id"),
         dtype=torch.float32,
     )
-    if arch == "llama":
+    if arch in OPTIONAL_BIASES:
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if arch in MIXTURES:
+        kwargs.update(_mixture(meta, tensors, kwargs["num_hidden_layers"], MIXTURES[arch]))
     if "rope_freqs.weight" in tensors:
         # llama.cpp stores llama3 rope scaling as the factor dividing each rotary frequency.
         factors = gguf.quants.dequantize(tensors["rope_freqs.weight"].data, tensors["rope_freqs.weight"].tensor_type)
@@ -96,33 +105,36 @@ def load_gguf_config(path: str) -> transformers.PretrainedConfig:
 
 def iter_gguf_weights(path: str, quantized_blocks: bool = False
                       ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
-    """HF names and float32 tensors; with ``quantized_blocks``, the linear layers' and the output head's Q4_0,
-    Q4_1 and Q8_0 weights as they are stored (a head tied to the embedding as the embedding's blocks, while the
-    embedding itself stays float)."""
-    reader = _open(path)
-    arch = _arch(reader)
+    """HF names and float32 tensors (a mixture's stacked experts one by one); with ``quantized_blocks``, the
+    linear layers' and the output head's weights of a type in BLOCK_SCHEMES as they are stored (a head tied to the
+    embedding as the embedding's blocks, while the embedding itself stays float)."""
+    reader, arch = _model_reader(path)
     num_heads = _field(reader, f"{arch}.attention.head_count")
     num_kv_heads = _field(reader, f"{arch}.attention.head_count_kv", num_heads)
     tied = not any(t.name == "output.weight" for t in reader.tensors)
+    if quantized_blocks:
+        _log_dequantized_k_quants(reader)
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":   # part of the config (rope_freq_factors), not a weight
             continue
         name = _hf_name(t.name)
-        if t.tensor_type not in SUPPORTED_TYPES:
-            raise ValueError(f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, supported: "
-                             f"{', '.join(q.name for q in SUPPORTED_TYPES)}")
         shape = tuple(int(d) for d in reversed(t.shape))
-        as_blocks = quantized_blocks and t.tensor_type in BLOCK_TYPES
+        if len(shape) == 3:   # experts, stacked: float, as the fused MoE op takes them
+            for expert in range(shape[0]):
+                yield name.format(expert), dequantize(t.data[expert], t.tensor_type, shape[1:])
+            continue
+        if name.endswith("shared_expert_gate.weight"):   # llama.cpp drops the single output's dimension
+            shape = (1, *shape)
+        as_blocks = quantized_blocks and t.tensor_type in BLOCK_SCHEMES
         if as_blocks and tied and name == "model.embed_tokens.weight":
-            yield "lm_head.weight", QuantizedWeight(BLOCK_TYPES[t.tensor_type], block_levels(t.data, t.tensor_type,
-                                                                                            shape), shape, BLOCK_SIZE)
+            yield "lm_head.weight", QuantizedWeight(BLOCK_SCHEMES[t.tensor_type],
+                                                    block_levels(t.data, t.tensor_type, shape), shape, BLOCK_SIZE)
         if as_blocks and name.endswith(("_proj.weight", "lm_head.weight")):
             tensors = block_levels(t.data, t.tensor_type, shape)
         else:
-            tensors = {"": torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
-                       .reshape(shape)}
+            tensors = {"": dequantize(t.data, t.tensor_type, shape)}
         # llama.cpp interleaves the rotary halves of each q/k head for llama; HF uses rotate_half. Each row is
-        # an output, so the same rows of levels, scales and offsets move.
+        # an output, so the same rows of levels, scales and offsets (or zero points) move.
         heads = {".q_proj.": num_heads, ".k_proj.": num_kv_heads}
         for part, n_head in heads.items():
             if arch == "llama" and part in name:
@@ -130,28 +142,7 @@ def iter_gguf_weights(path: str, quantized_blocks: bool = False
         if "" in tensors:
             yield name, tensors[""]
         else:
-            yield name, QuantizedWeight(BLOCK_TYPES[t.tensor_type], tensors, shape, BLOCK_SIZE)
-
-
-def block_levels(data: np.ndarray, qtype: QType, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """A Q4_0, Q4_1 or Q8_0 tensor's blocks of 32 inputs as levels, scales and offsets. Each starts with a float16
-    scale d. A Q4_1 block has a float16 minimum m, then 16 bytes of levels (weight = d * level + m), a Q4_0 block
-    the 16 bytes (weight = d * (level - 8)); byte j holds inputs j (low nibble) and j + 16 (high nibble). A Q8_0
-    block has 32 signed bytes q (weight = d * q, here the level q + 128 less the zero point 128)."""
-    out_features, in_features = shape
-    blocks = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True))   # the file is mapped read-only
-    blocks = blocks.reshape(out_features, in_features // BLOCK_SIZE, -1)
-    scale = blocks[..., :2].contiguous().view(torch.float16)[..., 0]
-    if qtype == QType.Q8_0:
-        levels = (blocks[..., 2:].contiguous().view(torch.int8).int() + 128).to(torch.uint8)
-        return {"qweight": levels.reshape(out_features, in_features), "scale": scale,
-                "zero": torch.full(scale.shape, 128, dtype=torch.int32)}
-    if qtype == QType.Q4_1:
-        offset, levels = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0], blocks[..., 4:]
-    else:
-        offset, levels = scale * -8, blocks[..., 2:]   # exact: a power of two
-    qweight = torch.cat([levels & 0xF, levels >> 4], dim=-1).reshape(out_features, in_features)
-    return {"qweight": qweight, "scale": scale, "offset": offset}
+            yield name, QuantizedWeight(BLOCK_SCHEMES[t.tensor_type], tensors, shape, BLOCK_SIZE)
 
 
 def load_gguf_tokenizer(path: str):
@@ -185,11 +176,15 @@ def _open(path: str) -> gguf.GGUFReader:
     return gguf.GGUFReader(path)
 
 
-def _arch(reader: gguf.GGUFReader) -> str:
+def _model_reader(path: str) -> tuple[gguf.GGUFReader, str]:
+    """The file's reader and architecture, once both the architecture and every tensor's type are supported."""
+    reader = _open(path)
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported, supported: {', '.join(ARCHITECTURES)}")
-    return arch
+    for t in reader.tensors:
+        check_type(t.name, t.tensor_type)
+    return reader, arch
 
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
@@ -208,6 +203,29 @@ def _rope_parameters(reader: gguf.GGUFReader, arch: str) -> dict:
     elif kind not in (None, "none", "linear"):
         raise ValueError(f"GGUF rope scaling {kind!r} is not supported, supported: none, linear")
     return params
+
+
+def _mixture(meta, tensors: dict, num_layers: int, renormalize: bool) -> dict:
+    """A mixture of experts' config fields: the experts' sizes from their tensors' shapes, which the model's must
+    match anyway; a layer without a router keeps a dense MLP."""
+    def rows(suffix: str) -> int | None:
+        shapes = [t.shape for name, t in tensors.items() if name.endswith(suffix)]
+        return int(shapes[0][1]) if shapes else None   # GGUF lists dimensions inputs first
+
+    fields = dict(num_experts=meta("{arch}.expert_count"), num_experts_per_tok=meta("{arch}.expert_used_count"),
+                  moe_intermediate_size=rows(".ffn_gate_exps.weight"), decoder_sparse_step=1,
+                  mlp_only_layers=[i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors],
+                  norm_topk_prob=bool(meta("{arch}.expert_weights_norm", renormalize)))
+    shared = rows(".ffn_gate_shexp.weight")
+    return fields if shared is None else {**fields, "shared_expert_intermediate_size": shared}
+
+
+def _log_dequantized_k_quants(reader: gguf.GGUFReader) -> None:
+    k_quants = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type in K_QUANTS})
+    if k_quants:
+        logger.warning("quantization='gguf': the %s tensors are dequantized at load (their sub-block scales are "
+                       "not float16 numbers, which the grouped weight-only kernel takes); only %s blocks run as "
+                       "stored", ", ".join(k_quants), ", ".join(q.name for q in BLOCK_SCHEMES))
 
 
 def _hf_name(name: str) -> str:

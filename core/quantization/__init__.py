@@ -15,8 +15,8 @@ METHODS = {
                           "pack-quantized, W8A8 int8, FP8), read from the checkpoint's quantization_config",
     "fp8": "FP8 (e4m3) W8A8: an fp8 checkpoint's own (quant_method fp8), else online, weights per channel at load "
            "and activations per token at run time",
-    "gguf": "a GGUF file's Q4_0, Q4_1 and Q8_0 linear layers and output head run as int4 / int8 weight-only weights, "
-            "as stored (other types dequantized)",
+    "gguf": "a GGUF file's Q4_0, Q4_1, Q8_0, Q5_0, Q5_1 and IQ4_NL linear layers and output head run as int4 / int8 "
+            "weight-only weights, as stored (K-quants and other types dequantized)",
     "gptq": "GPTQ checkpoints (4 or 8 bits, as AutoGPTQ and GPTQModel write them), read from its quantization_config",
     "int4": "online W4A16: weights quantized at load in groups of 32 inputs (or --quantization-group-size), 16 "
             "levels each, activations unquantized",
