@@ -210,6 +210,8 @@ def test_a_request_waits_for_its_grammar_while_the_others_run(tiny_model):
 def test_a_held_request_whose_grammar_is_too_slow_fails_alone(tiny_model):
     engine = LLM(tiny_model("llama-tied-gqa"), dtype="float32", kv_cache_memory="16MiB",
                  structured_outputs_compile_timeout=1e-4).llm_engine
+    for fields in (1000, 999):   # the request's grammar waits behind these, as above
+        engine.grammars._compilation(StructuredOutputsParams(json=wide_schema(fields)))
     engine.add_request("free", [5, 6, 7], SamplingParams(temperature=0, max_tokens=8), prompt_token_ids=[5, 6, 7])
     engine.add_request("slow", [8, 9], SamplingParams(**constrained(regex="[a-e]+")), prompt_token_ids=[8, 9])
     with pytest.raises(EngineStepError, match=r"\['slow'\].*structured_outputs_compile_timeout"):
