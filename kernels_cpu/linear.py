@@ -68,21 +68,22 @@ def grouped_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Ten
     """W4A16 or W8A16 on a "w4a16_int4" or "w8a16_int8" weight: bfloat16 inputs on AVX512-BF16 (the levels packed
     in nibbles and multiplied where they lie, each group's sums scaled once), float32 or bfloat16 on AVX2 (each
     level turned into its weight in registers). Act-order inputs (``g_idx``) are gathered into their groups, the
-    weight's columns once and each input row at every call. None for other input dtypes or CPUs, unless the width
-    and the group size are multiples of 16, for groups of unequal sizes, or for scales float16 does not hold exactly
-    (the kernel's)."""
+    weight's columns once and each input row at every call. The kernel keeps scales and offsets in float16 where
+    float16 holds them all, else in float32 (GGUF's K-quants). None for other input dtypes or CPUs, unless the width
+    and the group size are multiples of 16, for groups of unequal sizes, or for scales or offsets float32 does not
+    hold exactly."""
     ops, tensors, group_size = native.load("grouped")[0], weight.tensors, weight.group_size
     dtype_name = str(weight.dtype).removeprefix("torch.")
     if not native.supported("grouped", dtype_name) or weight.shape[1] % 16 or group_size % 16:
         return None
-    if not torch.equal(tensors["scale"].half().to(tensors["scale"].dtype), tensors["scale"]):
+    zero_points, bits = "zero" in tensors, GROUPED_BITS[weight.scheme]
+    second = tensors["zero"] if zero_points else tensors["offset"]
+    if not all(torch.equal(t.float().to(t.dtype), t) for t in (tensors["scale"], second)):
         return None
     order, whole_groups = weight.input_order()
     if not whole_groups:
         return None
     qweight = tensors["qweight"] if order is None else tensors["qweight"][:, order]
-    zero_points, bits = "zero" in tensors, GROUPED_BITS[weight.scheme]
-    second = tensors["zero"] if zero_points else tensors["offset"]
     packed, scales = ops.pack_linear_grouped(qweight, tensors["scale"], second, group_size, bits)
     linear_grouped, out_features = ops.linear_grouped.default, weight.shape[0]
     if order is None:

@@ -210,9 +210,9 @@ class QuantizedWeight:
       activations are quantized per token at run time, symmetric with scale ``max|x| / 127``, and the product's
       integer sums are scaled by both scales.
     - ``"w4a16_int4"``: ``qweight`` uint8 ``[out, in]`` of values 0-15, and per group of ``group_size`` inputs
-      (input k in group k // group_size, the last group possibly shorter) ``scale`` ``[out, groups]`` (float16, or
-      the float dtype a compressed-tensors checkpoint stores) and either ``offset`` float16 (weight = qweight *
-      scale + offset: online int4, GGUF) or ``zero`` integer zero points (weight = (qweight - zero) * scale: GPTQ,
+      (input k in group k // group_size, the last group possibly shorter) ``scale`` ``[out, groups]`` (float16,
+      float32 for GGUF K-quants, or the float dtype a compressed-tensors checkpoint stores) and either ``offset``
+      of the scale's dtype (weight = qweight * scale + offset: online int4, GGUF) or ``zero`` integer zero points (weight = (qweight - zero) * scale: GPTQ,
       AWQ, compressed-tensors); with ``g_idx`` int ``[in]``, input k is in group g_idx[k] instead (GPTQ's
       act-order). Activations stay in the model dtype.
     - ``"w8a16_int8"``: the same with values 0-255 (8-bit GPTQ, compressed-tensors W8A16, GGUF Q8_0).

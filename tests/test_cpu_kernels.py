@@ -8,10 +8,11 @@ import torch
 
 from kvserve.conformance.ops import (TOLERANCE, check_add_rms_norm, check_argmax, check_rms_norm,
                                      check_rotary_on_strided_views, check_silu_and_mul)
-from kvserve.core.quantization import dequantize, fp8, int4
+from kvserve.core.quantization import dequantize, fp8, grouped, int4
 from kvserve.core.quantization.int8 import quantize_weight, reference_kernel
 from kvserve.kernels_cpu import native
 from kvserve.kernels_cpu.linear import fp8_linear, gate_up_linear, grouped_linear, int8_linear, packed_linear
+from kvserve.plugins.interfaces import QuantizedWeight
 
 pytestmark = pytest.mark.skipif(native.load()[0] is None, reason=f"native kernels unavailable: {native.load()[1]}")
 CPU = torch.device("cpu")
@@ -116,16 +117,18 @@ def grouped_kernel_takes(dtype: torch.dtype) -> bool:
     return native.supported("grouped", str(dtype)[6:])
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 300])   # each tile height's number of chains of sums
-@pytest.mark.parametrize("out_features,in_features,group_size", [(16, 64, 32), (40, 160, 128), (97, 576, 32)])
-# Q4_1-like, GPTQ/AWQ, GPTQ act-order, compressed-tensors (int32 zero points, bfloat16 scales)
-@pytest.mark.parametrize("variant", ["offset", "zero", "zero+g_idx", "zero+bf16"])
-@pytest.mark.parametrize("bits", [4, 8])
-def test_grouped_linear_equals_the_dequantized_weight_times_x(rows, out_features, in_features, group_size, variant,
-                                                              bits, dtype):
-    if not grouped_kernel_takes(dtype):
-        pytest.skip(f"this CPU's grouped linear kernel does not take {dtype} (AVX512-BF16: bfloat16; AVX2: both)")
-    torch.manual_seed(rows + out_features)
+def k_quant_like(values: torch.Tensor) -> torch.Tensor:
+    """Numbers near ``values`` made as GGUF K-quants make scales and minimums, a float16 d times an integer
+    sub-scale (of 7 bits, as Q6_K's): exact in float32, mostly not in float16."""
+    d = (values.float() / 112).half().float()
+    return d * torch.randint(96, 128, values.shape)
+
+
+def grouped_weight(variant: str, bits: int, out_features: int, in_features: int, group_size: int,
+                   dtype: torch.dtype) -> QuantizedWeight:
+    """A grouped weight of the layout ``variant`` names: "offset" (Q4_1-like, float16 scales and offsets), "zero"
+    (GPTQ/AWQ), "zero+g_idx" (GPTQ act-order), "zero+bf16" (compressed-tensors: int32 zero points, bfloat16 scales),
+    "offset+f32" and "zero+f32" (GGUF K-quants: float32 scales and offsets)."""
     weight = int4.quantize_weight(torch.randn(out_features, in_features) * 0.1, group_size)   # 160: a short group
     weight = dataclasses.replace(weight, dtype=dtype)
     groups, top = -(-in_features // group_size), (1 << bits) - 1
@@ -133,14 +136,30 @@ def test_grouped_linear_equals_the_dequantized_weight_times_x(rows, out_features
         weight = dataclasses.replace(weight, scheme="w8a16_int8", tensors={
             **weight.tensors, "qweight": torch.randint(0, top + 1, (out_features, in_features), dtype=torch.uint8),
             "scale": weight.tensors["scale"] / 16})
-    if variant != "offset":
-        tensors = {"qweight": weight.tensors["qweight"], "scale": weight.tensors["scale"],
+    tensors = weight.tensors
+    if variant.startswith("zero"):
+        tensors = {"qweight": tensors["qweight"], "scale": tensors["scale"],
                    "zero": torch.randint(0, top + 2, (out_features, groups))}   # GPTQ's zero minus one, plus one
         if variant == "zero+g_idx":
             tensors["g_idx"] = (torch.arange(in_features) // group_size)[torch.randperm(in_features)].int()
         if variant == "zero+bf16":
             tensors.update(scale=tensors["scale"].bfloat16(), zero=tensors["zero"].int())
-        weight = dataclasses.replace(weight, tensors=tensors)
+    if variant.endswith("+f32"):
+        tensors = {**tensors, **{key: k_quant_like(tensors[key]) for key in ("scale", "offset") if key in tensors}}
+    return dataclasses.replace(weight, tensors=tensors)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 300])   # each tile height's number of chains of sums
+@pytest.mark.parametrize("out_features,in_features,group_size",
+                         [(16, 64, 32), (40, 160, 128), (97, 576, 32), (33, 256, 16)])
+@pytest.mark.parametrize("variant", ["offset", "zero", "zero+g_idx", "zero+bf16", "offset+f32", "zero+f32"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_grouped_linear_equals_the_dequantized_weight_times_x(rows, out_features, in_features, group_size, variant,
+                                                              bits, dtype):
+    if not grouped_kernel_takes(dtype):
+        pytest.skip(f"this CPU's grouped linear kernel does not take {dtype} (AVX512-BF16: bfloat16; AVX2: both)")
+    torch.manual_seed(rows + out_features)
+    weight = grouped_weight(variant, bits, out_features, in_features, group_size, dtype)
     bias = torch.randn(out_features, dtype=dtype)
     x = torch.randn(2, rows, in_features + 16, dtype=dtype)[..., :in_features]
     kernel = grouped_linear(weight)
@@ -148,6 +167,45 @@ def test_grouped_linear_equals_the_dequantized_weight_times_x(rows, out_features
     for b in (None, bias):
         expected = (exact if b is None else exact + b.double()).to(dtype)
         torch.testing.assert_close(kernel(x, b), expected, **TOLERANCE[dtype])
+
+
+# Q4_K, Q5_K (offsets), Q3_K and Q6_K (zero points) by bits on the kernel: (levels, zero point)
+K_QUANT_LEVELS = {("offset", 4): (16, None), ("offset", 8): (32, None), ("zero", 4): (8, 4), ("zero", 8): (64, 32)}
+
+
+def k_quant_weight(form: str, bits: int) -> QuantizedWeight:
+    """40 x 256 weights in groups of 16 as K-quants make them: levels of up to 6 bits, float32 scales d * sc of an
+    11-bit d, and offsets -dmin * m with dmin as small as d (offset - 2^bits * scale takes up to 26 bits)."""
+    levels, zero = K_QUANT_LEVELS[form, bits]
+    scale = k_quant_like(torch.rand(40, 16) + 1)
+    second = {"offset": -k_quant_like(scale)} if zero is None else {"zero": torch.full((40, 16), zero)}
+    tensors = {"qweight": torch.randint(0, levels, (40, 256), dtype=torch.uint8), "scale": scale, **second}
+    return QuantizedWeight(grouped.SCHEME_OF_BITS[bits], tensors, (40, 256), 16, torch.float32)
+
+
+@pytest.mark.skipif(not grouped_kernel_takes(torch.float32),
+                    reason="float32 inputs show the grouped kernel's weights unrounded; its AVX2 form takes them")
+@pytest.mark.parametrize("variant", ["offset", "zero", "k-quant offset", "k-quant zero"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_grouped_kernel_weights_are_the_dequantized_weights_bit_for_bit(variant, bits):
+    torch.manual_seed(bits)
+    if variant.startswith("k-quant"):
+        weight = k_quant_weight(variant.split()[1], bits)
+    else:
+        weight = grouped_weight(variant, bits, 40, 256, 16, torch.float32)
+    one_hot_rows = torch.eye(256)   # row k times the weight: input k's weights, each a single product
+    assert torch.equal(grouped_linear(weight)(one_hot_rows, None), dequantize(weight, torch.float32).T)
+
+
+@pytest.mark.skipif(not grouped_kernel_takes(torch.bfloat16), reason="no grouped linear kernel on this CPU")
+def test_grouped_scales_are_stored_in_float16_where_it_holds_them_else_in_float32():
+    torch.manual_seed(0)
+    weight = grouped_weight("offset", 4, 32, 64, 32, torch.bfloat16)
+    levels, scale, offset = (weight.tensors[key] for key in ("qweight", "scale", "offset"))
+    pack = native.load("grouped")[0].pack_linear_grouped
+    for scales, offsets, stored in ((scale, offset, torch.float16), (k_quant_like(scale), offset, torch.float32),
+                                    (scale, k_quant_like(offset), torch.float32)):
+        assert pack(levels, scales, offsets, 32, 4)[1].dtype == stored
 
 
 def fp8_weight(variant: str, out_features: int, in_features: int):
@@ -194,8 +252,9 @@ def test_grouped_layers_the_kernel_cannot_take_keep_the_reference():
     assert grouped_linear(dataclasses.replace(weight, dtype=torch.float16)) is None
     uneven = torch.tensor([0] * 40 + [1] * 24, dtype=torch.int32)   # act-order groups of 40 and 24 inputs
     assert grouped_linear(dataclasses.replace(weight, tensors={**weight.tensors, "g_idx": uneven})) is None
-    tiny = torch.full_like(weight.tensors["scale"], 1.2345e-7, dtype=torch.bfloat16)   # float16 rounds it
-    assert grouped_linear(dataclasses.replace(weight, tensors={**weight.tensors, "scale": tiny})) is None
+    for key in ("scale", "offset"):   # float32 rounds them
+        tenths = torch.full_like(weight.tensors[key], 0.1, dtype=torch.float64)
+        assert grouped_linear(dataclasses.replace(weight, tensors={**weight.tensors, key: tenths})) is None
 
 
 @pytest.mark.skipif(not native.supported("bf16"), reason="the bfloat16 linear kernel needs a CPU with AVX512-BF16")

@@ -2,8 +2,8 @@
 
 Architectures: llama (Mistral's files are llama files too) with linear or llama3 rope scaling, qwen2, qwen2moe,
 qwen3 and qwen3moe; tensor types: gguf_blocks.SUPPORTED_TYPES. Quantized tensors are dequantized to float32 on
-load, except that on request the linear layers' blocks that a grouped weight-only scheme holds exactly (Q4_0, Q4_1,
-Q8_0, Q5_0, Q5_1, IQ4_NL; the output head's too, a tied head's from the embedding's blocks) stay as they are;
+load, except that on request the linear layers' blocks, which a grouped weight-only scheme holds exactly (every
+quantized type kvserve reads; the output head's too, a tied head's from the embedding's blocks), stay as they are;
 names and layouts follow Hugging Face.
 """
 from __future__ import annotations
@@ -18,8 +18,7 @@ import gguf
 import torch
 import transformers
 
-from kvserve.core.loader.gguf_blocks import BLOCK_SCHEMES, BLOCK_SIZE, K_QUANTS, block_levels, check_type, dequantize
-from kvserve.core.log import logger
+from kvserve.core.loader.gguf_blocks import BLOCK_SCHEMES, block_levels, check_type, dequantize
 from kvserve.plugins.interfaces import QuantizedWeight
 
 ARCHITECTURES = {
@@ -112,8 +111,6 @@ def iter_gguf_weights(path: str, quantized_blocks: bool = False
     num_heads = _field(reader, f"{arch}.attention.head_count")
     num_kv_heads = _field(reader, f"{arch}.attention.head_count_kv", num_heads)
     tied = not any(t.name == "output.weight" for t in reader.tensors)
-    if quantized_blocks:
-        _log_dequantized_k_quants(reader)
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":   # part of the config (rope_freq_factors), not a weight
             continue
@@ -125,10 +122,11 @@ def iter_gguf_weights(path: str, quantized_blocks: bool = False
             continue
         if name.endswith("shared_expert_gate.weight"):   # llama.cpp drops the single output's dimension
             shape = (1, *shape)
-        as_blocks = quantized_blocks and t.tensor_type in BLOCK_SCHEMES
+        scheme, group_size = BLOCK_SCHEMES.get(t.tensor_type, (None, None))
+        as_blocks = quantized_blocks and scheme is not None
         if as_blocks and tied and name == "model.embed_tokens.weight":
-            yield "lm_head.weight", QuantizedWeight(BLOCK_SCHEMES[t.tensor_type],
-                                                    block_levels(t.data, t.tensor_type, shape), shape, BLOCK_SIZE)
+            yield "lm_head.weight", QuantizedWeight(scheme, block_levels(t.data, t.tensor_type, shape), shape,
+                                                    group_size)
         if as_blocks and name.endswith(("_proj.weight", "lm_head.weight")):
             tensors = block_levels(t.data, t.tensor_type, shape)
         else:
@@ -142,7 +140,7 @@ def iter_gguf_weights(path: str, quantized_blocks: bool = False
         if "" in tensors:
             yield name, tensors[""]
         else:
-            yield name, QuantizedWeight(BLOCK_SCHEMES[t.tensor_type], tensors, shape, BLOCK_SIZE)
+            yield name, QuantizedWeight(scheme, tensors, shape, group_size)
 
 
 def load_gguf_tokenizer(path: str):
@@ -218,14 +216,6 @@ def _mixture(meta, tensors: dict, num_layers: int, renormalize: bool) -> dict:
                   norm_topk_prob=bool(meta("{arch}.expert_weights_norm", renormalize)))
     shared = rows(".ffn_gate_shexp.weight")
     return fields if shared is None else {**fields, "shared_expert_intermediate_size": shared}
-
-
-def _log_dequantized_k_quants(reader: gguf.GGUFReader) -> None:
-    k_quants = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type in K_QUANTS})
-    if k_quants:
-        logger.warning("quantization='gguf': the %s tensors are dequantized at load (their sub-block scales are "
-                       "not float16 numbers, which the grouped weight-only kernel takes); only %s blocks run as "
-                       "stored", ", ".join(k_quants), ", ".join(q.name for q in BLOCK_SCHEMES))
 
 
 def _hf_name(name: str) -> str:

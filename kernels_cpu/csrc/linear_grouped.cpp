@@ -1,12 +1,13 @@
 // Weight-only int4 and int8 linear layers (W4A16, W8A16) on CPUs with AVX512-BF16: weight = level * scale +
 // offset per group of inputs, or (level - zero) * scale with integer zero points (GPTQ, AWQ, compressed-tensors),
-// levels 0-15 or 0-255, float16 scales and offsets, bfloat16 activations. A 4-bit level (a nibble) becomes the
+// levels 0-15 or 0-255, bfloat16 activations. Scales and offsets are float16 where float16 holds them all, else
+// float32 (GGUF's K-quants: a float16 d times an integer sub-scale). A 4-bit level (a nibble) becomes the
 // bfloat16 number 128 + level by one bit operation (0x4300 is 128, and levels fill its low mantissa bits), so that
 // vdpbf16ps sums a group's x * (128 + level) exactly as it sums bfloat16 products. An 8-bit level's low nibble
 // does the same, and its high nibble h becomes 2048 + 16 h (0x4500: at 2048 the mantissa's step is 16), so that the
 // two products sum x * (base + level) with base 2176. Each group's sums then take its scale and offset:
 //   out += scale * sum + (offset - base * scale) * sum_x,   sum_x the group's sum of inputs,
-// where a zero point's offset - base * scale is -(base + zero) * scale, exact in float32.
+// where a zero point's offset - base * scale is -(base + zero) * scale.
 // The weight is packed as [N / 16, K / 8 or K / 4, 32] 16-bit words: word 2j + i of a step holds, in its four
 // nibbles t = 0..3, output j's inputs 8 * step + 2t + i (4 bits), or nibble t % 2 of its input
 // 4 * step + 2 (t / 2) + i (8 bits): the input pairs that vdpbf16ps takes, four nibbles in one load.
@@ -15,9 +16,33 @@
 #include "common.h"
 #include "kernels.h"
 
-#if KVSERVE_AVX512_BF16
+#if KVSERVE_AVX512_BF16 || KVSERVE_AVX2
+#include <type_traits>
+
 #include "tiled_linear.h"
 
+namespace {
+
+using namespace kvserve;
+
+// body(std::integral_constant<int, bits>{}, Scale{}) for levels of `bits` bits and scales stored as Scale:
+// c10::Half or float.
+template <typename Body>
+void dispatch_grouped(int64_t bits, const at::Tensor& scales, Body&& body) {
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat,
+              "linear_grouped takes float16 or float32 scales from pack_linear_grouped");
+  const auto with_scales = [&](auto levels) {
+    if (scales.scalar_type() == at::kHalf) body(levels, c10::Half{});
+    else body(levels, float{});
+  };
+  if (bits == 4) with_scales(std::integral_constant<int, 4>{});
+  else with_scales(std::integral_constant<int, 8>{});
+}
+
+}  // namespace
+#endif
+
+#if KVSERVE_AVX512_BF16
 namespace {
 
 using namespace kvserve;
@@ -27,7 +52,12 @@ constexpr int kSumChunk = 16;      // sum_x adds 16 inputs at a time
 
 constexpr int64_t step_inputs(int bits) { return bits == 4 ? 8 : 4; }
 
-template <int Bits>
+__m512 load_16(const c10::Half* halves) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(halves)));
+}
+__m512 load_16(const float* floats) { return _mm512_loadu_ps(floats); }
+
+template <int Bits, typename Scale>
 struct GroupedLinear {
   static constexpr float kBase = Bits == 4 ? 128.f : 2176.f;
 
@@ -36,7 +66,7 @@ struct GroupedLinear {
   const float* x_sums;      // [m, groups]
   int64_t groups, group_steps;
   const uint16_t* weight;   // packed
-  const uint16_t* scales;   // float16 [N / 16, groups, 2, 16]: each block's scales, then its offsets or zeros
+  const Scale* scales;      // [N / 16, groups, 2, 16]: each block's scales, then its offsets or zeros
   const uint16_t* bias;     // bfloat16, or nullptr
   uint16_t* out;
   bool zero_points;
@@ -87,11 +117,10 @@ struct GroupedLinear {
       }
       for (int r = 0; r < R; ++r)
         for (int a = 1; a < A; ++a) sums[r][0] = _mm512_add_ps(sums[r][0], sums[r][a]);
-      const uint16_t* group_scales = scales + (block * groups + g) * 2 * kOutBlock;
-      const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_scales)));
-      const __m512 second =
-          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_scales + kOutBlock)));
-      // offset - base * scale is exact in float32 unless the two are more than 2^13 apart
+      const Scale* group_scales = scales + (block * groups + g) * 2 * kOutBlock;
+      const __m512 scale = load_16(group_scales), second = load_16(group_scales + kOutBlock);
+      // offset - base * scale is exact in float32 for float16 scales unless the two are more than 2^13 apart;
+      // for float32 ones it may round, about as much as scale * sum does
       const __m512 base = _mm512_set1_ps(kBase);
       const __m512 shifted_offset = zero_points
                                         ? _mm512_fnmadd_ps(_mm512_add_ps(second, base), scale, _mm512_setzero_ps())
@@ -126,14 +155,14 @@ at::Tensor group_sums(const at::Tensor& input, int64_t group, int64_t groups) {
   return sums;
 }
 
-template <int Bits>
+template <int Bits, typename Scale>
 void run_grouped(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& scales,
                  const at::Tensor& bias, at::Tensor& out, int64_t group_size, bool zero_points) {
   const int64_t n = out.size(1), groups = scales.size(1);
   const auto sums = group_sums(input, group_size, groups);
-  const GroupedLinear<Bits> kernel{
+  const GroupedLinear<Bits, Scale> kernel{
       ptr<const uint16_t>(input), input.stride(0), packed.size(1), n, ptr<const float>(sums), groups,
-      group_size / step_inputs(Bits), ptr<const uint16_t>(packed), ptr<const uint16_t>(scales),
+      group_size / step_inputs(Bits), ptr<const uint16_t>(packed), ptr<const Scale>(scales),
       bias.defined() ? ptr<const uint16_t>(bias) : nullptr, ptr<uint16_t>(out), zero_points};
   for_each_tile(kernel, input.size(0), packed.size(0));
 }
@@ -144,8 +173,8 @@ at::Tensor linear_grouped(const at::Tensor& x, const at::Tensor& packed, const a
                              const c10::optional<at::Tensor>& bias, int64_t n, int64_t group_size,
                              bool zero_points, int64_t bits) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_grouped takes bfloat16 inputs");
-  TORCH_CHECK(packed.scalar_type() == at::kShort && packed.dim() == 3 && scales.scalar_type() == at::kHalf &&
-              scales.dim() == 4 && (bits == 4 || bits == 8),
+  TORCH_CHECK(packed.scalar_type() == at::kShort && packed.dim() == 3 && scales.dim() == 4 &&
+              (bits == 4 || bits == 8),
               "linear_grouped takes a weight and scales from pack_linear_grouped, of 4 or 8 bits");
   auto input = x.reshape({-1, x.size(-1)});
   if (input.stride(1) != 1) input = input.contiguous();
@@ -155,12 +184,13 @@ at::Tensor linear_grouped(const at::Tensor& x, const at::Tensor& packed, const a
               "linear_grouped: the input's width does not match the packed weight");
   auto b = bias ? bias->to(at::kBFloat16).contiguous() : at::Tensor();
   auto out = at::empty({m, n}, input.options());
-  if (bits == 4) run_grouped<4>(input, packed, scales, b, out, group_size, zero_points);
-  else run_grouped<8>(input, packed, scales, b, out, group_size, zero_points);
+  dispatch_grouped(bits, scales, [&](auto levels, auto scale) {
+    run_grouped<decltype(levels)::value, decltype(scale)>(input, packed, scales, b, out, group_size, zero_points);
+  });
   return shaped_like_input(out, x);
 }
 
-// `second` is the offsets (float16) or the zero points (integers) per output and group.
+// `second` is the offsets or the zero points (integers) per output and group.
 std::vector<at::Tensor> pack_linear_grouped(const at::Tensor& qweight, const at::Tensor& scale,
                                                const at::Tensor& second, int64_t group_size, int64_t bits) {
   check_grouped_levels(qweight, scale, group_size, bits);

@@ -1,11 +1,15 @@
 // Weight-only int4 and int8 linear layers (W4A16, W8A16) on CPUs with AVX2 but not AVX512-BF16: the contract of
 // linear_grouped.cpp (weight = level * scale + offset per group of inputs, or (level - zero) * scale), for float32
-// and bfloat16 inputs, in float32. A level l of b bits becomes the float32 1 + l / 2^b by two bit operations (its
-// bits moved under the mantissa's top, 1.0's exponent set), and one FMA per 8 weights turns that into the weight:
+// and bfloat16 inputs, in float32. With float16 scales a level l of b bits becomes the float32 1 + l / 2^b by two
+// bit operations (its bits moved under the mantissa's top, 1.0's exponent set), and one FMA per 8 weights turns that
+// into the weight:
 //   weight = (1 + l / 2^b) * (2^b * scale) + (offset - 2^b * scale),
-// with (2^b * scale) and the shifted offset computed once per group. The products then sum straight into the
-// outputs. The weight is packed as [N / 16, K / (32 / b), 16] 32-bit lanes: lane j of a step holds output j's
-// next 32 / b levels, input t of them in bits [b t, b t + b).
+// with (2^b * scale) and the shifted offset computed once per group, exact for float16's 11 bits. Float32 scales
+// (GGUF's K-quants, up to 18 bits) would round the shifted offset: their levels are converted instead, and each
+// weight l * scale + offset (or - zero * scale) rounds once, to the dequantized weight where l * scale and
+// zero * scale are exact, as K-quants' are. The products then sum straight into the outputs. The weight is packed
+// as [N / 16, K / (32 / b), 16] 32-bit lanes: lane j of a step holds output j's next 32 / b levels, input t of
+// them in bits [b t, b t + b).
 #pragma once
 
 #include "common.h"
@@ -20,28 +24,42 @@ using namespace kvserve::avx2;
 
 constexpr uint32_t kOneBits = 0x3F800000;   // 1.0f
 
-template <int Bits>
-struct GroupedLinear : SubTiled<GroupedLinear<Bits>> {
+__m256 load_8(const c10::Half* halves) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(halves)));
+}
+__m256 load_8(const float* floats) { return _mm256_loadu_ps(floats); }
+
+template <int Bits, typename Scale>
+struct GroupedLinear : SubTiled<GroupedLinear<Bits, Scale>> {
   static constexpr int kPerLane = 32 / Bits;
-  static constexpr float kBase = 1 << Bits;
+  // A level's code: 1 + l / 2^Bits for float16 scales, its weight code * (2^Bits * scale) + offset - 2^Bits * scale;
+  // l itself for float32 ones.
+  static constexpr bool kLevelCodes = std::is_same_v<Scale, c10::Half>;
+  static constexpr float kCodeScale = kLevelCodes ? 1 << Bits : 1;
+  static constexpr float kBase = kLevelCodes ? 1 << Bits : 0;
 
   const float* x;
   int64_t k, steps, groups, group_steps;
   const uint32_t* weight;   // packed
-  const uint16_t* scales;   // float16 [N / 16, groups, 2, 16] (pack_group_scales)
+  const Scale* scales;      // [N / 16, groups, 2, 16] (pack_group_scales)
   const float* bias;        // padded, or nullptr
   Outputs out;
   bool zero_points;
 
-  // 1 + (input T's level) / 2^Bits in every lane.
+  // Input T's level's code in every lane.
   template <int T>
   static __m256 level_code(__m256i lanes) {
-    constexpr int shift = 23 - Bits - Bits * T;
-    __m256i moved;
-    if constexpr (shift >= 0) moved = _mm256_slli_epi32(lanes, shift);
-    else moved = _mm256_srli_epi32(lanes, -shift);
-    const __m256i mask = _mm256_set1_epi32(((1 << Bits) - 1) << (23 - Bits));
-    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(moved, mask), _mm256_set1_epi32(kOneBits)));
+    if constexpr (kLevelCodes) {
+      constexpr int shift = 23 - Bits - Bits * T;
+      __m256i moved;
+      if constexpr (shift >= 0) moved = _mm256_slli_epi32(lanes, shift);
+      else moved = _mm256_srli_epi32(lanes, -shift);
+      const __m256i mask = _mm256_set1_epi32(((1 << Bits) - 1) << (23 - Bits));
+      return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(moved, mask), _mm256_set1_epi32(kOneBits)));
+    } else {
+      const __m256i level = _mm256_and_si256(_mm256_srli_epi32(lanes, Bits * T), _mm256_set1_epi32((1 << Bits) - 1));
+      return _mm256_cvtepi32_ps(level);
+    }
   }
 
   template <int R, int PrefetchBlocks>
@@ -49,17 +67,15 @@ struct GroupedLinear : SubTiled<GroupedLinear<Bits>> {
     const int64_t first = block * kOutBlock;
     BlockSums<R> sums(bias, first);
     const uint32_t* lanes = weight + block * steps * kOutBlock;
-    const __m256 base = _mm256_set1_ps(kBase);
+    const __m256 base = _mm256_set1_ps(kBase), code_scale = _mm256_set1_ps(kCodeScale);
     for (int64_t g = 0; g < groups; ++g) {
-      const uint16_t* group_scales = scales + (block * groups + g) * 2 * kOutBlock;
+      const Scale* group_scales = scales + (block * groups + g) * 2 * kOutBlock;
       __m256 scale[2], offset[2];
       for (int h = 0; h < 2; ++h) {
-        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group_scales + h * kHalf)));
-        const __m256 second = _mm256_cvtph_ps(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(group_scales + kOutBlock + h * kHalf)));
-        scale[h] = _mm256_mul_ps(s, base);
+        const __m256 s = load_8(group_scales + h * kHalf), second = load_8(group_scales + kOutBlock + h * kHalf);
+        scale[h] = _mm256_mul_ps(s, code_scale);
         offset[h] = zero_points ? _mm256_mul_ps(_mm256_add_ps(second, base), _mm256_sub_ps(_mm256_setzero_ps(), s))
-                                : _mm256_sub_ps(second, scale[h]);
+                                : _mm256_fnmadd_ps(base, s, second);
       }
       const int64_t end = std::min(steps, (g + 1) * group_steps);
       for (int64_t s = g * group_steps; s < end; ++s) {
@@ -79,12 +95,12 @@ struct GroupedLinear : SubTiled<GroupedLinear<Bits>> {
   }
 };
 
-template <int Bits>
+template <int Bits, typename Scale>
 void run_grouped(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& scales,
                  const at::Tensor& bias, at::Tensor& out, int64_t group_size, bool zero_points) {
-  const GroupedLinear<Bits> kernel{
+  const GroupedLinear<Bits, Scale> kernel{
       {}, ptr<const float>(input), input.size(1), packed.size(1), scales.size(1), group_size / (32 / Bits),
-      ptr<const uint32_t>(packed), ptr<const uint16_t>(scales), bias.defined() ? ptr<const float>(bias) : nullptr,
+      ptr<const uint32_t>(packed), ptr<const Scale>(scales), bias.defined() ? ptr<const float>(bias) : nullptr,
       Outputs{out.data_ptr(), out.size(1), out.scalar_type() == at::kBFloat16}, zero_points};
   for_each_tile(kernel, input.size(0), packed.size(0));
 }
@@ -96,8 +112,8 @@ at::Tensor linear_grouped(const at::Tensor& x, const at::Tensor& packed, const a
                              bool zero_points, int64_t bits) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "linear_grouped takes float32 or bfloat16 inputs");
-  TORCH_CHECK(packed.scalar_type() == at::kInt && packed.dim() == 3 && scales.scalar_type() == at::kHalf &&
-              scales.dim() == 4 && (bits == 4 || bits == 8),
+  TORCH_CHECK(packed.scalar_type() == at::kInt && packed.dim() == 3 && scales.dim() == 4 &&
+              (bits == 4 || bits == 8),
               "linear_grouped takes a weight and scales from pack_linear_grouped, of 4 or 8 bits");
   const auto input = float_rows(x);
   const int64_t m = input.size(0), k = input.size(1), groups = scales.size(1);
@@ -106,12 +122,13 @@ at::Tensor linear_grouped(const at::Tensor& x, const at::Tensor& packed, const a
               "linear_grouped: the input's width does not match the packed weight");
   const auto b = bias ? padded_floats(*bias, packed.size(0)) : at::Tensor();
   auto out = at::empty({m, n}, x.options());
-  if (bits == 4) run_grouped<4>(input, packed, scales, b, out, group_size, zero_points);
-  else run_grouped<8>(input, packed, scales, b, out, group_size, zero_points);
+  dispatch_grouped(bits, scales, [&](auto levels, auto scale) {
+    run_grouped<decltype(levels)::value, decltype(scale)>(input, packed, scales, b, out, group_size, zero_points);
+  });
   return shaped_like_input(out, x);
 }
 
-// `second` is the offsets (float16) or the zero points (integers) per output and group.
+// `second` is the offsets or the zero points (integers) per output and group.
 std::vector<at::Tensor> pack_linear_grouped(const at::Tensor& qweight, const at::Tensor& scale,
                                                const at::Tensor& second, int64_t group_size, int64_t bits) {
   check_grouped_levels(qweight, scale, group_size, bits);

@@ -68,11 +68,17 @@ inline void check_grouped_levels(const at::Tensor& qweight, const at::Tensor& sc
               "multiples of 16");
 }
 
-// A grouped weight's float16 scales and its offsets or zero points (`second`), [n, groups] each, as
-// [N / 16, groups, 2, 16]: each block's 16 scales of a group, then its 16 offsets or zeros.
+inline bool exact_in(at::ScalarType type, const at::Tensor& values) {
+  return values.to(type).to(at::kDouble).equal(values.to(at::kDouble));
+}
+
+// A grouped weight's scales and its offsets or zero points (`second`), [n, groups] each, as
+// [N / 16, groups, 2, 16]: each block's 16 scales of a group, then its 16 offsets or zeros; float16 where it holds
+// them all (half the bytes to stream), else float32.
 inline at::Tensor pack_group_scales(const at::Tensor& scale, const at::Tensor& second, int64_t blocks) {
   const int64_t n = scale.size(0), groups = scale.size(1);
-  auto both = at::zeros({2, blocks * kOutBlock, groups}, scale.options().dtype(at::kHalf));
+  const auto storage = exact_in(at::kHalf, scale) && exact_in(at::kHalf, second) ? at::kHalf : at::kFloat;
+  auto both = at::zeros({2, blocks * kOutBlock, groups}, scale.options().dtype(storage));
   both[0].narrow(0, 0, n).copy_(scale);
   both[1].narrow(0, 0, n).copy_(second);
   return both.view({2, blocks, kOutBlock, groups}).permute({1, 3, 0, 2}).contiguous();
