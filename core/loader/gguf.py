@@ -15,6 +15,7 @@ import re
 from typing import Iterator
 
 import gguf
+import numpy as np
 import torch
 import transformers
 
@@ -168,10 +169,23 @@ def _check_file(path: str) -> None:
             raise ValueError(f"{path!r} is not a GGUF file (bad magic number)")
 
 
-@functools.lru_cache(maxsize=2)   # parsing the metadata takes seconds; config and weights share one reader
+class _Reader(gguf.GGUFReader):
+    """gguf-py slices its np.memmap once per metadata value, and memmap's __array_finalize__ runs on every slice:
+    a tokenizer's 100,000 strings took 1.9 s. Slices of a plain ndarray over the same mapping take 0.65 s."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, mapped: np.memmap) -> None:
+        self._data = mapped.view(np.ndarray)
+
+
+@functools.lru_cache(maxsize=2)   # config and weights share one reader
 def _open(path: str) -> gguf.GGUFReader:
     _check_file(path)
-    return gguf.GGUFReader(path)
+    return _Reader(path)
 
 
 def _model_reader(path: str) -> tuple[gguf.GGUFReader, str]:
