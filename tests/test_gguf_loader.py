@@ -16,7 +16,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from gguf_files import FFN, HEADS, HIDDEN, KV_HEADS, VOCAB, llama_cpp_permute, write_gguf
 
 from kvserve.core.layers.linear import MergedLinear
-from kvserve.core.layers.rotary import inverse_frequencies, rope_parameters
+from kvserve.core.layers.rotary import attention_scaling, inverse_frequencies, max_positions, rope_parameters
 from kvserve.core.loader.gguf import iter_gguf_weights, load_gguf_config, load_gguf_tokenizer
 from kvserve.core.quantization import dequantize, grouped, int4
 from kvserve.plugins.interfaces import QuantizedWeight
@@ -213,6 +213,49 @@ def test_errors_name_the_problem(tmp_path):
     rope_freqs = write_gguf(tmp_path / "l3.gguf", tensors={"rope_freqs.weight": (np.ones(5, np.float32), QType.F32)})
     with pytest.raises(ValueError, match="rope_freqs.weight has 5 factors, expected 8"):
         load_gguf_config(rope_freqs)
+
+
+def test_yarn_rope_scaling_gives_transformers_yarn(tmp_path):
+    """llama.cpp's converter writes a yarn config as its factor, original context and the fields it sets; the
+    frequencies and attention scaling are transformers' for the same rope_parameters."""
+    def yarn(writer):
+        writer.add_token_list([f"t{i}" for i in range(VOCAB)])
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(4.0)
+        writer.add_rope_scaling_orig_ctx_len(128)
+        writer.add_rope_scaling_yarn_attn_factor(1.25)
+        writer.add_rope_scaling_yarn_beta_fast(8.0)
+    config = load_gguf_config(write_gguf(tmp_path / "yarn.gguf", extra=yarn))
+    expected = {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+                "attention_factor": 1.25, "beta_fast": 8.0}
+    assert config.rope_parameters == expected
+    reference = transformers.LlamaConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, max_position_embeddings=256,
+                                         rope_parameters=dict(expected))
+    frequencies, scaling = ROPE_INIT_FUNCTIONS["yarn"](reference)
+    params = rope_parameters(config)
+    torch.testing.assert_close(inverse_frequencies(16, params), frequencies.float(), rtol=1e-6, atol=0)
+    assert attention_scaling(params) == scaling == 1.25
+    assert max_positions(config) == 512   # 4 x 128, past the file's context_length of 256
+
+
+def test_yarn_without_an_equivalent_is_refused(tmp_path):
+    def yarn(extra):
+        def write(writer):
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(4.0)
+            extra(writer)
+        return write
+    missing = write_gguf(tmp_path / "missing.gguf", extra=yarn(lambda writer: None))
+    with pytest.raises(ValueError, match="needs llama.rope.scaling.factor and llama.rope.scaling.original_context"):
+        load_gguf_config(missing)
+    extrapolating = write_gguf(tmp_path / "ext.gguf", extra=yarn(lambda writer: (
+        writer.add_rope_scaling_orig_ctx_len(64), writer.add_rope_scaling_yarn_ext_factor(0.5))))
+    with pytest.raises(ValueError, match="yarn_ext_factor other than 1.0 has no transformers equivalent"):
+        load_gguf_config(extrapolating)
+    longrope = write_gguf(tmp_path / "longrope.gguf", extra=lambda writer: writer.add_rope_scaling_type(
+        gguf.RopeScalingType.LONGROPE))
+    with pytest.raises(ValueError, match="'longrope' is not supported, supported: none, linear, yarn"):
+        load_gguf_config(longrope)
 
 
 def test_llama3_rope_freqs_give_transformers_llama3_frequencies(tmp_path):

@@ -212,9 +212,30 @@ def _rope_parameters(reader: gguf.GGUFReader, arch: str) -> dict:
         kind, factor = "linear", _field(reader, f"{arch}.rope.scale_linear")  # older converters
     if kind == "linear" and factor not in (None, 1.0):
         params.update(rope_type="linear", factor=float(factor))
+    elif kind == "yarn":
+        original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        if factor is None or original is None:
+            raise ValueError(f"GGUF yarn rope scaling needs {arch}.rope.scaling.factor and "
+                             f"{arch}.rope.scaling.original_context_length; the file lacks one")
+        params.update(rope_type="yarn", factor=float(factor), original_max_position_embeddings=int(original),
+                      **_yarn_options(reader, arch))
     elif kind not in (None, "none", "linear"):
-        raise ValueError(f"GGUF rope scaling {kind!r} is not supported, supported: none, linear")
+        raise ValueError(f"GGUF rope scaling {kind!r} is not supported, supported: none, linear, yarn")
     return params
+
+
+def _yarn_options(reader: gguf.GGUFReader, arch: str) -> dict:
+    """The transformers yarn fields llama.cpp's converter writes (attention_factor as yarn_attn_factor)."""
+    options = {}
+    for key, name in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
+                      ("yarn_beta_slow", "beta_slow")):
+        if (value := _field(reader, f"{arch}.rope.scaling.{key}")) is not None:
+            options[name] = float(value)
+    for key, neutral in (("yarn_ext_factor", 1.0), ("yarn_log_multiplier", 0.0)):
+        if _field(reader, f"{arch}.rope.scaling.{key}", neutral) != neutral:
+            raise ValueError(f"GGUF yarn rope scaling with {arch}.rope.scaling.{key} other than {neutral} has no "
+                             f"transformers equivalent; supported: {key} absent or {neutral}")
+    return options
 
 
 def _mixture(meta, tensors: dict, num_layers: int, renormalize: bool) -> dict:
