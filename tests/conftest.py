@@ -46,6 +46,9 @@ EXTRA_ARCHITECTURES = {
                                       max_position_embeddings=256)),
     # Heads of 32, not hidden_size / heads = 16.
     "qwen3": (Qwen3Config, dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+    # Biases on q, k, v and o (attention_bias, as Llama's).
+    "qwen3-bias": (Qwen3Config, dict(num_key_value_heads=2, head_dim=32, attention_bias=True,
+                                     tie_word_embeddings=False)),
     # Its second layer is dense; the first routes to 2 of 4 experts, their weights renormalized.
     "qwen3-moe": (Qwen3MoeConfig, dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                        moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1],

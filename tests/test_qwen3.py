@@ -1,5 +1,5 @@
 """Qwen3 and Qwen3-MoE: greedy outputs token-identical to transformers' in float32, alone and split over ranks or
-stages; a sliding window, not supported yet, is a clear error."""
+stages, with and without attention biases; a sliding window, not supported yet, is a clear error."""
 from __future__ import annotations
 
 import json
@@ -18,16 +18,19 @@ pytestmark = pytest.mark.slow
 PROMPTS = [list(range(5, 60)), [7, 8, 9] * 9 + [11], [42], list(range(300, 340))]
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen3-moe"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen3-bias", "qwen3-moe"])
 def checkpoint(request, tiny_model, tmp_path_factory) -> tuple[str, torch.nn.Module]:
-    """(folder, transformers model) of the tiny checkpoint with every RMS norm's weight random: transformers
-    initializes them all to ones, which a model that swapped q_norm and k_norm, or normed after rotary, would match."""
+    """(folder, transformers model) of the tiny checkpoint with every RMS norm's weight and every bias random:
+    transformers initializes them to ones and zeros, which a model that swapped q_norm and k_norm, normed after
+    rotary, or dropped a bias would match."""
     hf = AutoModelForCausalLM.from_pretrained(tiny_model(request.param), dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in hf.named_parameters():
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5, generator=generator)
+            elif name.endswith(".bias"):
+                param.uniform_(-0.5, 0.5, generator=generator)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_model(request.param)).save_pretrained(path)

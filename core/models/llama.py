@@ -30,13 +30,14 @@ class RMSNorm(nn.Module):
 
 class LlamaAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_size: int,
-                 rotary_emb: RotaryEmbedding, qkv_bias: bool, ops: Ops, qk_norm_eps: float | None = None):
+                 rotary_emb: RotaryEmbedding, qkv_bias: bool, ops: Ops, qk_norm_eps: float | None = None,
+                 o_bias: bool = False):
         """``qk_norm_eps``: where given, each query and key head is RMS-normalized with it before rotary (Qwen3's
-        q_norm and k_norm)."""
+        q_norm and k_norm). ``o_bias``: the output projection has a bias (Llama's and Qwen3's attention_bias)."""
         super().__init__()
         self.qkv_proj, heads, kv_heads = qkv_projection(hidden_size, num_heads, num_kv_heads, head_size, qkv_bias)
         self.q_size, self.kv_size = heads * head_size, kv_heads * head_size   # this rank's
-        self.o_proj = RowParallelLinear(num_heads * head_size, hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(num_heads * head_size, hidden_size, bias=o_bias)
         self.q_norm, self.k_norm = (None, None) if qk_norm_eps is None else (
             RMSNorm(head_size, qk_norm_eps, ops), RMSNorm(head_size, qk_norm_eps, ops))
         self.rotary_emb = rotary_emb
@@ -82,7 +83,8 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                                         head_size_of(config), rotary_emb, qkv_bias, ops,
-                                        config.rms_norm_eps if qk_norm else None)
+                                        config.rms_norm_eps if qk_norm else None,
+                                        bool(getattr(config, "attention_bias", False)))
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
