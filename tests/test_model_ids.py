@@ -108,6 +108,20 @@ def test_revision_chooses_a_branch_tag_or_commit(hf_home):
         LLM("kvserve-tests/tiny", download_dir=cache, tokenizer_revision="nope", **ENGINE)
 
 
+def test_a_draft_model_id_resolves_at_its_revision_in_the_engine_s_download_dir(hf_home, tiny_model):
+    cache = str(hf_home / "hub")
+    def draft(revision: str) -> dict:
+        return {"method": "draft_model", "model": "kvserve-tests/tiny", "revision": revision,
+                "num_speculative_tokens": 2}
+    target = tiny_model("llama-tied-gqa")
+    assert greedy(target, download_dir=cache, speculative_config=draft("v1")) == greedy(target)
+    with pytest.raises(ValueError, match=re.escape(f"'kvserve-tests/tiny' at revision 'v2' is not in the Hugging "
+                                                   f"Face cache '{cache}'")):
+        LLM(target, download_dir=cache, speculative_config=draft("v2"), **ENGINE)
+    with pytest.raises(ValueError, match="speculative_config revision must be a branch, tag or commit"):
+        LLM(target, speculative_config=draft(1), **ENGINE)
+
+
 def test_a_missing_id_is_a_quick_error_naming_it_and_the_cache(hf_home):
     start = time.perf_counter()
     with pytest.raises(ValueError, match=re.escape(

@@ -50,7 +50,7 @@ class EagleDrafter(DraftModel):
 
     def __init__(self, config: EngineConfig, platform: Platform, target: nn.Module, target_config, ops: Ops,
                  dtype: torch.dtype):
-        checkpoint = Checkpoint.open(config.speculation.model)
+        checkpoint = Checkpoint.open(config.speculation.source(config.model))
         check_draft(config, checkpoint, target_config.vocab_size)
         _check_eagle(checkpoint, target_config)
         weights = dict(checkpoint.weights())

@@ -52,7 +52,7 @@ class LLMEngine:
         self.eos_token_ids = checkpoint.eos_token_ids or [self.tokenizer.eos_token_id]
         draft = None
         if config.speculation is not None and config.speculation.method == "draft_model":
-            draft_checkpoint = Checkpoint.open(config.speculation.model)
+            draft_checkpoint = Checkpoint.open(config.speculation.source(config.model))
             draft = draft_checkpoint, resolve_model_class(draft_checkpoint.hf_config, self.plugins.models())
         leave_parallel_group()
         parallel = config.parallel

@@ -21,7 +21,7 @@ from kvserve.core.engine.sequence import Sequence
 from kvserve.core.engine.speculation import verify
 from kvserve.core.engine.sampler import Sampler
 from kvserve.core.layers.ops import Ops
-from kvserve.core.loader.model_loader import Checkpoint
+from kvserve.core.loader.model_loader import Checkpoint, local_path
 from kvserve.core.structured_outputs.manager import GrammarBitmask
 from kvserve.plugins.interfaces import StepLayout
 from kvserve.plugins.manager import Platform
@@ -71,8 +71,8 @@ class ModelRunner:
         if speculation is not None and speculation.method == "eagle":
             self.drafter = EagleDrafter(config, platform, self.model, checkpoint.hf_config, self.ops, self.dtype)
         self.medusa = None if speculation is None or speculation.method != "medusa" else MedusaHeads(
-            speculation.model, checkpoint.hf_config.hidden_size, self.vocab_size, speculation.num_speculative_tokens,
-            self.ops, self.device, self.dtype)
+            local_path(speculation.source(config.model)), checkpoint.hf_config.hidden_size, self.vocab_size,
+            speculation.num_speculative_tokens, self.ops, self.device, self.dtype)
         cache = allocate_kv_cache(config, self.spec, self.backend, len(layers), platform,
                                   0 if self.drafter is None else self.drafter.block_bytes)
         if self.drafter is not None:

@@ -21,15 +21,18 @@ from kvserve.core.layers.sampler import SamplingBatch, exponential_noise, probab
 from kvserve.core.quantization import METHODS as QUANTIZATION_METHODS
 
 if TYPE_CHECKING:   # the engine's config reads SpeculativeConfig before sequences exist
+    from kvserve.core.config import ModelConfig
     from kvserve.core.engine.sequence import Sequence
 
 METHODS = ("ngram", "draft_model", "medusa", "eagle")
 # The keys each method takes besides method and num_speculative_tokens
-METHOD_KEYS = {"ngram": ("prompt_lookup_max", "prompt_lookup_min"), "draft_model": ("model", "quantization"),
-               "medusa": ("model",), "eagle": ("model",)}
-MODEL_KINDS = {"draft_model": "the draft model's folder or .gguf file", "medusa": "the Medusa heads' folder",
-               "eagle": "the EAGLE draft's folder"}
-KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "quantization")
+METHOD_KEYS = {"ngram": ("prompt_lookup_max", "prompt_lookup_min"),
+               "draft_model": ("model", "revision", "quantization"), "medusa": ("model", "revision"),
+               "eagle": ("model", "revision")}
+MODEL_KINDS = {"draft_model": "the draft model's folder, .gguf file or model id",
+               "medusa": "the Medusa heads' folder or model id", "eagle": "the EAGLE draft's folder or model id"}
+KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "revision",
+        "quantization")
 UNDRAFTED = -1   # a placeholder proposal token, as many as a draft model may propose once the step is scheduled
 
 
@@ -45,7 +48,8 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
-    model: str | None = None   # the draft model's folder or .gguf file, the Medusa heads' or the EAGLE draft's
+    model: str | None = None   # the draft model's folder, .gguf file or id, the Medusa heads' or the EAGLE draft's
+    revision: str | None = None   # the model id's branch, tag or commit
     quantization: str | None = None   # the draft's, as the target's quantization option names them
 
     @classmethod
@@ -70,16 +74,28 @@ class SpeculativeConfig:
         if method in MODEL_KINDS and not (isinstance(options.get("model"), str) and options["model"]):
             raise ValueError(f"speculative_config method {method!r} needs 'model': {MODEL_KINDS[method]}, got "
                              f"{options.get('model')!r}")
+        if not isinstance(options.get("revision", ""), str):
+            raise ValueError(f"speculative_config revision must be a branch, tag or commit of the model id (a "
+                             f"string), got {options['revision']!r}")
         quantization = options.get("quantization")
         if quantization is not None and quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"speculative_config quantization {quantization!r} is not supported; allowed: None, "
                              f"{', '.join(map(repr, QUANTIZATION_METHODS))}")
         counts = {key: _positive_int(key, options[key]) for key in KEYS[1:4] if key in options}
-        config = cls(method, model=options.get("model"), quantization=quantization, **counts)
+        config = cls(method, model=options.get("model"), revision=options.get("revision"), quantization=quantization,
+                     **counts)
         if config.prompt_lookup_min > config.prompt_lookup_max:
             raise ValueError(f"speculative_config prompt_lookup_min={config.prompt_lookup_min} exceeds "
                              f"prompt_lookup_max={config.prompt_lookup_max}")
         return config
+
+    def source(self, target: ModelConfig) -> ModelConfig:
+        """Where the draft, heads or EAGLE draft come from: ``model`` at ``revision``, in the target's download_dir
+        and with its trust_remote_code, as vLLM's drafts are."""
+        from kvserve.core.config import ModelConfig
+
+        return ModelConfig(model=self.model, revision=self.revision, download_dir=target.download_dir,
+                           trust_remote_code=target.trust_remote_code)
 
 
 class NgramIndex:

@@ -31,6 +31,13 @@ def default_model_path() -> str:
     return str(dist.locate_file(DEFAULT_MODEL_FILE))
 
 
+def local_path(source: ModelConfig) -> str:
+    """The folder or file of ``source``'s model (its path, or its id at its revision in its download_dir, with its
+    gguf_file); the default model's where it names none."""
+    return (hub.resolve(source.model, source.revision, source.download_dir, source.gguf_file) if source.model
+            else default_model_path())
+
+
 @dataclass
 class Checkpoint:
     path: str
@@ -44,8 +51,7 @@ class Checkpoint:
         """The checkpoint an engine's ModelConfig names (its model, at its revision, in its download_dir, with its
         gguf_file and trust_remote_code), or a path or model id alone (a draft's); None: the default model."""
         source = model if isinstance(model, ModelConfig) else ModelConfig(model=model)
-        path = (hub.resolve(source.model, source.revision, source.download_dir, source.gguf_file) if source.model
-                else default_model_path())
+        path = local_path(source)
         if os.path.isfile(path) and path.endswith(".gguf"):
             config = gguf.load_gguf_config(path)
             return cls(path, True, config, _as_list(config.eos_token_id), source)
