@@ -69,6 +69,8 @@ def test_throughput_against_transformers(tiny_model, tmp_path):
     (["--baseline", "vllm"], "--baseline-python"),
     (["--baseline-python", "/usr/bin/python3"], "only used with --baseline vllm"),
     (["--baseline", "vllm", "--baseline-python", "/no/such/python"], "is not a file"),
+    (["--baseline", "llama.cpp"], "--baseline llama.cpp needs --baseline-python"),
+    (["--baseline", "llama.cpp", "--baseline-python", "/usr/bin/python3"], "--baseline llama.cpp runs a .gguf file"),
     (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
     (["--output-len", "0"], "--output-len must be >= 1, got 0"),
     (["--shared-prefix-len", "-3"], "--shared-prefix-len must be >= 0, got -3"),

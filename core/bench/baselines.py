@@ -1,5 +1,5 @@
 """The engines `kvserve bench throughput` compares against, on the identical token-id workload: Hugging Face
-transformers in this process, or vLLM in the Python of another environment."""
+transformers in this process, or vLLM or llama.cpp in the Python of another environment."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ import torch
 from kvserve.core.bench.report import dtype_name
 
 VLLM_WORKER = Path(__file__).with_name("vllm_worker.py")
+LLAMA_CPP_WORKER = Path(__file__).with_name("llama_cpp_worker.py")
 
 
 def warmup_prompts(prompts: list[list[int]]) -> list[list[int]]:
@@ -84,11 +85,29 @@ def run_vllm(python: str, model_path: str, dtype: torch.dtype, prompts: list[lis
         result = subprocess.run([python, str(VLLM_WORKER), "--model", folder, "--dtype", dtype_name(dtype),
                                  "--prompts", str(workload), "--output-len", str(output_len),
                                  "--max-model-len", str(max_model_len)], capture_output=True, text=True, env=env)
+    return {"engine": "vllm", "model": model_path, "dtype": dtype_name(dtype),
+            **_measured("vLLM", result, prompts, output_len)}
+
+
+def run_llama_cpp(python: str, model_path: str, prompts: list[list[int]], output_len: int) -> dict:
+    """llama.cpp on the same .gguf file and token ids, all sequences in one batch, in ``python`` (a venv with
+    llama-cpp-python installed), on as many threads as kvserve's."""
+    with tempfile.TemporaryDirectory() as scratch:
+        workload = Path(scratch, "prompts.json")
+        workload.write_text(json.dumps(prompts))
+        result = subprocess.run([python, str(LLAMA_CPP_WORKER), "--model", model_path, "--prompts", str(workload),
+                                 "--output-len", str(output_len), "--threads", str(torch.get_num_threads())],
+                                capture_output=True, text=True)
+    return {"engine": "llama.cpp", "model": model_path, "dtype": "gguf",
+            **_measured("llama.cpp", result, prompts, output_len)}
+
+
+def _measured(engine: str, result: subprocess.CompletedProcess, prompts: list[list[int]], output_len: int) -> dict:
+    """The rates of a worker's run, from its last JSON line (the engine may log to stdout too)."""
     if result.returncode != 0:
-        raise RuntimeError(f"the vLLM baseline failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-    # vLLM may log to stdout too: the worker's result is its last JSON line.
+        raise RuntimeError(f"the {engine} baseline failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
     measured = json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
     if measured["output_tokens"] != len(prompts) * output_len:
-        raise RuntimeError(f"vLLM generated {measured['output_tokens']} tokens, expected {len(prompts) * output_len}")
-    return {"engine": "vllm", "model": model_path, "dtype": dtype_name(dtype),
-            **rates(measured["elapsed_s"], prompts, output_len)}
+        raise RuntimeError(f"{engine} generated {measured['output_tokens']} tokens, expected "
+                           f"{len(prompts) * output_len}")
+    return rates(measured["elapsed_s"], prompts, output_len)

@@ -90,9 +90,11 @@ def add_parser(commands, add_engine_args) -> None:
     parser.add_argument("--input-len", default="64:256", help="prompt length range lo:hi, inclusive")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--shared-prefix-len", type=int, default=0, help="a common prefix of this many tokens")
-    parser.add_argument("--baseline", choices=["hf", "vllm"], default=None,
-                        help="also run Hugging Face transformers (hf) or vLLM on the same workload, and report the ratio")
-    parser.add_argument("--baseline-python", default=None, help="with --baseline vllm: the python of a venv with vLLM")
+    parser.add_argument("--baseline", choices=["hf", "vllm", "llama.cpp"], default=None,
+                        help="also run Hugging Face transformers (hf), vLLM or llama.cpp (a .gguf model) on the same "
+                             "workload, and report the ratio")
+    parser.add_argument("--baseline-python", default=None,
+                        help="with --baseline vllm or llama.cpp: the python of a venv with vLLM or llama-cpp-python")
     parser.add_argument("--json-schema", action="store_true",
                         help="also run the workload with every request under a JSON schema, and report the ratio")
     parser.add_argument("--output-json", default=None, help="also write the results to this file")
@@ -108,15 +110,20 @@ def add_parser(commands, add_engine_args) -> None:
         for name, low in (("num_prompts", 1), ("output_len", 1), ("shared_prefix_len", 0)):
             if getattr(args, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-        if args.baseline == "vllm" and not args.baseline_python:
-            raise ValueError("--baseline vllm needs --baseline-python, the python of a venv with vLLM installed")
-        if args.baseline_python and args.baseline != "vllm":
-            raise ValueError("--baseline-python is only used with --baseline vllm")
+        package = {"vllm": "vLLM", "llama.cpp": "llama-cpp-python"}.get(args.baseline)
+        if package and not args.baseline_python:
+            raise ValueError(f"--baseline {args.baseline} needs --baseline-python, the python of a venv with "
+                             f"{package} installed")
+        if args.baseline_python and not package:
+            raise ValueError("--baseline-python is only used with --baseline vllm or llama.cpp")
         if args.baseline_python and not os.path.isfile(args.baseline_python):
             raise ValueError(f"--baseline-python {args.baseline_python!r} is not a file; pass the python of a "
-                             f"venv with vLLM installed")
+                             f"venv with {package} installed")
+        model_path = args.model or default_model_path()
+        if args.baseline == "llama.cpp" and not model_path.endswith(".gguf"):
+            raise ValueError(f"--baseline llama.cpp runs a .gguf file, and the model is {model_path!r}")
         prompts = random_workload(args.num_prompts, parse_range(args.input_len), args.seed, args.shared_prefix_len)
-        llm, model_path = build_llm(args), args.model or default_model_path()
+        llm = build_llm(args)
         result = {"workload": {k: getattr(args, k) for k in (
             "dataset", "num_prompts", "input_len", "output_len", "shared_prefix_len", "seed")},
             **run(llm, model_path, prompts, args.output_len, show_progress=not args.disable_tqdm)}
@@ -130,6 +137,8 @@ def add_parser(commands, add_engine_args) -> None:
         elif args.baseline == "vllm":
             result["baseline"] = baselines.run_vllm(args.baseline_python, model_path, dtype, prompts,
                                                     args.output_len, engine.max_model_len)
+        elif args.baseline == "llama.cpp":
+            result["baseline"] = baselines.run_llama_cpp(args.baseline_python, model_path, prompts, args.output_len)
         if args.baseline:
             result["speedup"] = round(result["output_tok_s"] / result["baseline"]["output_tok_s"], 2)
         emit(result, args.output_json)
