@@ -1,6 +1,7 @@
 """Engine configuration: plain dataclasses that validate themselves on construction."""
 from __future__ import annotations
 
+import os
 from dataclasses import MISSING, dataclass, field, fields
 
 import torch
@@ -21,6 +22,7 @@ PREEMPTION_MODES = ("recompute", "swap")
 EXECUTOR_BACKENDS = ("mp", "ray")
 LOAD_FORMATS = ("auto", "dummy")
 TOKENIZER_MODES = ("auto", "hf")
+GENERATION_CONFIGS = ("auto", "none", "vllm")
 DEFAULT_MAX_NUM_SEQS = 128   # dummy: random weights of the checkpoint's shapes, for benchmarks
 def resolve_dtype(value: str | torch.dtype) -> torch.dtype | None:
     """A torch dtype for a user's dtype name; None for 'auto'."""
@@ -64,6 +66,9 @@ class ModelConfig:
                               choices=LOAD_FORMATS)
     quantization_group_size: int | None = option(None, "with quantization int4: inputs per group (default 32)",
                                                  choices=INT4_GROUP_SIZES)
+    generation_config: str = option("auto", "where requests' default sampling parameters come from: auto, the "
+                                            "model's generation_config.json; none (vLLM: vllm), kvserve's own; or a "
+                                            "folder holding a generation_config.json")
     # max_model_len came from the model, not the user: the KV cache may lower it to what it holds
     max_model_len_from_model: bool = field(default=False, init=False, repr=False)
 
@@ -82,6 +87,10 @@ class ModelConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization {self.quantization!r} is not supported yet; allowed: None, "
                              f"{', '.join(map(repr, QUANTIZATION_METHODS))}")
+        if self.generation_config not in GENERATION_CONFIGS and not os.path.isfile(
+                os.path.join(str(self.generation_config), "generation_config.json")):
+            raise ValueError(f"generation_config must be {', '.join(GENERATION_CONFIGS)} or a folder holding a "
+                             f"generation_config.json, got {self.generation_config!r}")
         if self.quantization_group_size is not None:
             if self.quantization != "int4":
                 raise ValueError(f"quantization_group_size applies to quantization='int4' (online int4), not to "

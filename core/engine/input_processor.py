@@ -9,8 +9,12 @@ from kvserve.core.structured_outputs.manager import StructuredOutputManager
 
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_num_seqs: int,
-                 grammars: StructuredOutputManager, chat_template: str | None = None):
+                 grammars: StructuredOutputManager, chat_template: str | None = None,
+                 sampling_defaults: dict | None = None):
+        """``sampling_defaults``: the SamplingParams values that a request which does not set them gets (the
+        model's generation_config.json's)."""
         self.tokenizer = tokenizer
+        self.sampling_defaults = sampling_defaults or {}
         self.grammars = grammars
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len

@@ -82,7 +82,8 @@ class LLMEngine:
         self.grammars = StructuredOutputManager(config.structured_outputs, self.tokenizer, self.runner.vocab_size,
                                                 self.eos_token_ids)
         self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
-                                     config.scheduler.max_num_seqs, self.grammars, config.model.chat_template)
+                                     config.scheduler.max_num_seqs, self.grammars, config.model.chat_template,
+                                     checkpoint.sampling_defaults(config.model.generation_config))
         self.logprobs_builder = LogprobsBuilder(self.tokenizer)
         logger.info("loaded %s on %s (%s, %s attention, weights %.1f MiB%s) in %.1fs; KV cache %.2f GiB = %d "
                     "tokens in %d blocks", checkpoint.path, self.platform.name,

@@ -30,6 +30,11 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate and chat sample with when given no SamplingParams: the model's generation_config.json's
+        defaults (see the generation_config option), else SamplingParams()'s."""
+        return SamplingParams(**self.llm_engine.inputs.sampling_defaults)
+
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, {"prompt": text} or {"prompt_token_ids": [...]}), in
@@ -39,7 +44,7 @@ class LLM:
             raise TypeError("generate takes SamplingParams; for beam search call "
                             "LLM.beam_search(prompts, BeamSearchParams(...))")
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; give one or one each")

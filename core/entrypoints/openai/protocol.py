@@ -77,8 +77,9 @@ class SamplingFields(Strict):
         """SamplingParams fields that each endpoint spells its own way (logprobs, prompt_logprobs, best_of)."""
         return {}
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams | BeamSearchParams:
-        """The engine parameters of this request: beam search's with use_beam_search, else sampling's."""
+    def sampling_params(self, max_tokens: int | None, defaults: dict) -> SamplingParams | BeamSearchParams:
+        """The engine parameters of this request: beam search's with use_beam_search, else sampling's, which take
+        ``defaults`` (the model's) for the sampling fields the request leaves out."""
         if self.use_beam_search:
             return self.beam_search_params(max_tokens)
         for name in ("length_penalty", "early_stopping"):
@@ -87,13 +88,15 @@ class SamplingFields(Strict):
         optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                         presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                         repetition_penalty=self.repetition_penalty)
+        optional = {**{k: v for k, v in defaults.items() if k in optional},
+                    **{k: v for k, v in optional.items() if v is not None}}
         return SamplingParams(
             n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens, speculate=self.speculate,
             logit_bias=self.token_id_biases(), bad_words=self.bad_words,
             structured_outputs=request_constraint(self), **self.endpoint_params(),
-            **{k: v for k, v in optional.items() if v is not None})
+            **optional)
 
     def beam_search_params(self, max_tokens: int | None) -> BeamSearchParams:
         defaults = type(self).model_fields

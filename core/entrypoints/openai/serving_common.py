@@ -49,9 +49,10 @@ class OpenAIServing:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
                                 "completion). Reduce the prompt or max_tokens.", "max_tokens")
-        max_tokens = room if max_tokens is None else min(max_tokens, room)
+        defaults = self.inputs.sampling_defaults
+        max_tokens = min(defaults.get("max_tokens", room) if max_tokens is None else max_tokens, room)
         try:
-            params = request.sampling_params(max_tokens)
+            params = request.sampling_params(max_tokens, defaults)
             self.inputs.check_params(params)
         except (ValueError, TypeError) as exc:
             raise bad_request(exc, set(type(request).model_fields)) from exc
