@@ -89,5 +89,5 @@ def test_the_default_max_model_len_fits_a_small_kv_cache(tiny_model, caplog):
     llm = LLM(path, dtype="float32", num_gpu_blocks_override=4, block_size=16, max_num_batched_tokens=64)
     assert llm.llm_engine.max_model_len == 64 and llm.llm_engine.inputs.max_model_len == 64
     assert "max_model_len is 64, not the model's" in caplog.text
-    with pytest.raises(ValueError, match="fewer than max_model_len=128"):
+    with pytest.raises(ValueError, match=r"fewer than a sequence may hold \(128 tokens, for max_model_len=128\)"):
         LLM(path, dtype="float32", num_gpu_blocks_override=4, block_size=16, max_model_len=128)

@@ -8,9 +8,13 @@ A forked sequence shares all its parent's blocks. Full blocks are never written 
 partly filled last block is copied, when one of its holders first writes to it (copy on write).
 
 With swapping, a preempted sequence's blocks are copied to a pool of host blocks and back when it resumes.
+
+With a sliding window over every layer, a sequence gives up the blocks before its next token's window: its block
+table keeps their places, holding the null block (block 0, never allocated then), which attention never reads.
 """
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict, deque
 
 from kvserve.core.engine.sequence import Sequence
@@ -23,11 +27,16 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, num_host_blocks: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, num_host_blocks: int = 0,
+                 sliding_window: int | None = None):
+        """``sliding_window``: every layer's, where each attends only to that many latest tokens."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = enable_prefix_caching
-        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))   # oldest first
+        self.window = sliding_window
+        self.null_block = None if sliding_window is None else 0
+        first = 0 if sliding_window is None else 1
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(first, num_blocks))   # oldest first
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
@@ -94,16 +103,17 @@ class BlockManager:
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Let ``child`` hold every block of ``parent``, as it is now."""
-        for block in parent.block_table:
+        for block in self._held(parent.block_table):
             self.ref_counts[block] += 1
         child.block_table, child.block_hashes = list(parent.block_table), list(parent.block_hashes)
 
     def swap_out(self, seq: Sequence) -> bool:
         """Give ``seq``'s device blocks up, their contents copied to host blocks; False if too few are free."""
-        if len(seq.block_table) > len(self.free_host_blocks):
+        if len(self._held(seq.block_table)) > len(self.free_host_blocks):
             return False
-        seq.host_blocks = [self.free_host_blocks.popleft() for _ in seq.block_table]
-        self.swap_outs_this_step += zip(seq.block_table, seq.host_blocks)
+        seq.host_blocks = [None if block == self.null_block else self.free_host_blocks.popleft()
+                           for block in seq.block_table]
+        self.swap_outs_this_step += [pair for pair in zip(seq.block_table, seq.host_blocks) if pair[1] is not None]
         hashes = seq.block_hashes
         self.free(seq)
         seq.block_hashes = hashes
@@ -112,16 +122,29 @@ class BlockManager:
     def swap_in(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Copy ``seq``'s host blocks back to device blocks, with room for ``num_new_tokens`` more tokens;
         False (changing nothing) if too few device blocks are free."""
-        if self.blocks_for(seq.num_computed_tokens + num_new_tokens) > self.num_free_blocks:
+        given_up = seq.host_blocks.count(None)
+        if self.blocks_for(seq.num_computed_tokens + num_new_tokens) - given_up > self.num_free_blocks:
             return False
-        seq.block_table = [self._take_free_block() for _ in seq.host_blocks]
-        self.swap_ins_this_step += zip(seq.host_blocks, seq.block_table)
+        seq.block_table = [self.null_block if host is None else self._take_free_block() for host in seq.host_blocks]
+        self.swap_ins_this_step += [pair for pair in zip(seq.host_blocks, seq.block_table) if pair[0] is not None]
         self.release_host_blocks(seq)
         return self.allocate_slots(seq, num_new_tokens)
 
     def release_host_blocks(self, seq: Sequence) -> None:
-        self.free_host_blocks.extend(seq.host_blocks)
+        self.free_host_blocks.extend(block for block in seq.host_blocks if block is not None)
         seq.host_blocks = []
+
+    def free_out_of_window(self, seq: Sequence) -> None:
+        """Give up ``seq``'s leading blocks that no later token attends to: those wholly before its next token's
+        window (none without a sliding window)."""
+        if self.window is None:
+            return
+        stale = max(0, seq.num_computed_tokens - self.window + 1) // self.block_size
+        table = seq.block_table
+        # The blocks given up already are the table's first ones.
+        first = bisect.bisect_left(range(stale), True, key=lambda i: table[i] != self.null_block)
+        self._release(table[first:stale])
+        table[first:stale] = [self.null_block] * (stale - first)
 
     def _shared_partial_block(self, seq: Sequence) -> int | None:
         """Index in ``seq``'s block table of the partly filled block its next token goes to, if others hold it."""
@@ -166,9 +189,12 @@ class BlockManager:
         self._release(seq.block_table[keep:])
         del seq.block_table[keep:]
 
+    def _held(self, blocks: list[int]) -> list[int]:
+        return blocks if self.null_block is None else [block for block in blocks if block != self.null_block]
+
     def _release(self, blocks: list[int]) -> None:
         # Tail blocks first: they go to the old end of the free list and are evicted before the prefix.
-        for block in reversed(blocks):
+        for block in reversed(self._held(blocks)):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_blocks[block] = None

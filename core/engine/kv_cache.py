@@ -52,6 +52,24 @@ def cache_block_bytes(spec: AttentionSpec, backend: AttentionBackend, num_layers
     return torch.Size(cache_shape(spec, backend, num_layers, 1)).numel() * spec.cache_dtype.itemsize
 
 
+def window_blocks_freed(spec: AttentionSpec, config: EngineConfig) -> int | None:
+    """The sliding window out of which sequences give their blocks up: the model's, unless a draft model or EAGLE
+    keeps keys and values in the same blocks for its own layers, which attend to all of them."""
+    speculation = config.speculation
+    if speculation is not None and speculation.method in ("draft_model", "eagle"):
+        return None
+    return spec.sliding_window
+
+
+def tokens_held(spec: AttentionSpec, config: EngineConfig) -> int:
+    """The most tokens one sequence keeps in the cache: max_model_len, or with a sliding window whose blocks are
+    given up, its window and a step's tokens, over block boundaries."""
+    window, max_len = window_blocks_freed(spec, config), config.model.max_model_len
+    if window is None:
+        return max_len
+    return min(max_len, window + config.scheduler.max_num_batched_tokens + 2 * spec.block_size)
+
+
 def allocate_kv_cache(config: EngineConfig, spec: AttentionSpec, backend: AttentionBackend, num_layers: int,
                       platform: Platform, draft_block_bytes: int = 0) -> KvCache:
     """The cache and its host copy for swapping; ``draft_block_bytes``: what a block takes in a draft model's
@@ -74,15 +92,15 @@ def allocate_kv_cache(config: EngineConfig, spec: AttentionSpec, backend: Attent
     # Pipeline stages hold different layers, so different blocks in the same budget: the scheduler's are all's.
     num_blocks, num_host_blocks = fewest_over_ranks([num_blocks, num_host_blocks], platform.device)
     max_len = config.model.max_model_len
-    if num_blocks * spec.block_size < max_len and config.model.max_model_len_from_model:
+    if num_blocks * spec.block_size < tokens_held(spec, config) and config.model.max_model_len_from_model:
         config.model.max_model_len = num_blocks * spec.block_size
         logger.info("max_model_len is %d, not the model's %d: the KV cache holds %d tokens (%d blocks); set "
                     "max_model_len or a larger KV cache to choose", config.model.max_model_len, max_len,
                     config.model.max_model_len, num_blocks)
-    elif num_blocks * spec.block_size < max_len:
+    elif num_blocks * spec.block_size < tokens_held(spec, config):
         raise ValueError(f"the KV cache holds {num_blocks * spec.block_size} tokens ({num_blocks} blocks), "
-                         f"fewer than max_model_len={max_len}; raise kv_cache_memory (or "
-                         f"num_gpu_blocks_override) or lower max_model_len")
+                         f"fewer than a sequence may hold ({tokens_held(spec, config)} tokens, for max_model_len="
+                         f"{max_len}); raise kv_cache_memory (or num_gpu_blocks_override) or lower max_model_len")
     device = platform.device
     populating = None
     if device.type == "cpu":

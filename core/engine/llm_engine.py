@@ -14,6 +14,7 @@ from kvserve.core.engine.beam_search import BeamSearch
 from kvserve.core.engine.block_manager import BlockManager
 from kvserve.core.engine.detokenizer import IncrementalDetokenizer
 from kvserve.core.engine.input_processor import InputProcessor
+from kvserve.core.engine.kv_cache import window_blocks_freed
 from kvserve.core.engine.logprobs import LogprobsBuilder
 from kvserve.core.engine.model_runner import ModelRunner
 from kvserve.core.engine.request_state import RequestState
@@ -63,7 +64,8 @@ class LLMEngine:
         else:
             self.runner = ModelRunner(config, self.platform, checkpoint, model_cls, draft)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
-                                          config.cache.enable_prefix_caching, self.runner.num_host_blocks)
+                                          config.cache.enable_prefix_caching, self.runner.num_host_blocks,
+                                          window_blocks_freed(self.runner.spec, config))
         self.scheduler = Scheduler(config, self.block_manager)
         self.in_flight: deque = deque()   # steps submitted, oldest first: as many as there are pipeline stages
         self.requests: dict[str, RequestState] = {}

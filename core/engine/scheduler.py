@@ -182,7 +182,8 @@ class Scheduler:
 
     def finish_step(self, batch: ScheduledBatch, accepted: dict[Sequence, int]) -> None:
         """Record the computed tokens (of a speculating sequence's proposal, the ``accepted`` ones), fork the
-        siblings of sequences that sampled their first token, and free finished sequences at once."""
+        siblings of sequences that sampled their first token, free finished sequences at once, and the others'
+        blocks that fell out of the sliding window."""
         self.in_flight.difference_update(batch.seqs)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n - len(seq.proposal) + accepted.get(seq, 0)
@@ -197,6 +198,8 @@ class Scheduler:
                 seq.pending_forks = []
             if seq.is_finished:
                 self.block_manager.free(seq)
+            else:
+                self.block_manager.free_out_of_window(seq)
         self.running = [s for s in self.running if not s.is_finished]
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
