@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "PoolingParams",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -13,6 +14,9 @@ def __getattr__(name: str):
     if name in ("SamplingParams", "BeamSearchParams"):
         from kvserve.core import sampling_params
         return getattr(sampling_params, name)
+    if name == "PoolingParams":
+        from kvserve.core.pooling_params import PoolingParams
+        return PoolingParams
     if name == "StructuredOutputsParams":
         from kvserve.core.structured_outputs import StructuredOutputsParams
         return StructuredOutputsParams

@@ -35,6 +35,21 @@ def randomize_biases(model: torch.nn.Module) -> None:
                 param.normal_(std=TINY["initializer_range"], generator=generator)
 
 
+def randomize_norms_and_biases(model: torch.nn.Module, norm_low: float = 0.5) -> None:
+    """Draw every norm's weight from [norm_low, norm_low + 1) and every bias from [-0.5, 0.5): transformers
+    initializes them to ones (or zeros) and zeros, which a model that swapped or misplaced a norm or dropped a bias
+    would match."""
+    generator = torch.Generator().manual_seed(0)
+    norms = {f"{name}.weight" for name, module in model.named_modules()
+             if isinstance(module, torch.nn.LayerNorm) or name.endswith("norm")}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in norms:
+                param.uniform_(norm_low, norm_low + 1, generator=generator)
+            elif name.endswith(".bias"):
+                param.uniform_(-0.5, 0.5, generator=generator)
+
+
 def save_tiny_model(path: str, config_cls: type[PretrainedConfig] = LlamaConfig,
                     tokenizer: PreTrainedTokenizerFast | None = None, **overrides) -> str:
     """Save a seeded float32 model of ``config_cls`` (TINY's sizes, with ``overrides``) and a tokenizer to

@@ -22,7 +22,10 @@ PREEMPTION_MODES = ("recompute", "swap")
 EXECUTOR_BACKENDS = ("mp", "ray")
 LOAD_FORMATS = ("auto", "dummy")
 TOKENIZER_MODES = ("auto", "hf")
+# vLLM calls its native implementations "vllm"; copied code passes that
+MODEL_IMPLS = ("auto", "native", "transformers", "vllm")
 GENERATION_CONFIGS = ("auto", "none", "vllm")
+RUNNERS = ("auto", "generate", "pooling")
 DEFAULT_MAX_NUM_SEQS = 128   # dummy: random weights of the checkpoint's shapes, for benchmarks
 def resolve_dtype(value: str | torch.dtype) -> torch.dtype | None:
     """A torch dtype for a user's dtype name; None for 'auto'."""
@@ -69,11 +72,20 @@ class ModelConfig:
     generation_config: str = option("auto", "where requests' default sampling parameters come from: auto, the "
                                             "model's generation_config.json; none (vLLM: vllm), kvserve's own; or a "
                                             "folder holding a generation_config.json")
+    model_impl: str = option("auto", "which code runs the model: native, kvserve's own (vllm: the same); "
+                                     "transformers, transformers' modeling code on kvserve's KV cache and "
+                                     "attention; auto: native where kvserve has the architecture, else "
+                                     "transformers for a causal LM it implements", choices=MODEL_IMPLS)
+    runner: str = option("auto", "generate: a language model's tokens; pooling: embeddings (LLM.embed, "
+                                 "/v1/embeddings); auto: pooling for an encoder (BertModel), else generate",
+                         choices=RUNNERS)
     # max_model_len came from the model, not the user: the KV cache may lower it to what it holds
     max_model_len_from_model: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
         self.torch_dtype = resolve_dtype(self.dtype)
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl must be one of {', '.join(MODEL_IMPLS)}, got {self.model_impl!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         check_int("max_model_len", self.max_model_len, 1, allow_none=True)
@@ -87,6 +99,8 @@ class ModelConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization {self.quantization!r} is not supported yet; allowed: None, "
                              f"{', '.join(map(repr, QUANTIZATION_METHODS))}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.generation_config not in GENERATION_CONFIGS and not os.path.isfile(
                 os.path.join(str(self.generation_config), "generation_config.json")):
             raise ValueError(f"generation_config must be {', '.join(GENERATION_CONFIGS)} or a folder holding a "

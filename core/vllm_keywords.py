@@ -18,7 +18,6 @@ VLLM_KEYWORDS: dict[str, tuple[tuple, str]] = {
     "skip_tokenizer_init": ((False,), "kvserve always loads the tokenizer"),
     "hf_token": ((None,), "huggingface_hub reads the token from HF_TOKEN, or from `hf auth login`"),
     "hf_overrides": ((None, {}), "edit the model's config.json instead"),
-    "task": (("auto", "generate"), "kvserve runs generative models only"),
     "max_logprobs": ((MAX_LOGPROBS,), f"kvserve returns at most {MAX_LOGPROBS} logprobs per token"),
     "disable_sliding_window": ((False,), "models run with the sliding window their config gives"),
     "enable_lora": ((False,), "LoRA adapters are not supported"),
@@ -29,11 +28,25 @@ VLLM_KEYWORDS: dict[str, tuple[tuple, str]] = {
     "num_speculative_tokens": ((None,), _SPECULATION),
     "guided_decoding_backend": ((None,), "it is called structured_outputs_backend"),
 }
+# vLLM's older keyword for what its runner option chooses now: each task's runner.
+TASK_RUNNERS = {"auto": "auto", "generate": "generate", "embed": "pooling", "embedding": "pooling"}
 
 
 def without_vllm_keywords(options: dict) -> dict:
-    """``options`` less the vLLM keywords whose values ask for what kvserve does anyway; any other value of one is
-    a ValueError that says why."""
+    """``options`` less the vLLM keywords whose values ask for what kvserve does anyway, and with ``task`` as the
+    runner it asks for; any other value of one is a ValueError that says why."""
+    if "task" in options:
+        options = {**options}
+        task = options.pop("task")
+        if task not in TASK_RUNNERS:
+            raise ValueError(f"task={task!r} is vLLM's, and kvserve takes only {', '.join(map(repr, TASK_RUNNERS))}: "
+                             f"it generates, or embeds with a pooling model (classify, score and reward are not "
+                             f"supported)")
+        runner = TASK_RUNNERS[task]
+        if runner != "auto":
+            if options.get("runner", "auto") not in ("auto", runner):
+                raise ValueError(f"task={task!r} asks for runner={runner!r}, not runner={options['runner']!r}")
+            options["runner"] = runner
     for name in sorted(options.keys() & VLLM_KEYWORDS.keys()):
         allowed, why = VLLM_KEYWORDS[name]
         if options[name] not in allowed:

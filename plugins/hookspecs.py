@@ -119,8 +119,8 @@ def platform_communicator(rank: int, world_size: int, group: Any) -> Communicato
 @hookspec(firstresult=True)
 def platform_ops() -> dict[str, Callable[..., Any]]:
     """Return fused implementations of named ops that replace the torch references in
-    ``kvserve.core.layers.ops`` (``rms_norm``, ``add_rms_norm``, ``silu_and_mul``,
-    ``rotary_embedding``). Names not returned keep the reference; unknown names are an error.
+    ``kvserve.core.layers.ops`` (``rms_norm``, ``add_rms_norm``, ``silu_and_mul``, ``gelu_tanh_and_mul``,
+    ``rotary_embedding``, ``argmax``, ``fused_moe``). Names not returned keep the reference; unknown names are an error.
     """
 
 

@@ -17,8 +17,11 @@ if not torch.cuda.is_available():
 
 from server_utils import openai_client  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig  # noqa: E402,E501
+from transformers import GPT2Config, OPTConfig  # noqa: E402
+from transformers import GemmaConfig, Phi3Config  # noqa: E402
+from transformers import FalconConfig, GPTNeoXConfig  # noqa: E402
 
-from kvserve.conformance.tiny_model import build_tokenizer, save_tiny_model  # noqa: E402
+from kvserve.conformance.tiny_model import build_tokenizer, randomize_norms_and_biases, save_tiny_model  # noqa: E402,E501
 
 PLUGIN_SOURCES = Path(__file__).parent / "plugins"
 ARCHITECTURES = {
@@ -53,6 +56,43 @@ EXTRA_ARCHITECTURES = {
     "qwen3-moe": (Qwen3MoeConfig, dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                        moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1],
                                        tie_word_embeddings=False)),
+    # GPT-2 and OPT with MLPs as wide as the others' (n_inner, ffn_dim) and a key-value head per head.
+    "gpt2": (GPT2Config, dict(n_inner=128, num_key_value_heads=4)),
+    # Attention scores scaled by 1 / (layer index + 1) alone (not by 1 / sqrt(head size)), exact GELU, an untied
+    # head.
+    "gpt2-scaled": (GPT2Config, dict(n_inner=128, num_key_value_heads=4, scale_attn_by_inverse_layer_idx=True,
+                                     scale_attn_weights=False, activation_function="gelu",
+                                     tie_word_embeddings=False)),
+    "opt": (OPTConfig, dict(ffn_dim=128, num_key_value_heads=4)),
+    # OPT-350m's: LayerNorm after each residual sum, embeddings of 32 projected in and out.
+    "opt-350m": (OPTConfig, dict(ffn_dim=128, num_key_value_heads=4, do_layer_norm_before=False,
+                                 word_embed_proj_dim=32)),
+    # No biases, LayerNorms without weights, no final norm, projected embeddings, an untied head.
+    "opt-plain": (OPTConfig, dict(ffn_dim=128, num_key_value_heads=4, enable_bias=False, word_embed_proj_dim=32,
+                                  layer_norm_elementwise_affine=False, _remove_final_layer_norm=True,
+                                  activation_function="gelu_new", tie_word_embeddings=False)),
+    # Phi-4-mini's rotary over 3/4 of each head, longrope-scaled past an original context of 64 positions.
+    "phi3-longrope": (Phi3Config, dict(num_key_value_heads=2, partial_rotary_factor=0.75, pad_token_id=0,
+                                       original_max_position_embeddings=64, rope_scaling={
+                                           "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                           "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]})),
+    "phi3-sliding": (Phi3Config, dict(num_key_value_heads=2, sliding_window=24, pad_token_id=0,
+                                      tie_word_embeddings=False)),
+    # Heads of 32, not hidden_size / heads = 16, and one key-value head (Gemma 2B's multi-query attention).
+    "gemma": (GemmaConfig, dict(num_key_value_heads=1, head_dim=32)),
+    # Rotary over the first quarter (half) of each head; attention and MLP side by side (one after the other).
+    "gpt-neox": (GPTNeoXConfig, dict(num_key_value_heads=4, rotary_pct=0.25, use_parallel_residual=True,
+                                     tie_word_embeddings=False)),
+    "gpt-neox-sequential": (GPTNeoXConfig, dict(num_key_value_heads=4, rotary_pct=0.5, use_parallel_residual=False,
+                                                attention_bias=False, tie_word_embeddings=True)),
+    # Falcon-40B's grouped key-value heads with a norm each for attention and MLP; Falcon-7B's multi-query
+    # attention beside the MLP on one norm; the older layers, one after the other, with a key-value head a query's.
+    "falcon-gqa": (FalconConfig, dict(new_decoder_architecture=True, num_kv_heads=2, num_key_value_heads=2,
+                                      ffn_hidden_size=128, bias=True, tie_word_embeddings=False)),
+    "falcon-multi-query": (FalconConfig, dict(multi_query=True, num_key_value_heads=1, parallel_attn=True,
+                                              ffn_hidden_size=128)),
+    "falcon-sequential": (FalconConfig, dict(multi_query=False, num_key_value_heads=4, parallel_attn=False,
+                                             ffn_hidden_size=128, bias=True)),
 }
 
 
@@ -83,6 +123,25 @@ def hf_model(tiny_model):
         return loaded[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def randomized_checkpoint(tiny_model, tmp_path_factory):
+    """randomized_checkpoint(name) -> (folder, transformers model) of tiny_model(name) with its norms' weights and
+    its biases random (Gemma's norms around 0, since it scales by 1 + weight)."""
+    made: dict[str, tuple[str, torch.nn.Module]] = {}
+
+    def make(name: str) -> tuple[str, torch.nn.Module]:
+        if name not in made:
+            hf = AutoModelForCausalLM.from_pretrained(tiny_model(name), dtype=torch.float32).eval()
+            randomize_norms_and_biases(hf, -0.5 if hf.config.model_type == "gemma" else 0.5)
+            path = tmp_path_factory.mktemp(name)
+            hf.save_pretrained(path)
+            AutoTokenizer.from_pretrained(tiny_model(name)).save_pretrained(path)
+            made[name] = str(path), hf
+        return made[name]
+
+    return make
 
 
 @pytest.fixture(scope="session")

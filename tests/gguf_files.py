@@ -38,14 +38,19 @@ def write_gguf(path, arch="llama", tensors=None, extra=lambda writer: None, hidd
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_freq_base(50000.0)
     extra(writer)
-    for name, (array, qtype) in (tensors or {}).items():
+    return write_tensors(writer, tensors or {})
+
+
+def write_tensors(writer: gguf.GGUFWriter, tensors: dict) -> str:
+    """Adds ``tensors`` as write_gguf takes them to a writer holding its metadata, writes the file, returns its path."""
+    for name, (array, qtype) in tensors.items():
         data = array if array.dtype == np.uint8 else gguf.quants.quantize(array, qtype)
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return str(path)
+    return str(writer.path)
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerFast, chat_template: str) -> None:

@@ -251,6 +251,6 @@ def test_unsupported_types_and_architectures_are_named(tmp_path):
         with pytest.raises(ValueError, match=r"'blk.0.ffn_up.weight' has type IQ2_XXS, supported: F32, F16, BF16, "
                                              r"Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K$"):
             read(path)
-    with pytest.raises(ValueError, match=r"GGUF architecture 'phi3' is not supported, supported: llama, qwen2, "
-                                         r"qwen2moe, qwen3, qwen3moe$"):
-        load_gguf_config(write_gguf(tmp_path / "phi3.gguf", arch="phi3"))
+    with pytest.raises(ValueError, match=r"GGUF architecture 'bloom' is not supported, supported: llama, qwen2, "
+                                         r"qwen2moe, qwen3, qwen3moe, gemma, phi3, gpt2, gptneox, falcon$"):
+        load_gguf_config(write_gguf(tmp_path / "bloom.gguf", arch="bloom"))

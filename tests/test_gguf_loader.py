@@ -203,9 +203,9 @@ def test_errors_name_the_problem(tmp_path):
     (tmp_path / "text.gguf").write_text("not a gguf file")
     with pytest.raises(ValueError, match="not a GGUF file"):
         list(iter_gguf_weights(str(tmp_path / "text.gguf")))
-    gpt2 = write_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
-    with pytest.raises(ValueError, match=r"'gpt2' is not supported, supported: llama, qwen2"):
-        load_gguf_config(gpt2)
+    bloom = write_gguf(tmp_path / "bloom.gguf", arch="bloom")
+    with pytest.raises(ValueError, match=r"'bloom' is not supported, supported: llama, qwen2"):
+        load_gguf_config(bloom)
     fused_qkv = {"blk.0.attn_qkv.weight": (np.ones((8, 32), np.float32), QType.F32)}
     odd = write_gguf(tmp_path / "odd.gguf", tensors=fused_qkv)
     with pytest.raises(ValueError, match=r"'blk.0.attn_qkv.weight' has no Hugging Face equivalent"):

@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 from parallel_utils import TOKENS, run_layouts
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvserve import LLM, SamplingParams
 from kvserve.conformance.tiny_model import hf_greedy
@@ -19,22 +18,10 @@ PROMPTS = [list(range(5, 60)), [7, 8, 9] * 9 + [11], [42], list(range(300, 340))
 
 
 @pytest.fixture(scope="module", params=["qwen3", "qwen3-bias", "qwen3-moe"])
-def checkpoint(request, tiny_model, tmp_path_factory) -> tuple[str, torch.nn.Module]:
-    """(folder, transformers model) of the tiny checkpoint with every RMS norm's weight and every bias random:
-    transformers initializes them to ones and zeros, which a model that swapped q_norm and k_norm, normed after
-    rotary, or dropped a bias would match."""
-    hf = AutoModelForCausalLM.from_pretrained(tiny_model(request.param), dtype=torch.float32).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5, generator=generator)
-            elif name.endswith(".bias"):
-                param.uniform_(-0.5, 0.5, generator=generator)
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model(request.param)).save_pretrained(path)
-    return str(path), hf
+def checkpoint(request, randomized_checkpoint) -> tuple[str, torch.nn.Module]:
+    """Every RMS norm's weight and every bias random: a model that swapped q_norm and k_norm, normed after rotary,
+    or dropped a bias would match transformers' ones and zeros."""
+    return randomized_checkpoint(request.param)
 
 
 def test_greedy_tokens_match_transformers(checkpoint):

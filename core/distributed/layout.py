@@ -12,6 +12,15 @@ def _kv_heads(hf_config) -> int:
     return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
 
 
+def _intermediate_size(hf_config) -> int:
+    """The dense MLPs' width, under the name the family's config gives it (GPT-2's n_inner, OPT's ffn_dim, Falcon's
+    ffn_hidden_size), 4 x hidden_size where it is unset."""
+    for name in ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner"):
+        if getattr(hf_config, name, None):
+            return getattr(hf_config, name)
+    return 4 * hf_config.hidden_size
+
+
 def log_layout(config: EngineConfig, hf_config, backend: str) -> None:
     size, stages = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
     kv_heads = _kv_heads(hf_config)
@@ -21,7 +30,7 @@ def log_layout(config: EngineConfig, hf_config, backend: str) -> None:
                     "vocabulary", size, backend, *[hf_config.num_attention_heads // size] * 2,
                     f"key-value heads [r*{kv_heads // size}, (r+1)*{kv_heads // size})" if kv_heads >= size
                     else f"a copy of key-value head r*{kv_heads}//{size}",
-                    *[hf_config.intermediate_size // size] * 2, *[-(-hf_config.vocab_size // size)] * 2)
+                    *[_intermediate_size(hf_config) // size] * 2, *[-(-hf_config.vocab_size // size)] * 2)
     for index in range(stages if stages > 1 else 0):
         stage, layers = PipelineStage(index, stages), PipelineStage(index, stages).layers(hf_config.num_hidden_layers)
         held = ["the embedding"] * stage.is_first + [f"decoder layers [{layers.start}, {layers.stop})"]
@@ -66,7 +75,7 @@ def check_tensor_parallel(config: EngineConfig, checkpoint: Checkpoint) -> None:
     if experts and expert_size is None:   # Mixtral: every MLP is its experts
         expert_size = hf_config.intermediate_size
     else:
-        counts["intermediate size"] = hf_config.intermediate_size
+        counts["intermediate size"] = _intermediate_size(hf_config)
     if getattr(hf_config, "shared_expert_intermediate_size", None):
         counts["shared expert intermediate size"] = hf_config.shared_expert_intermediate_size
     if experts:

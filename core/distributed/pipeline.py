@@ -5,7 +5,7 @@ the stage after it runs this one."""
 from __future__ import annotations
 
 import pickle
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 import torch.distributed as dist
@@ -48,9 +48,9 @@ class StageLink:
 
 def rekeyed(out: StepOutput, key) -> StepOutput:
     """``out`` with each sequence replaced by ``key(sequence)``: its id to send it, the sequence to use it."""
-    sampled, *by_seq = (getattr(out, f.name) for f in fields(StepOutput))
-    return StepOutput([(key(seq), token) for seq, token in sampled],
-                      *({key(seq): value for seq, value in entries.items()} for entries in by_seq))
+    by_seq = {f.name: {key(seq): value for seq, value in getattr(out, f.name).items()}
+              for f in fields(StepOutput) if isinstance(getattr(out, f.name), dict)}
+    return replace(out, sampled=[(key(seq), token) for seq, token in out.sampled], **by_seq)
 
 
 def seq_id(seq: Sequence) -> int:

@@ -94,7 +94,8 @@ def run_rank(config: EngineConfig, rank: int, address: str, port: int, threads: 
     first_stage_group = join_group(config, platform, rank, address, port)
     platform.seed(config.model.seed)
     checkpoint = Checkpoint.open(config.model)
-    runner = ModelRunner(config, platform, checkpoint, resolve_model_class(checkpoint.hf_config, plugins.models()))
+    model_cls = resolve_model_class(checkpoint.hf_config, plugins.models(), config)
+    runner = ModelRunner(config, platform, checkpoint, model_cls)
     link = StageLink(platform.device)
     reports = pipeline_stage().is_last and not pipeline_stage().is_first and tensor_parallel().rank == 0
     while True:

@@ -23,7 +23,8 @@ class AsyncLLMEngine:
         # The server tokenizes on its own threads, with its own copy, apart from the engine thread that detokenizes.
         self.inputs = InputProcessor(copy.deepcopy(engine.tokenizer), engine.runner.vocab_size, engine.max_model_len,
                                      engine.config.scheduler.max_num_seqs, engine.grammars,
-                                     engine.config.model.chat_template, engine.inputs.sampling_defaults)
+                                     engine.config.model.chat_template, engine.inputs.sampling_defaults,
+                                     engine.inputs.pooling)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()

@@ -118,7 +118,7 @@ class DataParallelEngine:
                                                 checkpoint.eos_token_ids or [self.tokenizer.eos_token_id])
         self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
                                      config.scheduler.max_num_seqs, self.grammars, config.model.chat_template,
-                                     checkpoint.sampling_defaults(config.model.generation_config))
+                                     checkpoint.sampling_defaults(config.model.generation_config), info["pooling"])
         self.router = Router(len(self.replicas.replicas), config.cache.block_size)
         tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
         split = " of ".join([f"{pp} pipeline stages"] * (pp > 1) + [f"{tp} tensor-parallel ranks" + " each" * (pp > 1)]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import jinja2
 
+from kvserve.core.layers.pooler import PoolerConfig
+from kvserve.core.pooling_params import PoolingParams
 from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
 from kvserve.core.structured_outputs.manager import StructuredOutputManager
 
@@ -10,9 +12,10 @@ from kvserve.core.structured_outputs.manager import StructuredOutputManager
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_num_seqs: int,
                  grammars: StructuredOutputManager, chat_template: str | None = None,
-                 sampling_defaults: dict | None = None):
+                 sampling_defaults: dict | None = None, pooling: PoolerConfig | None = None):
         """``sampling_defaults``: the SamplingParams values that a request which does not set them gets (the
-        model's generation_config.json's)."""
+        model's generation_config.json's). ``pooling``: a pooling model's embeddings; None for a generative one."""
+        self.pooling = pooling
         self.tokenizer = tokenizer
         self.sampling_defaults = sampling_defaults or {}
         self.grammars = grammars
@@ -53,7 +56,8 @@ class InputProcessor:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt, checked against the vocabulary and the context length."""
+        """Token ids of a prompt, checked against the vocabulary and the context length, which keeps a token for
+        the output unless the model pools."""
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt)["input_ids"] if prompt else []
         elif isinstance(prompt, (list, tuple)):
@@ -64,9 +68,10 @@ class InputProcessor:
             raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("prompt is empty; give at least one character or token id")
-        if len(ids) >= self.max_model_len:
+        room = 0 if self.pooling is not None else 1
+        if len(ids) > self.max_model_len - room:
             raise ValueError(f"prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
-                             f"the prompt may have at most {self.max_model_len - 1} tokens")
+                             f"the prompt may have at most {self.max_model_len - room} tokens")
         return ids
 
     def check_params(self, params: SamplingParams | BeamSearchParams) -> None:
@@ -109,8 +114,24 @@ class InputProcessor:
         if isinstance(params, SamplingParams) and params.structured_outputs is not None:
             self.grammars.compile(params.structured_outputs)
 
-    def validate(self, prompt: str | list[int], params: SamplingParams | BeamSearchParams) -> list[int]:
+    def check_pooling(self, params, model: str | None = None) -> None:
+        """A ValueError unless ``params`` are PoolingParams this pooling model can honour (``model``: its name,
+        for the message); generation on a pooling model and embeddings from a generative one are refused."""
+        if self.pooling is None:
+            raise ValueError("embeddings need a pooling model, and this one generates (runner='generate'): load an "
+                             "embedding model (runner='pooling' with no model loads all-MiniLM-L6-v2), or pass "
+                             "runner='pooling' to embed with this model's last hidden state")
+        if not isinstance(params, PoolingParams):
+            raise ValueError(f"this is a pooling model (runner='pooling'): it gives embeddings (LLM.embed, POST "
+                             f"/v1/embeddings), not generated text; got {type(params).__name__}")
+        self.pooling.check(params, model)
+
+    def validate(self, prompt: str | list[int], params: SamplingParams | BeamSearchParams | PoolingParams
+                 ) -> list[int]:
         """Check a request without starting it; returns its prompt token ids."""
+        if self.pooling is not None or isinstance(params, PoolingParams):
+            self.check_pooling(params)
+            return self.tokenize(prompt)
         self.check_params(params)
         ids = self.tokenize(prompt)
         self.check_constraint(params)

@@ -113,6 +113,14 @@ def allocate_kv_cache(config: EngineConfig, spec: AttentionSpec, backend: Attent
     return KvCache(num_blocks, block_bytes, device_cache, host_cache, num_host_blocks, populating)
 
 
+def blocks_without_cache(config: EngineConfig, num_layers: int, platform: Platform) -> KvCache:
+    """For an encoder, which keeps no keys and values: no cache memory, only the block ids that its fullest step
+    takes (each of its sequences finishes in the step that computes it), so that the scheduler admits as usual."""
+    scheduler = config.scheduler
+    num_blocks = -(-scheduler.max_num_batched_tokens // config.cache.block_size) + scheduler.max_num_seqs
+    return KvCache(num_blocks, 0, torch.empty(num_layers, 0, device=platform.device), None, 0)
+
+
 def bind_kv_scales(layers: list[Attention], spec: AttentionSpec, calculate: bool) -> None:
     """Give an FP8 cache's layers their checkpoint's scales, or 1.0, or with ``calculate`` those of the first
     batch's keys and values; other caches ignore a checkpoint's."""

@@ -17,6 +17,7 @@ from kvserve.core.engine.input_processor import InputProcessor
 from kvserve.core.engine.kv_cache import window_blocks_freed
 from kvserve.core.engine.logprobs import LogprobsBuilder
 from kvserve.core.engine.model_runner import ModelRunner
+from kvserve.core.engine.pooling import embedding_output, resolve_runner, schedule_whole_prompts
 from kvserve.core.engine.request_state import RequestState
 from kvserve.core.engine.scheduler import Scheduler
 from kvserve.core.engine.sequence import Sequence
@@ -24,7 +25,8 @@ from kvserve.core.engine.speculation import Proposer
 from kvserve.core.loader.model_loader import Checkpoint
 from kvserve.core.log import logger
 from kvserve.core.models.registry import resolve_model_class
-from kvserve.core.outputs import RequestOutput
+from kvserve.core.outputs import EmbeddingRequestOutput, RequestOutput
+from kvserve.core.pooling_params import PoolingParams
 from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
 from kvserve.core.structured_outputs.manager import StructuredOutputManager
 from kvserve.plugins.manager import PluginManager
@@ -43,7 +45,10 @@ class LLMEngine:
         checkpoint = Checkpoint.open(config.model)
         config.model.quantization = checkpoint.quantization(config.model.quantization)
         self.plugins = plugins or PluginManager()
-        model_cls = resolve_model_class(checkpoint.hf_config, self.plugins.models())
+        model_cls = resolve_model_class(checkpoint.hf_config, self.plugins.models(), config)
+        config.model.runner = resolve_runner(config, model_cls)
+        if config.model.runner == "pooling":
+            schedule_whole_prompts(config)
         self.platform = self.plugins.select_platform(config.device.device)
         self.platform.bind_device(local_device_index(config, 0))
         self.platform.update_config(config)
@@ -85,7 +90,8 @@ class LLMEngine:
                                                 self.eos_token_ids)
         self.inputs = InputProcessor(self.tokenizer, self.runner.vocab_size, self.max_model_len,
                                      config.scheduler.max_num_seqs, self.grammars, config.model.chat_template,
-                                     checkpoint.sampling_defaults(config.model.generation_config))
+                                     checkpoint.sampling_defaults(config.model.generation_config),
+                                     None if self.runner.pooler is None else self.runner.pooler.config)
         self.logprobs_builder = LogprobsBuilder(self.tokenizer)
         logger.info("loaded %s on %s (%s, %s attention, weights %.1f MiB%s) in %.1fs; KV cache %.2f GiB = %d "
                     "tokens in %d blocks", checkpoint.path, self.platform.name,
@@ -109,6 +115,11 @@ class LLMEngine:
         if self.fatal_token in ids:
             raise RuntimeError(f"injected fatal fault: token {self.fatal_token} ({FATAL_TOKEN_ENV})")
         text = prompt if isinstance(prompt, str) else None
+        if isinstance(params, PoolingParams):
+            seq = Sequence(request_id, ids, params, self.max_model_len, [])
+            self.requests[request_id] = RequestState(request_id, params, text, ids, [seq])
+            self.scheduler.add(seq)
+            return
         if isinstance(params, BeamSearchParams):
             first = Sequence(request_id, ids, SamplingParams(temperature=params.temperature, max_tokens=None),
                              self.max_model_len, self.eos_token_ids)
@@ -214,6 +225,8 @@ class LLMEngine:
 
     def _finish(self, batch, result) -> list[RequestOutput]:
         """Take a step's tokens; those of sequences aborted while it was in flight are dropped."""
+        if result.pooled is not None:
+            return self._finish_pooled(batch, result.pooled)
         chunks = zip(batch.seqs[batch.num_decodes:], batch.num_new_tokens[batch.num_decodes:])
         self.prompt_tokens_total += sum(n for s, n in chunks if not s.proposal)
         self.generation_tokens_total += len(result.candidates)
@@ -254,6 +267,19 @@ class LLMEngine:
         for output in outputs:
             if output.finished:
                 self._forget(output.request_id)
+        return outputs
+
+    def _finish_pooled(self, batch, pooled: list[list[float]]) -> list[EmbeddingRequestOutput]:
+        """Each pooled prompt's embedding: its request is done."""
+        self.prompt_tokens_total += sum(batch.num_new_tokens)
+        outputs = [embedding_output(seq, embedding) for seq, embedding in zip(batch.seqs, pooled)
+                   if not seq.is_finished]   # else aborted while in flight
+        for seq in batch.seqs:
+            if not seq.is_finished:
+                seq.finish("stop")
+        self.scheduler.finish_step(batch, {})
+        for output in outputs:
+            self._forget(output.request_id)
         return outputs
 
     def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer, grammar_complete: bool) -> None:

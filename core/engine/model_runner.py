@@ -12,7 +12,7 @@ from kvserve.core.distributed.parallel_state import pipeline_stage
 from kvserve.core.engine.beam_search import beam_candidates
 from kvserve.core.engine.draft_model import DraftModel
 from kvserve.core.engine.eagle import EagleDrafter
-from kvserve.core.engine.kv_cache import allocate_kv_cache, bind_kv_scales
+from kvserve.core.engine.kv_cache import allocate_kv_cache, bind_kv_scales, blocks_without_cache
 from kvserve.core.engine.logprobs import PromptLogprobsPlanner, TokenLogprobs, kept_token_logprobs, prompt_logprobs
 from kvserve.core.engine.medusa import MedusaHeads
 from kvserve.core.engine.model_builder import build_model, choose_dtype
@@ -21,6 +21,7 @@ from kvserve.core.engine.sequence import Sequence
 from kvserve.core.engine.speculation import verify
 from kvserve.core.engine.sampler import Sampler
 from kvserve.core.layers.ops import Ops
+from kvserve.core.layers.pooler import Pooler, PoolerConfig
 from kvserve.core.loader.model_loader import Checkpoint, local_path
 from kvserve.core.structured_outputs.manager import GrammarBitmask
 from kvserve.plugins.interfaces import StepLayout
@@ -36,6 +37,7 @@ class StepOutput:
     # beam -> its most likely next tokens and their logprobs, best first (beams report instead of sampling)
     candidates: dict[Sequence, tuple[list[int], list[float]]] = field(default_factory=dict)
     accepted: dict[Sequence, int] = field(default_factory=dict)   # speculating sequence -> proposed tokens kept
+    pooled: list[list[float]] | None = None   # a pooling model's: each sequence's embedding, in the batch's order
 
 
 def step_layout(batch: ScheduledBatch) -> StepLayout:
@@ -61,6 +63,8 @@ class ModelRunner:
         self.dtype = choose_dtype(config, checkpoint, platform)
         self.vocab_size = checkpoint.hf_config.vocab_size
         self.ops = Ops(platform.ops())
+        self.pooler = None if config.model.runner != "pooling" else Pooler(PoolerConfig.of(
+            checkpoint.path, checkpoint.hf_config, getattr(model_cls, "default_pooling_type", "LAST")))
         built = build_model(config, platform, checkpoint, model_cls, self.ops, self.dtype,
                             config.model.quantization, config.model.quantization_group_size)
         self.built, self.model, self.spec, self.backend = built, built.model, built.spec, built.backend
@@ -73,8 +77,11 @@ class ModelRunner:
         self.medusa = None if speculation is None or speculation.method != "medusa" else MedusaHeads(
             local_path(speculation.source(config.model)), checkpoint.hf_config.hidden_size, self.vocab_size,
             speculation.num_speculative_tokens, self.ops, self.device, self.dtype)
-        cache = allocate_kv_cache(config, self.spec, self.backend, len(layers), platform,
-                                  0 if self.drafter is None else self.drafter.block_bytes)
+        if getattr(model_cls, "is_pooling_model", False):
+            cache = blocks_without_cache(config, len(layers), platform)
+        else:
+            cache = allocate_kv_cache(config, self.spec, self.backend, len(layers), platform,
+                                      0 if self.drafter is None else self.drafter.block_bytes)
         if self.drafter is not None:
             self.drafter.allocate(cache)
         self.num_blocks, self.num_host_blocks, self.kv_cache_bytes = (cache.num_blocks, cache.num_host_blocks,
@@ -84,7 +91,9 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.backend, layer.kv_cache = self.backend, self.kv_cache[i]
         bind_kv_scales(layers, self.spec, config.cache.calculate_kv_scales)
-        self.graph_runner = built.graph_runner = platform.graph_runner(self.model, self.backend, config)
+        # A pooling step holds whole prompts, which a recording of one-token prompts could not replay.
+        self.graph_runner = built.graph_runner = (None if self.pooler is not None
+                                                  else platform.graph_runner(self.model, self.backend, config))
         self.sampler = Sampler(self.device, self.ops.argmax)
         self.prompt_logprobs = PromptLogprobsPlanner()
         self.submitted: deque[StepOutput] = deque()
@@ -122,6 +131,8 @@ class ModelRunner:
         hidden = self._forward(batch, intermediate)
         if not pipeline_stage().is_last:
             return hidden
+        if self.pooler is not None:   # each sequence of a pooling step is a whole prompt
+            return StepOutput(pooled=self.pooler(hidden, counts, [s.params for s in seqs]))
         starts = list(accumulate(counts, initial=0))
         done = [i for i, (s, n) in enumerate(zip(seqs, counts))
                 if s.num_computed_tokens + n == s.num_tokens + len(s.proposal)]

@@ -150,7 +150,7 @@ def run_replica(index: int, config: EngineConfig, conn: multiprocessing.connecti
         engine = LLMEngine(config)
         engine.runner.wait_for_kv_cache()
         conn.send(("ready", {"config": engine.config, "vocab_size": engine.runner.vocab_size,
-                             "dtype": engine.runner.dtype}, EngineStats.of(engine)))
+                             "dtype": engine.runner.dtype, "pooling": engine.inputs.pooling}, EngineStats.of(engine)))
         serve_front(engine, conn)
     except (EOFError, BrokenPipeError):   # the front has gone
         pass

@@ -6,6 +6,7 @@ from enum import Enum, auto
 from itertools import count
 from typing import TYPE_CHECKING
 
+from kvserve.core.pooling_params import PoolingParams
 from kvserve.core.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -22,15 +23,17 @@ class SequenceStatus(Enum):
 class Sequence:
     _ids = count()
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int,
-                 eos_token_ids: list[int]):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
+                 max_model_len: int, eos_token_ids: list[int]):
+        """A pooled prompt (``params`` a PoolingParams) generates nothing: it finishes once computed."""
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
-        self.eos_token_ids = [] if params.ignore_eos else list(eos_token_ids)
-        limit = max_model_len if params.max_tokens is None else self.num_prompt_tokens + params.max_tokens
+        pooled = isinstance(params, PoolingParams)
+        self.eos_token_ids = [] if pooled or params.ignore_eos else list(eos_token_ids)
+        limit = max_model_len if pooled or params.max_tokens is None else self.num_prompt_tokens + params.max_tokens
         self.max_total_tokens = min(limit, max_model_len)
         self.num_computed_tokens = 0       # tokens whose keys/values are in the cache (computed or prefix hits)
         self.block_table: list[int] = []

@@ -13,6 +13,7 @@ from kvserve.core.entrypoints.openai.server_options import ServerOptions, option
 from kvserve.core.options import class_options
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_EMBEDDING_NAME = "all-MiniLM-L6-v2"   # the default model of runner pooling
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -75,13 +76,15 @@ def cmd_serve(args) -> int:
     model = args.model_tag or args.model
     config = build_engine_config(model, **options_from_args(args))
     server = options_from(ServerOptions, args)
-    names = server.served_model_name or [model or DEFAULT_SERVED_NAME]
+    default_name = DEFAULT_EMBEDDING_NAME if config.model.runner == "pooling" else DEFAULT_SERVED_NAME
+    names = server.served_model_name or [model or default_name]
     api_key = server.api_key or os.environ.get("KVSERVE_API_KEY") or None
     parsers = reply_parsers(server.enable_auto_tool_choice, server.tool_call_parser, args.reasoning_parser)
     return serve(config, server.host, server.port, names, api_key, parsers, options_from(ServerLimits, args))
 
 
 def cmd_plugins(args) -> None:
+    from kvserve.core.models.registry import BUILTIN_MODELS
     from kvserve.plugins.manager import PluginManager
 
     manager = PluginManager()
@@ -98,6 +101,9 @@ def cmd_plugins(args) -> None:
         print(f"\nselected platform: {manager.select_platform().name}")
     except ValueError as exc:
         print(f"\nno platform selected: {exc}")
+    print(f"\nnative model architectures: {', '.join(sorted({**BUILTIN_MODELS, **manager.models()}))}")
+    print("other causal LMs that transformers implements run its modeling code on kvserve's KV cache and attention "
+          "(model_impl auto or transformers)")
 
 
 def cmd_conformance(args) -> int:

@@ -9,7 +9,8 @@ from tqdm import tqdm
 from kvserve.core.config import build_engine_config
 from kvserve.core.engine.data_parallel import make_engine
 from kvserve.core.log import init_logging
-from kvserve.core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from kvserve.core.outputs import BeamSearchOutput, BeamSearchSequence, EmbeddingRequestOutput, RequestOutput
+from kvserve.core.pooling_params import PoolingParams
 from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
 
 Prompt = str | list[int] | dict
@@ -45,9 +46,15 @@ class LLM:
                             "LLM.beam_search(prompts, BeamSearchParams(...))")
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; give one or one each")
+        params = one_each(sampling_params, SamplingParams, "sampling params", len(prompts))
+        return self._run(prompts, params, use_tqdm)
+
+    def embed(self, prompts: Prompt | Seq[Prompt], pooling_params: PoolingParams | Seq[PoolingParams] | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """The embedding of every prompt (as ``generate`` takes them), in input order, from a pooling model: an
+        encoder such as BertModel, or any model loaded with runner='pooling'."""
+        prompts = prompt_list(prompts)
+        params = one_each(pooling_params or PoolingParams(), PoolingParams, "pooling params", len(prompts))
         return self._run(prompts, params, use_tqdm)
 
     def beam_search(self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams,
@@ -70,8 +77,8 @@ class LLM:
                             add_generation_prompt: bool = True) -> list[int]:
         return self.llm_engine.inputs.render_chat(conversation, chat_template, add_generation_prompt)
 
-    def _run(self, prompts: list[str | list[int]], params: list[SamplingParams | BeamSearchParams],
-             use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[str | list[int]], params: list[SamplingParams | BeamSearchParams | PoolingParams],
+             use_tqdm: bool) -> list[RequestOutput | EmbeddingRequestOutput]:
         engine = self.llm_engine
         token_ids = [engine.validate(p, sp) for p, sp in zip(prompts, params)]  # all checked before any starts
         request_ids = [str(next(self._request_ids)) for _ in prompts]
@@ -87,6 +94,14 @@ class LLM:
                         pending.discard(output.request_id)
                         bar.update(1)
         return [done[i] for i in request_ids]
+
+
+def one_each(params, kind: type, name: str, count: int) -> list:
+    """``params`` for each of ``count`` prompts: one ``kind`` for all of them, or a sequence of one each."""
+    listed = [params] * count if isinstance(params, kind) else list(params)
+    if len(listed) != count:
+        raise ValueError(f"got {len(listed)} {name} for {count} prompts; give one or one each")
+    return listed
 
 
 def prompt_list(prompts: Prompt | Seq[Prompt]) -> list[str | list[int]]:

@@ -26,6 +26,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """GeGLU (Gemma): GELU's tanh approximation of the gate (transformers' gelu_pytorch_tanh) times up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def rotary_embedding(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate [tokens, heads, head] query/key by per-token [tokens, rotary_dim / 2] cos/sin (rotate-half layout)."""
@@ -74,6 +80,7 @@ REFERENCE_OPS: dict[str, Callable] = {
     "rms_norm": rms_norm,
     "add_rms_norm": add_rms_norm,
     "silu_and_mul": silu_and_mul,
+    "gelu_tanh_and_mul": gelu_tanh_and_mul,
     "rotary_embedding": rotary_embedding,
     "argmax": argmax,
     "fused_moe": fused_moe,

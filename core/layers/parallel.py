@@ -41,6 +41,21 @@ class RowParallelLinear(Linear):
         return out if self.bias is None else out + self.bias
 
 
+class ColumnParallelLinear(Linear):
+    """This rank's slice of the outputs (and of the bias), not gathered: the row-parallel layer after it takes
+    them as its slice of the inputs."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        first, count = tensor_parallel().part(out_features)
+        super().__init__(in_features, count, bias=bias)
+        self.first_output, self.total_outputs = first, out_features
+
+    def checkpoint_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        shape = (self.total_outputs, self.in_features) if name == "weight" else (self.total_outputs,)
+        _expect(f"a column-parallel {name}", tensor, shape)
+        return tensor.narrow(0, self.first_output, self.out_features)
+
+
 def _vocab_rows(vocab_size: int) -> tuple[int, int]:
     """(first, count) of this rank's vocabulary rows, the count rounded up so that every rank holds as many."""
     tp = tensor_parallel()

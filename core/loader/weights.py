@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from kvserve.core.layers.linear import Linear
+from kvserve.core.layers.linear import Linear, MergedLinear
 from kvserve.core.loader.kv_scales import KvScaleReader
 from kvserve.core.quantization import dequantize
 from kvserve.plugins.interfaces import QuantizedWeight
@@ -56,13 +56,21 @@ def read_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]) -> None:
     """A QuantizedWeight (GGUF's blocks, a GPTQ, AWQ, AutoRound, compressed-tensors or fp8 layer) stays quantized
     in its Linear layer, which drops its float weight, unless the layer's other shards are not quantized alike.
-    KV cache scales go to their attention layers."""
+    KV cache scales go to their attention layers.
+
+    The model's ``packed_modules_mapping`` {checkpoint module: (model module, shard)} renames a module (shard None),
+    sends it to a shard of a merged layer, or, with a tuple of shard names, splits one checkpoint tensor holding
+    each shard whole, one after another along its rows (GPT-2's c_attn, Phi-3's qkv_proj), into them. A model whose
+    checkpoints name or lay out tensors otherwise (GPT-2's Conv1D weights, stored transposed) maps them first in
+    its ``map_checkpoint(weights)``."""
     params = dict(model.named_parameters())
     kv_scales = KvScaleReader(model)
-    mapping: dict[str, tuple[str, str]] = getattr(model, "packed_modules_mapping", {})
+    mapping: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
     ignored = getattr(model, "ignored_weights", ())   # copies of weights the model takes from elsewhere
     loaded: set[tuple[str, str | None]] = set()
+    if hasattr(model, "map_checkpoint"):
+        weights = model.map_checkpoint(weights)
     for name, tensor in weights:
         quantized = isinstance(tensor, QuantizedWeight)
         # A tied head shares the embedding's parameter, unless the checkpoint quantized it (GGUF's blocks).
@@ -76,6 +84,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
             if f".{source}." in name:
                 target, shard = name.replace(f".{source}.", f".{packed}."), shard_id
                 break
+        # A tuple of shard names (not a mixture of experts' (expert, part) shard): a fused checkpoint tensor.
+        fused = isinstance(shard, tuple) and all(isinstance(part, str) for part in shard)
+        shards = shard if fused else (shard,)
+        if quantized and fused:
+            raise ValueError(f"checkpoint tensor {name!r} is quantized and fuses {', '.join(shards)}: quantized "
+                             f"fused tensors are not supported")
         module = _module_of(model, target) if quantized else None
         param = params.get(target)
         if quantized and not isinstance(module, Linear):
@@ -86,6 +100,10 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
         with torch.no_grad():
             if quantized:
                 module.load_quantized(tensor, shard)
+            elif fused:
+                layer = model.get_submodule(target.rpartition(".")[0])
+                for part, rows in _fused_parts(layer, name, tensor, shards):
+                    layer.load_shard(param, rows, part)
             elif shard is not None:
                 model.get_submodule(target.rpartition(".")[0]).load_shard(param, tensor, shard)
             elif hasattr(module := model.get_submodule(target.rpartition(".")[0]), "checkpoint_slice"):
@@ -95,7 +113,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
                                  f"the model expects {tuple(param.shape)}")
             else:
                 param.copy_(tensor)
-        loaded.add((target, shard))
+        loaded.update((target, part) for part in shards)
     missing = sorted(f"{name}[{shard}]" if shard else name
                      for name, shard in _expected(model) - loaded)
     if missing:
@@ -105,6 +123,16 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | Q
         for module in model.modules():
             if isinstance(module, Linear):
                 module.finish_loading(lambda weight: dequantize(weight, torch.float32))
+
+
+def _fused_parts(layer: MergedLinear, name: str, tensor: torch.Tensor,
+                 shards: tuple[str, ...]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each of ``shards`` with its rows of ``tensor``, which holds each whole (all ranks' rows), one after another."""
+    totals = [layer.checkpoint_rows[shard][1] for shard in shards]
+    if tensor.shape[0] != sum(totals):
+        raise ValueError(f"checkpoint tensor {name!r} has {tensor.shape[0]} rows, the model expects {sum(totals)} "
+                         f"({' + '.join(f'{total} {shard}' for shard, total in zip(shards, totals))})")
+    return zip(shards, tensor.split(totals))
 
 
 def _module_of(model: nn.Module, parameter: str) -> nn.Module | None:

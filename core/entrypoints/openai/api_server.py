@@ -25,10 +25,11 @@ from kvserve.core.entrypoints.openai.errors import APIError, invalid_body
 from kvserve.core.entrypoints.openai.limits import BodyLimit, Offload, ServerLimits
 from kvserve.core.entrypoints.openai.metrics import ServerMetrics
 from kvserve.core.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                                      TokenizeRequest)
+                                                      EmbeddingRequest, TokenizeRequest)
 from kvserve.core.entrypoints.openai.serving_chat import OpenAIServingChat
 from kvserve.core.entrypoints.openai.tools import ReplyParsers
 from kvserve.core.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from kvserve.core.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from kvserve.core.log import logger
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
@@ -61,6 +62,7 @@ class ServerState:
         serving = (engine, self.model_names, self.metrics, limits, self.offload)
         self.completion = OpenAIServingCompletion(*serving)
         self.chat = OpenAIServingChat(*serving, parsers=self.parsers)
+        self.embedding = OpenAIServingEmbedding(*serving)
         self.engine = engine
         logger.info("engine ready; serving %s", ", ".join(self.model_names))
 
@@ -71,6 +73,12 @@ class ServerState:
         if not self.engine.is_healthy:
             raise APIError(503, f"the engine has stopped: {self.engine.stopped_because}")
         return self.engine
+
+    def check_generates(self) -> None:
+        """Completions and chat need a generative model."""
+        if self.engine.inputs.pooling is not None:
+            raise APIError(400, f"model {self.model_names[0]!r} is an embedding model (runner='pooling'): it "
+                                "answers POST /v1/embeddings, not completions or chat")
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable):
@@ -164,13 +172,20 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions", **openapi.documented(CompletionRequest, openapi.Completion, streams=True))
     async def completions(request: Request):
         body = await parse(request, CompletionRequest)
+        state.check_generates()
         return await respond(request, state.completion.create(body))
 
     @app.post("/v1/chat/completions", **openapi.documented(ChatCompletionRequest, openapi.ChatCompletion,
                                                            streams=True))
     async def chat_completions(request: Request):
         body = await parse(request, ChatCompletionRequest)
+        state.check_generates()
         return await respond(request, state.chat.create(body))
+
+    @app.post("/v1/embeddings", **openapi.documented(EmbeddingRequest, openapi.EmbeddingList))
+    async def embeddings(request: Request):
+        body = await parse(request, EmbeddingRequest)
+        return await respond(request, state.embedding.create(body))
 
     @app.post("/tokenize", **openapi.documented(TokenizeRequest, openapi.Tokens))
     async def tokenize(request: Request):

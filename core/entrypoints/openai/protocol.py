@@ -220,6 +220,16 @@ class ChatCompletionRequest(SamplingFields):
         return [message.template_message(i) for i, message in enumerate(self.messages)]
 
 
+class EmbeddingRequest(Strict):
+    """OpenAI's embeddings request: ``input`` a text, texts, token ids or lists of them, one embedding each."""
+
+    model: str | None = None
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
+    encoding_format: Literal["float", "base64"] = "float"   # base64: the little-endian float32 values' bytes
+    dimensions: int | None = Field(None, ge=1)   # a matryoshka model's shorter embeddings
+    user: str | None = None
+
+
 class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None

@@ -21,13 +21,13 @@ async def prompt_only(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> Asyn
                                                   stop_reason=None) for c in output.outputs])
 
 
-def split_prompts(prompt) -> list[str | list[int]]:
-    """The prompts of a request: a string, a list of strings, token ids, or a list of token-id lists."""
+def split_prompts(prompt, field: str = "prompt") -> list[str | list[int]]:
+    """The prompts of a request's ``field``: a string, a list of strings, token ids, or a list of token-id lists."""
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
-        raise APIError(400, "prompt is empty; give a string, a list of strings, token ids or lists of token ids",
-                       "prompt")
+        raise APIError(400, f"{field} is empty; give a string, a list of strings, token ids or lists of token ids",
+                       field)
     if all(isinstance(p, int) for p in prompt):
         return [prompt]
     return list(prompt)

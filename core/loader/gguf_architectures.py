@@ -1,0 +1,212 @@
+"""llama.cpp's architectures as Hugging Face checkpoints: each one's config class and fields, its tensors' Hugging
+Face names, and what llama.cpp's converter (convert_hf_to_gguf.py) changed in them, undone: llama's interleaved q/k
+rows (its rotary turns neighbouring pairs; the others' NEOX mode turns halves as HF's rotate_half does, and gpt2 has
+none); the q/k/v rows it regroups for gptneox and falcon; the 1 it adds to gemma's norms; gpt2's Conv1D weights,
+which it stores [out, in] where HF's checkpoint is [in, out]. OPT has no llama.cpp architecture."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+import transformers
+
+Meta = Callable[..., object]   # meta(key with "{arch}", default) -> the file's value
+
+LLAMA_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+               "output.weight": "lm_head.weight"}
+LLAMA_LAYERS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    **{f"attn_{g}.{p}": f"self_attn.{h}_proj.{p}"
+       for g, h in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")) for p in ("weight", "bias")},
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    **{f"ffn_{g}.weight": f"mlp.{g}_proj.weight" for g in ("gate", "up", "down")},
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    **{f"ffn_{g}_exps.weight": f"mlp.experts.{{}}.{g}_proj.weight" for g in ("gate", "up", "down")},  # per expert
+    **{f"ffn_{g}_shexp.weight": f"mlp.shared_expert.{g}_proj.weight" for g in ("gate", "up", "down")},
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+}
+LINEAR_BLOCKS = ("_proj.weight", "lm_head.weight")
+CONV1D_MODULES = (".c_attn.", ".c_proj.", ".c_fc.")
+
+
+def _with_biases(names: dict[str, str]) -> dict[str, str]:
+    return {f"{source}.{p}": f"{hf}.{p}" for source, hf in names.items() for p in ("weight", "bias")}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One llama.cpp architecture read as a Hugging Face checkpoint. ``names`` and ``layers`` (under ``prefix`` and
+    the layer's index) give each GGUF tensor its HF name; ``blocks``: the HF name endings of the linear weights that
+    may stay quantized blocks (kvserve splits a fused tensor into its merged layers' shards only as floats);
+    ``rows(name, tensor, heads, kv_heads)``: a weight's or bias's rows in HF's order (of blocks' levels and scales
+    too); ``floats(name, tensor)``: a float tensor's HF values and layout."""
+
+    config_class: type[transformers.PretrainedConfig]
+    hf_architecture: str
+    config: Callable[[dict, Meta, dict], dict]   # (the common fields, meta, tensors by name) -> the config's fields
+    names: dict[str, str]
+    layers: dict[str, str]
+    prefix: str = "model.layers."
+    blocks: tuple[str, ...] = LINEAR_BLOCKS
+    rows: Callable[[str, torch.Tensor, int, int], torch.Tensor] | None = None
+    floats: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+    partial_rotary: bool = False
+
+
+def _llama_like(optional_biases: bool = False, renormalize: bool | None = None):
+    """The config fields of llama's relatives: q/k/v biases as the file has them, where optional; a mixture of
+    experts where llama.cpp ``renormalize``s (or not) the chosen experts' weights."""
+    def config(common: dict, meta: Meta, tensors: dict) -> dict:
+        fields = {**common, "rms_norm_eps": meta("{arch}.attention.layer_norm_rms_epsilon")}
+        if optional_biases:
+            fields["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        if renormalize is not None:
+            fields.update(_mixture(meta, tensors, common["num_hidden_layers"], renormalize))
+        return fields
+    return config
+
+
+def _mixture(meta: Meta, tensors: dict, num_layers: int, renormalize: bool) -> dict:
+    """A mixture of experts' config fields: the experts' sizes from their tensors' shapes, which the model's must
+    match anyway; a layer without a router keeps a dense MLP."""
+    def rows(suffix: str) -> int | None:
+        shapes = [t.shape for name, t in tensors.items() if name.endswith(suffix)]
+        return int(shapes[0][1]) if shapes else None   # GGUF lists dimensions inputs first
+
+    fields = dict(num_experts=meta("{arch}.expert_count"), num_experts_per_tok=meta("{arch}.expert_used_count"),
+                  moe_intermediate_size=rows(".ffn_gate_exps.weight"), decoder_sparse_step=1,
+                  mlp_only_layers=[i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors],
+                  norm_topk_prob=bool(meta("{arch}.expert_weights_norm", renormalize)))
+    shared = rows(".ffn_gate_shexp.weight")
+    return fields if shared is None else {**fields, "shared_expert_intermediate_size": shared}
+
+
+def _llama_rows(name: str, w: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    # Inverse of convert_hf_to_gguf.py's permute: reshape(n_head, 2, d/2, ...).swapaxes(1, 2).
+    n_head = heads if ".q_proj." in name else kv_heads if ".k_proj." in name else None
+    if n_head is None:
+        return w
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _grouped_qkv_rows(name: str, w: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """HF's fused q/k/v rows are groups of query heads, each followed by its key and value head (GPT-NeoX: one query
+    head a group); llama.cpp's converter puts all query heads first, then the keys, then the values."""
+    if ".query_key_value." not in name:
+        return w
+    head = w.shape[0] // (heads + 2 * kv_heads)
+    parts = w.split([heads * head, kv_heads * head, kv_heads * head])
+    return torch.cat([part.reshape(kv_heads, -1, head, *w.shape[1:]) for part in parts], dim=1).reshape(w.shape)
+
+
+def _phi3_config(common: dict, meta: Meta, tensors: dict) -> dict:
+    """Phi-3's sliding window (0: none) and longrope: one factor a rotary pair, short and long, as tensors."""
+    fields = {**common, "rms_norm_eps": meta("{arch}.attention.layer_norm_rms_epsilon"),
+              "sliding_window": meta("{arch}.attention.sliding_window") or None}
+    if "rope_factors_long.weight" in tensors:
+        original = meta("{arch}.rope.scaling.original_context_length")
+        factors = {f"{kind}_factor": [float(f) for f in _floats(tensors[f"rope_factors_{kind}.weight"])]
+                   for kind in ("long", "short")}
+        attention = meta("{arch}.rope.scaling.attn_factor")
+        fields["rope_parameters"] = {**common["rope_parameters"], "rope_type": "longrope", **factors,
+                                     "original_max_position_embeddings": original,
+                                     **({} if attention is None else {"attention_factor": float(attention)})}
+        fields["original_max_position_embeddings"] = original
+    return fields
+
+
+def _floats(tensor) -> np.ndarray:
+    return gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)
+
+
+def _gpt2_config(common: dict, meta: Meta, tensors: dict) -> dict:
+    return dict(architectures=common["architectures"], vocab_size=common["vocab_size"],
+                n_positions=common["max_position_embeddings"], n_embd=common["hidden_size"],
+                n_layer=common["num_hidden_layers"], n_head=common["num_attention_heads"],
+                n_inner=common["intermediate_size"], layer_norm_epsilon=meta("{arch}.attention.layer_norm_epsilon"),
+                **{key: common[key] for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "dtype")})
+
+
+def _layer_norm_config(common: dict) -> dict:
+    """The common fields that GPT-NeoX and Falcon configs take as they are."""
+    skipped = ("head_dim", "num_key_value_heads", "intermediate_size")
+    return {key: value for key, value in common.items() if key not in skipped}
+
+
+def _gptneox_config(common: dict, meta: Meta, tensors: dict) -> dict:
+    return {**_layer_norm_config(common), "intermediate_size": common["intermediate_size"],
+            "layer_norm_eps": meta("{arch}.attention.layer_norm_epsilon"),
+            "use_parallel_residual": bool(meta("{arch}.use_parallel_residual", True)),
+            "attention_bias": "blk.0.attn_qkv.bias" in tensors}
+
+
+def _falcon_config(common: dict, meta: Meta, tensors: dict) -> dict:
+    """llama.cpp's Falcon runs attention and MLP side by side: on one norm with one key-value head (Falcon-7B's
+    multi-query attention), else with grouped key-value heads on a norm each (Falcon-40B) or one."""
+    kv_heads, two_norms = common["num_key_value_heads"], "blk.0.attn_norm_2.weight" in tensors
+    multi_query = kv_heads == 1 and not two_norms
+    return {**_layer_norm_config(common), "ffn_hidden_size": common["intermediate_size"],
+            "layer_norm_epsilon": meta("{arch}.attention.layer_norm_epsilon"), "alibi": False, "parallel_attn": True,
+            "multi_query": multi_query, "new_decoder_architecture": not multi_query, "num_kv_heads": kv_heads,
+            "num_ln_in_parallel_attn": None if multi_query else 2 if two_norms else 1,
+            "bias": "blk.0.attn_qkv.bias" in tensors}
+
+
+LLAMA_LIKE = dict(names=LLAMA_NAMES, layers=LLAMA_LAYERS)
+GPT2_LAYERS = _with_biases({"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+                            "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"})
+NEOX_LAYERS = _with_biases({"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
+                            "attn_output": "attention.dense", "ffn_norm": "post_attention_layernorm",
+                            "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"})
+FALCON_LAYERS = _with_biases({"attn_norm": "input_layernorm", "attn_norm_2": "ln_attn",
+                              "attn_qkv": "self_attention.query_key_value", "attn_output": "self_attention.dense",
+                              "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"})
+NEOX_BLOCKS = (".query_key_value.weight", ".dense.weight", ".dense_h_to_4h.weight", ".dense_4h_to_h.weight")
+
+FAMILIES = {
+    "llama": Family(transformers.LlamaConfig, "LlamaForCausalLM", _llama_like(optional_biases=True), **LLAMA_LIKE,
+                    rows=_llama_rows),
+    "qwen2": Family(transformers.Qwen2Config, "Qwen2ForCausalLM", _llama_like(), **LLAMA_LIKE),
+    "qwen2moe": Family(transformers.Qwen2MoeConfig, "Qwen2MoeForCausalLM", _llama_like(renormalize=False),
+                       **LLAMA_LIKE),
+    "qwen3": Family(transformers.Qwen3Config, "Qwen3ForCausalLM", _llama_like(optional_biases=True), **LLAMA_LIKE),
+    "qwen3moe": Family(transformers.Qwen3MoeConfig, "Qwen3MoeForCausalLM",
+                       _llama_like(optional_biases=True, renormalize=True), **LLAMA_LIKE),
+    "gemma": Family(transformers.GemmaConfig, "GemmaForCausalLM", _llama_like(), **LLAMA_LIKE,
+                    floats=lambda name, w: w - 1 if name.endswith("norm.weight") else w),
+    "phi3": Family(transformers.Phi3Config, "Phi3ForCausalLM", _phi3_config, LLAMA_NAMES,
+                   {**LLAMA_LAYERS, "attn_qkv.weight": "self_attn.qkv_proj.weight",
+                    "ffn_up.weight": "mlp.gate_up_proj.weight"},   # gate then up, as HF fuses them
+                   blocks=(".o_proj.weight", ".down_proj.weight", "lm_head.weight"), partial_rotary=True),
+    "gpt2": Family(transformers.GPT2Config, "GPT2LMHeadModel", _gpt2_config,
+                   {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
+                    **_with_biases({"output_norm": "transformer.ln_f"}), "output.weight": "lm_head.weight"},
+                   GPT2_LAYERS, prefix="transformer.h.", blocks=(".c_proj.weight", ".c_fc.weight", "lm_head.weight"),
+                   floats=lambda name, w: w.t() if name.endswith(".weight") and any(
+                       module in name for module in CONV1D_MODULES) else w),
+    "gptneox": Family(transformers.GPTNeoXConfig, "GPTNeoXForCausalLM", _gptneox_config,
+                      {"token_embd.weight": "gpt_neox.embed_in.weight", "output.weight": "embed_out.weight",
+                       **_with_biases({"output_norm": "gpt_neox.final_layer_norm"})},
+                      NEOX_LAYERS, prefix="gpt_neox.layers.", blocks=(*NEOX_BLOCKS, "embed_out.weight"),
+                      rows=_grouped_qkv_rows, partial_rotary=True),
+    "falcon": Family(transformers.FalconConfig, "FalconForCausalLM", _falcon_config,
+                     {"token_embd.weight": "transformer.word_embeddings.weight", "output.weight": "lm_head.weight",
+                      **_with_biases({"output_norm": "transformer.ln_f"})},
+                     FALCON_LAYERS, prefix="transformer.h.", blocks=(*NEOX_BLOCKS, "lm_head.weight"),
+                     rows=_grouped_qkv_rows),
+}
+# Falcon-40B's two norms: llama.cpp's attn_norm is HF's ln_mlp, attn_norm_2 its ln_attn.
+FALCON_TWO_NORMS = {**FAMILIES["falcon"].layers, **_with_biases({"attn_norm": "ln_mlp"})}
+
+
+def family_of(arch: str, tensor_names) -> Family:
+    family = FAMILIES[arch]
+    if arch == "falcon" and "blk.0.attn_norm_2.weight" in tensor_names:
+        return dataclasses.replace(family, layers=FALCON_TWO_NORMS)
+    return family
