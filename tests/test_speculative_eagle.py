@@ -205,6 +205,15 @@ def test_unfit_drafts_are_clear_errors(tiny_model, tmp_path, change, words):
             speculative_config={"method": "eagle", "model": str(tmp_path), "num_speculative_tokens": 2})
 
 
+@pytest.mark.parametrize("target, model_class", [("gpt2", "GPT2LMHeadModel"), ("gemma", "GemmaForCausalLM")])
+def test_a_target_outside_the_llama_family_is_a_clear_error(tiny_model, tmp_path, target, model_class):
+    path = write_eagle(tmp_path / "eagle", tiny_model(TARGET), "random")
+    with pytest.raises(ValueError, match=f"EAGLE drafts run on Llama-family targets .* not on {model_class}: use "
+                                         f"method 'draft_model' or 'ngram'"):
+        LLM(tiny_model(target), dtype="float32", kv_cache_memory="16MiB",
+            speculative_config={"method": "eagle", "model": path, "num_speculative_tokens": 2})
+
+
 def test_a_draft_with_weights_of_another_kind_is_a_clear_error(tiny_model, tmp_path):
     path = write_eagle(tmp_path / "eagle", tiny_model(TARGET), "random")
     weights = read_weights(path)

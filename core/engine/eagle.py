@@ -50,6 +50,10 @@ class EagleDrafter(DraftModel):
 
     def __init__(self, config: EngineConfig, platform: Platform, target: nn.Module, target_config, ops: Ops,
                  dtype: torch.dtype):
+        if not getattr(target, "eagle_target", False):
+            raise ValueError(f"EAGLE drafts run on Llama-family targets (Llama, Mistral, Qwen2, Qwen3 and their "
+                             f"mixtures of experts, Phi-3), whose embedding and head they share; not on "
+                             f"{type(target).__name__}: use method 'draft_model' or 'ngram'")
         checkpoint = Checkpoint.open(config.speculation.source(config.model))
         check_draft(config, checkpoint, target_config.vocab_size)
         _check_eagle(checkpoint, target_config)

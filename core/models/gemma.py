@@ -55,6 +55,8 @@ class GemmaMLP(nn.Module):
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
+    eagle_target = False   # its embeddings are scaled, which a draft sharing embed_tokens would miss
+
     """The Llama decoder with Gemma's norms in place of Llama's, its GeGLU feed-forward and its embedding scale."""
 
     def __init__(self, config, ops: Ops):

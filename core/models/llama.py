@@ -143,6 +143,7 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
     supports_pipeline_parallel = True
+    eagle_target = True   # an EAGLE draft shares its model.embed_tokens and lm_head
 
     def __init__(self, config, ops: Ops):
         super().__init__()
