@@ -17,8 +17,6 @@ from kvserve.core.models.qwen2 import Qwen2ForCausalLM
 from kvserve.core.models.qwen2_moe import Qwen2MoeForCausalLM
 from kvserve.core.models.qwen3 import Qwen3ForCausalLM
 from kvserve.core.models.qwen3_moe import Qwen3MoeForCausalLM
-from kvserve.core.models.transformers_fallback import (TransformersForCausalLM, check_engine_config,
-                                                       transformers_architecture)
 
 BUILTIN_MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -52,6 +50,10 @@ def resolve_model_class(hf_config, plugin_models: dict[str, type[nn.Module]], co
         if arch in models:
             logger.info("running the native implementation of %s", arch)
             return models[arch]
+    # Here: importing transformers' modeling machinery takes seconds, which starting a native model need not.
+    from kvserve.core.models.transformers_fallback import (TransformersForCausalLM, check_engine_config,
+                                                           transformers_architecture)
+
     fallback = transformers_architecture(hf_config) if model_impl in ("auto", "transformers") else None
     if fallback is not None:
         if config is not None:
