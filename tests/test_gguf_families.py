@@ -219,7 +219,8 @@ def test_greedy_tokens_equal_transformers(family_file, case):
 def test_unsupported_architectures_and_partial_rotary_are_named(tmp_path):
     for arch in ("bloom", "mpt"):
         with pytest.raises(ValueError, match=rf"GGUF architecture '{arch}' is not supported, supported: llama, "
-                                             rf"qwen2, qwen2moe, qwen3, qwen3moe, gemma, phi3, gpt2, gptneox, falcon$"):
+                                             rf"qwen2, qwen2moe, qwen3, qwen3moe, gemma, phi3, gpt2, gptneox, falcon, "
+                                             rf"bert$"):
             load_gguf_config(write_gguf(tmp_path / f"{arch}.gguf", arch=arch))
     partial = write_gguf(tmp_path / "llama.gguf", extra=lambda writer: writer.add_rope_dimension_count(8))
     with pytest.raises(ValueError, match="llama.rope.dimension_count is 8, not the head size 16: partial rotary "

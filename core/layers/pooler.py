@@ -1,6 +1,7 @@
 """Pools each prompt's hidden states into one embedding: MEAN, CLS or LAST, then normalized, as the checkpoint's
-sentence-transformers files say (modules.json, its Pooling module's config.json, a Normalize module), else as vLLM
-does for the architecture (CLS for BERT encoders, LAST for a generative model run as a pooling one; normalized)."""
+sentence-transformers files say (modules.json, its Pooling module's config.json, a Normalize module), or as a GGUF
+file's pooling_type says, else as vLLM does for the architecture (CLS for BERT encoders, LAST for a generative model
+run as a pooling one; normalized)."""
 from __future__ import annotations
 
 import json
@@ -30,9 +31,9 @@ class PoolerConfig:
 
     @classmethod
     def of(cls, folder: str, hf_config, default_type: str) -> PoolerConfig:
-        """The pooling of the checkpoint in ``folder``: its sentence-transformers files', else ``default_type``
-        and normalized."""
-        pooling_type, normalize = default_type, True
+        """The pooling of the checkpoint in ``folder``: its sentence-transformers files', else the pooling a GGUF
+        file names (its config's ``gguf_pooling_type``) or ``default_type``, and normalized, as llama.cpp does."""
+        pooling_type, normalize = getattr(hf_config, "gguf_pooling_type", default_type), True
         modules_file = os.path.join(folder, "modules.json")
         if os.path.isfile(modules_file):
             with open(modules_file) as f:

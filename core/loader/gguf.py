@@ -1,7 +1,8 @@
 """Read a llama.cpp GGUF file as a Hugging Face checkpoint: config, float32 weights and tokenizer.
 
 Architectures: llama (Mistral's files are llama files too) with linear or llama3 rope scaling, qwen2, qwen2moe,
-qwen3, qwen3moe, gemma, phi3 (longrope too), gpt2, gptneox and falcon, each as gguf_architectures.FAMILIES reads it;
+qwen3, qwen3moe, gemma, phi3 (longrope too), gpt2, gptneox, falcon and the bert encoder (its WordPiece tokenizer
+too), each as gguf_architectures.FAMILIES reads it;
 tensor types: gguf_blocks.SUPPORTED_TYPES. Quantized tensors are dequantized to float32 on
 load, except that on request the linear layers' blocks, which a grouped weight-only scheme holds exactly (every
 quantized type kvserve reads; the output head's too, a tied head's from the embedding's blocks), stay as they are;
@@ -104,7 +105,7 @@ def iter_gguf_weights(path: str, quantized_blocks: bool = False
             shape = (1, *shape)
         scheme, group_size = BLOCK_SCHEMES.get(t.tensor_type, (None, None))
         as_blocks = quantized_blocks and scheme is not None
-        if as_blocks and tied and t.name == "token_embd.weight":
+        if as_blocks and tied and t.name == "token_embd.weight" and "output.weight" in family.names:
             yield family.names["output.weight"], QuantizedWeight(
                 scheme, block_levels(t.data, t.tensor_type, shape), shape, group_size)
         if as_blocks and name.endswith(family.blocks):
@@ -130,6 +131,10 @@ def load_gguf_tokenizer(path: str):
                          "gguf-tokenizers", key)
     if os.path.isfile(os.path.join(cache, "tokenizer_config.json")):
         return transformers.AutoTokenizer.from_pretrained(cache)
+    if _field(_open(path), "tokenizer.ggml.model") == "bert":   # transformers reads no WordPiece vocabulary
+        tokenizer = _wordpiece_tokenizer(_open(path))
+        tokenizer.save_pretrained(cache)
+        return tokenizer
     # transformers' AutoTokenizer reads the file's config first, which it cannot for gemma's and gptneox's: theirs is
     # built from the file's vocabulary alone.
     vocabulary_only = _field(_open(path), "general.architecture") in ("gemma", "gptneox")
@@ -140,6 +145,26 @@ def load_gguf_tokenizer(path: str):
         tokenizer.chat_template = _field(_open(path), "tokenizer.chat_template")
     tokenizer.save_pretrained(cache)
     return tokenizer
+
+
+def _wordpiece_tokenizer(reader: gguf.GGUFReader) -> transformers.BertTokenizer:
+    """A BERT file's WordPiece tokenizer. llama.cpp's converter marks a word's first piece with a leading \u2581
+    where BERT marks the others with ##, and leaves control tokens as they are; its tokenizer lowercases and strips
+    accents unless the file says otherwise."""
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    kinds = _field(reader, "tokenizer.ggml.token_type")
+    words = [token if kind == gguf.TokenType.CONTROL else token[1:] if token.startswith("\u2581") else "##" + token
+             for token, kind in zip(tokens, kinds)]
+    special = {}
+    for name, keys in (("unk_token", ("unknown",)), ("sep_token", ("seperator", "eos")), ("pad_token", ("padding",)),
+                       ("cls_token", ("bos",)), ("mask_token", ("mask",))):
+        index = next((i for key in keys if (i := _field(reader, f"tokenizer.ggml.{key}_token_id")) is not None), None)
+        if index is not None:
+            special[name] = words[index]
+    lowercase = _field(reader, "tokenizer.ggml.normalizer.lowercase", True)
+    strip_accents = _field(reader, "tokenizer.ggml.normalizer.strip_accents", lowercase)
+    return transformers.BertTokenizer(vocab={word: i for i, word in enumerate(words)}, do_lower_case=lowercase,
+                                      strip_accents=strip_accents, **special)
 
 
 def _check_file(path: str) -> None:

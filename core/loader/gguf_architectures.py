@@ -2,7 +2,8 @@
 Face names, and what llama.cpp's converter (convert_hf_to_gguf.py) changed in them, undone: llama's interleaved q/k
 rows (its rotary turns neighbouring pairs; the others' NEOX mode turns halves as HF's rotate_half does, and gpt2 has
 none); the q/k/v rows it regroups for gptneox and falcon; the 1 it adds to gemma's norms; gpt2's Conv1D weights,
-which it stores [out, in] where HF's checkpoint is [in, out]. OPT has no llama.cpp architecture."""
+which it stores [out, in] where HF's checkpoint is [in, out]. bert is a BertModel encoder, its pooling the file's
+``bert.pooling_type``. OPT has no llama.cpp architecture."""
 from __future__ import annotations
 
 import dataclasses
@@ -158,6 +159,32 @@ def _falcon_config(common: dict, meta: Meta, tensors: dict) -> dict:
             "bias": "blk.0.attn_qkv.bias" in tensors}
 
 
+# llama.cpp's pooling_type enum, as kvserve's pooler names the ones it runs (0: none, 4: rank are not poolings of it).
+GGUF_POOLING_TYPES = {1: "MEAN", 2: "CLS", 3: "LAST"}
+
+
+def _bert_config(common: dict, meta: Meta, tensors: dict) -> dict:
+    """A BertModel's fields; ``gguf_pooling_type``: the sentence-transformers pooling llama.cpp's converter wrote
+    (absent: the model's default)."""
+    if meta("{arch}.attention.causal", False):
+        raise ValueError("GGUF bert.attention.causal is true, and kvserve's BertModel attends both ways; allowed: "
+                         "false or absent")
+    keys = ("architectures", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "max_position_embeddings", "pad_token_id", "dtype")
+    fields = {key: common[key] for key in keys}
+    types = tensors.get("token_types.weight")   # absent: the weights' check names it
+    fields.update(layer_norm_eps=meta("{arch}.attention.layer_norm_epsilon"),
+                  type_vocab_size=meta("tokenizer.ggml.token_type_count", 2) if types is None else int(types.shape[1]))
+    pooling = meta("{arch}.pooling_type")
+    if pooling is not None:
+        if pooling not in GGUF_POOLING_TYPES:
+            allowed = ", ".join(f"{number} ({name.lower()})" for number, name in GGUF_POOLING_TYPES.items())
+            raise ValueError(f"GGUF bert.pooling_type {pooling} is not a pooling kvserve runs; allowed: {allowed}, "
+                             f"or absent")
+        fields["gguf_pooling_type"] = GGUF_POOLING_TYPES[pooling]
+    return fields
+
+
 LLAMA_LIKE = dict(names=LLAMA_NAMES, layers=LLAMA_LAYERS)
 GPT2_LAYERS = _with_biases({"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
                             "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"})
@@ -167,6 +194,14 @@ NEOX_LAYERS = _with_biases({"attn_norm": "input_layernorm", "attn_qkv": "attenti
 FALCON_LAYERS = _with_biases({"attn_norm": "input_layernorm", "attn_norm_2": "ln_attn",
                               "attn_qkv": "self_attention.query_key_value", "attn_output": "self_attention.dense",
                               "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"})
+BERT_NAMES = {"token_embd.weight": "embeddings.word_embeddings.weight",
+              "position_embd.weight": "embeddings.position_embeddings.weight",
+              "token_types.weight": "embeddings.token_type_embeddings.weight",
+              **_with_biases({"token_embd_norm": "embeddings.LayerNorm"})}
+BERT_LAYERS = _with_biases({"attn_q": "attention.self.query", "attn_k": "attention.self.key",
+                            "attn_v": "attention.self.value", "attn_output": "attention.output.dense",
+                            "attn_output_norm": "attention.output.LayerNorm", "ffn_up": "intermediate.dense",
+                            "ffn_down": "output.dense", "layer_output_norm": "output.LayerNorm"})
 NEOX_BLOCKS = (".query_key_value.weight", ".dense.weight", ".dense_h_to_4h.weight", ".dense_4h_to_h.weight")
 
 FAMILIES = {
@@ -200,6 +235,8 @@ FAMILIES = {
                       **_with_biases({"output_norm": "transformer.ln_f"})},
                      FALCON_LAYERS, prefix="transformer.h.", blocks=(*NEOX_BLOCKS, "lm_head.weight"),
                      rows=_grouped_qkv_rows),
+    "bert": Family(transformers.BertConfig, "BertModel", _bert_config, BERT_NAMES, BERT_LAYERS,
+                   prefix="encoder.layer.", blocks=(".query.weight", ".key.weight", ".value.weight", ".dense.weight")),
 }
 # Falcon-40B's two norms: llama.cpp's attn_norm is HF's ln_mlp, attn_norm_2 its ln_attn.
 FALCON_TWO_NORMS = {**FAMILIES["falcon"].layers, **_with_biases({"attn_norm": "ln_mlp"})}
