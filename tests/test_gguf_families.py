@@ -1,21 +1,23 @@
-"""GGUF files of gemma, phi3, gpt2, gptneox and falcon, written from tiny random transformers checkpoints the way
-llama.cpp's convert_hf_to_gguf.py writes them (gguf-py's tensor names, its metadata keys, its q/k/v regrouping, the 1
-it adds to Gemma's norms, GPT-2's Conv1D weights as [out, in]; norms and biases float32, embeddings float16, every
-other matrix Q8_0): kvserve reads back the checkpoint's own tensors, and its greedy tokens from the file equal
-transformers' from the checkpoint, with quantization="gguf" too."""
+"""GGUF files of gemma, phi3, gpt2, gptneox, falcon and Mixtral (a llama file with experts), written from tiny random
+transformers checkpoints the way llama.cpp's convert_hf_to_gguf.py writes them (gguf-py's tensor names, its metadata
+keys, its q/k/v regrouping and llama's q/k permutation, the 1 it adds to Gemma's norms, GPT-2's Conv1D weights as
+[out, in], each layer's experts stacked; norms, biases and routers float32, embeddings float16, every other matrix
+Q8_0): kvserve reads back the checkpoint's own tensors, and its greedy tokens from the file equal transformers' from
+the checkpoint, with quantization="gguf" too."""
 import math
+import re
 
 import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import EXTRA_ARCHITECTURES
+from conftest import ARCHITECTURES, EXTRA_ARCHITECTURES
 from gguf import GGMLQuantizationType as QType
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from gguf_files import add_tokenizer, write_gguf, write_tensors
+from gguf_files import add_tokenizer, llama_cpp_permute, write_gguf, write_tensors
 
 from kvserve import LLM, SamplingParams
 from kvserve.conformance.tiny_model import TINY, build_tokenizer, hf_greedy, randomize_biases
@@ -30,9 +32,9 @@ PROMPT = [(37 * i + 11) % 380 + 3 for i in range(70)]
 # tests/conftest.py's tiny configs of each llama.cpp architecture (not GPT-2's scale_attn_by_inverse_layer_idx, nor
 # Falcon's sequential layers, which llama.cpp does not run).
 CASES = {"gemma": "gemma", "phi3-sliding": "phi3", "phi3-longrope": "phi3", "gpt2": "gpt2", "gpt-neox": "gptneox",
-         "gpt-neox-sequential": "gptneox", "falcon-gqa": "falcon", "falcon-multi-query": "falcon"}
+         "gpt-neox-sequential": "gptneox", "falcon-gqa": "falcon", "falcon-multi-query": "falcon", "mixtral": "llama"}
 # The matrices that quantization="gguf" keeps as blocks: not the fused tensors that kvserve splits into shards.
-BLOCKS = {"gemma": ("_proj.weight",), "phi3": ("o_proj.weight", "down_proj.weight"),
+BLOCKS = {"gemma": ("_proj.weight",), "llama": ("_proj.weight",), "phi3": ("o_proj.weight", "down_proj.weight"),
           "gpt2": ("c_proj.weight", "c_fc.weight"),
           "gptneox": ("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight"),
           "falcon": ("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight")}
@@ -44,16 +46,16 @@ def tokenizer_cache(tmp_path, monkeypatch):
 
 
 def stored_type(gguf_name: str, array: np.ndarray) -> QType:
-    if array.ndim == 1:
+    if array.ndim == 1 or gguf_name.endswith("ffn_gate_inp.weight"):
         return QType.F32
     return QType.F16 if gguf_name in ("token_embd.weight", "position_embd.weight") else QType.Q8_0
 
 
 def tiny_checkpoint(case: str, folder) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A seeded transformers model of the case's config, its biases and norms random, every weight as the GGUF file
-    will hold it (matrices as Q8_0 blocks of 32 inputs, embeddings float16, Gemma's norms as (1 + w) - 1 in float32);
-    and the checkpoint it saves."""
-    config_cls, overrides = EXTRA_ARCHITECTURES[case]
+    will hold it (matrices and stacked experts as Q8_0 blocks of 32 inputs, embeddings float16, Gemma's norms as
+    (1 + w) - 1 in float32); and the checkpoint it saves."""
+    config_cls, overrides = {**ARCHITECTURES, **EXTRA_ARCHITECTURES}[case]
     config = config_cls(**{**TINY, "num_key_value_heads": 2, "tie_word_embeddings": True, **overrides})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -76,6 +78,9 @@ def tiny_checkpoint(case: str, folder) -> tuple[torch.nn.Module, dict[str, torch
                 rows = weight.T if isinstance(module, Conv1D) else weight   # Q8_0 blocks run along the inputs
                 blocks = gguf.quants.quantize(rows.numpy(), QType.Q8_0)
                 rows.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, QType.Q8_0)))
+        for experts in (p for p in model.parameters() if p.ndim == 3):   # [experts, out, in]
+            experts.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(experts.numpy(), QType.Q8_0),
+                                                                  QType.Q8_0)))
     model.save_pretrained(folder)
     return model, load_file(str(folder / "model.safetensors"))
 
@@ -88,13 +93,27 @@ def llama_cpp_qkv(w: np.ndarray, kv_heads: int, head_dim: int) -> np.ndarray:
     return np.concatenate([part.reshape(-1, *w.shape[1:]) for part in parts])
 
 
+def stacked_experts(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """convert_hf_to_gguf.py's Mixtral experts: each layer's w1, w2 and w3 stacked over its experts, [experts, out,
+    in]."""
+    tensors, experts = {}, {}
+    for name, tensor in checkpoint.items():
+        if match := re.fullmatch(r"(.+\.experts)\.(\d+)\.(w[123]\.weight)", name):
+            experts.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = tensor
+        else:
+            tensors[name] = tensor
+    return {**tensors, **{name: torch.stack([each[i] for i in sorted(each)]) for name, each in experts.items()}}
+
+
 def converted(arch: str, config, checkpoint: dict[str, torch.Tensor]) -> dict:
     """The checkpoint's tensors as llama.cpp's converter writes them: gguf name -> (array, type)."""
     names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], config.num_hidden_layers)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     tensors = {}
-    for name, tensor in checkpoint.items():
+    for name, tensor in stacked_experts(checkpoint).items():
         array = tensor.numpy()
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            array = llama_cpp_permute(array, config.num_attention_heads if "q_proj" in name else kv_heads(config))
         if arch == "gemma" and name.endswith("norm.weight"):
             array = array + 1
         if arch == "gpt2" and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
@@ -120,7 +139,7 @@ def write_metadata(writer: gguf.GGUFWriter, arch: str, config) -> None:
     writer.add_embedding_length(hidden)
     writer.add_head_count(heads)
     rope = getattr(config, "rope_parameters", None) or {}
-    if arch in ("gemma", "phi3"):
+    if arch in ("gemma", "phi3", "llama"):
         writer.add_context_length(config.max_position_embeddings)
         writer.add_feed_forward_length(config.intermediate_size)
         writer.add_head_count_kv(kv_heads(config))
@@ -128,6 +147,11 @@ def write_metadata(writer: gguf.GGUFWriter, arch: str, config) -> None:
     if arch == "gemma":
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
+    elif arch == "llama":   # Mixtral's
+        writer.add_rope_dimension_count(config.hidden_size // heads)
+        writer.add_rope_freq_base(rope["rope_theta"])
+        writer.add_expert_count(config.num_local_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
     elif arch == "phi3":
         original = rope.get("original_max_position_embeddings", config.original_max_position_embeddings)
         writer.add_rope_scaling_orig_ctx_len(original)
@@ -183,14 +207,17 @@ def test_the_file_reads_as_the_checkpoint(family_file, case):
     assert config.tie_word_embeddings == model.config.tie_word_embeddings
     assert kv_heads(config) == kv_heads(model.config)
     ours, theirs = (getattr(c, "rope_parameters", None) or {} for c in (config, model.config))
-    for field in ("partial_rotary_factor", "rope_type"):
+    for field in ("partial_rotary_factor", "rope_type", "rope_theta"):
         assert ours.get(field) == theirs.get(field), field
     for field in ("long_factor", "short_factor"):   # float32 tensors in the file
         assert np.array_equal(np.array(ours.get(field, []), np.float32), np.array(theirs.get(field, []), np.float32))
     for field in ("sliding_window", "n_inner", "ffn_hidden_size", "use_parallel_residual", "new_decoder_architecture",
-                  "num_ln_in_parallel_attn", "head_dim", "bias", "attention_bias", "original_max_position_embeddings"):
+                  "num_ln_in_parallel_attn", "bias", "attention_bias", "original_max_position_embeddings",
+                  "num_local_experts", "num_experts_per_tok"):
         if hasattr(model.config, field):
             assert getattr(config, field) == getattr(model.config, field), field
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    assert getattr(config, "head_dim", head_dim) == head_dim   # Mixtral's None: hidden_size / heads
     floats = dict(iter_gguf_weights(path))
     assert floats.keys() == checkpoint.keys()
     for name, tensor in floats.items():

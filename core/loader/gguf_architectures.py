@@ -2,8 +2,8 @@
 Face names, and what llama.cpp's converter (convert_hf_to_gguf.py) changed in them, undone: llama's interleaved q/k
 rows (its rotary turns neighbouring pairs; the others' NEOX mode turns halves as HF's rotate_half does, and gpt2 has
 none); the q/k/v rows it regroups for gptneox and falcon; the 1 it adds to gemma's norms; gpt2's Conv1D weights,
-which it stores [out, in] where HF's checkpoint is [in, out]. bert is a BertModel encoder, its pooling the file's
-``bert.pooling_type``. OPT has no llama.cpp architecture."""
+which it stores [out, in] where HF's checkpoint is [in, out]. A llama file with experts is Mixtral's. bert is a
+BertModel encoder, its pooling the file's ``bert.pooling_type``. OPT has no llama.cpp architecture."""
 from __future__ import annotations
 
 import dataclasses
@@ -73,19 +73,28 @@ def _llama_like(optional_biases: bool = False, renormalize: bool | None = None):
     return config
 
 
-def _mixture(meta: Meta, tensors: dict, num_layers: int, renormalize: bool) -> dict:
-    """A mixture of experts' config fields: the experts' sizes from their tensors' shapes, which the model's must
-    match anyway; a layer without a router keeps a dense MLP."""
-    def rows(suffix: str) -> int | None:
-        shapes = [t.shape for name, t in tensors.items() if name.endswith(suffix)]
-        return int(shapes[0][1]) if shapes else None   # GGUF lists dimensions inputs first
+def _rows(tensors: dict, suffix: str) -> int | None:
+    """The rows of the first tensor named ``*suffix``: an expert's width, which the model's must match anyway."""
+    shapes = [t.shape for name, t in tensors.items() if name.endswith(suffix)]
+    return int(shapes[0][1]) if shapes else None   # GGUF lists dimensions inputs first
 
+
+def _mixture(meta: Meta, tensors: dict, num_layers: int, renormalize: bool) -> dict:
+    """A mixture of experts' config fields: the experts' sizes from their tensors' shapes; a layer without a router
+    keeps a dense MLP."""
     fields = dict(num_experts=meta("{arch}.expert_count"), num_experts_per_tok=meta("{arch}.expert_used_count"),
-                  moe_intermediate_size=rows(".ffn_gate_exps.weight"), decoder_sparse_step=1,
+                  moe_intermediate_size=_rows(tensors, ".ffn_gate_exps.weight"), decoder_sparse_step=1,
                   mlp_only_layers=[i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors],
                   norm_topk_prob=bool(meta("{arch}.expert_weights_norm", renormalize)))
-    shared = rows(".ffn_gate_shexp.weight")
+    shared = _rows(tensors, ".ffn_gate_shexp.weight")
     return fields if shared is None else {**fields, "shared_expert_intermediate_size": shared}
+
+
+def _mixtral_config(common: dict, meta: Meta, tensors: dict) -> dict:
+    """Llama's fields and Mixtral's experts: every layer routed, the chosen experts' weights renormalized."""
+    return {**common, "rms_norm_eps": meta("{arch}.attention.layer_norm_rms_epsilon"), "sliding_window": None,
+            "intermediate_size": _rows(tensors, ".ffn_gate_exps.weight"),
+            "num_local_experts": meta("{arch}.expert_count"), "num_experts_per_tok": meta("{arch}.expert_used_count")}
 
 
 def _llama_rows(name: str, w: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
@@ -240,10 +249,16 @@ FAMILIES = {
 }
 # Falcon-40B's two norms: llama.cpp's attn_norm is HF's ln_mlp, attn_norm_2 its ln_attn.
 FALCON_TWO_NORMS = {**FAMILIES["falcon"].layers, **_with_biases({"attn_norm": "ln_mlp"})}
+MIXTRAL = Family(transformers.MixtralConfig, "MixtralForCausalLM", _mixtral_config, LLAMA_NAMES,
+                 {**LLAMA_LAYERS, "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+                  **{f"ffn_{g}_exps.weight": f"block_sparse_moe.experts.{{}}.{w}.weight"
+                     for g, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))}}, rows=_llama_rows)
 
 
 def family_of(arch: str, tensor_names) -> Family:
     family = FAMILIES[arch]
     if arch == "falcon" and "blk.0.attn_norm_2.weight" in tensor_names:
         return dataclasses.replace(family, layers=FALCON_TWO_NORMS)
+    if arch == "llama" and "blk.0.ffn_gate_inp.weight" in tensor_names:
+        return MIXTRAL
     return family
