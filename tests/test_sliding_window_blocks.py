@@ -24,7 +24,7 @@ def computed_seq(manager: BlockManager, num_tokens: int) -> Sequence:
 
 def test_blocks_before_the_window_are_given_up_once():
     manager = BlockManager(num_blocks=12, block_size=BLOCK, enable_prefix_caching=False, sliding_window=6)
-    assert manager.num_free_blocks == 11   # block 0 is the null block
+    assert manager.num_free_blocks == manager.num_blocks == 11   # block 0 is the null block
     seq = computed_seq(manager, 17)        # positions 0-16; the next token, 17, attends to 12-17
     held = list(seq.block_table)
     manager.free_out_of_window(seq)

@@ -29,13 +29,14 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, num_host_blocks: int = 0,
                  sliding_window: int | None = None):
-        """``sliding_window``: every layer's, where each attends only to that many latest tokens."""
-        self.num_blocks = num_blocks
+        """``sliding_window``: every layer's, where each attends only to that many latest tokens. ``num_blocks``
+        counts the cache's blocks; the attribute, those that sequences can hold (not the null block)."""
         self.block_size = block_size
         self.prefix_caching = enable_prefix_caching
         self.window = sliding_window
         self.null_block = None if sliding_window is None else 0
         first = 0 if sliding_window is None else 1
+        self.num_blocks = num_blocks - first
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(first, num_blocks))   # oldest first
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
