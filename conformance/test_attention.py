@@ -9,8 +9,9 @@ import torch
 from kvserve.conformance.attention import NUM_HEADS, NUM_KV_HEADS, SHAPES, check_against_reference
 from kvserve.plugins.interfaces import AttentionSpec
 
-# (head size, block size, sliding window): a common model's, a larger head's, and a window shorter than a block.
-LAYOUTS = [(64, 16, None), (128, 16, None), (64, 32, 12)]
+# (head size, block size, sliding window, soft cap): a common model's, a larger head's, a window shorter than a
+# block, and Gemma 2's layers (capped, with and without a window), with a cap low enough to change the softmax.
+LAYOUTS = [(64, 16, None, None), (128, 16, None, None), (64, 32, 12, None), (64, 16, None, 2.0), (64, 16, 12, 2.0)]
 FP8_TYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
@@ -22,9 +23,9 @@ def backend_for(platform, spec: AttentionSpec):
     return backend_cls(spec, platform.device)
 
 
-@pytest.mark.parametrize("head_size, block_size, window", LAYOUTS)
-def test_attention_matches_the_reference(platform, dtype, head_size, block_size, window):
-    spec = AttentionSpec(NUM_HEADS, NUM_KV_HEADS, head_size, dtype, block_size, window)
+@pytest.mark.parametrize("head_size, block_size, window, soft_cap", LAYOUTS)
+def test_attention_matches_the_reference(platform, dtype, head_size, block_size, window, soft_cap):
+    spec = AttentionSpec(NUM_HEADS, NUM_KV_HEADS, head_size, dtype, block_size, window, logits_soft_cap=soft_cap)
     backend = backend_for(platform, spec)
     for shapes in SHAPES:
         check_against_reference(backend, shapes, head_size, block_size, dtype, window, platform.device)

@@ -117,11 +117,12 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                    sliding_window: int | None, kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+                    sliding_window: int | None, kv_scales: tuple[float, float] = (1.0, 1.0),
+                    soft_cap: float | None = None) -> torch.Tensor:
     """Every sequence's new queries, [tokens, heads, head], over its cache as store_kv wrote it: causal, within
     the window; an FP8 cache's keys and values times their ``kv_scales``."""
     return op("paged_attention")(query, kv_cache, block_tables, seq_lens, query_start_loc, scale * kv_scales[0],
-                                 sliding_window or 0, kv_scales[1])
+                                 sliding_window or 0, kv_scales[1], soft_cap or 0.0)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,7 @@ def _attention_kernel(out, partials_acc, partials_max, partials_sum, query, cach
                       NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                       BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                       HEAD: tl.constexpr, HEAD_P: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
-                      DOTS_IN_FLOAT32: tl.constexpr):
+                      DOTS_IN_FLOAT32: tl.constexpr, SOFT_CAP: tl.constexpr):
     seq, tile = tl.program_id(0), tl.program_id(1)
     kv_head, partition = tl.program_id(2) % NUM_KV_HEADS, tl.program_id(2) // NUM_KV_HEADS
     first_token = tl.load(query_start + seq)
@@ -109,6 +109,9 @@ def _attention_kernel(out, partials_acc, partials_max, partials_sum, query, cach
             k = tl.load(cache + at[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             v = tl.load(cache + values_offset + at[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             scores = _dot(q, tl.trans(k), DOTS_IN_FLOAT32) * scale
+            if SOFT_CAP > 0:   # cap * tanh(score / cap), tanh from exp: the interpreter has no tanh
+                shrink = tl.exp(-2.0 * tl.abs(scores) / SOFT_CAP)
+                scores = tl.where(scores < 0, -SOFT_CAP, SOFT_CAP) * (1.0 - shrink) / (1.0 + shrink)
             in_window = (q_pos[:, None] - k_pos[None, :] < window) | (window <= 0)
             allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :] & in_window
             scores = tl.where(allowed, scores, float("-inf"))
@@ -169,9 +172,9 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float,
                     sliding_window: int | None, num_partitions: int = 1, partition_len: int = 0,
-                    kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
-    """Every sequence's new queries, [tokens, heads, head], over its cache: causal, within the window; an FP8
-    cache's keys and values times their ``kv_scales``. With
+                    kv_scales: tuple[float, float] = (1.0, 1.0), soft_cap: float | None = None) -> torch.Tensor:
+    """Every sequence's new queries, [tokens, heads, head], over its cache: causal, within the window, scores
+    soft-capped where ``soft_cap`` says; an FP8 cache's keys and values times their ``kv_scales``. With
     ``num_partitions`` > 1, each program takes ``partition_len`` keys (a multiple of the 16-key chunk) of the
     context, and a second kernel combines them (for decodes of long contexts, which otherwise leave a GPU idle)."""
     num_tokens, num_heads, head = query.shape
@@ -194,7 +197,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
         query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), partition_len if split else 1 << 62,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_SIZE=block_size,
         BLOCK_N=MIN_DOT, HEAD=head, HEAD_P=_padded(head), NUM_PARTITIONS=num_partitions,
-        DOTS_IN_FLOAT32=DOTS_IN_FLOAT32)
+        DOTS_IN_FLOAT32=DOTS_IN_FLOAT32, SOFT_CAP=float(soft_cap or 0.0))
     if split:
         _combine_partitions_kernel[(num_tokens, num_heads)](
             out, partials_acc, partials_max, partials_sum, out.stride(0), out.stride(1), NUM_HEADS=num_heads,

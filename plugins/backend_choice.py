@@ -23,7 +23,8 @@ def choose_backend(candidates: list[type[AttentionBackend]], spec: AttentionSpec
     for candidate in candidates:
         if requested is not None and candidate.name != requested:
             continue
-        reasons[candidate.name] = candidate.unsupported_reasons(spec) + cache_reasons(candidate, spec)
+        reasons[candidate.name] = (candidate.unsupported_reasons(spec) + cache_reasons(candidate, spec)
+                                   + soft_cap_reasons(candidate, spec))
         if not reasons[candidate.name]:
             return candidate
     detail = "; ".join(f"{name}: {', '.join(why)}" for name, why in reasons.items())
@@ -35,6 +36,13 @@ def cache_reasons(backend: type[AttentionBackend], spec: AttentionSpec) -> list[
     if spec.kv_cache_dtype is None or spec.kv_cache_dtype in backend.kv_cache_dtypes:
         return []
     return [f"it keeps no KV cache in {str(spec.kv_cache_dtype).removeprefix('torch.')}"]
+
+
+def soft_cap_reasons(backend: type[AttentionBackend], spec: AttentionSpec) -> list[str]:
+    """Why ``backend`` cannot run ``spec``'s soft-capped scores: it does not say it caps them."""
+    if spec.logits_soft_cap is None or backend.soft_caps_logits:
+        return []
+    return [f"it does not soft-cap attention scores (logits_soft_cap={spec.logits_soft_cap})"]
 
 
 def common_reasons(spec: AttentionSpec, dtypes: tuple[torch.dtype, ...]) -> list[str]:

@@ -50,15 +50,18 @@ class MemoryInfo:
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """What a model layer asks of an attention backend."""
+    """What a model layer asks of an attention backend. Layers may differ in ``sliding_window`` and
+    ``logits_soft_cap`` (Gemma 2 alternates windowed and global layers): the engine then makes one backend per
+    distinct spec, all of one class, and they attend with the metadata that one of them builds."""
 
     num_heads: int
     num_kv_heads: int
     head_size: int
     dtype: torch.dtype
     block_size: int
-    sliding_window: int | None = None
+    sliding_window: int | None = None   # a query attends only to this many latest positions, its own included
     kv_cache_dtype: torch.dtype | None = None   # an FP8 type the cache holds (``--kv-cache-dtype``); None: dtype
+    logits_soft_cap: float | None = None   # scores, scaled, become cap * tanh(score / cap) before the softmax
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -100,6 +103,8 @@ class AttentionBackend(ABC):
     # The FP8 types this backend can keep its cache in besides the model dtype; it is handed such a cache (and
     # ``kv_scales`` with it) only when it names the type here.
     kv_cache_dtypes: ClassVar[tuple[torch.dtype, ...]] = ()
+    # Whether it caps scores as ``spec.logits_soft_cap`` says; it is handed a spec with a cap only when it does.
+    soft_caps_logits: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -116,7 +121,9 @@ class AttentionBackend(ABC):
         self.device = device
 
     def build_metadata(self, layout: StepLayout) -> AttentionMetadata:
-        """Turn the host-side layout into device tensors, once per step."""
+        """Turn the host-side layout into device tensors, once per step. Every layer attends with what this
+        returns, so it may not depend on ``spec.sliding_window`` or ``spec.logits_soft_cap``, in which layers
+        differ."""
         max_blocks = max((len(t) for t in layout.block_tables), default=0)
         tables = [t + [0] * (max_blocks - len(t)) for t in layout.block_tables]
         as_tensor = lambda data: torch.tensor(data, dtype=torch.int64, device=self.device)  # noqa: E731

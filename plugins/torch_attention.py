@@ -7,7 +7,7 @@ batch's blocks yields [kv_heads, seqs, tokens, head]: the operand a batched matm
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,8 +60,14 @@ def allowed_keys(seq_lens: torch.Tensor, query_lens: torch.Tensor, max_query_len
     return allowed
 
 
+def soft_capped(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Scaled scores as ``cap`` * tanh(score / ``cap``), in place; unchanged without a cap."""
+    return scores if cap is None else scores.div_(cap).tanh_().mul_(cap)
+
+
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, bias: torch.Tensor,
-                     scale: float, kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+                     scale: float, kv_scales: tuple[float, float] = (1.0, 1.0),
+                     soft_cap: float | None = None) -> torch.Tensor:
     """One query per sequence, [seqs, heads, head], over its cached context; ``bias`` [seqs, 1, keys] is 0 for
     the keys it attends and -inf for the rest. Scores and softmax are float32 whatever the cache dtype; an FP8
     cache's scales multiply the scores and the output."""
@@ -70,8 +76,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ids: tor
     keys = gather_context(kv_cache[0], block_ids, num_seqs).to(query.dtype)
     values = gather_context(kv_cache[1], block_ids, num_seqs).to(query.dtype)
     q = query.view(num_seqs, num_kv_heads, -1, head_size).transpose(0, 1)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(scale * kv_scales[0]).add_(bias)
-    out = torch.matmul(scores.softmax(-1).to(values.dtype), values)   # [kv_heads, seqs, group, head]
+    scores = soft_capped(torch.matmul(q, keys.transpose(-1, -2)).float().mul_(scale * kv_scales[0]), soft_cap)
+    out = torch.matmul(scores.add_(bias).softmax(-1).to(values.dtype), values)   # [kv_heads, seqs, group, head]
     return _scaled(out.transpose(0, 1).reshape(num_seqs, num_heads, head_size), kv_scales[1])
 
 
@@ -79,10 +85,27 @@ def _scaled(out: torch.Tensor, value_scale: float) -> torch.Tensor:
     return out if value_scale == 1.0 else out.mul_(value_scale)
 
 
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                      soft_cap: float | None) -> torch.Tensor:
+    """[seqs, heads, queries, head] over [seqs, kv_heads, keys, head] where ``mask`` [seqs, queries, keys]
+    allows; scaled_dot_product_attention has no soft cap, so capped scores are computed here."""
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    if soft_cap is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
+                                                                enable_gqa=num_kv_heads != num_heads)
+    seqs, _, queries, head_size = q.shape
+    grouped = q.reshape(seqs, num_kv_heads, -1, head_size)   # each kv head's query heads, one after another
+    scores = soft_capped(torch.matmul(grouped, k.transpose(-1, -2)).float().mul_(scale), soft_cap)
+    scores = scores.view(seqs, num_kv_heads, -1, queries, k.shape[2]).masked_fill_(~mask[:, None, None],
+                                                                                  float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype).view(seqs, num_kv_heads, -1, k.shape[2])
+    return torch.matmul(probs, v).view(seqs, num_heads, queries, head_size)
+
+
 def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                       token_index: torch.Tensor, num_seqs: int, max_query_len: int, block_ids: torch.Tensor | None,
                       mask: torch.Tensor | None, scale: float,
-                      kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+                      kv_scales: tuple[float, float] = (1.0, 1.0), soft_cap: float | None = None) -> torch.Tensor:
     """Prefill chunks, [tokens, heads, head], padded to [seqs, max_query_len] at ``token_index`` (seq * max_query_len
     + row of each token). Without ``block_ids`` every chunk is a whole prompt, attended causally from its own new
     keys as the cache holds them; otherwise chunks attend their gathered cached context under ``mask`` [seqs,
@@ -103,8 +126,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     else:
         k = gather_context(kv_cache[0], block_ids, num_seqs).transpose(0, 1).to(query.dtype)
         v = gather_context(kv_cache[1], block_ids, num_seqs).transpose(0, 1).to(query.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
-                                                               enable_gqa=k.shape[1] != num_heads)
+        out = _masked_attention(q, k, v, mask, scale, soft_cap)
     return _scaled(out.transpose(1, 2).reshape(-1, num_heads, head_size).index_select(0, token_index), kv_scales[1])
 
 
@@ -129,62 +151,78 @@ class HeadMajorPagedAttention(AttentionBackend):
 
 @dataclass
 class TorchAttentionMetadata(AttentionMetadata):
-    """What every layer shares, built once per step: decodes' flat block ids and additive mask; prefills'
-    padding index and, when some chunk follows cached context or a window applies, their block ids and mask."""
+    """What every layer shares, built once per step: decodes' flat block ids; prefills' padding index, block ids
+    and whether every chunk is a whole prompt; and the masks of each sliding window (None: none), built by the
+    first layer that attends under it."""
 
     decode_block_ids: torch.Tensor | None = None
-    decode_bias: torch.Tensor | None = None
     prefill_token_index: torch.Tensor | None = None
     prefill_block_ids: torch.Tensor | None = None
-    prefill_mask: torch.Tensor | None = None
+    whole_prompts: bool = True
+    masks: dict = field(default_factory=dict)
 
 
 class TorchPagedAttention(HeadMajorPagedAttention):
     """Paged attention in torch: decodes as batched matmuls over gathered blocks, prefills as one padded
-    scaled_dot_product_attention (causal over their own keys when every chunk is a whole prompt)."""
+    scaled_dot_product_attention (causal over their own keys when every chunk is a whole prompt, no window applies
+    and no cap)."""
 
     name = "torch-paged"
     store_kv = staticmethod(store_kv)
+    soft_caps_logits = True
 
     def build_metadata(self, layout: StepLayout) -> TorchAttentionMetadata:
         m = TorchAttentionMetadata(**vars(super().build_metadata(layout)))
-        d, window = layout.num_decodes, self.spec.sliding_window
+        d = layout.num_decodes
         if d:
-            blocks = self._blocks_for(max(layout.seq_lens[:d]))
-            m.decode_block_ids = m.block_tables[:d, :blocks].reshape(-1)
-            allowed = allowed_keys(m.seq_lens[:d], torch.ones_like(m.seq_lens[:d]), 1,
-                                           blocks * self.spec.block_size, window)
-            m.decode_bias = torch.zeros(allowed.shape, device=self.device).masked_fill_(~allowed, float("-inf"))
+            m.decode_block_ids = m.block_tables[:d, :self._blocks_for(max(layout.seq_lens[:d]))].reshape(-1)
         if d < len(layout.seq_lens):
-            query_lens, seq_lens = m.query_start_loc[d:].diff(), m.seq_lens[d:]
+            query_lens = m.query_start_loc[d:].diff()
             starts = m.query_start_loc[d:-1] - m.query_start_loc[d]
             num_tokens = len(m.positions) - d   # decodes have one token each
             seq_of_token = torch.repeat_interleave(torch.arange(len(starts), device=self.device), query_lens,
                                                    output_size=num_tokens)
             m.prefill_token_index = (seq_of_token * m.max_query_len + torch.arange(num_tokens, device=self.device)
                                      - starts[seq_of_token])
-            if window is not None or layout.query_lens[d:] != layout.seq_lens[d:]:
-                blocks = self._blocks_for(m.max_seq_len)
-                m.prefill_block_ids = m.block_tables[d:, :blocks].reshape(-1)
-                m.prefill_mask = allowed_keys(seq_lens, query_lens, m.max_query_len,
-                                                      blocks * self.spec.block_size, window)
+            m.prefill_block_ids = m.block_tables[d:, :self._blocks_for(m.max_seq_len)].reshape(-1)
+            m.whole_prompts = layout.query_lens[d:] == layout.seq_lens[d:]
         return m
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.spec.block_size)
 
+    def _decode_bias(self, m: TorchAttentionMetadata) -> torch.Tensor:
+        """The decodes' additive mask [decodes, 1, keys] under this layer's window, built once a step."""
+        window, d = self.spec.sliding_window, m.num_decodes
+        if ("decode", window) not in m.masks:
+            allowed = allowed_keys(m.seq_lens[:d], torch.ones_like(m.seq_lens[:d]), 1,
+                                   len(m.decode_block_ids) // d * self.spec.block_size, window)
+            m.masks["decode", window] = torch.zeros(allowed.shape, device=self.device).masked_fill_(~allowed,
+                                                                                                 float("-inf"))
+        return m.masks["decode", window]
+
+    def _prefill_mask(self, m: TorchAttentionMetadata) -> torch.Tensor:
+        """The prefills' mask [prefills, max_query_len, keys] under this layer's window, built once a step."""
+        window, d = self.spec.sliding_window, m.num_decodes
+        if ("prefill", window) not in m.masks:
+            keys = len(m.prefill_block_ids) // (len(m.seq_lens) - d) * self.spec.block_size
+            m.masks["prefill", window] = allowed_keys(m.seq_lens[d:], m.query_start_loc[d:].diff(),
+                                                      m.max_query_len, keys, window)
+        return m.masks["prefill", window]
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: TorchAttentionMetadata, scale: float,
                 kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
-        m, d = metadata, metadata.num_decodes
+        m, d, cap = metadata, metadata.num_decodes, self.spec.logits_soft_cap
         self.store_kv(key, value, kv_cache, m.slot_mapping, kv_scales)
         outputs = []
         if d:
-            outputs.append(decode_attention(query[:d], kv_cache, m.decode_block_ids, m.decode_bias, scale,
-                                                    kv_scales))
+            outputs.append(decode_attention(query[:d], kv_cache, m.decode_block_ids, self._decode_bias(m), scale,
+                                            kv_scales, cap))
         if m.prefill_token_index is not None:
-            num_prefills = len(m.seq_lens) - d
+            causal = m.whole_prompts and self.spec.sliding_window is None and cap is None
             outputs.append(prefill_attention(query[d:], key[d:], value[d:], kv_cache, m.prefill_token_index,
-                                                     num_prefills, m.max_query_len, m.prefill_block_ids,
-                                                     m.prefill_mask, scale, kv_scales))
+                                             len(m.seq_lens) - d, m.max_query_len,
+                                             None if causal else m.prefill_block_ids,
+                                             None if causal else self._prefill_mask(m), scale, kv_scales, cap))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

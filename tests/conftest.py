@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 from server_utils import openai_client  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig  # noqa: E402,E501
 from transformers import GPT2Config, OPTConfig  # noqa: E402
-from transformers import GemmaConfig, Phi3Config  # noqa: E402
+from transformers import Gemma2Config, GemmaConfig, Phi3Config  # noqa: E402
 from transformers import FalconConfig, GPTNeoXConfig  # noqa: E402
 
 from kvserve.conformance.tiny_model import build_tokenizer, randomize_norms_and_biases, save_tiny_model  # noqa: E402,E501
@@ -30,6 +30,9 @@ ARCHITECTURES = {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 128})),
     "qwen2": (Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    # use_sliding_window: layers from max_window_layers on slide (window 24), the first attends globally.
+    "qwen2-sliding": (Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False, use_sliding_window=True,
+                                        sliding_window=24, max_window_layers=1)),
     "mistral-sliding": (MistralConfig, dict(num_key_value_heads=2, sliding_window=24, tie_word_embeddings=False)),
     "mixtral": (MixtralConfig, dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                     tie_word_embeddings=False)),
@@ -80,6 +83,12 @@ EXTRA_ARCHITECTURES = {
                                       tie_word_embeddings=False)),
     # Heads of 32, not hidden_size / heads = 16, and one key-value head (Gemma 2B's multi-query attention).
     "gemma": (GemmaConfig, dict(num_key_value_heads=1, head_dim=32)),
+    # A sliding layer (window 24) then a global one; queries scaled by 1/sqrt(24), not 1/sqrt(32); caps low enough
+    # that scores and logits of this model's size reach them. Untied: a tied head echoes the last token, whatever
+    # attention does.
+    "gemma2": (Gemma2Config, dict(num_key_value_heads=2, head_dim=32, sliding_window=24, query_pre_attn_scalar=24,
+                                  attn_logit_softcapping=4.0, final_logit_softcapping=2.0,
+                                  tie_word_embeddings=False)),
     # Rotary over the first quarter (half) of each head; attention and MLP side by side (one after the other).
     "gpt-neox": (GPTNeoXConfig, dict(num_key_value_heads=4, rotary_pct=0.25, use_parallel_residual=True,
                                      tie_word_embeddings=False)),
@@ -134,7 +143,7 @@ def randomized_checkpoint(tiny_model, tmp_path_factory):
     def make(name: str) -> tuple[str, torch.nn.Module]:
         if name not in made:
             hf = AutoModelForCausalLM.from_pretrained(tiny_model(name), dtype=torch.float32).eval()
-            randomize_norms_and_biases(hf, -0.5 if hf.config.model_type == "gemma" else 0.5)
+            randomize_norms_and_biases(hf, -0.5 if hf.config.model_type.startswith("gemma") else 0.5)
             path = tmp_path_factory.mktemp(name)
             hf.save_pretrained(path)
             AutoTokenizer.from_pretrained(tiny_model(name)).save_pretrained(path)

@@ -24,7 +24,8 @@ def generate(llm: LLM, prompts: list[list[int]], seed: int) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("model, dtype", [("SmolLM2", "bfloat16"), ("qwen2", "float32"), ("mistral-sliding", "float32")])
+@pytest.mark.parametrize("model, dtype", [("SmolLM2", "bfloat16"), ("qwen2", "float32"), ("mistral-sliding", "float32"),
+                                          ("gemma2", "float32")])
 def test_replayed_decode_steps_give_eager_tokens(smollm2_path, tiny_model, model, dtype):
     path = smollm2_path if model == "SmolLM2" else tiny_model(model)
     options = dict(dtype=dtype, kv_cache_memory="64MiB", max_model_len=256)

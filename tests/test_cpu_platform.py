@@ -37,6 +37,19 @@ def test_paged_attention_matches_reference(shapes, window, head_size, block_size
                             window)
 
 
+@pytest.mark.parametrize("shapes", SHAPES)
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("backend_cls", [TorchPagedAttention, NativePagedAttention])
+def test_soft_capped_scores_match_reference(shapes, window, dtype, backend_cls):
+    # A cap of 2 on scores of about +-3: the softmax differs from the uncapped one's.
+    if native.load()[1] and backend_cls is NativePagedAttention:
+        pytest.skip(f"native kernels unavailable: {native.load()[1]}")
+    attention_spec = spec(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, sliding_window=window, dtype=dtype,
+                          logits_soft_cap=2.0)
+    check_against_reference(backend_cls(attention_spec, torch.device("cpu")), shapes, 64, 16, dtype, window)
+
+
 @pytest.mark.skipif(shutil.which("c++") is None or os.environ.get(native.DISABLE_ENV) == "0",
                     reason="no C++ compiler, or native kernels disabled")
 @pytest.mark.parametrize("shapes", SHAPES)

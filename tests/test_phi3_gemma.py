@@ -1,7 +1,8 @@
-"""Phi-3 and Gemma: greedy outputs token-identical to transformers' in float32, run by the native classes (not the
-transformers fallback), with long prompts prefilled in chunks beside decodes; Phi-3 with partial rotary and
-longrope past the original context, and with a sliding window shorter than the prompts; split over ranks, the
-tokens of one; unsupported options are clear errors."""
+"""Phi-3, Gemma and Gemma 2: greedy outputs token-identical to transformers' in float32, run by the native classes
+(not the transformers fallback), with long prompts prefilled in chunks beside decodes; Phi-3 with partial rotary and
+longrope past the original context, and with a sliding window shorter than the prompts; Gemma 2 with a sliding
+layer beside a global one, and soft-capped scores and logits; split over ranks, the tokens of one; unsupported
+options are clear errors."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.slow
 # Every prompt is longer than phi3-longrope's original context (64): transformers rotates shorter ones with the
 # short factors, kvserve every position with the long ones (docs/models.md).
 PROMPTS = [list(range(5, 80)), [7, 8, 9] * 25 + [11], list(range(300, 370))]
-ARCHITECTURES = {"phi3-longrope": "Phi3ForCausalLM", "phi3-sliding": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM"}
+ARCHITECTURES = {"phi3-longrope": "Phi3ForCausalLM", "phi3-sliding": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM"}
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
@@ -39,10 +41,23 @@ def test_greedy_tokens_match_transformers(checkpoint):
     assert [o.outputs[0].token_ids for o in outputs] == expected
 
 
-@pytest.mark.parametrize("name", ["phi3-longrope", "gemma"])
+def test_gemma2_logprobs_are_those_of_its_capped_logits(randomized_checkpoint):
+    """Capping keeps the logits' order, so greedy tokens cannot show the final cap: their logprobs do."""
+    path, hf = randomized_checkpoint("gemma2")
+    with torch.no_grad():
+        expected = hf(torch.tensor([PROMPTS[0]])).logits[0, -1].log_softmax(-1).topk(5)
+    llm = LLM(path, dtype="float32", kv_cache_memory="8MiB")
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)
+    top = out[0].outputs[0].logprobs[0]
+    got = torch.tensor([top[token].logprob for token in expected.indices.tolist()])
+    torch.testing.assert_close(got, expected.values, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["phi3-longrope", "gemma", "gemma2"])
 def test_ranks_and_stages_give_the_tokens_of_one(tiny_model, name):
     """Phi-3's fused q/k/v and gate/up tensors split per rank; Gemma's single key-value head copied to both; each
-    stage with its own layers' norms and rotary, the first scaling the embeddings."""
+    stage with its own layers' norms and rotary, the first scaling the embeddings; Gemma 2's second stage with the
+    second layer's window (none)."""
     layouts = [{}, dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)]
     one, *splits = run_layouts(TOKENS, tiny_model(name), layouts, dtype="float32", kv_cache_memory="16MiB")
     assert [split["tokens"] for split in splits] == [one["tokens"]] * len(splits)

@@ -63,6 +63,10 @@ try:   # a backend that names no FP8 cache type is never handed one
     LLM(model=sys.argv[1], dtype="float32", max_model_len=128, kv_cache_dtype="fp8")
 except ValueError as exc:
     results["toy-fp8"] = str(exc)
+try:   # nor is one that does not cap scores chosen for a model that caps them
+    LLM(model=sys.argv[2], dtype="float32", max_model_len=128)
+except ValueError as exc:
+    results["toy-gemma2"] = str(exc)
 print(json.dumps(results))
 """
 
@@ -74,7 +78,8 @@ def discovery(plugin_site) -> dict:
 
 @pytest.fixture(scope="module")
 def generations(plugin_site, tiny_model) -> dict:
-    stdout = run_python(plugin_site, ["-c", GENERATE, tiny_model("llama-tied-gqa")], KVSERVE_PLATFORM="toy")
+    stdout = run_python(plugin_site, ["-c", GENERATE, tiny_model("llama-tied-gqa"), tiny_model("gemma2")],
+                        KVSERVE_PLATFORM="toy")
     return json.loads(stdout.splitlines()[-1])
 
 
@@ -147,6 +152,12 @@ def test_int8_on_the_toy_platform_runs_the_reference_and_equals_the_cpu_kernel(g
 def test_a_vendor_backend_that_keeps_no_fp8_cache_is_a_clear_error(generations):
     assert generations["toy-fp8"] == ("platform 'toy''s attention backend 'toy-naive' cannot keep the KV cache in "
                                       "float8_e4m3fn (FP8 types it keeps: none); use kv_cache_dtype='auto'")
+
+
+
+def test_a_vendor_backend_that_does_not_cap_scores_is_a_clear_error(generations):
+    assert generations["toy-gemma2"] == ("no attention backend runs every layer of this model (toy-naive: it does not "
+                                         "soft-cap attention scores (logits_soft_cap=4.0))")
 
 
 SPLIT = """

@@ -1,6 +1,6 @@
 """With a sliding window over every layer, a sequence gives up the blocks before its window: the null block
 takes their places, forks and swaps skip them, and a sequence far longer than the KV cache runs in it with
-transformers' tokens."""
+transformers' tokens. With a global layer beside the sliding ones, it gives up none."""
 from __future__ import annotations
 
 import pytest
@@ -69,4 +69,18 @@ def test_sequences_longer_than_the_cache_run_in_their_window(tiny_model):
     llm = LLM(path, dtype="float32", block_size=8, num_gpu_blocks_override=8, max_num_batched_tokens=16,
               max_model_len=256, max_num_seqs=2)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=150, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+def test_a_global_layer_beside_sliding_ones_keeps_every_block(tiny_model):
+    """Qwen2's use_sliding_window: its first layer attends to every position, its second to the last 24."""
+    path = tiny_model("qwen2-sliding")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert hf.config.layer_types == ["full_attention", "sliding_attention"]
+    prompts = [list(range(5, 45)), list(range(300, 360))]
+    expected = hf_greedy(hf, prompts, 60)
+    llm = LLM(path, dtype="float32", block_size=8, max_num_batched_tokens=16, max_num_seqs=2)
+    assert llm.llm_engine.block_manager.window is None
+    assert [layer.sliding_window for layer in llm.llm_engine.runner.built.layers] == [None, 24]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected

@@ -27,8 +27,10 @@ CHECKPOINTS = {
     # Its own attention scale, multipliers on the embeddings and residuals, logits divided; an untied head.
     "granite": (GraniteConfig, dict(attention_multiplier=0.1, embedding_multiplier=2.0, residual_multiplier=0.5,
                                     logits_scaling=4.0, tie_word_embeddings=False)),
-    # Attention scores capped (softcap), which kvserve's backends do not compute.
-    "gemma2": (Gemma2Config, dict(head_dim=16)),
+    # A sliding layer (window 24) beside a global one, each with its attention scores capped (softcap); the
+    # logits capped too.
+    "gemma2": (Gemma2Config, dict(head_dim=16, sliding_window=24, attn_logit_softcapping=4.0,
+                                  final_logit_softcapping=2.0, tie_word_embeddings=False)),
     # A short convolution in place of attention in its first layer, whose state the KV cache does not hold.
     "lfm2": (Lfm2Config, dict(layer_types=["conv", "full_attention"])),
     # Its attention takes no function from outside transformers.
@@ -59,25 +61,27 @@ def greedy_tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("name", ["olmo2", "granite"])
+@pytest.mark.parametrize("name", ["olmo2", "granite", "gemma2"])
 def test_greedy_tokens_match_transformers(checkpoint, name):
     path, hf = checkpoint(name)
     expected = hf_greedy(hf, PROMPTS, GREEDY.max_tokens)
     # A small token budget makes the long prompts prefill in chunks next to the others' decodes.
-    llm = LLM(path, **SMALL, max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True)
+    llm = LLM(path, **SMALL, model_impl="transformers", max_num_batched_tokens=16, max_num_seqs=4,
+              enable_prefix_caching=True)
     assert isinstance(llm.llm_engine.runner.model, TransformersForCausalLM)
     assert greedy_tokens(llm, PROMPTS) == expected
     assert greedy_tokens(llm, PROMPTS) == expected   # the prompts' blocks now come from the prefix cache
     assert llm.llm_engine.block_manager.prefix_hits > 0
 
 
-@pytest.mark.parametrize("name", ["olmo2", "granite"])
+@pytest.mark.parametrize("name", ["olmo2", "granite", "gemma2"])
 def test_logprobs_are_those_of_transformers_logits(checkpoint, name):
-    """The logits, not only their order: Granite's are divided by logits_scaling after the head."""
+    """The logits, not only their order: Granite's are divided by logits_scaling after the head, Gemma 2's
+    capped."""
     path, hf = checkpoint(name)
     with torch.no_grad():
         expected = hf(torch.tensor([PROMPTS[0]])).logits[0, -1].log_softmax(-1).topk(5)
-    llm = LLM(path, **SMALL)
+    llm = LLM(path, **SMALL, model_impl="transformers")
     out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)
     top = out[0].outputs[0].logprobs[0]
     assert set(top) >= set(expected.indices.tolist())
@@ -110,8 +114,6 @@ def test_the_transformers_implementation_gives_the_native_tokens(tiny_model, cap
                                             "Olmo2ForCausalLM does not split"),
     ("olmo2", dict(pipeline_parallel_size=2), "pipeline_parallel_size=2: the transformers implementation of "
                                               "Olmo2ForCausalLM does not split"),
-    ("gemma2", dict(model_impl="transformers"), "the transformers implementation cannot run Gemma2Attention: it caps "
-                                                "its attention scores \\(softcap\\)"),
     ("lfm2", {}, "Lfm2ForCausalLM calls attention in 1 of its 2 layers: the others keep state"),
     ("stablelm", {}, "StableLmForCausalLM does not take an attention implementation from outside transformers"),
 ])

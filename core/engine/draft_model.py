@@ -56,8 +56,7 @@ class DraftModel:
         """Its cache, of the target's blocks."""
         self.kv_cache = torch.zeros(cache_shape(self.spec, self.backend, len(self.layers), cache.num_blocks),
                                     dtype=self.spec.cache_dtype, device=self.device)
-        for layer, layer_cache in zip(self.layers, self.kv_cache):
-            layer.backend, layer.kv_cache = self.backend, layer_cache
+        self.built.bind(self.kv_cache)
         bind_kv_scales(self.layers, self.spec, calculate=False)
         if self.captures_graphs:   # its passes after the first are decodes, which the platform's graphs serve
             self.built.graph_runner = self.platform.graph_runner(self.model, self.backend, self.config)

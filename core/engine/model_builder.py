@@ -17,6 +17,7 @@ from kvserve.core.layers.ops import Ops
 from kvserve.core.loader.model_loader import Checkpoint
 from kvserve.core.loader.weights import fill_random, load_weights
 from kvserve.core.quantization.online import gate_up_kernel_factory, kernel_factory
+from kvserve.plugins.backend_choice import soft_cap_reasons
 from kvserve.plugins.interfaces import AttentionBackend, AttentionMetadata, AttentionSpec, GraphRunner
 from kvserve.plugins.manager import Platform
 from kvserve.plugins.stages import log_after, stage
@@ -40,10 +41,16 @@ def choose_dtype(config: EngineConfig, checkpoint: Checkpoint, platform: Platfor
 class BuiltModel:
     model: torch.nn.Module
     layers: list[Attention]   # its attention layers, in order
-    spec: AttentionSpec
-    backend: AttentionBackend
+    spec: AttentionSpec   # the model's: its layers', with the window and cap where they all have the same
+    backend: AttentionBackend   # the model's, which builds each step's metadata
+    layer_backends: list[AttentionBackend]   # each layer's, of one class: one per distinct layer spec
     weight_bytes: int = 0   # its weights as loaded (this rank's share), before platform kernels repack them
     graph_runner: GraphRunner | None = None   # set once its KV cache is bound
+
+    def bind(self, kv_cache: torch.Tensor) -> None:
+        """Give each attention layer its backend and its part of ``kv_cache`` [layers, ...]."""
+        for layer, backend, layer_cache in zip(self.layers, self.layer_backends, kv_cache):
+            layer.backend, layer.kv_cache = backend, layer_cache
 
     def forward(self, input_ids: torch.Tensor, metadata: AttentionMetadata, intermediate: tuple = ()):
         """A step's hidden states, through a captured graph where the platform has one for its shape. A pipeline
@@ -77,12 +84,33 @@ def build_model(config: EngineConfig, platform: Platform, checkpoint: Checkpoint
         use_platform_kernels(model, kernel_factory(quantization, platform, dtype, online, group_size),
                              gate_up_kernel_factory(quantization, platform, online))
     layers = [m for m in model.modules() if isinstance(m, Attention)]
-    first = layers[0]
-    spec = AttentionSpec(first.num_heads, first.num_kv_heads, first.head_size, dtype, config.cache.block_size,
-                         getattr(model, "sliding_window", None), config.cache.torch_cache_dtype)
-    backend_cls = platform.attention_backend(spec)
+    layer_specs = [AttentionSpec(layer.num_heads, layer.num_kv_heads, layer.head_size, dtype, config.cache.block_size,
+                                 layer.sliding_window, config.cache.torch_cache_dtype, layer.logits_soft_cap)
+                   for layer in layers]
+    # A pipeline stage holds some of the layers; a model whose layers' windows differ lists them all.
+    windows = set(getattr(model, "layer_windows", [s.sliding_window for s in layer_specs]))
+    caps = {s.logits_soft_cap for s in layer_specs}
+    spec = dataclasses.replace(layer_specs[0], sliding_window=windows.pop() if len(windows) == 1 else None,
+                               logits_soft_cap=caps.pop() if len(caps) == 1 else None)
+    backend_cls = backend_for_layers(platform, list(dict.fromkeys(layer_specs)))
     check_cache_dtype(backend_cls, spec, platform)
-    return BuiltModel(model, layers, spec, backend_cls(spec, platform.device), weight_bytes)
+    backends = {s: backend_cls(s, platform.device) for s in dict.fromkeys([spec, *layer_specs])}
+    return BuiltModel(model, layers, spec, backends[spec], [backends[s] for s in layer_specs], weight_bytes)
+
+
+def backend_for_layers(platform: Platform, specs: list[AttentionSpec]) -> type[AttentionBackend]:
+    """The backend class the platform chooses for the layers' distinct specs: one that runs them all (its cache
+    type is checked apart)."""
+    def reasons(backend_cls: type[AttentionBackend]) -> list[str]:
+        return list(dict.fromkeys(r for spec in specs
+                                  for r in backend_cls.unsupported_reasons(spec) + soft_cap_reasons(backend_cls, spec)))
+
+    chosen = list(dict.fromkeys(platform.attention_backend(spec) for spec in specs))
+    for backend_cls in chosen:
+        if not reasons(backend_cls):
+            return backend_cls
+    detail = "; ".join(f"{cls.name}: {', '.join(reasons(cls))}" for cls in chosen)
+    raise ValueError(f"no attention backend runs every layer of this model ({detail})")
 
 
 def loaded_weight_bytes(model: torch.nn.Module) -> int:

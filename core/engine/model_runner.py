@@ -88,8 +88,7 @@ class ModelRunner:
                                                                       cache.num_bytes)
         self.kv_cache, self.host_kv_cache = cache.device_cache, cache.host_cache
         self.populating_kv_cache = cache.populating
-        for i, layer in enumerate(layers):
-            layer.backend, layer.kv_cache = self.backend, self.kv_cache[i]
+        built.bind(self.kv_cache)
         bind_kv_scales(layers, self.spec, config.cache.calculate_kv_scales)
         # A pooling step holds whole prompts, which a recording of one-token prompts could not replay.
         self.graph_runner = built.graph_runner = (None if self.pooler is not None

@@ -8,12 +8,17 @@ from kvserve.plugins.interfaces import AttentionBackend, AttentionMetadata
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None):
+        """``sliding_window`` and ``logits_soft_cap``: this layer's, as AttentionSpec describes them; layers of
+        one model may differ in them."""
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_size = head_size
         self.scale = scale
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
         self.backend: AttentionBackend | None = None   # bound by the model runner with the KV cache
         self.kv_cache: torch.Tensor | None = None
         self.checkpoint_kv_scales: tuple[float, float] | None = None   # (keys', values'), if the checkpoint has them

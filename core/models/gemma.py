@@ -10,7 +10,7 @@ from kvserve.core.distributed.parallel_state import tensor_parallel
 from kvserve.core.layers.linear import MergedLinear
 from kvserve.core.layers.ops import Ops
 from kvserve.core.layers.parallel import RowParallelLinear
-from kvserve.core.models.llama import LlamaForCausalLM, RMSNorm
+from kvserve.core.models.llama import LlamaDecoderLayer, LlamaForCausalLM, RMSNorm
 from kvserve.plugins.interfaces import AttentionMetadata
 
 GEMMA_ACTIVATION = "gelu_pytorch_tanh"
@@ -37,6 +37,18 @@ class GemmaRMSNorm(RMSNorm):
         return self.ops.rms_norm(x.float(), constant(1.0, weight) + weight, self.eps).to(x.dtype)
 
 
+class GemmaDecoderLayer(LlamaDecoderLayer):
+    """Llama's decoder layer with Gemma's norms."""
+
+    def __init__(self, config, ops: Ops, *args, **kwargs):
+        super().__init__(config, ops, *args, **kwargs)
+        self.input_layernorm, self.post_attention_layernorm = gemma_norm(config, ops), gemma_norm(config, ops)
+
+
+def gemma_norm(config, ops: Ops) -> GemmaRMSNorm:
+    return GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+
+
 class GemmaMLP(nn.Module):
     """gelu_tanh(gate) * up, then down. The gate-up layer is a MergedLinear, not a GateUpLinear: a platform's fused
     gate-up kernel applies SiLU."""
@@ -55,9 +67,10 @@ class GemmaMLP(nn.Module):
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
-    eagle_target = False   # its embeddings are scaled, which a draft sharing embed_tokens would miss
-
     """The Llama decoder with Gemma's norms in place of Llama's, its GeGLU feed-forward and its embedding scale."""
+
+    eagle_target = False   # its embeddings are scaled, which a draft sharing embed_tokens would miss
+    decoder_layer = GemmaDecoderLayer
 
     def __init__(self, config, ops: Ops):
         for name in ("hidden_act", "hidden_activation"):
@@ -69,14 +82,8 @@ class GemmaForCausalLM(LlamaForCausalLM):
                              "allowed: False (causal attention)")
         super().__init__(config, ops)
         self.embed_scale = config.hidden_size ** 0.5
-
-        def norm() -> GemmaRMSNorm:
-            return GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-
-        for layer in self.model.layers[self.model.own_layers.start:self.model.own_layers.stop]:
-            layer.input_layernorm, layer.post_attention_layernorm = norm(), norm()
         if self.model.norm is not None:
-            self.model.norm = norm()
+            self.model.norm = gemma_norm(config, ops)
 
     def make_mlp(self, config, ops: Ops, layer: int) -> nn.Module:
         return GemmaMLP(config.hidden_size, config.intermediate_size, ops)

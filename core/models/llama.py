@@ -31,9 +31,10 @@ class RMSNorm(nn.Module):
 class LlamaAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_size: int,
                  rotary_emb: RotaryEmbedding, qkv_bias: bool, ops: Ops, qk_norm_eps: float | None = None,
-                 o_bias: bool = False):
+                 o_bias: bool = False, attention: dict | None = None):
         """``qk_norm_eps``: where given, each query and key head is RMS-normalized with it before rotary (Qwen3's
-        q_norm and k_norm). ``o_bias``: the output projection has a bias (Llama's and Qwen3's attention_bias)."""
+        q_norm and k_norm). ``o_bias``: the output projection has a bias (Llama's and Qwen3's attention_bias).
+        ``attention``: keywords of the Attention layer (its sliding window; a scale other than 1/sqrt(head))."""
         super().__init__()
         self.qkv_proj, heads, kv_heads = qkv_projection(hidden_size, num_heads, num_kv_heads, head_size, qkv_bias)
         self.q_size, self.kv_size = heads * head_size, kv_heads * head_size   # this rank's
@@ -41,7 +42,7 @@ class LlamaAttention(nn.Module):
         self.q_norm, self.k_norm = (None, None) if qk_norm_eps is None else (
             RMSNorm(head_size, qk_norm_eps, ops), RMSNorm(head_size, qk_norm_eps, ops))
         self.rotary_emb = rotary_emb
-        self.attn = Attention(heads, kv_heads, head_size, scale=head_size ** -0.5)
+        self.attn = Attention(heads, kv_heads, head_size, **{"scale": head_size ** -0.5, **(attention or {})})
 
     def forward(self, angles: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -79,25 +80,29 @@ def head_size_of(config) -> int:
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, ops: Ops, qkv_bias: bool, rotary_emb: RotaryEmbedding, mlp: nn.Module,
-                 qk_norm: bool = False):
+                 qk_norm: bool = False, attention: dict | None = None):
         super().__init__()
         self.self_attn = LlamaAttention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                                         head_size_of(config), rotary_emb, qkv_bias, ops,
                                         config.rms_norm_eps if qk_norm else None,
-                                        bool(getattr(config, "attention_bias", False)))
+                                        bool(getattr(config, "attention_bias", False)), attention)
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, angles, hidden, residual, metadata):
+        hidden, residual = self.attend(angles, hidden, residual, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+    def attend(self, angles, hidden, residual, metadata):
+        """Attention's output on the normalized stream, and the stream (residual, the layer's input added)."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(angles, hidden, metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.self_attn(angles, hidden, metadata), residual
 
 
 class OnAnotherStage(nn.Module):
@@ -105,21 +110,18 @@ class OnAnotherStage(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, ops: Ops, qkv_bias: bool, make_mlp: Callable[[int], nn.Module], embeds: bool,
-                 qk_norm: bool):
-        """``make_mlp(layer)``: the feed-forward block of each layer. ``embeds``: this pipeline stage needs the
-        embedding (the first embeds the tokens; the last's output head may be tied to it). ``qk_norm``: each
-        attention normalizes its query and key heads."""
+    def __init__(self, config, ops: Ops, make_layer: Callable[[int, RotaryEmbedding], nn.Module], embeds: bool):
+        """``make_layer(layer, rotary_emb)``: decoder layer ``layer``, rotating by the shared ``rotary_emb``.
+        ``embeds``: this pipeline stage needs the embedding (the first embeds the tokens; the last's output head
+        may be tied to it)."""
         super().__init__()
         stage = pipeline_stage()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if embeds else None
         self.rotary_emb = RotaryEmbedding(head_size_of(config), config.max_position_embeddings,
                                           rope_parameters(config), ops)
         self.own_layers = stage.layers(config.num_hidden_layers)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, ops, qkv_bias, self.rotary_emb, make_mlp(layer), qk_norm)
-            if layer in self.own_layers
-            else OnAnotherStage() for layer in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(make_layer(layer, self.rotary_emb) if layer in self.own_layers
+                                    else OnAnotherStage() for layer in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops) if stage.is_last else None
 
     def forward(self, input_ids, positions, metadata, intermediate=None):
@@ -142,19 +144,25 @@ class LlamaForCausalLM(nn.Module):
     }
     qkv_bias = False
     qk_norm = False
+    decoder_layer = LlamaDecoderLayer
+    every_layer_slides = False   # the config's sliding_window, where it has one, is every layer's (Mistral)
     supports_pipeline_parallel = True
     eagle_target = True   # an EAGLE draft shares its model.embed_tokens and lm_head
 
     def __init__(self, config, ops: Ops):
         super().__init__()
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
-        self.sliding_window = self.window_of(config)
         if getattr(config, "mlp_bias", False):
             raise ValueError("mlp_bias=True Llama checkpoints are not supported")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        # Every layer's, those of other pipeline stages included: blocks may be freed only out of all windows.
+        self.layer_windows = [self.window_of(config, layer) for layer in range(config.num_hidden_layers)]
         stage = pipeline_stage()
-        self.model = LlamaModel(config, ops, qkv_bias, lambda layer: self.make_mlp(config, ops, layer),
-                                stage.is_first or (stage.is_last and self.tie_word_embeddings), self.qk_norm)
+        self.model = LlamaModel(
+            config, ops, lambda layer, rotary_emb: self.decoder_layer(
+                config, ops, qkv_bias, rotary_emb, self.make_mlp(config, ops, layer), self.qk_norm,
+                self.attention_options(config, layer)),
+            stage.is_first or (stage.is_last and self.tie_word_embeddings))
         self.lm_head = None if not stage.is_last else (
             ParallelLMHead.tied_to(self.model.embed_tokens) if self.tie_word_embeddings
             else ParallelLMHead(config.hidden_size, config.vocab_size))
@@ -164,9 +172,17 @@ class LlamaForCausalLM(nn.Module):
             + ["model.embed_tokens."] * (self.model.embed_tokens is None)
             + ["model.norm.", "lm_head."] * (self.lm_head is None))
 
-    @staticmethod
-    def window_of(config) -> int | None:
-        return None
+    def attention_options(self, config, layer: int) -> dict:
+        """Keywords of decoder layer ``layer``'s Attention: its sliding window, where it has one."""
+        return {"sliding_window": self.window_of(config, layer)}
+
+    def window_of(self, config, layer: int) -> int | None:
+        """The config's sliding window, for the layers its layer_types calls sliding (Gemma 2, Qwen2 with
+        use_sliding_window), or for every layer in models that slide every layer (Mistral)."""
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            return config.sliding_window if layer_types[layer] == "sliding_attention" else None
+        return getattr(config, "sliding_window", None) if self.every_layer_slides else None
 
     def make_mlp(self, config, ops: Ops, layer: int) -> nn.Module:
         """The feed-forward block of decoder layer ``layer``: a gated MLP; mixture-of-experts models route."""
@@ -186,6 +202,4 @@ class LlamaForCausalLM(nn.Module):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    @staticmethod
-    def window_of(config) -> int | None:
-        return getattr(config, "sliding_window", None)
+    every_layer_slides = True

@@ -7,8 +7,9 @@ from kvserve.core.models.llama import LlamaForCausalLM
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True
 
-    @staticmethod
-    def window_of(config) -> int | None:
-        if getattr(config, "use_sliding_window", False):
-            raise ValueError(f"{config.model_type} checkpoints with use_sliding_window=True are not supported yet")
-        return None
+    def window_of(self, config, layer: int) -> int | None:
+        if getattr(config, "use_sliding_window", False) and getattr(config, "layer_types", None) is None:
+            raise ValueError(f"{config.model_type} checkpoints with use_sliding_window=True and no layer_types are "
+                             f"not supported; allowed: use_sliding_window=False, or layer_types naming the "
+                             f"sliding layers")
+        return super().window_of(config, layer)

@@ -7,6 +7,7 @@ from kvserve.core.log import logger
 from kvserve.core.models.bert import BertModel
 from kvserve.core.models.falcon import FalconForCausalLM
 from kvserve.core.models.gemma import GemmaForCausalLM
+from kvserve.core.models.gemma2 import Gemma2ForCausalLM
 from kvserve.core.models.gpt2 import GPT2LMHeadModel
 from kvserve.core.models.gpt_neox import GPTNeoXForCausalLM
 from kvserve.core.models.llama import LlamaForCausalLM, MistralForCausalLM
@@ -28,6 +29,7 @@ BUILTIN_MODELS: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "GemmaForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "BertModel": BertModel,
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "OPTForCausalLM": OPTForCausalLM,

@@ -74,6 +74,7 @@ class AttentionCall:
     head_size: int
     scale: float
     sliding_window: int | None
+    soft_cap: float | None
 
 
 def _record_call(calls: list[AttentionCall], module, query, key, value, attention_mask, scaling=None,
@@ -86,13 +87,13 @@ def _record_call(calls: list[AttentionCall], module, query, key, value, attentio
         ("attends to other states than its own (cross-attention)", key.shape[2] != query.shape[2]),
         ("has keys or values of another head size than its queries'",
          not query.shape[-1] == key.shape[-1] == value.shape[-1]),
-        ("caps its attention scores (softcap)", softcap is not None),
         ("has attention sinks (s_aux)", s_aux is not None)) if bad]
     if reasons:
         raise ValueError(f"the transformers implementation cannot run {name}: it {', and '.join(reasons)}")
     head_size = query.shape[-1]
     calls.append(AttentionCall(module, query.shape[1], key.shape[1], head_size,
-                               head_size ** -0.5 if scaling is None else float(scaling), sliding_window))
+                               head_size ** -0.5 if scaling is None else float(scaling), sliding_window,
+                               None if softcap is None else float(softcap)))
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], head_size), None
 
 
@@ -143,14 +144,14 @@ class TransformersForCausalLM(nn.Module):
             raise ValueError(f"transformers' {self.architecture} calls attention in {len(calls)} of its "
                              f"{text_config.num_hidden_layers} layers: the others keep state (recurrent, "
                              f"convolution or state-space layers) that the transformers implementation does not cache")
-        for field in ("num_heads", "num_kv_heads", "head_size", "sliding_window"):
+        for field in ("num_heads", "num_kv_heads", "head_size"):
             if len({getattr(call, field) for call in calls}) > 1:
                 raise ValueError(f"transformers' {self.architecture} has layers of different {field} "
                                  f"({sorted({str(getattr(call, field)) for call in calls})}), which the "
                                  f"transformers implementation does not run")
-        self.sliding_window = calls[0].sliding_window
         self.attention_layers = nn.ModuleList(
-            Attention(call.num_heads, call.num_kv_heads, call.head_size, call.scale) for call in calls)
+            Attention(call.num_heads, call.num_kv_heads, call.head_size, call.scale, call.sliding_window,
+                      call.soft_cap) for call in calls)
         self.attention_of = {call.module: layer for call, layer in zip(calls, self.attention_layers)}
 
     @property

@@ -20,6 +20,7 @@ struct Tile {
   std::vector<int64_t> pos, from;
   std::vector<uint32_t> q_pairs;   // bfloat16 queries, unscaled, two dimensions a word (for dot products)
   float scale = 1.f;
+  float soft_cap = 0.f;   // > 0: scores become soft_cap * tanh(score / soft_cap)
 };
 
 // An FP8 byte as the float16 bits of its value times kFp8Unit, by bit moves alone: e5m2 is float16's top byte;

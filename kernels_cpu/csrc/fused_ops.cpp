@@ -196,7 +196,7 @@ at::Tensor rotary_embedding(const at::Tensor& x, const at::Tensor& cos, const at
 // like torch's own.
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, "
-        "Tensor query_start_loc, float scale, int window, float value_scale) -> Tensor");
+        "Tensor query_start_loc, float scale, int window, float value_scale, float soft_cap) -> Tensor");
   m.def("store_kv(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, float key_scale, "
         "float value_scale) -> ()");
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> Tensor[]");

@@ -7,7 +7,7 @@
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& kv_cache,
                               const at::Tensor& block_tables, const at::Tensor& seq_lens,
                               const at::Tensor& query_start_loc, double scale, int64_t window,
-                              double value_scale);
+                              double value_scale, double soft_cap);
 void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
               const at::Tensor& slot_mapping, double key_scale, double value_scale);
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,

@@ -8,6 +8,7 @@
 // folds into the softmax scale and whose value scale multiplies the output.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -36,6 +37,11 @@ void attend_chunk(Tile& tile, int64_t row, const T* __restrict__ keys, int64_t k
                   const T* __restrict__ values, int64_t base, int64_t valid, int64_t head) {
   float s[NR][CW], p[NR][CW];
   chunk_scores(s, tile, row, keys, key_stride, head);
+  if (tile.soft_cap > 0.f) {
+    const float inverse_cap = 1.f / tile.soft_cap;
+    for (int r = 0; r < NR; ++r)
+      for (int t = 0; t < CW; ++t) s[r][t] = tile.soft_cap * std::tanh(s[r][t] * inverse_cap);
+  }
   Ints<CW> offsets;
   for (int t = 0; t < CW; ++t) offsets[t] = t;
   for (int r = 0; r < NR; ++r) {
@@ -78,9 +84,10 @@ void attend_rows(Tile& tile, int64_t row, int64_t num_rows, const T* keys, int64
 template <typename T, typename C, int CW>
 void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const C* key_cache, const C* value_cache,
                  const int64_t* table, int64_t first_pos, int64_t num_queries, int64_t group, float scale,
-                 float value_scale, int64_t window, int64_t block_size, int64_t head) {
+                 float value_scale, int64_t window, float soft_cap, int64_t block_size, int64_t head) {
   const int64_t rows = num_queries * group;
   tile.scale = scale;
+  tile.soft_cap = soft_cap;
   for (int64_t r = 0; r < rows; ++r) {
     const T* q_in = query + (r / group) * row_stride + (r % group) * head;
     for (int64_t d = 0; d < head; ++d) tile.q[r * head + d] = to_f32(q_in[d]) * scale;
@@ -161,7 +168,7 @@ void paged_attention_kernel(T* out, const T* query, const C* key_cache, const C*
                             const int64_t* block_tables, const int64_t* seq_lens, const int64_t* query_start,
                             int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_size,
                             int64_t num_blocks, int64_t block_size, int64_t max_blocks, float scale, float value_scale,
-                            int64_t window) {
+                            int64_t window, float soft_cap) {
   const int64_t group = num_heads / num_kv_heads, row_stride = num_heads * head_size;
   const int64_t head_stride = num_blocks * block_size * head_size;
   const std::vector<Task> tasks = plan_tasks(seq_lens, query_start, num_seqs, num_kv_heads, window);
@@ -183,7 +190,7 @@ void paged_attention_kernel(T* out, const T* query, const C* key_cache, const C*
       const int64_t head_offset = token * row_stride + task.kv_head * group * head_size;
       run(tile, out + head_offset, query + head_offset, row_stride, key_cache + task.kv_head * head_stride,
           value_cache + task.kv_head * head_stride, block_tables + task.seq * max_blocks, first_pos,
-          task.num_queries, group, scale, value_scale, window, block_size, head_size);
+          task.num_queries, group, scale, value_scale, window, soft_cap, block_size, head_size);
     }
   });
 }
@@ -205,7 +212,7 @@ bool is_fp8(at::ScalarType type) { return type == at::kFloat8_e4m3fn || type == 
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& kv_cache,
                               const at::Tensor& block_tables, const at::Tensor& seq_lens,
                               const at::Tensor& query_start_loc, double scale, int64_t window,
-                              double value_scale) {
+                              double value_scale, double soft_cap) {
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 5 && kv_cache.is_contiguous(), "bad paged_attention shapes");
   const bool fp8 = is_fp8(kv_cache.scalar_type());
   auto q = (fp8 ? query : query.to(kv_cache.scalar_type())).contiguous();
@@ -224,7 +231,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& kv_cache,
           ptr<scalar_t>(out), ptr<scalar_t>(q), cache, cache + kv_cache.stride(0), tables.data_ptr<int64_t>(),
           lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), lens.size(0), q.size(1), num_kv_heads, q.size(2),
           num_blocks, block_size, tables.size(1), static_cast<float>(scale) / unit,
-          static_cast<float>(value_scale) / unit, window);
+          static_cast<float>(value_scale) / unit, window, static_cast<float>(soft_cap));
     });
   });
   return out.to(query.scalar_type());

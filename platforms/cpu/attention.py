@@ -14,6 +14,7 @@ class NativePagedAttention(HeadMajorPagedAttention):
 
     name = "cpu-native"
     store_kv = staticmethod(native.store_kv)
+    soft_caps_logits = True
     replays_decode_steps = True   # forward's Python depends on a decode step only through shapes: CPU graphs
 
     @classmethod
@@ -26,4 +27,5 @@ class NativePagedAttention(HeadMajorPagedAttention):
                 kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         self.store_kv(key, value, kv_cache, metadata.slot_mapping, kv_scales)
         return native.paged_attention(query, kv_cache, metadata.block_tables, metadata.seq_lens,
-                                      metadata.query_start_loc, scale, self.spec.sliding_window, kv_scales)
+                                      metadata.query_start_loc, scale, self.spec.sliding_window, kv_scales,
+                                      self.spec.logits_soft_cap)

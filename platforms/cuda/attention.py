@@ -25,6 +25,7 @@ class TritonPagedAttention(AttentionBackend):
     partition_len = 512
 
     kv_cache_dtypes = (torch.float8_e4m3fn, torch.float8_e5m2)
+    soft_caps_logits = True
 
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
@@ -49,4 +50,4 @@ class TritonPagedAttention(AttentionBackend):
         return kernels.paged_attention(query, kv_cache, metadata.block_tables, metadata.seq_lens,
                                        metadata.query_start_loc, metadata.max_query_len, scale,
                                        self.spec.sliding_window, metadata.num_partitions, self.partition_len,
-                                       kv_scales)
+                                       kv_scales, self.spec.logits_soft_cap)
