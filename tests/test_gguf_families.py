@@ -1,6 +1,6 @@
-"""GGUF files of gemma, phi3, gpt2, gptneox, falcon and Mixtral (a llama file with experts), written from tiny random
+"""GGUF files of gemma, gemma2, phi3, gpt2, gptneox, falcon and Mixtral (a llama file with experts), written from tiny random
 transformers checkpoints the way llama.cpp's convert_hf_to_gguf.py writes them (gguf-py's tensor names, its metadata
-keys, its q/k/v regrouping and llama's q/k permutation, the 1 it adds to Gemma's norms, GPT-2's Conv1D weights as
+keys, its q/k/v regrouping and llama's q/k permutation, the 1 it adds to Gemma's and Gemma 2's norms, GPT-2's Conv1D weights as
 [out, in], each layer's experts stacked; norms, biases and routers float32, embeddings float16, every other matrix
 Q8_0): kvserve reads back the checkpoint's own tensors, and its greedy tokens from the file equal transformers' from
 the checkpoint, with quantization="gguf" too."""
@@ -31,10 +31,16 @@ TOKENIZER = build_tokenizer()
 PROMPT = [(37 * i + 11) % 380 + 3 for i in range(70)]
 # tests/conftest.py's tiny configs of each llama.cpp architecture (not GPT-2's scale_attn_by_inverse_layer_idx, nor
 # Falcon's sequential layers, which llama.cpp does not run).
-CASES = {"gemma": "gemma", "phi3-sliding": "phi3", "phi3-longrope": "phi3", "gpt2": "gpt2", "gpt-neox": "gptneox",
+CASES = {"gemma": "gemma", "gemma2": "gemma2", "phi3-sliding": "phi3", "phi3-longrope": "phi3", "gpt2": "gpt2", "gpt-neox": "gptneox",
          "gpt-neox-sequential": "gptneox", "falcon-gqa": "falcon", "falcon-multi-query": "falcon", "mixtral": "llama"}
 # The matrices that quantization="gguf" keeps as blocks: not the fused tensors that kvserve splits into shards.
-BLOCKS = {"gemma": ("_proj.weight",), "llama": ("_proj.weight",), "phi3": ("o_proj.weight", "down_proj.weight"),
+# llama.cpp scales Gemma 2's queries by 1/sqrt(head size), which its files do not say, and ties its head: the
+# checkpoint must too.
+GGUF_OVERRIDES = {"gemma2": dict(query_pre_attn_scalar=32, tie_word_embeddings=True)}
+# Gemma 2's tied head on embeddings scaled by sqrt(hidden size) echoes the last token whatever attention does:
+# smaller embeddings leave the tokens to attention.
+EMBEDDING_SCALES = {"gemma2": 0.1}
+BLOCKS = {"gemma": ("_proj.weight",), "gemma2": ("_proj.weight",), "llama": ("_proj.weight",), "phi3": ("o_proj.weight", "down_proj.weight"),
           "gpt2": ("c_proj.weight", "c_fc.weight"),
           "gptneox": ("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight"),
           "falcon": ("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight")}
@@ -56,7 +62,8 @@ def tiny_checkpoint(case: str, folder) -> tuple[torch.nn.Module, dict[str, torch
     will hold it (matrices and stacked experts as Q8_0 blocks of 32 inputs, embeddings float16, Gemma's norms as
     (1 + w) - 1 in float32); and the checkpoint it saves."""
     config_cls, overrides = {**ARCHITECTURES, **EXTRA_ARCHITECTURES}[case]
-    config = config_cls(**{**TINY, "num_key_value_heads": 2, "tie_word_embeddings": True, **overrides})
+    config = config_cls(**{**TINY, "num_key_value_heads": 2, "tie_word_embeddings": True, **overrides,
+                           **GGUF_OVERRIDES.get(case, {})})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.config.architectures = [type(model).__name__]
@@ -71,9 +78,9 @@ def tiny_checkpoint(case: str, folder) -> tuple[torch.nn.Module, dict[str, torch
             seen.add(id(weight))
             if weight.ndim == 1:   # a norm; Gemma's scales by 1 + weight, which is what the file stores
                 weight.uniform_(-0.5, 0.5, generator=generator)
-                weight.copy_(weight + 1 - 1 if case == "gemma" else weight + 1)
+                weight.copy_(weight + 1 - 1 if case.startswith("gemma") else weight + 1)
             elif isinstance(module, torch.nn.Embedding):
-                weight.copy_(weight.half().float())
+                weight.copy_((weight * EMBEDDING_SCALES.get(case, 1.0)).half().float())
             else:
                 rows = weight.T if isinstance(module, Conv1D) else weight   # Q8_0 blocks run along the inputs
                 blocks = gguf.quants.quantize(rows.numpy(), QType.Q8_0)
@@ -114,7 +121,7 @@ def converted(arch: str, config, checkpoint: dict[str, torch.Tensor]) -> dict:
         array = tensor.numpy()
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             array = llama_cpp_permute(array, config.num_attention_heads if "q_proj" in name else kv_heads(config))
-        if arch == "gemma" and name.endswith("norm.weight"):
+        if arch in ("gemma", "gemma2") and name.endswith("norm.weight"):
             array = array + 1
         if arch == "gpt2" and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
             array = array.T
@@ -139,14 +146,18 @@ def write_metadata(writer: gguf.GGUFWriter, arch: str, config) -> None:
     writer.add_embedding_length(hidden)
     writer.add_head_count(heads)
     rope = getattr(config, "rope_parameters", None) or {}
-    if arch in ("gemma", "phi3", "llama"):
+    if arch in ("gemma", "gemma2", "phi3", "llama"):
         writer.add_context_length(config.max_position_embeddings)
         writer.add_feed_forward_length(config.intermediate_size)
         writer.add_head_count_kv(kv_heads(config))
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if arch == "gemma":
+    if arch in ("gemma", "gemma2"):
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        writer.add_sliding_window(config.sliding_window)
     elif arch == "llama":   # Mixtral's
         writer.add_rope_dimension_count(config.hidden_size // heads)
         writer.add_rope_freq_base(rope["rope_theta"])
@@ -211,7 +222,8 @@ def test_the_file_reads_as_the_checkpoint(family_file, case):
         assert ours.get(field) == theirs.get(field), field
     for field in ("long_factor", "short_factor"):   # float32 tensors in the file
         assert np.array_equal(np.array(ours.get(field, []), np.float32), np.array(theirs.get(field, []), np.float32))
-    for field in ("sliding_window", "n_inner", "ffn_hidden_size", "use_parallel_residual", "new_decoder_architecture",
+    for field in ("sliding_window", "layer_types", "attn_logit_softcapping", "final_logit_softcapping",
+                  "query_pre_attn_scalar", "n_inner", "ffn_hidden_size", "use_parallel_residual", "new_decoder_architecture",
                   "num_ln_in_parallel_attn", "bias", "attention_bias", "original_max_position_embeddings",
                   "num_local_experts", "num_experts_per_tok"):
         if hasattr(model.config, field):
@@ -246,8 +258,8 @@ def test_greedy_tokens_equal_transformers(family_file, case):
 def test_unsupported_architectures_and_partial_rotary_are_named(tmp_path):
     for arch in ("bloom", "mpt"):
         with pytest.raises(ValueError, match=rf"GGUF architecture '{arch}' is not supported, supported: llama, "
-                                             rf"qwen2, qwen2moe, qwen3, qwen3moe, gemma, phi3, gpt2, gptneox, falcon, "
-                                             rf"bert$"):
+                                             rf"qwen2, qwen2moe, qwen3, qwen3moe, gemma, gemma2, phi3, gpt2, gptneox, "
+                                             rf"falcon, bert$"):
             load_gguf_config(write_gguf(tmp_path / f"{arch}.gguf", arch=arch))
     partial = write_gguf(tmp_path / "llama.gguf", extra=lambda writer: writer.add_rope_dimension_count(8))
     with pytest.raises(ValueError, match="llama.rope.dimension_count is 8, not the head size 16: partial rotary "

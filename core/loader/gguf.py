@@ -1,7 +1,7 @@
 """Read a llama.cpp GGUF file as a Hugging Face checkpoint: config, float32 weights and tokenizer.
 
 Architectures: llama (Mistral's and Mixtral's files are llama files too) with linear or llama3 rope scaling, qwen2,
-qwen2moe, qwen3, qwen3moe, gemma, phi3 (longrope too), gpt2, gptneox, falcon and the bert encoder (its WordPiece
+qwen2moe, qwen3, qwen3moe, gemma, gemma2, phi3 (longrope too), gpt2, gptneox, falcon and the bert encoder (its WordPiece
 tokenizer too), each as gguf_architectures.FAMILIES reads it;
 tensor types: gguf_blocks.SUPPORTED_TYPES. Quantized tensors are dequantized to float32 on
 load, except that on request the linear layers' blocks, which a grouped weight-only scheme holds exactly (every

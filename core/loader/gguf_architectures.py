@@ -1,7 +1,7 @@
 """llama.cpp's architectures as Hugging Face checkpoints: each one's config class and fields, its tensors' Hugging
 Face names, and what llama.cpp's converter (convert_hf_to_gguf.py) changed in them, undone: llama's interleaved q/k
 rows (its rotary turns neighbouring pairs; the others' NEOX mode turns halves as HF's rotate_half does, and gpt2 has
-none); the q/k/v rows it regroups for gptneox and falcon; the 1 it adds to gemma's norms; gpt2's Conv1D weights,
+none); the q/k/v rows it regroups for gptneox and falcon; the 1 it adds to gemma's and gemma2's norms; gpt2's Conv1D weights,
 which it stores [out, in] where HF's checkpoint is [in, out]. A llama file with experts is Mixtral's. bert is a
 BertModel encoder, its pooling the file's ``bert.pooling_type``. OPT has no llama.cpp architecture."""
 from __future__ import annotations
@@ -10,12 +10,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
-import gguf
-import numpy as np
 import torch
 import transformers
 
-Meta = Callable[..., object]   # meta(key with "{arch}", default) -> the file's value
+from kvserve.core.loader.gguf_configs import (Meta, bert_config, falcon_config, gemma2_config, gpt2_config,
+                                              gptneox_config, llama_like_config, mixtral_config, phi3_config)
 
 LLAMA_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                "output.weight": "lm_head.weight"}
@@ -60,43 +59,6 @@ class Family:
     partial_rotary: bool = False
 
 
-def _llama_like(optional_biases: bool = False, renormalize: bool | None = None):
-    """The config fields of llama's relatives: q/k/v biases as the file has them, where optional; a mixture of
-    experts where llama.cpp ``renormalize``s (or not) the chosen experts' weights."""
-    def config(common: dict, meta: Meta, tensors: dict) -> dict:
-        fields = {**common, "rms_norm_eps": meta("{arch}.attention.layer_norm_rms_epsilon")}
-        if optional_biases:
-            fields["attention_bias"] = "blk.0.attn_q.bias" in tensors
-        if renormalize is not None:
-            fields.update(_mixture(meta, tensors, common["num_hidden_layers"], renormalize))
-        return fields
-    return config
-
-
-def _rows(tensors: dict, suffix: str) -> int | None:
-    """The rows of the first tensor named ``*suffix``: an expert's width, which the model's must match anyway."""
-    shapes = [t.shape for name, t in tensors.items() if name.endswith(suffix)]
-    return int(shapes[0][1]) if shapes else None   # GGUF lists dimensions inputs first
-
-
-def _mixture(meta: Meta, tensors: dict, num_layers: int, renormalize: bool) -> dict:
-    """A mixture of experts' config fields: the experts' sizes from their tensors' shapes; a layer without a router
-    keeps a dense MLP."""
-    fields = dict(num_experts=meta("{arch}.expert_count"), num_experts_per_tok=meta("{arch}.expert_used_count"),
-                  moe_intermediate_size=_rows(tensors, ".ffn_gate_exps.weight"), decoder_sparse_step=1,
-                  mlp_only_layers=[i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors],
-                  norm_topk_prob=bool(meta("{arch}.expert_weights_norm", renormalize)))
-    shared = _rows(tensors, ".ffn_gate_shexp.weight")
-    return fields if shared is None else {**fields, "shared_expert_intermediate_size": shared}
-
-
-def _mixtral_config(common: dict, meta: Meta, tensors: dict) -> dict:
-    """Llama's fields and Mixtral's experts: every layer routed, the chosen experts' weights renormalized."""
-    return {**common, "rms_norm_eps": meta("{arch}.attention.layer_norm_rms_epsilon"), "sliding_window": None,
-            "intermediate_size": _rows(tensors, ".ffn_gate_exps.weight"),
-            "num_local_experts": meta("{arch}.expert_count"), "num_experts_per_tok": meta("{arch}.expert_used_count")}
-
-
 def _llama_rows(name: str, w: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
     # Inverse of convert_hf_to_gguf.py's permute: reshape(n_head, 2, d/2, ...).swapaxes(1, 2).
     n_head = heads if ".q_proj." in name else kv_heads if ".k_proj." in name else None
@@ -115,86 +77,15 @@ def _grouped_qkv_rows(name: str, w: torch.Tensor, heads: int, kv_heads: int) -> 
     return torch.cat([part.reshape(kv_heads, -1, head, *w.shape[1:]) for part in parts], dim=1).reshape(w.shape)
 
 
-def _phi3_config(common: dict, meta: Meta, tensors: dict) -> dict:
-    """Phi-3's sliding window (0: none) and longrope: one factor a rotary pair, short and long, as tensors."""
-    fields = {**common, "rms_norm_eps": meta("{arch}.attention.layer_norm_rms_epsilon"),
-              "sliding_window": meta("{arch}.attention.sliding_window") or None}
-    if "rope_factors_long.weight" in tensors:
-        original = meta("{arch}.rope.scaling.original_context_length")
-        factors = {f"{kind}_factor": [float(f) for f in _floats(tensors[f"rope_factors_{kind}.weight"])]
-                   for kind in ("long", "short")}
-        attention = meta("{arch}.rope.scaling.attn_factor")
-        fields["rope_parameters"] = {**common["rope_parameters"], "rope_type": "longrope", **factors,
-                                     "original_max_position_embeddings": original,
-                                     **({} if attention is None else {"attention_factor": float(attention)})}
-        fields["original_max_position_embeddings"] = original
-    return fields
-
-
-def _floats(tensor) -> np.ndarray:
-    return gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)
-
-
-def _gpt2_config(common: dict, meta: Meta, tensors: dict) -> dict:
-    return dict(architectures=common["architectures"], vocab_size=common["vocab_size"],
-                n_positions=common["max_position_embeddings"], n_embd=common["hidden_size"],
-                n_layer=common["num_hidden_layers"], n_head=common["num_attention_heads"],
-                n_inner=common["intermediate_size"], layer_norm_epsilon=meta("{arch}.attention.layer_norm_epsilon"),
-                **{key: common[key] for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "dtype")})
-
-
-def _layer_norm_config(common: dict) -> dict:
-    """The common fields that GPT-NeoX and Falcon configs take as they are."""
-    skipped = ("head_dim", "num_key_value_heads", "intermediate_size")
-    return {key: value for key, value in common.items() if key not in skipped}
-
-
-def _gptneox_config(common: dict, meta: Meta, tensors: dict) -> dict:
-    return {**_layer_norm_config(common), "intermediate_size": common["intermediate_size"],
-            "layer_norm_eps": meta("{arch}.attention.layer_norm_epsilon"),
-            "use_parallel_residual": bool(meta("{arch}.use_parallel_residual", True)),
-            "attention_bias": "blk.0.attn_qkv.bias" in tensors}
-
-
-def _falcon_config(common: dict, meta: Meta, tensors: dict) -> dict:
-    """llama.cpp's Falcon runs attention and MLP side by side: on one norm with one key-value head (Falcon-7B's
-    multi-query attention), else with grouped key-value heads on a norm each (Falcon-40B) or one."""
-    kv_heads, two_norms = common["num_key_value_heads"], "blk.0.attn_norm_2.weight" in tensors
-    multi_query = kv_heads == 1 and not two_norms
-    return {**_layer_norm_config(common), "ffn_hidden_size": common["intermediate_size"],
-            "layer_norm_epsilon": meta("{arch}.attention.layer_norm_epsilon"), "alibi": False, "parallel_attn": True,
-            "multi_query": multi_query, "new_decoder_architecture": not multi_query, "num_kv_heads": kv_heads,
-            "num_ln_in_parallel_attn": None if multi_query else 2 if two_norms else 1,
-            "bias": "blk.0.attn_qkv.bias" in tensors}
-
-
-# llama.cpp's pooling_type enum, as kvserve's pooler names the ones it runs (0: none, 4: rank are not poolings of it).
-GGUF_POOLING_TYPES = {1: "MEAN", 2: "CLS", 3: "LAST"}
-
-
-def _bert_config(common: dict, meta: Meta, tensors: dict) -> dict:
-    """A BertModel's fields; ``gguf_pooling_type``: the sentence-transformers pooling llama.cpp's converter wrote
-    (absent: the model's default)."""
-    if meta("{arch}.attention.causal", False):
-        raise ValueError("GGUF bert.attention.causal is true, and kvserve's BertModel attends both ways; allowed: "
-                         "false or absent")
-    keys = ("architectures", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "intermediate_size", "max_position_embeddings", "pad_token_id", "dtype")
-    fields = {key: common[key] for key in keys}
-    types = tensors.get("token_types.weight")   # absent: the weights' check names it
-    fields.update(layer_norm_eps=meta("{arch}.attention.layer_norm_epsilon"),
-                  type_vocab_size=meta("tokenizer.ggml.token_type_count", 2) if types is None else int(types.shape[1]))
-    pooling = meta("{arch}.pooling_type")
-    if pooling is not None:
-        if pooling not in GGUF_POOLING_TYPES:
-            allowed = ", ".join(f"{number} ({name.lower()})" for number, name in GGUF_POOLING_TYPES.items())
-            raise ValueError(f"GGUF bert.pooling_type {pooling} is not a pooling kvserve runs; allowed: {allowed}, "
-                             f"or absent")
-        fields["gguf_pooling_type"] = GGUF_POOLING_TYPES[pooling]
-    return fields
+def _gemma_norms(name: str, w: torch.Tensor) -> torch.Tensor:
+    return w - 1 if name.endswith("norm.weight") else w
 
 
 LLAMA_LIKE = dict(names=LLAMA_NAMES, layers=LLAMA_LAYERS)
+# Gemma 2's ffn_norm is the norm before the MLP; post_attention_norm and post_ffw_norm follow attention and the MLP.
+GEMMA2_LAYERS = {**LLAMA_LAYERS, "post_attention_norm.weight": "post_attention_layernorm.weight",
+                 "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                 "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
 GPT2_LAYERS = _with_biases({"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
                             "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"})
 NEOX_LAYERS = _with_biases({"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
@@ -214,42 +105,44 @@ BERT_LAYERS = _with_biases({"attn_q": "attention.self.query", "attn_k": "attenti
 NEOX_BLOCKS = (".query_key_value.weight", ".dense.weight", ".dense_h_to_4h.weight", ".dense_4h_to_h.weight")
 
 FAMILIES = {
-    "llama": Family(transformers.LlamaConfig, "LlamaForCausalLM", _llama_like(optional_biases=True), **LLAMA_LIKE,
+    "llama": Family(transformers.LlamaConfig, "LlamaForCausalLM", llama_like_config(optional_biases=True), **LLAMA_LIKE,
                     rows=_llama_rows),
-    "qwen2": Family(transformers.Qwen2Config, "Qwen2ForCausalLM", _llama_like(), **LLAMA_LIKE),
-    "qwen2moe": Family(transformers.Qwen2MoeConfig, "Qwen2MoeForCausalLM", _llama_like(renormalize=False),
+    "qwen2": Family(transformers.Qwen2Config, "Qwen2ForCausalLM", llama_like_config(), **LLAMA_LIKE),
+    "qwen2moe": Family(transformers.Qwen2MoeConfig, "Qwen2MoeForCausalLM", llama_like_config(renormalize=False),
                        **LLAMA_LIKE),
-    "qwen3": Family(transformers.Qwen3Config, "Qwen3ForCausalLM", _llama_like(optional_biases=True), **LLAMA_LIKE),
+    "qwen3": Family(transformers.Qwen3Config, "Qwen3ForCausalLM", llama_like_config(optional_biases=True), **LLAMA_LIKE),
     "qwen3moe": Family(transformers.Qwen3MoeConfig, "Qwen3MoeForCausalLM",
-                       _llama_like(optional_biases=True, renormalize=True), **LLAMA_LIKE),
-    "gemma": Family(transformers.GemmaConfig, "GemmaForCausalLM", _llama_like(), **LLAMA_LIKE,
-                    floats=lambda name, w: w - 1 if name.endswith("norm.weight") else w),
-    "phi3": Family(transformers.Phi3Config, "Phi3ForCausalLM", _phi3_config, LLAMA_NAMES,
+                       llama_like_config(optional_biases=True, renormalize=True), **LLAMA_LIKE),
+    "gemma": Family(transformers.GemmaConfig, "GemmaForCausalLM", llama_like_config(), **LLAMA_LIKE,
+                    floats=_gemma_norms),
+    "gemma2": Family(transformers.Gemma2Config, "Gemma2ForCausalLM", gemma2_config, LLAMA_NAMES, GEMMA2_LAYERS,
+                     floats=_gemma_norms),
+    "phi3": Family(transformers.Phi3Config, "Phi3ForCausalLM", phi3_config, LLAMA_NAMES,
                    {**LLAMA_LAYERS, "attn_qkv.weight": "self_attn.qkv_proj.weight",
                     "ffn_up.weight": "mlp.gate_up_proj.weight"},   # gate then up, as HF fuses them
                    blocks=(".o_proj.weight", ".down_proj.weight", "lm_head.weight"), partial_rotary=True),
-    "gpt2": Family(transformers.GPT2Config, "GPT2LMHeadModel", _gpt2_config,
+    "gpt2": Family(transformers.GPT2Config, "GPT2LMHeadModel", gpt2_config,
                    {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
                     **_with_biases({"output_norm": "transformer.ln_f"}), "output.weight": "lm_head.weight"},
                    GPT2_LAYERS, prefix="transformer.h.", blocks=(".c_proj.weight", ".c_fc.weight", "lm_head.weight"),
                    floats=lambda name, w: w.t() if name.endswith(".weight") and any(
                        module in name for module in CONV1D_MODULES) else w),
-    "gptneox": Family(transformers.GPTNeoXConfig, "GPTNeoXForCausalLM", _gptneox_config,
+    "gptneox": Family(transformers.GPTNeoXConfig, "GPTNeoXForCausalLM", gptneox_config,
                       {"token_embd.weight": "gpt_neox.embed_in.weight", "output.weight": "embed_out.weight",
                        **_with_biases({"output_norm": "gpt_neox.final_layer_norm"})},
                       NEOX_LAYERS, prefix="gpt_neox.layers.", blocks=(*NEOX_BLOCKS, "embed_out.weight"),
                       rows=_grouped_qkv_rows, partial_rotary=True),
-    "falcon": Family(transformers.FalconConfig, "FalconForCausalLM", _falcon_config,
+    "falcon": Family(transformers.FalconConfig, "FalconForCausalLM", falcon_config,
                      {"token_embd.weight": "transformer.word_embeddings.weight", "output.weight": "lm_head.weight",
                       **_with_biases({"output_norm": "transformer.ln_f"})},
                      FALCON_LAYERS, prefix="transformer.h.", blocks=(*NEOX_BLOCKS, "lm_head.weight"),
                      rows=_grouped_qkv_rows),
-    "bert": Family(transformers.BertConfig, "BertModel", _bert_config, BERT_NAMES, BERT_LAYERS,
+    "bert": Family(transformers.BertConfig, "BertModel", bert_config, BERT_NAMES, BERT_LAYERS,
                    prefix="encoder.layer.", blocks=(".query.weight", ".key.weight", ".value.weight", ".dense.weight")),
 }
 # Falcon-40B's two norms: llama.cpp's attn_norm is HF's ln_mlp, attn_norm_2 its ln_attn.
 FALCON_TWO_NORMS = {**FAMILIES["falcon"].layers, **_with_biases({"attn_norm": "ln_mlp"})}
-MIXTRAL = Family(transformers.MixtralConfig, "MixtralForCausalLM", _mixtral_config, LLAMA_NAMES,
+MIXTRAL = Family(transformers.MixtralConfig, "MixtralForCausalLM", mixtral_config, LLAMA_NAMES,
                  {**LLAMA_LAYERS, "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
                   **{f"ffn_{g}_exps.weight": f"block_sparse_moe.experts.{{}}.{w}.weight"
                      for g, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))}}, rows=_llama_rows)
