@@ -252,5 +252,6 @@ def test_unsupported_types_and_architectures_are_named(tmp_path):
                                              r"Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K$"):
             read(path)
     with pytest.raises(ValueError, match=r"GGUF architecture 'bloom' is not supported, supported: llama, qwen2, "
-                                         r"qwen2moe, qwen3, qwen3moe, gemma, phi3, gpt2, gptneox, falcon, bert$"):
+                                         r"qwen2moe, qwen3, qwen3moe, gemma, gemma2, phi3, gpt2, gptneox, falcon, "
+                                         r"bert$"):
         load_gguf_config(write_gguf(tmp_path / "bloom.gguf", arch="bloom"))
