@@ -16,6 +16,7 @@ from kvserve.plugins.interfaces import QuantizedWeight
 
 pytestmark = pytest.mark.skipif(native.load()[0] is None, reason=f"native kernels unavailable: {native.load()[1]}")
 CPU = torch.device("cpu")
+AMX = native.supported("bf16") and native.load("bf16")[0].linear_bf16_on_amx()
 
 
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -82,14 +83,39 @@ def test_linear_bf16_tiles_and_tails(rows, out_features):
                                **TOLERANCE[torch.bfloat16])
 
 
+def test_the_bfloat16_kernel_uses_amx_where_the_cpu_has_it():
+    with open("/proc/cpuinfo") as f:
+        has_amx = "amx_bf16" in f.read().split()
+    assert AMX == (has_amx and native.supported("bf16"))
+
+
+@pytest.mark.skipif(not AMX, reason="AMX tiles need a CPU with AMX-BF16")
+@pytest.mark.parametrize("rows", [16, 17, 33, 300])   # one tile of rows, a row past it, a second tile's, groups
+@pytest.mark.parametrize("out_features", [16, 40, 97])   # whole and partial blocks, and a lone last block
+@pytest.mark.parametrize("in_features", [32, 96, 576])
+def test_linear_bf16_on_amx_tiles(rows, out_features, in_features):
+    """From 16 rows on, with inputs a multiple of 32 wide, the kernel runs on AMX tiles (fewer rows, or other
+    widths, on AVX512: the test above)."""
+    ops = native.load("bf16")[0]
+    torch.manual_seed(rows * out_features + in_features)
+    weight, bias = (torch.randn(out_features, in_features, dtype=torch.bfloat16),
+                    torch.randn(out_features, dtype=torch.bfloat16))
+    x = torch.randn(rows, in_features + 8, dtype=torch.bfloat16)[:, :in_features]
+    packed, expected = ops.pack_linear_bf16(weight), x.float() @ weight.float().T
+    for b, want in ((None, expected), (bias, expected + bias.float())):
+        torch.testing.assert_close(ops.linear_bf16.default(x, packed, b, out_features), want.bfloat16(),
+                                   **TOLERANCE[torch.bfloat16])
+
+
 @pytest.mark.skipif(not native.supported("bf16"), reason="the bfloat16 linear kernel needs a CPU with AVX512-BF16")
 @pytest.mark.parametrize("rows", [1, 8, 13, 300])
+@pytest.mark.parametrize("in_features", [72, 96])   # AVX512 only; AMX from 16 rows on
 @pytest.mark.parametrize("intermediate", [16, 48])   # one and three blocks of gate outputs
-def test_gate_up_kernel_equals_the_matmul_then_silu_and_mul(rows, intermediate):
+def test_gate_up_kernel_equals_the_matmul_then_silu_and_mul(rows, in_features, intermediate):
     torch.manual_seed(rows + intermediate)
-    weight = torch.randn(2 * intermediate, 72, dtype=torch.bfloat16)
+    weight = torch.randn(2 * intermediate, in_features, dtype=torch.bfloat16)
     bias = torch.randn(2 * intermediate, dtype=torch.bfloat16)
-    x = torch.randn(2, rows, 100, dtype=torch.bfloat16)[..., :72]
+    x = torch.randn(2, rows, 100, dtype=torch.bfloat16)[..., :in_features]
     fused, matmul = gate_up_linear(weight), packed_linear(weight)
     for b in (None, bias):   # the same roundings: equal bit for bit
         assert torch.equal(fused(x, b), native.silu_and_mul(matmul(x, b)))

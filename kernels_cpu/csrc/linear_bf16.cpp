@@ -9,6 +9,7 @@
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include "tiled_linear.h"
+#include "amx_linear.h"
 
 namespace {
 
@@ -27,16 +28,19 @@ struct Bf16Linear {
     return gated ? block % 2 * gated + block / 2 * kOutBlock : block * kOutBlock;
   }
 
+  // Block `block`'s 16 biases as floats, or zeros.
+  __m512 bias_of(int64_t block) const {
+    if (!bias) return _mm512_setzero_ps();
+    const int64_t first = first_output(block);
+    const __m256i bits = _mm256_maskz_loadu_epi16(valid_outputs(first, n), bias + first);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+
   template <int R, int B>
   void tile(int64_t row, int64_t block, Prefetch prefetch) const {
     __m512 sums[R][B];
     for (int b = 0; b < B; ++b) {
-      const int64_t first = first_output(block + b);
-      __m512 start = _mm512_setzero_ps();
-      if (bias) {
-        const __m256i bits = _mm256_maskz_loadu_epi16(valid_outputs(first, n), bias + first);
-        start = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-      }
+      const __m512 start = bias_of(block + b);
       for (int r = 0; r < R; ++r) sums[r][b] = start;
     }
     const uint16_t* weights = weight + block * steps * 2 * kOutBlock;
@@ -52,6 +56,24 @@ struct Bf16Linear {
         for (int b = 0; b < B; ++b) sums[r][b] = _mm512_dpbf16_ps(sums[r][b], xs, w[b]);
       }
     }
+    store(sums, row, block);
+  }
+
+  // One row's float32 sums of `blocks` (1 or 2) blocks from `block`, 16 each, as AMX's tiles leave them.
+  void store_sums(const float* row_sums, int64_t row, int64_t block, int64_t blocks) const {
+    const auto sum = [&](int b) {
+      return _mm512_add_ps(_mm512_loadu_ps(row_sums + b * kOutBlock), bias_of(block + b));
+    };
+    if (blocks == 2) {
+      const __m512 sums[1][2] = {{sum(0), sum(1)}};
+      return store<1, 2>(sums, row, block);
+    }
+    const __m512 sums[1][1] = {{sum(0)}};
+    store<1, 1>(sums, row, block);
+  }
+
+  template <int R, int B>
+  void store(const __m512 (&sums)[R][B], int64_t row, int64_t block) const {
     if constexpr (B == 2) {
       if (gated) return store_silu_and_mul(sums, row, block / 2 * kOutBlock);
     }
@@ -102,6 +124,12 @@ at::Tensor run_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
   sizes.back() = width;
   const Bf16Linear kernel{ptr<const uint16_t>(input), input.stride(0), packed.size(1), n, ptr<const uint16_t>(packed),
                           bias ? ptr<const uint16_t>(b) : nullptr, ptr<uint16_t>(out), gated};
+#ifdef KVSERVE_AMX
+  if (m >= kAmxMinRows && input.size(1) % kAmxInputs == 0 && amx_permitted()) {
+    amx_for_each_task(kernel, m, num_blocks);
+    return out.view(sizes);
+  }
+#endif
   for_each_tile(kernel, m, num_blocks);
   return out.view(sizes);
 }
@@ -135,6 +163,14 @@ at::Tensor pack_gate_up_bf16(const at::Tensor& weight) {
 
 bool linear_bf16_supported() { return true; }
 
+bool linear_bf16_on_amx() {
+#ifdef KVSERVE_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
 #else
 
 at::Tensor linear_bf16(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t) {
@@ -148,6 +184,7 @@ at::Tensor pack_gate_up_bf16(const at::Tensor&) {
   TORCH_CHECK(false, "gate_up_bf16 needs a CPU with AVX512-BF16");
 }
 bool linear_bf16_supported() { return false; }
+bool linear_bf16_on_amx() { return false; }
 
 #endif
 
@@ -158,6 +195,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear_bf16(Tensor weight) -> Tensor", &pack_linear_bf16);
   m.def("pack_gate_up_bf16(Tensor weight) -> Tensor", &pack_gate_up_bf16);
   m.def("linear_bf16_supported() -> bool", &linear_bf16_supported);
+  m.def("linear_bf16_on_amx() -> bool", &linear_bf16_on_amx);   // whether calls of 16 rows or more run on AMX tiles
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {

@@ -1,0 +1,107 @@
+// bfloat16 linear layers on AMX tiles (Sapphire Rapids and later), for calls of many rows: the AVX512-BF16
+// kernel's packed weight, [N / 16, K / 2, 16, 2], is already AMX's B layout, 16 pairs of inputs of 16 outputs a
+// tile. A task multiplies up to 32 rows by two blocks of 16 outputs: two A tiles of rows, two B tiles of weight,
+// four C tiles of float32 sums; the AVX512 kernel's stores then add the bias (or apply SiLU-and-mul) and round.
+#pragma once
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#define KVSERVE_AMX 1
+
+namespace kvserve {
+
+constexpr int64_t kAmxRows = 16, kAmxInputs = 32;   // a tile's rows, and the inputs of one A tile row
+// Calls of fewer rows stay on AVX512: a tile's rows are multiplied whether or not they hold an input row, and one
+// or a few rows read the weight at memory speed either way.
+constexpr int64_t kAmxMinRows = 16;
+
+// Linux hands AMX's tile data to a process only on request (ARCH_REQ_XCOMP_PERM for XTILEDATA).
+inline bool amx_permitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return permitted;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The tile shapes for `rows` (up to 32) rows: loaded where they change, since loading zeroes every tile.
+// Tiles 0-3: sums of (row half, block) as 2 * half + block; 4-5: the two halves' rows; 6-7: the two blocks' weights.
+inline void configure_tiles(int64_t rows, int64_t& configured_rows) {
+  if (rows == configured_rows) return;
+  const int64_t upper = std::min(rows, kAmxRows), lower = rows - upper;
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {   // a tile of no rows must have no columns either
+    config.rows[t] = static_cast<uint8_t>(t >= 6 ? kAmxInputs / 2 : (t == 4 || t < 2) ? upper : lower);
+    config.colsb[t] = config.rows[t] ? 64 : 0;
+  }
+  _tile_loadconfig(&config);
+  configured_rows = rows;
+}
+
+// `rows` (up to 32) rows from `row` times `blocks` (1 or 2) blocks of 16 outputs from `block`, into `sums`.
+template <class Kernel>
+void amx_tile(const Kernel& kernel, int64_t row, int64_t rows, int64_t block, int64_t blocks,
+              float (&sums)[2 * kAmxRows][2 * kOutBlock]) {
+  const bool lower = rows > kAmxRows;
+  _tile_zero(0);   // only configured tiles may be touched
+  if (blocks == 2) _tile_zero(1);
+  if (lower) _tile_zero(2);
+  if (lower && blocks == 2) _tile_zero(3);
+  const uint16_t* weights = kernel.weight + block * kernel.steps * 2 * kOutBlock;
+  const uint16_t* first = kernel.x + row * kernel.x_stride;
+  const int64_t row_bytes = kernel.x_stride * 2, weight_block = kernel.steps * 2 * kOutBlock;
+  for (int64_t k = 0; k < kernel.steps * 2; k += kAmxInputs) {
+    _tile_loadd(4, first + k, row_bytes);
+    _tile_loadd(6, weights + k * kOutBlock, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (blocks == 2) {
+      _tile_loadd(7, weights + weight_block + k * kOutBlock, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (lower) {
+      _tile_loadd(5, first + kAmxRows * kernel.x_stride + k, row_bytes);
+      _tile_dpbf16ps(2, 5, 6);
+      if (blocks == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  constexpr int64_t stride = 2 * kOutBlock * sizeof(float);
+  _tile_stored(0, &sums[0][0], stride);
+  if (blocks == 2) _tile_stored(1, &sums[0][kOutBlock], stride);
+  if (lower) {
+    _tile_stored(2, &sums[kAmxRows][0], stride);
+    if (blocks == 2) _tile_stored(3, &sums[kAmxRows][kOutBlock], stride);
+  }
+}
+
+// x @ weight.T for m rows of a K that is a multiple of 32, in tasks of two blocks and up to 256 rows as
+// for_each_tile makes them: a task's two blocks stay in cache while it runs its rows 32 at a time.
+template <class Kernel>
+void amx_for_each_task(const Kernel& kernel, int64_t m, int64_t num_blocks) {
+  const int64_t pairs = (num_blocks + 1) / 2, groups = (m + kRowGroup - 1) / kRowGroup;
+  at::parallel_for(0, pairs * groups, 1, [&](int64_t begin, int64_t end) {
+    float sums[2 * kAmxRows][2 * kOutBlock];
+    int64_t configured_rows = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task % pairs * 2, blocks = std::min<int64_t>(2, num_blocks - block);
+      const int64_t first_row = task / pairs * kRowGroup, last_row = std::min(m, first_row + kRowGroup);
+      for (int64_t row = first_row; row < last_row; row += 2 * kAmxRows) {
+        const int64_t rows = std::min(2 * kAmxRows, last_row - row);
+        configure_tiles(rows, configured_rows);
+        amx_tile(kernel, row, rows, block, blocks, sums);
+        for (int64_t r = 0; r < rows; ++r) kernel.store_sums(sums[r], row + r, block, blocks);
+      }
+    }
+    _tile_release();
+  });
+}
+
+}  // namespace kvserve
+#endif
