@@ -40,8 +40,10 @@ def test_stages_give_the_tokens_of_one(tiny_model, arch, layout, share):
 
 
 def test_smollm2_over_two_stages(smollm2_path):
-    one, two = run_layouts(TOKENS, smollm2_path, [{}, dict(pipeline_parallel_size=2)], kv_cache_memory="64MiB",
-                           max_model_len=512)
+    # float32: in bfloat16 the rows of a call choose between the CPU's AMX and AVX512 kernels, whose sums round
+    # apart (docs/cpu.md), and stages batch rows differently.
+    one, two = run_layouts(TOKENS, smollm2_path, [{}, dict(pipeline_parallel_size=2)], dtype="float32",
+                           kv_cache_memory="64MiB", max_model_len=512)
     assert two["tokens"] == one["tokens"]
     assert 0.5 < two["bytes"] / one["bytes"] < 0.65   # 15 of 30 layers, and the 28M-parameter embedding
 
