@@ -174,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_options(self, config, layer: int) -> dict:
         """Keywords of decoder layer ``layer``'s Attention: its sliding window, where it has one."""
-        return {"sliding_window": self.window_of(config, layer)}
+        return {"sliding_window": self.layer_windows[layer]}
 
     def window_of(self, config, layer: int) -> int | None:
         """The config's sliding window, for the layers its layer_types calls sliding (Gemma 2, Qwen2 with
