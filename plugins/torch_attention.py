@@ -192,23 +192,29 @@ class TorchPagedAttention(HeadMajorPagedAttention):
         return -(-num_tokens // self.spec.block_size)
 
     def _decode_bias(self, m: TorchAttentionMetadata) -> torch.Tensor:
-        """The decodes' additive mask [decodes, 1, keys] under this layer's window, built once a step."""
-        window, d = self.spec.sliding_window, m.num_decodes
-        if ("decode", window) not in m.masks:
+        """The decodes' additive mask [decodes, 1, keys] under this layer's window."""
+        def build() -> torch.Tensor:
+            d = m.num_decodes
             allowed = allowed_keys(m.seq_lens[:d], torch.ones_like(m.seq_lens[:d]), 1,
-                                   len(m.decode_block_ids) // d * self.spec.block_size, window)
-            m.masks["decode", window] = torch.zeros(allowed.shape, device=self.device).masked_fill_(~allowed,
-                                                                                                 float("-inf"))
-        return m.masks["decode", window]
+                                   len(m.decode_block_ids) // d * self.spec.block_size, self.spec.sliding_window)
+            return torch.zeros(allowed.shape, device=self.device).masked_fill_(~allowed, float("-inf"))
+        return self._once_a_step(m, "decode", build)
 
     def _prefill_mask(self, m: TorchAttentionMetadata) -> torch.Tensor:
-        """The prefills' mask [prefills, max_query_len, keys] under this layer's window, built once a step."""
-        window, d = self.spec.sliding_window, m.num_decodes
-        if ("prefill", window) not in m.masks:
+        """The prefills' mask [prefills, max_query_len, keys] under this layer's window."""
+        def build() -> torch.Tensor:
+            d = m.num_decodes
             keys = len(m.prefill_block_ids) // (len(m.seq_lens) - d) * self.spec.block_size
-            m.masks["prefill", window] = allowed_keys(m.seq_lens[d:], m.query_start_loc[d:].diff(),
-                                                      m.max_query_len, keys, window)
-        return m.masks["prefill", window]
+            return allowed_keys(m.seq_lens[d:], m.query_start_loc[d:].diff(), m.max_query_len, keys,
+                                self.spec.sliding_window)
+        return self._once_a_step(m, "prefill", build)
+
+    def _once_a_step(self, m: TorchAttentionMetadata, kind: str, build) -> torch.Tensor:
+        """``build()``'s mask of ``kind`` under this layer's window, made by the first layer that asks for it."""
+        key = kind, self.spec.sliding_window
+        if key not in m.masks:
+            m.masks[key] = build()
+        return m.masks[key]
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: TorchAttentionMetadata, scale: float,
