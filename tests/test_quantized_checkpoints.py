@@ -206,3 +206,14 @@ def test_auto_round_exports_compute_what_transformers_computes_on_their_weights(
         expected = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
     ours = [next(iter(entry.values())).logprob for entry in out.prompt_logprobs[1:]]
     assert ours == pytest.approx([expected[i - 1, token].item() for i, token in enumerate(prompt) if i > 0], abs=1e-3)
+
+
+def test_the_load_line_counts_the_quantized_tensors_as_read(qwen2_path, tmp_path):
+    path = quant_packers.write_checkpoint(qwen2_path, "gptq", tmp_path / "gptq")
+    with safe_open(f"{path}/model.safetensors", framework="pt") as f:
+        read = dict(checkpoints.read_quantized(((key, f.get_tensor(key)) for key in f.keys()),
+                                               AutoConfig.from_pretrained(path)))
+    as_read = sum(value.float().nbytes if torch.is_tensor(value) else sum(t.nbytes for t in value.tensors.values())
+                  for value in read.values())
+    runner = LLM(path, dtype="float32", kv_cache_memory="8MiB").llm_engine.runner
+    assert runner.built.weight_bytes == as_read

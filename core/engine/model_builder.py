@@ -119,6 +119,5 @@ def loaded_weight_bytes(model: torch.nn.Module) -> int:
     for module in model.modules():
         quantized = getattr(module, "quantized", None)
         if quantized is not None:
-            tensors = (getattr(quantized, f.name) for f in dataclasses.fields(quantized))
-            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+            total += sum(t.numel() * t.element_size() for t in quantized.tensors.values())
     return total
