@@ -33,18 +33,24 @@ def random_workload(num_prompts: int, input_len: tuple[int, int], seed: int,
 
 
 def run(llm, model: str, prompts: list[list[int]], output_len: int, structured_outputs=None,
-        show_progress: bool = False) -> dict:
+        show_progress: bool = False, with_breakdown: bool = False) -> dict:
     """Greedy generation of exactly ``output_len`` tokens per prompt (each under ``structured_outputs``, if
-    given), timed once the KV cache is resident and after an untimed warm-up."""
+    given), timed once the KV cache is resident and after an untimed warm-up; ``with_breakdown`` adds where
+    the time went (see ``breakdown``)."""
     from kvserve.core.bench.baselines import rates, warmup_prompts
+    from kvserve.core.bench.breakdown import breakdown, machine_rates, time_steps
     from kvserve.core.bench.report import dtype_name
     from kvserve.core.engine.stats import engine_stats
     from kvserve.core.sampling_params import SamplingParams
 
     engine = llm.llm_engine
+    timed = time_steps(engine) if with_breakdown else None
     engine.runner.wait_for_kv_cache()
     llm.generate(warmup_prompts(prompts), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                  use_tqdm=False)
+    if timed is not None:
+        machine = machine_rates(timed.dtype)
+        timed.steps.clear()
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True,
                             structured_outputs=structured_outputs)
     before = engine_stats(engine)   # one engine's, or summed over a data-parallel engine's replicas
@@ -56,12 +62,14 @@ def run(llm, model: str, prompts: list[list[int]], output_len: int, structured_o
         raise RuntimeError(f"generated {generated} tokens, expected {len(prompts) * output_len}")
     after = engine_stats(engine)
     queries = after.prefix_queries - before.prefix_queries
+    extra = {} if timed is None else {"breakdown": breakdown(timed, elapsed, machine)}
     return {"engine": "kvserve", "model": model,
             "dtype": dtype_name(engine.runner.dtype), **rates(elapsed, prompts, output_len),
             "requests": len(prompts), "requests_per_s": round(len(prompts) / elapsed, 3),
             "prompt_tokens": sum(map(len, prompts)), "output_tokens": generated,
             "prompt_tokens_computed": after.prompt_tokens - before.prompt_tokens,
-            "prefix_cache_hit_rate": round((after.prefix_hits - before.prefix_hits) / queries, 3) if queries else 0.0}
+            "prefix_cache_hit_rate": round((after.prefix_hits - before.prefix_hits) / queries, 3) if queries else 0.0,
+            **extra}
 
 
 def constrained_run(llm, model: str, prompts: list[list[int]], output_len: int, show_progress: bool = False) -> dict:
@@ -97,6 +105,9 @@ def add_parser(commands, add_engine_args) -> None:
                         help="with --baseline vllm or llama.cpp: the python of a venv with vLLM or llama-cpp-python")
     parser.add_argument("--json-schema", action="store_true",
                         help="also run the workload with every request under a JSON schema, and report the ratio")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also report the time in prefill steps, in decode steps and elsewhere, each kind of step "
+                             "against its bound at this machine's matmul and memory-read rates, measured first")
     parser.add_argument("--output-json", default=None, help="also write the results to this file")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar for the timed run")
     add_engine_args(parser)   # its --seed seeds the workload too, as in vLLM's benchmarks
@@ -123,10 +134,16 @@ def add_parser(commands, add_engine_args) -> None:
         if args.baseline == "llama.cpp" and not model_path.endswith(".gguf"):
             raise ValueError(f"--baseline llama.cpp runs a .gguf file, and the model is {model_path!r}")
         prompts = random_workload(args.num_prompts, parse_range(args.input_len), args.seed, args.shared_prefix_len)
+        split = [f"--{n.replace('_', '-')} {getattr(args, n)}" for n in
+                 ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size") if getattr(args, n) > 1]
+        if args.breakdown and split:
+            raise ValueError(f"--breakdown times the steps of one engine in this process; run it without "
+                             f"{' and '.join(split)}")
         llm = build_llm(args)
         result = {"workload": {k: getattr(args, k) for k in (
             "dataset", "num_prompts", "input_len", "output_len", "shared_prefix_len", "seed")},
-            **run(llm, model_path, prompts, args.output_len, show_progress=not args.disable_tqdm)}
+            **run(llm, model_path, prompts, args.output_len, show_progress=not args.disable_tqdm,
+                  with_breakdown=args.breakdown)}
         if args.json_schema:
             result["json_schema"] = constrained_run(llm, model_path, prompts, args.output_len, not args.disable_tqdm)
             result["json_schema_ratio"] = round(result["json_schema"]["output_tok_s"] / result["output_tok_s"], 2)
