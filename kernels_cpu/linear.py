@@ -21,12 +21,14 @@ def packed_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor 
     if weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and native.supported("bf16"):
         ops = native.load("bf16")[0]
         packed, width, linear_bf16 = ops.pack_linear_bf16(weight), weight.shape[0], ops.linear_bf16.default
+        native.announce("bfloat16 linear layers", f"kvserve's bf16 kernel ({native.isa('bf16')})")
         return lambda x, bias: linear_bf16(x, packed, bias, width)
     if weight.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return None
     if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKING_BATCH_SIZE)
+    native.announce(f"{str(weight.dtype).removeprefix('torch.')} linear layers", "oneDNN (torch's mkldnn linear)")
 
     def linear(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
@@ -43,6 +45,7 @@ def gate_up_linear(weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor
         return None
     ops = native.load("bf16")[0]
     packed, gate_up_bf16 = ops.pack_gate_up_bf16(weight), ops.gate_up_bf16.default
+    native.announce("bfloat16 gate-up layers", f"kvserve's bf16 kernel with SiLU-and-mul ({native.isa('bf16')})")
     return lambda x, bias: gate_up_bf16(x, packed, bias, intermediate)
 
 
@@ -54,6 +57,7 @@ def int8_linear(qweight: torch.Tensor, scale: torch.Tensor
         return None
     ops = native.load("int8")[0]
     (packed, shift), scale = ops.pack_linear_int8(qweight), scale.float().contiguous()
+    native.announce("W8A8 int8 linear layers", f"kvserve's int8 kernel ({native.isa('int8')})")
     linear_int8 = ops.linear_int8.default
 
     def linear(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -85,6 +89,7 @@ def grouped_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Ten
         return None
     qweight = tensors["qweight"] if order is None else tensors["qweight"][:, order]
     packed, scales = ops.pack_linear_grouped(qweight, tensors["scale"], second, group_size, bits)
+    native.announce(f"W{bits}A16 linear layers", f"kvserve's grouped kernel ({native.isa('grouped')})")
     linear_grouped, out_features = ops.linear_grouped.default, weight.shape[0]
     if order is None:
         return lambda x, bias: linear_grouped(x, packed, scales, bias, out_features, group_size, zero_points, bits)
@@ -104,6 +109,7 @@ def fp8_linear(weight: QuantizedWeight) -> Callable[[torch.Tensor, torch.Tensor 
     if group % 4:
         return None
     packed, scales = ops.pack_linear_fp8(tensors["weight"], tensors["scale"].float(), group)
+    native.announce("FP8 linear layers", f"kvserve's fp8 kernel ({native.isa('fp8')})")
     input_group = group if weight.scheme == "w8a8_fp8" else 0
     input_scale = float(tensors["input_scale"]) if "input_scale" in tensors else 0.0
     linear_fp8, out_features = ops.linear_fp8.default, weight.shape[0]

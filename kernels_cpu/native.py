@@ -81,6 +81,21 @@ def supported(part: str, *args) -> bool:
     return ops is not None and getattr(ops, f"linear_{part}_supported")(*args)
 
 
+def isa(part: str) -> str:
+    """What the part's kernels run on this CPU ("AVX512-BF16", "AMX-BF16 from 16 rows, AVX512-BF16 below", ...):
+    the compiled code's own answer; "" where the part did not build or its kernels do not run here."""
+    ops = load(part)[0]
+    if ops is None:
+        return ""
+    return op("paged_attention_isa")() if part == "core" else getattr(ops, f"linear_{part}_isa")()
+
+
+@functools.cache
+def announce(what: str, kernel: str) -> None:
+    """Log once a process which kernel runs ``what``: a model's load names the kernels it runs on."""
+    logger.info("%s: %s", what, kernel)
+
+
 @functools.cache
 def op(name: str) -> torch._ops.OpOverload:
     """A core kernel as the operator the extension registers, which CPU graphs record and replay like torch's

@@ -16,7 +16,7 @@ from kvserve.plugins.interfaces import QuantizedWeight
 
 pytestmark = pytest.mark.skipif(native.load()[0] is None, reason=f"native kernels unavailable: {native.load()[1]}")
 CPU = torch.device("cpu")
-AMX = native.supported("bf16") and native.load("bf16")[0].linear_bf16_on_amx()
+AMX = "AMX" in native.isa("bf16")
 
 
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

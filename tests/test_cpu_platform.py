@@ -1,6 +1,7 @@
 """The CPU platform's attention backends against a direct reference, and the backend choice."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from kvserve import LLM
 from kvserve.conformance.attention import NUM_HEADS, NUM_KV_HEADS, SHAPES, check_against_reference
 from kvserve.kernels_cpu import native
 from kvserve.platforms.cpu.attention import NativePagedAttention
@@ -117,3 +119,20 @@ def test_ipex_backend_matches_torch_backend(tiny_model, monkeypatch):
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
     assert run("ipex-paged") == run("torch-paged")
+
+
+def test_a_load_names_the_kernels_it_runs_on(tiny_model, caplog):
+    """The kernels each say what they were built to run on; on this CPU that follows from its flags."""
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    native.announce.cache_clear()
+    with caplog.at_level(logging.INFO, logger="kvserve"):
+        LLM(tiny_model("llama-tied-gqa"), dtype="bfloat16", kv_cache_memory="8MiB")
+    lines = [record.getMessage() for record in caplog.records]
+    if not {"avx512_bf16", "avx512bw", "avx512vl"} <= flags:   # oneDNN's, or torch's linear without it
+        assert not any("kvserve's bf16 kernel" in line for line in lines), lines
+        return
+    amx = "AMX-BF16 from 16 rows, AVX512-BF16 below" if {"amx_bf16", "amx_tile"} <= flags else "AVX512-BF16"
+    assert f"bfloat16 linear layers: kvserve's bf16 kernel ({amx})" in lines, lines
+    assert f"bfloat16 gate-up layers: kvserve's bf16 kernel with SiLU-and-mul ({amx})" in lines, lines
+    assert "attention: kvserve's paged attention kernel (AVX512-BF16)" in lines, lines

@@ -203,6 +203,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rotary_embedding(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("argmax(Tensor x) -> Tensor");
+  m.def("paged_attention_isa() -> str", &paged_attention_isa);
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {

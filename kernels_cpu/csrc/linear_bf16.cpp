@@ -163,12 +163,11 @@ at::Tensor pack_gate_up_bf16(const at::Tensor& weight) {
 
 bool linear_bf16_supported() { return true; }
 
-bool linear_bf16_on_amx() {
+std::string linear_bf16_isa() {
 #ifdef KVSERVE_AMX
-  return amx_permitted();
-#else
-  return false;
+  if (amx_permitted()) return "AMX-BF16 from 16 rows, AVX512-BF16 below";
 #endif
+  return "AVX512-BF16";
 }
 
 #else
@@ -184,7 +183,7 @@ at::Tensor pack_gate_up_bf16(const at::Tensor&) {
   TORCH_CHECK(false, "gate_up_bf16 needs a CPU with AVX512-BF16");
 }
 bool linear_bf16_supported() { return false; }
-bool linear_bf16_on_amx() { return false; }
+std::string linear_bf16_isa() { return ""; }
 
 #endif
 
@@ -195,7 +194,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear_bf16(Tensor weight) -> Tensor", &pack_linear_bf16);
   m.def("pack_gate_up_bf16(Tensor weight) -> Tensor", &pack_gate_up_bf16);
   m.def("linear_bf16_supported() -> bool", &linear_bf16_supported);
-  m.def("linear_bf16_on_amx() -> bool", &linear_bf16_on_amx);   // whether calls of 16 rows or more run on AMX tiles
+  m.def("linear_bf16_isa() -> str", &linear_bf16_isa);   // what the kernel runs on: "" where it does not run
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {

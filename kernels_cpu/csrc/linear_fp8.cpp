@@ -123,6 +123,7 @@ std::vector<at::Tensor> pack_linear_fp8(const at::Tensor& weight, const at::Tens
 }
 
 bool linear_fp8_supported() { return true; }
+std::string linear_fp8_isa() { return "AVX2"; }
 
 #else
 
@@ -134,6 +135,7 @@ std::vector<at::Tensor> pack_linear_fp8(const at::Tensor&, const at::Tensor&, in
   TORCH_CHECK(false, "linear_fp8 needs a CPU with AVX2");
 }
 bool linear_fp8_supported() { return false; }
+std::string linear_fp8_isa() { return ""; }
 
 #endif
 
@@ -143,6 +145,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
         "int input_group, float input_scale) -> Tensor");
   m.def("pack_linear_fp8(Tensor weight, Tensor scale, int group_size) -> Tensor[]", &pack_linear_fp8);
   m.def("linear_fp8_supported() -> bool", &linear_fp8_supported);
+  m.def("linear_fp8_isa() -> str", &linear_fp8_isa);
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {

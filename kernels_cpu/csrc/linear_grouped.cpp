@@ -213,6 +213,7 @@ std::vector<at::Tensor> pack_linear_grouped(const at::Tensor& qweight, const at:
 }
 
 bool linear_grouped_supported(const std::string& dtype) { return dtype == "bfloat16"; }
+std::string linear_grouped_isa() { return "AVX512-BF16"; }
 
 #elif !KVSERVE_AVX2
 
@@ -225,6 +226,7 @@ std::vector<at::Tensor> pack_linear_grouped(const at::Tensor&, const at::Tensor&
   TORCH_CHECK(false, "linear_grouped needs a CPU with AVX512-BF16 or AVX2");
 }
 bool linear_grouped_supported(const std::string&) { return false; }
+std::string linear_grouped_isa() { return ""; }
 
 #endif
 
@@ -237,6 +239,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear_grouped(Tensor qweight, Tensor scale, Tensor second, int group_size, int bits) -> Tensor[]",
         &pack_linear_grouped);
   m.def("linear_grouped_supported(str dtype) -> bool", &linear_grouped_supported);
+  m.def("linear_grouped_isa() -> str", &linear_grouped_isa);
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {

@@ -144,5 +144,6 @@ std::vector<at::Tensor> pack_linear_grouped(const at::Tensor& qweight, const at:
 }
 
 bool linear_grouped_supported(const std::string& dtype) { return dtype == "float32" || dtype == "bfloat16"; }
+std::string linear_grouped_isa() { return "AVX2"; }
 
 #endif

@@ -94,6 +94,7 @@ std::vector<at::Tensor> pack_linear_int8(const at::Tensor& qweight) {
 }
 
 bool linear_int8_supported() { return true; }
+std::string linear_int8_isa() { return "AVX512-VNNI"; }
 
 #elif !KVSERVE_AVX2
 
@@ -105,6 +106,7 @@ std::vector<at::Tensor> pack_linear_int8(const at::Tensor&) {
   TORCH_CHECK(false, "linear_int8 needs a CPU with AVX512-VNNI or AVX2");
 }
 bool linear_int8_supported() { return false; }
+std::string linear_int8_isa() { return ""; }
 
 #endif
 
@@ -115,6 +117,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8(Tensor x, Tensor packed, Tensor shift, Tensor w_scales, Tensor? bias) -> Tensor");
   m.def("pack_linear_int8(Tensor qweight) -> Tensor[]", &pack_linear_int8);
   m.def("linear_int8_supported() -> bool", &linear_int8_supported);
+  m.def("linear_int8_isa() -> str", &linear_int8_isa);
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {

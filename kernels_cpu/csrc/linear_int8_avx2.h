@@ -86,5 +86,6 @@ std::vector<at::Tensor> pack_linear_int8(const at::Tensor& qweight) {
 }
 
 bool linear_int8_supported() { return true; }
+std::string linear_int8_isa() { return "AVX2"; }
 
 #endif

@@ -287,3 +287,11 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cac
     });
   });
 }
+
+std::string paged_attention_isa() {   // how a bfloat16 cache's scores and values are multiplied
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  return "AVX512-BF16";
+#else
+  return "float32 vectors";
+#endif
+}

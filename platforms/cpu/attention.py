@@ -17,6 +17,10 @@ class NativePagedAttention(HeadMajorPagedAttention):
     soft_caps_logits = True
     replays_decode_steps = True   # forward's Python depends on a decode step only through shapes: CPU graphs
 
+    def __init__(self, spec: AttentionSpec, device: torch.device):
+        super().__init__(spec, device)
+        native.announce("attention", f"kvserve's paged attention kernel ({native.isa('core')})")
+
     @classmethod
     def unsupported_reasons(cls, spec: AttentionSpec) -> list[str]:
         unavailable = native.load()[1]
