@@ -139,6 +139,23 @@ def test_linear_int8_equals_the_w8a8_reference(dtype, rows, out_features, in_fea
         torch.testing.assert_close(kernel(x, b), reference(x, b), **TOLERANCE[dtype])
 
 
+@pytest.mark.skipif("AMX" not in native.isa("int8"), reason="AMX tiles need a CPU with AMX-INT8")
+@pytest.mark.parametrize("rows", [16, 17, 33, 300])   # one tile of rows, a row past it, a second tile's, groups
+@pytest.mark.parametrize("out_features", [16, 40, 97])   # whole and partial blocks, and a lone last block
+@pytest.mark.parametrize("in_features", [64, 576])
+def test_linear_int8_on_amx_tiles_sums_as_avx512_vnni_does(rows, out_features, in_features):
+    """From 16 rows on, with inputs a multiple of 64 wide, the int8 kernel runs on AMX tiles; their integer sums
+    are those of one row at a time on AVX512-VNNI, so the outputs are equal bit for bit."""
+    torch.manual_seed(rows * out_features + in_features)
+    weight = quantize_weight(torch.randn(out_features, in_features))
+    kernel, bias = int8_linear(weight.tensors["qweight"], weight.tensors["scale"]), torch.randn(out_features)
+    x = torch.randn(rows, in_features + 8, dtype=torch.bfloat16)[:, :in_features]
+    for b in (None, bias):
+        one_at_a_time = torch.cat([kernel(x[i:i + 1], b) for i in range(rows)])
+        assert torch.equal(kernel(x, b), one_at_a_time)
+        torch.testing.assert_close(kernel(x, b), reference_kernel(weight)(x, b), **TOLERANCE[torch.bfloat16])
+
+
 def grouped_kernel_takes(dtype: torch.dtype) -> bool:
     return native.supported("grouped", str(dtype)[6:])
 

@@ -1,21 +1,24 @@
-// bfloat16 linear layers on AMX tiles (Sapphire Rapids and later), for calls of many rows: the AVX512-BF16
-// kernel's packed weight, [N / 16, K / 2, 16, 2], is already AMX's B layout, 16 pairs of inputs of 16 outputs a
-// tile. A task multiplies up to 32 rows by two blocks of 16 outputs: two A tiles of rows, two B tiles of weight,
-// four C tiles of float32 sums; the AVX512 kernel's stores then add the bias (or apply SiLU-and-mul) and round.
+// Linear layers on AMX tiles (Sapphire Rapids and later), for calls of many rows: bfloat16 (AMX-BF16) and W8A8
+// int8 (AMX-INT8). The AVX512 kernels' packed weights, [N / 16, K / 2, 16, 2] bfloat16 and [N / 16, K / 4, 16, 4]
+// int8, are already AMX's B layout: 16 rows of 64 bytes a tile, each row one pair (or quad) of inputs of 16
+// outputs. A task multiplies up to 32 rows by two blocks of 16 outputs: two A tiles of rows (64 bytes of inputs
+// each), two B tiles of weight, four C tiles of sums (float32, or int32 for int8); the AVX512 kernel's stores then
+// finish the outputs.
 #pragma once
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #define KVSERVE_AMX 1
 
 namespace kvserve {
 
-constexpr int64_t kAmxRows = 16, kAmxInputs = 32;   // a tile's rows, and the inputs of one A tile row
+constexpr int64_t kAmxRows = 16, kAmxRowBytes = 64;   // a tile's rows, and the bytes of one of its rows
 // Calls of fewer rows stay on AVX512: a tile's rows are multiplied whether or not they hold an input row, and one
 // or a few rows read the weight at memory speed either way.
 constexpr int64_t kAmxMinRows = 16;
@@ -24,6 +27,11 @@ constexpr int64_t kAmxMinRows = 16;
 inline bool amx_permitted() {
   static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
   return permitted;
+}
+
+// Whether a call of `rows` rows of `input_bytes` bytes runs on tiles.
+inline bool runs_on_amx(int64_t rows, int64_t input_bytes) {
+  return rows >= kAmxMinRows && input_bytes % kAmxRowBytes == 0 && amx_permitted();
 }
 
 struct alignas(64) TileConfig {
@@ -39,40 +47,52 @@ inline void configure_tiles(int64_t rows, int64_t& configured_rows) {
   const int64_t upper = std::min(rows, kAmxRows), lower = rows - upper;
   TileConfig config;
   for (int t = 0; t < 8; ++t) {   // a tile of no rows must have no columns either
-    config.rows[t] = static_cast<uint8_t>(t >= 6 ? kAmxInputs / 2 : (t == 4 || t < 2) ? upper : lower);
-    config.colsb[t] = config.rows[t] ? 64 : 0;
+    config.rows[t] = static_cast<uint8_t>(t >= 6 ? kAmxRows : (t == 4 || t < 2) ? upper : lower);
+    config.colsb[t] = config.rows[t] ? kAmxRowBytes : 0;
   }
   _tile_loadconfig(&config);
   configured_rows = rows;
 }
 
+// Sums tile C += A x B: bfloat16 pairs into float32, or unsigned by signed bytes into int32.
+#define KVSERVE_TILE_DOT(c, a, b)                                            \
+  if constexpr (std::is_same<typename Kernel::Element, uint16_t>::value) { \
+    _tile_dpbf16ps(c, a, b);                                                \
+  } else {                                                                  \
+    _tile_dpbusd(c, a, b);                                                  \
+  }
+
 // `rows` (up to 32) rows from `row` times `blocks` (1 or 2) blocks of 16 outputs from `block`, into `sums`.
-template <class Kernel>
+// The kernel's x and weight hold Elements: uint16_t (bfloat16) or uint8_t (W8A8's shifted rows, int8 weights).
+template <class Kernel, typename Sum>
 void amx_tile(const Kernel& kernel, int64_t row, int64_t rows, int64_t block, int64_t blocks,
-              float (&sums)[2 * kAmxRows][2 * kOutBlock]) {
+              Sum (&sums)[2 * kAmxRows][2 * kOutBlock]) {
+  using Element = typename Kernel::Element;
+  constexpr int64_t step = kAmxRowBytes / sizeof(Element);   // inputs a step multiplies
   const bool lower = rows > kAmxRows;
   _tile_zero(0);   // only configured tiles may be touched
   if (blocks == 2) _tile_zero(1);
   if (lower) _tile_zero(2);
   if (lower && blocks == 2) _tile_zero(3);
-  const uint16_t* weights = kernel.weight + block * kernel.steps * 2 * kOutBlock;
-  const uint16_t* first = kernel.x + row * kernel.x_stride;
-  const int64_t row_bytes = kernel.x_stride * 2, weight_block = kernel.steps * 2 * kOutBlock;
-  for (int64_t k = 0; k < kernel.steps * 2; k += kAmxInputs) {
+  const int64_t inputs = kernel.inputs(), weight_block = inputs * kOutBlock;
+  const Element* weights = reinterpret_cast<const Element*>(kernel.weight) + block * weight_block;
+  const Element* first = kernel.x + row * kernel.x_stride;
+  const int64_t row_bytes = kernel.x_stride * sizeof(Element);
+  for (int64_t k = 0; k < inputs; k += step) {
     _tile_loadd(4, first + k, row_bytes);
-    _tile_loadd(6, weights + k * kOutBlock, 64);
-    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(6, weights + k * kOutBlock, kAmxRowBytes);
+    KVSERVE_TILE_DOT(0, 4, 6);
     if (blocks == 2) {
-      _tile_loadd(7, weights + weight_block + k * kOutBlock, 64);
-      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(7, weights + weight_block + k * kOutBlock, kAmxRowBytes);
+      KVSERVE_TILE_DOT(1, 4, 7);
     }
     if (lower) {
       _tile_loadd(5, first + kAmxRows * kernel.x_stride + k, row_bytes);
-      _tile_dpbf16ps(2, 5, 6);
-      if (blocks == 2) _tile_dpbf16ps(3, 5, 7);
+      KVSERVE_TILE_DOT(2, 5, 6);
+      if (blocks == 2) KVSERVE_TILE_DOT(3, 5, 7);
     }
   }
-  constexpr int64_t stride = 2 * kOutBlock * sizeof(float);
+  constexpr int64_t stride = 2 * kOutBlock * sizeof(Sum);
   _tile_stored(0, &sums[0][0], stride);
   if (blocks == 2) _tile_stored(1, &sums[0][kOutBlock], stride);
   if (lower) {
@@ -81,13 +101,16 @@ void amx_tile(const Kernel& kernel, int64_t row, int64_t rows, int64_t block, in
   }
 }
 
-// x @ weight.T for m rows of a K that is a multiple of 32, in tasks of two blocks and up to 256 rows as
-// for_each_tile makes them: a task's two blocks stay in cache while it runs its rows 32 at a time.
+#undef KVSERVE_TILE_DOT
+
+// x @ weight.T for m rows, in tasks of two blocks and up to 256 rows as for_each_tile makes them: a task's two
+// blocks stay in cache while it runs its rows 32 at a time. The kernel's store_sums finishes a row's outputs.
 template <class Kernel>
 void amx_for_each_task(const Kernel& kernel, int64_t m, int64_t num_blocks) {
+  using Sum = std::conditional_t<std::is_same<typename Kernel::Element, uint16_t>::value, float, int32_t>;
   const int64_t pairs = (num_blocks + 1) / 2, groups = (m + kRowGroup - 1) / kRowGroup;
   at::parallel_for(0, pairs * groups, 1, [&](int64_t begin, int64_t end) {
-    float sums[2 * kAmxRows][2 * kOutBlock];
+    Sum sums[2 * kAmxRows][2 * kOutBlock];
     int64_t configured_rows = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % pairs * 2, blocks = std::min<int64_t>(2, num_blocks - block);

@@ -16,12 +16,15 @@ namespace {
 using namespace kvserve;
 
 struct Bf16Linear {
+  using Element = uint16_t;
   const uint16_t* x;
   int64_t x_stride, steps, n;   // steps: pairs of inputs
   const uint16_t* weight;   // packed
   const uint16_t* bias;     // or nullptr
   uint16_t* out;
   int64_t gated = 0;        // a gate-up layer's intermediate size, its output silu(gate) * up; 0 for x @ weight.T
+
+  int64_t inputs() const { return steps * 2; }
 
   // Where block `block`'s outputs sit in the unpacked weight (and its bias).
   int64_t first_output(int64_t block) const {
@@ -125,7 +128,7 @@ at::Tensor run_bf16_linear(const at::Tensor& x, const at::Tensor& packed,
   const Bf16Linear kernel{ptr<const uint16_t>(input), input.stride(0), packed.size(1), n, ptr<const uint16_t>(packed),
                           bias ? ptr<const uint16_t>(b) : nullptr, ptr<uint16_t>(out), gated};
 #ifdef KVSERVE_AMX
-  if (m >= kAmxMinRows && input.size(1) % kAmxInputs == 0 && amx_permitted()) {
+  if (runs_on_amx(m, input.size(1) * 2)) {
     amx_for_each_task(kernel, m, num_blocks);
     return out.view(sizes);
   }

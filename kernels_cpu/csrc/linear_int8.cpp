@@ -10,6 +10,7 @@
 #if KVSERVE_AVX512_VNNI
 #include "int8_rows.h"
 #include "tiled_linear.h"
+#include "amx_linear.h"
 
 namespace {
 
@@ -24,6 +25,7 @@ inline __m256i to_bf16_bits(__m512 v) {
 }
 
 struct Int8Linear {
+  using Element = uint8_t;
   const uint8_t* x;          // rows quantized and shifted, [m, steps * 4]
   const float* x_scales;     // [m]
   int64_t steps, n;          // steps: quads of inputs
@@ -33,6 +35,9 @@ struct Int8Linear {
   const float* bias;         // [n] or nullptr
   void* out;
   bool bf16_out;
+  int64_t x_stride = steps * 4;
+
+  int64_t inputs() const { return steps * 4; }
 
   template <int R, int B>
   void tile(int64_t row, int64_t block, Prefetch prefetch) const {
@@ -52,20 +57,26 @@ struct Int8Linear {
         for (int b = 0; b < B; ++b) sums[r][b] = _mm512_dpbusd_epi32(sums[r][b], xs, w[b]);
       }
     }
-    for (int b = 0; b < B; ++b) {
-      const int64_t first = (block + b) * kOutBlock;
-      const __mmask16 valid = valid_outputs(first, n);
-      const __m512i shifts = _mm512_loadu_si512(shift + first);
-      const __m512 scales = _mm512_maskz_loadu_ps(valid, w_scales + first);
-      const __m512 offsets = bias ? _mm512_maskz_loadu_ps(valid, bias + first) : _mm512_setzero_ps();
-      for (int r = 0; r < R; ++r) {
-        const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[r][b], shifts));
-        const __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(sum, _mm512_set1_ps(x_scales[row + r])), scales, offsets);
-        const int64_t at = (row + r) * n + first;
-        if (bf16_out) _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + at, valid, to_bf16_bits(v));
-        else _mm512_mask_storeu_ps(static_cast<float*>(out) + at, valid, v);
-      }
-    }
+    for (int b = 0; b < B; ++b)
+      for (int r = 0; r < R; ++r) store(sums[r][b], row + r, block + b);
+  }
+
+  // One row's int32 sums of `blocks` (1 or 2) blocks from `block`, 16 each, as AMX's tiles leave them.
+  void store_sums(const int32_t* row_sums, int64_t row, int64_t block, int64_t blocks) const {
+    for (int b = 0; b < blocks; ++b) store(_mm512_loadu_si512(row_sums + b * kOutBlock), row, block + b);
+  }
+
+  // A row's 16 outputs of block `block` from their integer sums: the shift off, both scales and the bias on.
+  void store(__m512i sums, int64_t row, int64_t block) const {
+    const int64_t first = block * kOutBlock;
+    const __mmask16 valid = valid_outputs(first, n);
+    const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums, _mm512_loadu_si512(shift + first)));
+    const __m512 scales = _mm512_maskz_loadu_ps(valid, w_scales + first);
+    const __m512 offsets = bias ? _mm512_maskz_loadu_ps(valid, bias + first) : _mm512_setzero_ps();
+    const __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(sum, _mm512_set1_ps(x_scales[row])), scales, offsets);
+    const int64_t at = row * n + first;
+    if (bf16_out) _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + at, valid, to_bf16_bits(v));
+    else _mm512_mask_storeu_ps(static_cast<float*>(out) + at, valid, v);
   }
 };
 
@@ -81,6 +92,12 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
   const Int8Linear kernel{ptr<const uint8_t>(rows.levels), ptr<const float>(rows.scales), quads, n,
                           ptr<const int8_t>(packed), ptr<const int32_t>(shift), ptr<const float>(w_scales),
                           bias ? ptr<const float>(b) : nullptr, out.data_ptr(), x.scalar_type() == at::kBFloat16};
+#ifdef KVSERVE_AMX
+  if (runs_on_amx(m, quads * 4)) {
+    amx_for_each_task(kernel, m, packed.size(0));
+    return shaped_like_input(out, x);
+  }
+#endif
   for_each_tile(kernel, m, packed.size(0));
   return shaped_like_input(out, x);
 }
@@ -94,7 +111,12 @@ std::vector<at::Tensor> pack_linear_int8(const at::Tensor& qweight) {
 }
 
 bool linear_int8_supported() { return true; }
-std::string linear_int8_isa() { return "AVX512-VNNI"; }
+std::string linear_int8_isa() {
+#ifdef KVSERVE_AMX
+  if (amx_permitted()) return "AMX-INT8 from 16 rows, AVX512-VNNI below";
+#endif
+  return "AVX512-VNNI";
+}
 
 #elif !KVSERVE_AVX2
 
