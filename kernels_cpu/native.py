@@ -92,7 +92,7 @@ def isa(part: str) -> str:
 
 @functools.cache
 def announce(what: str, kernel: str) -> None:
-    """Log once a process which kernel runs ``what``: a model's load names the kernels it runs on."""
+    """Log which kernel runs ``what``, once a process: the first load that uses it names it."""
     logger.info("%s: %s", what, kernel)
 
 

@@ -59,6 +59,13 @@ def test_the_report_splits_the_run_and_sets_each_part_against_its_bound(tiny_mod
         assert parts[f"{kind}_of_bound"] == pytest.approx(parts[f"{kind}_bound_s"] / parts[f"{kind}_s"], rel=2e-3)
 
 
+def test_a_mixture_of_experts_is_refused(tiny_model):
+    run = subprocess.run(["kvserve", "bench", "throughput", "--model", tiny_model("mixtral"), "--num-prompts", "2",
+                          "--input-len", "8", "--output-len", "2", "--breakdown"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and "--breakdown's cost model counts dense layers" in run.stderr
+
+
 def test_a_split_engine_is_refused_before_it_loads(tiny_model):
     run = subprocess.run(["kvserve", "bench", "throughput", "--model", tiny_model("qwen2-big-vocab"), "-tp", "2",
                           "--breakdown"], capture_output=True, text=True, timeout=300)

@@ -10,6 +10,7 @@ import torch
 
 from kvserve.core.engine.model_runner import ModelRunner, step_layout
 from kvserve.core.layers.linear import Linear
+from kvserve.core.layers.moe import SparseMoe
 
 
 def machine_rates(dtype: torch.dtype) -> dict:
@@ -43,7 +44,7 @@ class CostModel:
     @classmethod
     def of(cls, runner: ModelRunner) -> CostModel:
         model = runner.model
-        if any(type(m).__name__ == "SparseMoe" for m in model.modules()):
+        if any(isinstance(m, SparseMoe) for m in model.modules()):
             raise ValueError("--breakdown's cost model counts dense layers; this is a mixture-of-experts model")
         head = getattr(model, "lm_head", None)
         linear = [m for m in model.modules() if isinstance(m, Linear) and m is not head]
