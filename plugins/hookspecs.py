@@ -120,7 +120,8 @@ def platform_communicator(rank: int, world_size: int, group: Any) -> Communicato
 def platform_ops() -> dict[str, Callable[..., Any]]:
     """Return fused implementations of named ops that replace the torch references in
     ``kvserve.core.layers.ops`` (``rms_norm``, ``add_rms_norm``, ``silu_and_mul``, ``gelu_tanh_and_mul``,
-    ``rotary_embedding``, ``argmax``, ``fused_moe``). Names not returned keep the reference; unknown names are an error.
+    ``rotary_embedding``, ``argmax``, ``fused_moe``, ``lora_shrink``, ``lora_expand``). Names not returned keep the
+    reference; unknown names are an error.
     """
 
 
