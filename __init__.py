@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "PoolingParams",
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "PoolingParams", "LoRARequest",
            "__version__"]
 
 
@@ -17,6 +17,9 @@ def __getattr__(name: str):
     if name == "PoolingParams":
         from kvserve.core.pooling_params import PoolingParams
         return PoolingParams
+    if name == "LoRARequest":
+        from kvserve.core.lora.request import LoRARequest
+        return LoRARequest
     if name == "StructuredOutputsParams":
         from kvserve.core.structured_outputs import StructuredOutputsParams
         return StructuredOutputsParams

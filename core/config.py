@@ -221,6 +221,33 @@ class StructuredOutputsConfig:
                              f"{self.compile_timeout!r}")
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class LoRAConfig:
+    enable_lora: bool = option(False, "serve PEFT LoRA adapters over the base model: LLM.generate(..., "
+                                      "lora_request=LoRARequest(name, id, path)); docs/lora.md")
+    max_loras: int = option(1, "the most adapters one step runs (requests of others wait)")
+    max_lora_rank: int = option(16, "the largest adapter rank taken", choices=LORA_RANKS)
+    max_cpu_loras: int | None = option(None, "adapters kept read in host memory, the least recently used dropped "
+                                             "first (default: max_loras)")
+
+    def __post_init__(self):
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"enable_lora must be True or False, got {self.enable_lora!r}")
+        check_int("max_loras", self.max_loras, 1)
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {', '.join(map(str, LORA_RANKS))}, got "
+                             f"{self.max_lora_rank!r}")
+        check_int("max_cpu_loras", self.max_cpu_loras, 1, allow_none=True)
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras must be >= max_loras ({self.max_loras}), since a step's adapters are "
+                             f"all in host memory, got {self.max_cpu_loras}")
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -231,10 +258,17 @@ class EngineConfig:
     speculative_config: dict | None = option(None, 'speculative decoding, as JSON on the command line: {"method": '
                                                    '"ngram", "num_speculative_tokens": 3}', parse="json")
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         self.speculation = (None if self.speculative_config is None else
                             SpeculativeConfig.from_dict(self.speculative_config))
+        parallel = self.parallel
+        if self.lora.enable_lora and (parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+                                      parallel.data_parallel_size, self.speculative_config) != (1, 1, 1, None):
+            raise ValueError("enable_lora runs on one process without speculative decoding for now: "
+                             "tensor_parallel_size, pipeline_parallel_size and data_parallel_size must be 1 and "
+                             "speculative_config None")
 
     def finalize(self, model_max_len: int) -> None:
         """Fill in limits that depend on the loaded model."""

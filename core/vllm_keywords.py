@@ -20,7 +20,6 @@ VLLM_KEYWORDS: dict[str, tuple[tuple, str]] = {
     "hf_overrides": ((None, {}), "edit the model's config.json instead"),
     "max_logprobs": ((MAX_LOGPROBS,), f"kvserve returns at most {MAX_LOGPROBS} logprobs per token"),
     "disable_sliding_window": ((False,), "models run with the sliding window their config gives"),
-    "enable_lora": ((False,), "LoRA adapters are not supported"),
     "enable_sleep_mode": ((False,), "sleep mode is not supported"),
     "limit_mm_per_prompt": ((None,), "kvserve runs text-only models"),
     "served_model_name": ((None,), "the server names its model: kvserve serve --served-model-name"),

@@ -209,12 +209,12 @@ def test_vllm_keywords_reach_llm_as_value_errors(tiny_model):
     with pytest.raises(ValueError, match="gpu_memory_utilization=0.9 is vLLM's, and kvserve has no such option: "
                                          "kvserve sizes the KV cache in bytes.*set kv_cache_memory"):
         LLM(path, gpu_memory_utilization=0.9)
-    with pytest.raises(ValueError, match="enable_lora=True is vLLM's, and kvserve takes only False"):
-        LLM(path, enable_lora=True)
+    with pytest.raises(ValueError, match="enable_sleep_mode=True is vLLM's, and kvserve takes only False"):
+        LLM(path, enable_sleep_mode=True)
     for mode in ("slow", "mistral"):
         with pytest.raises(ValueError, match=f"tokenizer_mode must be one of auto, hf, got '{mode}': "):
             LLM(path, tokenizer_mode=mode)
-    llm = LLM(path, tokenizer_mode="hf", disable_log_stats=True, enable_lora=False, seed=3, **ENGINE)
+    llm = LLM(path, tokenizer_mode="hf", disable_log_stats=True, enable_sleep_mode=False, seed=3, **ENGINE)
     assert llm.llm_engine.config.model.seed == 3
 
 

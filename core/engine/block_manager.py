@@ -26,6 +26,12 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
+def chain_root(seq: Sequence) -> int | None:
+    """The parent of a sequence's first block: None, or its LoRA adapter's id, since an adapter changes the keys
+    and values of the same tokens."""
+    return None if not seq.lora_id else hash(("lora", seq.lora_id))
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, num_host_blocks: int = 0,
                  sliding_window: int | None = None):
@@ -164,7 +170,7 @@ class BlockManager:
             return
         for i in range(len(seq.block_hashes), num_tokens // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            block_hash = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            block_hash = chain_hash(seq.block_hashes[-1] if seq.block_hashes else chain_root(seq), tokens)
             seq.block_hashes.append(block_hash)
             block = seq.block_table[i]
             if block_hash not in self.cached:   # else the same content is already cached in another block
@@ -202,7 +208,7 @@ class BlockManager:
 
     def _cached_prefix(self, seq: Sequence) -> list[tuple[int, int]]:
         """(block, hash) of the leading full blocks already cached; the last token is always left to compute."""
-        hits, parent = [], None
+        hits, parent = [], chain_root(seq)
         for i in range((seq.num_tokens - 1) // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             parent = chain_hash(parent, tokens)

@@ -133,10 +133,16 @@ class DataParallelEngine:
         """Check a request without starting it; returns its prompt token ids."""
         return self.inputs.validate(prompt, params)
 
+    def check_lora(self, lora_request) -> None:
+        raise ValueError("lora_request needs an engine started with enable_lora=True, which runs one replica "
+                         "(data_parallel_size=1)")
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | BeamSearchParams,
-                    prompt_token_ids: list[int] | None = None) -> None:
+                    prompt_token_ids: list[int] | None = None, lora_request=None) -> None:
         """Validate a request here (``prompt_token_ids`` skips that) and send it to the replica the router
         picks."""
+        if lora_request is not None:
+            self.check_lora(lora_request)
         if self.failure is not None:
             raise self.failure
         if request_id in self.replica_of:

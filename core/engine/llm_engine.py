@@ -24,6 +24,7 @@ from kvserve.core.engine.sequence import Sequence
 from kvserve.core.engine.speculation import Proposer
 from kvserve.core.loader.model_loader import Checkpoint
 from kvserve.core.log import logger
+from kvserve.core.lora.request import LoRARequest
 from kvserve.core.models.registry import resolve_model_class
 from kvserve.core.outputs import EmbeddingRequestOutput, RequestOutput
 from kvserve.core.pooling_params import PoolingParams
@@ -105,29 +106,41 @@ class LLMEngine:
         """Check a request without starting it; returns its prompt token ids."""
         return self.inputs.validate(prompt, params)
 
+    def check_lora(self, lora_request: LoRARequest) -> None:
+        """Read and check the adapter a request names, without starting the request."""
+        if not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        lora = getattr(self.runner, "lora", None)
+        if lora is None:
+            raise ValueError(f"lora_request {lora_request.lora_name!r} needs an engine started with "
+                             f"enable_lora=True (--enable-lora)")
+        lora.add(lora_request)
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | BeamSearchParams,
-                    prompt_token_ids: list[int] | None = None) -> None:
-        """Queue a request, sampled or searched by beams; ``prompt_token_ids`` skips validation when
-        ``validate`` already gave them."""
+                    prompt_token_ids: list[int] | None = None, lora_request: LoRARequest | None = None) -> None:
+        """Queue a request, sampled or searched by beams, with the LoRA adapter ``lora_request`` names if any;
+        ``prompt_token_ids`` skips validation when ``validate`` already gave them."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = prompt_token_ids if prompt_token_ids is not None else self.validate(prompt, params)
+        if lora_request is not None:
+            self.check_lora(lora_request)
         if self.fatal_token in ids:
             raise RuntimeError(f"injected fatal fault: token {self.fatal_token} ({FATAL_TOKEN_ENV})")
         text = prompt if isinstance(prompt, str) else None
         if isinstance(params, PoolingParams):
-            seq = Sequence(request_id, ids, params, self.max_model_len, [])
+            seq = Sequence(request_id, ids, params, self.max_model_len, [], lora_request)
             self.requests[request_id] = RequestState(request_id, params, text, ids, [seq])
             self.scheduler.add(seq)
             return
         if isinstance(params, BeamSearchParams):
             first = Sequence(request_id, ids, SamplingParams(temperature=params.temperature, max_tokens=None),
-                             self.max_model_len, self.eos_token_ids)
+                             self.max_model_len, self.eos_token_ids, lora_request)
             beam = BeamSearch(params, first, self.eos_token_ids, self.max_model_len)
             self.requests[request_id] = RequestState(request_id, params, text, ids, [first], beam=beam)
             self.scheduler.add(first)
             return
-        seqs = [Sequence(request_id, ids, child, self.max_model_len, self.eos_token_ids)
+        seqs = [Sequence(request_id, ids, child, self.max_model_len, self.eos_token_ids, lora_request)
                 for child in self._child_params(params)]
         constraint = params.structured_outputs
         held = constraint is not None and not self.grammars.hold(request_id, seqs, constraint, ids)

@@ -81,8 +81,10 @@ def build_model(config: EngineConfig, platform: Platform, checkpoint: Checkpoint
     weight_bytes = loaded_weight_bytes(model)
     online = checkpoint.own_quantization is None
     with stage("preparing the weights for the platform's kernels"):
-        use_platform_kernels(model, kernel_factory(quantization, platform, dtype, online, group_size),
-                             gate_up_kernel_factory(quantization, platform, online))
+        # LoRA adds to the gate and up outputs before the activation, which a fused gate-up kernel applies itself.
+        gate_up = (gate_up_kernel_factory(quantization, platform, online) if not config.lora.enable_lora
+                   else lambda name, weight: None)
+        use_platform_kernels(model, kernel_factory(quantization, platform, dtype, online, group_size), gate_up)
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     layer_specs = [AttentionSpec(layer.num_heads, layer.num_kv_heads, layer.head_size, dtype, config.cache.block_size,
                                  layer.sliding_window, config.cache.torch_cache_dtype, layer.logits_soft_cap)

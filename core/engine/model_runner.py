@@ -23,6 +23,7 @@ from kvserve.core.engine.sampler import Sampler
 from kvserve.core.layers.ops import Ops
 from kvserve.core.layers.pooler import Pooler, PoolerConfig
 from kvserve.core.loader.model_loader import Checkpoint, local_path
+from kvserve.core.lora.manager import LoRAManager
 from kvserve.core.structured_outputs.manager import GrammarBitmask
 from kvserve.plugins.interfaces import StepLayout
 from kvserve.plugins.manager import Platform
@@ -90,8 +91,11 @@ class ModelRunner:
         self.populating_kv_cache = cache.populating
         built.bind(self.kv_cache)
         bind_kv_scales(layers, self.spec, config.cache.calculate_kv_scales)
-        # A pooling step holds whole prompts, which a recording of one-token prompts could not replay.
-        self.graph_runner = built.graph_runner = (None if self.pooler is not None
+        self.lora = None if not config.lora.enable_lora else LoRAManager(config.lora, self.model, self.ops,
+                                                                         self.device, self.dtype)
+        # A pooling step holds whole prompts, which a recording of one-token prompts could not replay; a recording
+        # would replay the adapter slots of the step it recorded.
+        self.graph_runner = built.graph_runner = (None if self.pooler is not None or self.lora is not None
                                                   else platform.graph_runner(self.model, self.backend, config))
         self.sampler = Sampler(self.device, self.ops.argmax)
         self.prompt_logprobs = PromptLogprobsPlanner()
@@ -178,6 +182,8 @@ class ModelRunner:
             self.drafter.propose([s for s in batch.seqs if s.proposal])
         metadata = self.backend.build_metadata(step_layout(batch))
         token_ids = [t for s, n in zip(batch.seqs, batch.num_new_tokens) for t in s.next_tokens(n)]
+        if self.lora is not None:
+            self.lora.prepare([s.lora_request for s in batch.seqs], batch.num_new_tokens)
         hidden = self.built.forward(self._tensor(token_ids), metadata, intermediate)
         if eagle is not None and pipeline_stage().is_last:
             eagle.keep_features(hidden, metadata)

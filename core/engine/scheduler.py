@@ -45,6 +45,7 @@ class Scheduler:
         self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
         self.chunked_prefill = config.scheduler.enable_chunked_prefill
         self.swap = config.cache.preemption_mode == "swap"
+        self.max_loras = config.lora.max_loras if config.lora.enable_lora else None
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []      # in admission order
@@ -77,30 +78,36 @@ class Scheduler:
         scheduled: dict[Sequence, int] = {}
         budget, preempted = self._schedule_running(scheduled)
         num_seqs = sum(s.num_seqs for s in self.running)
+        loras = None if self.max_loras is None else {s.lora_id for s in self.running if s.lora_id}
         # A swapped beam that has reported waits for its search to decide, like a running one.
         resumable = [s for s in self.swapped if s.num_uncomputed_tokens]
         for seq in resumable if not preempted else ():
             n = min(seq.num_uncomputed_tokens, budget)
             if (n == 0 or len(scheduled) == self.share or num_seqs + seq.num_seqs > self.max_num_seqs
-                    or not manager.swap_in(seq, n)):
+                    or not self._lora_fits(seq, loras) or not manager.swap_in(seq, n)):
                 break
             self.swapped.remove(seq)
-            self._start(seq, n, scheduled)
+            self._start(seq, n, scheduled, loras)
             num_seqs += seq.num_seqs
             budget -= n
         # Waiting sequences start only once every swapped one that can go on has.
         blocked = preempted or any(s.num_uncomputed_tokens for s in self.swapped)
+        skipped: list[Sequence] = []   # waiting ones whose adapter would be one too many: they keep their place
         while self.waiting and budget > 0 and len(scheduled) < self.share and not blocked:
             seq = self.waiting[0]
+            if not self._lora_fits(seq, loras):
+                skipped.append(self.waiting.popleft())
+                continue
             if num_seqs + seq.num_seqs > self.max_num_seqs:
                 break
             n = manager.try_admit(seq, budget, self.chunked_prefill)
             if n == 0:
                 break
             self.waiting.popleft()
-            self._start(seq, n, scheduled)
+            self._start(seq, n, scheduled, loras)
             num_seqs += seq.num_seqs
             budget -= n
+        self.waiting.extendleft(reversed(skipped))
         paused = [s for s in self.running if not s.num_uncomputed_tokens] if not scheduled else []
         if paused and (self.waiting or self.swapped):
             # Beams waiting for their search hold blocks that the sequences it waits for need: give those up.
@@ -147,7 +154,14 @@ class Scheduler:
                 seq.proposal = []
         return budget, preempted
 
-    def _start(self, seq: Sequence, n: int, scheduled: dict[Sequence, int]) -> None:
+    def _lora_fits(self, seq: Sequence, loras: set[int] | None) -> bool:
+        """Whether ``seq`` may run beside the running sequences, whose adapters are ``loras``, without a step
+        running more than max_loras adapters (None: LoRA is off)."""
+        return loras is None or not seq.lora_id or seq.lora_id in loras or len(loras) < self.max_loras
+
+    def _start(self, seq: Sequence, n: int, scheduled: dict[Sequence, int], loras: set[int] | None) -> None:
+        if loras is not None and seq.lora_id:
+            loras.add(seq.lora_id)
         self.block_manager.commit(seq, seq.num_computed_tokens + n)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)

@@ -11,6 +11,7 @@ from kvserve.core.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from kvserve.core.engine.beam_search import BeamSearch
+    from kvserve.core.lora.request import LoRARequest
 
 
 class SequenceStatus(Enum):
@@ -24,13 +25,15 @@ class Sequence:
     _ids = count()
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | PoolingParams,
-                 max_model_len: int, eos_token_ids: list[int]):
-        """A pooled prompt (``params`` a PoolingParams) generates nothing: it finishes once computed."""
+                 max_model_len: int, eos_token_ids: list[int], lora_request: LoRARequest | None = None):
+        """A pooled prompt (``params`` a PoolingParams) generates nothing: it finishes once computed. ``lora_request``:
+        the adapter it runs with, if any."""
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
+        self.lora_request = lora_request
         pooled = isinstance(params, PoolingParams)
         self.eos_token_ids = [] if pooled or params.ignore_eos else list(eos_token_ids)
         limit = max_model_len if pooled or params.max_tokens is None else self.num_prompt_tokens + params.max_tokens
@@ -66,6 +69,11 @@ class Sequence:
         # Its blocks' draft entries are not copied; its first token is sampled afresh.
         twin.proposal, twin.draft_computed, twin.head_proposal = [], 0, []
         return twin
+
+    @property
+    def lora_id(self) -> int:
+        """Its adapter's id; 0 without one."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def num_tokens(self) -> int:

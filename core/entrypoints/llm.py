@@ -9,6 +9,7 @@ from tqdm import tqdm
 from kvserve.core.config import build_engine_config
 from kvserve.core.engine.data_parallel import make_engine
 from kvserve.core.log import init_logging
+from kvserve.core.lora.request import LoRARequest
 from kvserve.core.outputs import BeamSearchOutput, BeamSearchSequence, EmbeddingRequestOutput, RequestOutput
 from kvserve.core.pooling_params import PoolingParams
 from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
@@ -37,9 +38,11 @@ class LLM:
         return SamplingParams(**self.llm_engine.inputs.sampling_defaults)
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, {"prompt": text} or {"prompt_token_ids": [...]}), in
-        input order."""
+        input order; with ``lora_request``, one LoRA adapter for all of them or one each (None: the base model),
+        on an engine started with enable_lora=True."""
         prompts = prompt_list(prompts)
         if isinstance(sampling_params, BeamSearchParams):
             raise TypeError("generate takes SamplingParams; for beam search call "
@@ -47,7 +50,9 @@ class LLM:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = one_each(sampling_params, SamplingParams, "sampling params", len(prompts))
-        return self._run(prompts, params, use_tqdm)
+        loras = [None] * len(prompts) if lora_request is None else one_each(lora_request, LoRARequest,
+                                                                            "LoRA requests", len(prompts))
+        return self._run(prompts, params, use_tqdm, loras)
 
     def embed(self, prompts: Prompt | Seq[Prompt], pooling_params: PoolingParams | Seq[PoolingParams] | None = None,
               use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
@@ -66,24 +71,29 @@ class LLM:
                                                      c.finish_reason) for c in o.outputs]) for o in outputs]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation and generate a reply."""
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation and generate a reply (``lora_request`` as
+        ``generate`` takes it)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.apply_chat_template(c, chat_template, add_generation_prompt) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def apply_chat_template(self, conversation: list[dict], chat_template: str | None = None,
                             add_generation_prompt: bool = True) -> list[int]:
         return self.llm_engine.inputs.render_chat(conversation, chat_template, add_generation_prompt)
 
     def _run(self, prompts: list[str | list[int]], params: list[SamplingParams | BeamSearchParams | PoolingParams],
-             use_tqdm: bool) -> list[RequestOutput | EmbeddingRequestOutput]:
+             use_tqdm: bool,
+             loras: list[LoRARequest | None] | None = None) -> list[RequestOutput | EmbeddingRequestOutput]:
         engine = self.llm_engine
+        loras = loras or [None] * len(prompts)
         token_ids = [engine.validate(p, sp) for p, sp in zip(prompts, params)]  # all checked before any starts
+        for lora in dict.fromkeys(lora for lora in loras if lora is not None):
+            engine.check_lora(lora)
         request_ids = [str(next(self._request_ids)) for _ in prompts]
-        for request_id, prompt, param, prompt_ids in zip(request_ids, prompts, params, token_ids):
-            engine.add_request(request_id, prompt, param, prompt_ids)
+        for request_id, prompt, param, prompt_ids, lora in zip(request_ids, prompts, params, token_ids, loras):
+            engine.add_request(request_id, prompt, param, prompt_ids, lora)
         done: dict[str, RequestOutput] = {}
         pending = set(request_ids)
         with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm) as bar:

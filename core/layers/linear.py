@@ -22,6 +22,7 @@ class Linear(nn.Linear):
 
     kernel: LinearKernel | None = None
     quantized: QuantizedWeight | None = None
+    lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None   # adds adapters' output (core/lora)
 
     def load_quantized(self, weight: QuantizedWeight, shard: str | None = None) -> None:
         if weight.shape != tuple(self.weight.shape):
@@ -34,9 +35,8 @@ class Linear(nn.Linear):
             self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is None:
-            return F.linear(x, self.weight, self.bias)
-        return self.kernel(x, self.bias)
+        out = F.linear(x, self.weight, self.bias) if self.kernel is None else self.kernel(x, self.bias)
+        return out if self.lora is None else self.lora(x, out)
 
     @classmethod
     def tied_to(cls, embedding: nn.Embedding) -> Linear:

@@ -147,6 +147,7 @@ class LlamaForCausalLM(nn.Module):
     decoder_layer = LlamaDecoderLayer
     every_layer_slides = False   # the config's sliding_window, where it has one, is every layer's (Mistral)
     supports_pipeline_parallel = True
+    supports_lora = True   # its projections are kvserve Linear layers that LoRA layers attach to
     eagle_target = True   # an EAGLE draft shares its model.embed_tokens and lm_head
 
     def __init__(self, config, ops: Ops):
