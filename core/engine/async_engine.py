@@ -5,11 +5,12 @@ import asyncio
 import copy
 import queue
 import threading
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from kvserve.core.engine.input_processor import InputProcessor
 from kvserve.core.engine.llm_engine import EngineStepError, LLMEngine
 from kvserve.core.log import logger
+from kvserve.core.lora.request import LoRARequest
 from kvserve.core.outputs import RequestOutput
 from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
 
@@ -45,13 +46,14 @@ class AsyncLLMEngine:
         return self.stopped_because is None and self._thread.is_alive()
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams | BeamSearchParams,
-                       prompt_token_ids: list[int]) -> AsyncIterator[RequestOutput]:
+                       prompt_token_ids: list[int],
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iteration early (a disconnect) aborts the request."""
         if not self.is_healthy:
             raise EngineDeadError(f"the engine has stopped: {self.stopped_because}")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send("add", request_id, prompt, params, prompt_token_ids)
+        self._send("add", request_id, prompt, params, prompt_token_ids, lora_request)
         finished = False
         try:
             while not finished:
@@ -65,6 +67,15 @@ class AsyncLLMEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self._send("abort", request_id)
+
+    async def on_engine_thread(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """``fn(engine)``, run on the engine's thread between steps (the engine's state is that thread's)."""
+        if not self.is_healthy:
+            raise EngineDeadError(f"the engine has stopped: {self.stopped_because}")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._send("call", None, fn, loop, done)
+        return await done
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -93,11 +104,24 @@ class AsyncLLMEngine:
             if kind == "abort":
                 self.engine.abort_request(request_id)
                 continue
-            prompt, params, prompt_token_ids = args
+            if kind == "call":
+                self._call(*args)
+                continue
+            prompt, params, prompt_token_ids, lora_request = args
             try:
-                self.engine.add_request(request_id, prompt, params, prompt_token_ids)
+                self.engine.add_request(request_id, prompt, params, prompt_token_ids, lora_request)
             except (ValueError, TypeError) as exc:
                 self._deliver(request_id, exc)
+
+    def _call(self, fn: Callable[[LLMEngine], Any], loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> None:
+        try:
+            settle, outcome = done.set_result, fn(self.engine)
+        except Exception as exc:
+            settle, outcome = done.set_exception, exc
+        try:
+            loop.call_soon_threadsafe(_settle, done, settle, outcome)
+        except RuntimeError:   # the server's loop has closed
+            pass
 
     def _run(self) -> None:
         try:
@@ -123,3 +147,8 @@ class AsyncLLMEngine:
             self.dead_error = exc
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineDeadError(f"the engine has stopped: {exc}"))
+
+
+def _settle(future: asyncio.Future, settle: Callable[[Any], None], outcome: Any) -> None:
+    if not future.cancelled():   # the client went away meanwhile
+        settle(outcome)

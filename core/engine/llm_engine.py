@@ -116,6 +116,10 @@ class LLMEngine:
                              f"enable_lora=True (--enable-lora)")
         lora.add(lora_request)
 
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Forget an adapter's copies in host and device memory; requests running with it read it again."""
+        self.runner.lora.remove(lora_int_id)
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | BeamSearchParams,
                     prompt_token_ids: list[int] | None = None, lora_request: LoRARequest | None = None) -> None:
         """Queue a request, sampled or searched by beams, with the LoRA adapter ``lora_request`` names if any;

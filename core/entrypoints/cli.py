@@ -80,7 +80,10 @@ def cmd_serve(args) -> int:
     names = server.served_model_name or [model or default_name]
     api_key = server.api_key or os.environ.get("KVSERVE_API_KEY") or None
     parsers = reply_parsers(server.enable_auto_tool_choice, server.tool_call_parser, args.reasoning_parser)
-    return serve(config, server.host, server.port, names, api_key, parsers, options_from(ServerLimits, args))
+    if server.lora_modules and not config.lora.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
+    return serve(config, server.host, server.port, names, api_key, parsers, options_from(ServerLimits, args),
+                 lora_modules=server.lora_adapters())
 
 
 def cmd_plugins(args) -> None:

@@ -30,6 +30,7 @@ from kvserve.core.entrypoints.openai.serving_chat import OpenAIServingChat
 from kvserve.core.entrypoints.openai.tools import ReplyParsers
 from kvserve.core.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from kvserve.core.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
+from kvserve.core.entrypoints.openai.serving_models import ServedModels, install_lora_routes
 from kvserve.core.log import logger
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
@@ -40,9 +41,13 @@ class ServerState:
     """The engine, loaded on a background thread so that /health answers 503 while it loads."""
 
     def __init__(self, config: EngineConfig, served_model_names: list[str], api_key: str | None,
-                 parsers: ReplyParsers = ReplyParsers(), limits: ServerLimits = ServerLimits()):
+                 parsers: ReplyParsers = ReplyParsers(), limits: ServerLimits = ServerLimits(),
+                 lora_modules: dict[str, str] | None = None):
+        """``lora_modules``: {name: folder} of the LoRA adapters served from the start."""
         self.config, self.parsers, self.limits, self.offload = config, parsers, limits, Offload()
         self.model_names = served_model_names
+        self.models = ServedModels(served_model_names, config.lora.enable_lora)
+        self.lora_modules = lora_modules or {}
         self.api_key = api_key
         self.engine: AsyncLLMEngine | None = None
         self.load_error: BaseException | None = None
@@ -52,14 +57,19 @@ class ServerState:
 
     def load(self) -> None:
         try:
-            engine = AsyncLLMEngine(make_engine(self.config))
+            engine = make_engine(self.config)
+            for name, path in self.lora_modules.items():   # checked before anything is served
+                lora = self.models.reserve(name, path)
+                engine.check_lora(lora)
+                self.models.add(lora)
+            engine = AsyncLLMEngine(engine)
         except BaseException as exc:
             logger.error("could not start the engine: %s", exc)
             self.load_error = exc
             self.on_load_failure()
             return
         limits = self.limits.for_engine(engine.inputs.max_model_len, engine.inputs.max_num_seqs)
-        serving = (engine, self.model_names, self.metrics, limits, self.offload)
+        serving = (engine, self.models, self.metrics, limits, self.offload)
         self.completion = OpenAIServingCompletion(*serving)
         self.chat = OpenAIServingChat(*serving, parsers=self.parsers)
         self.embedding = OpenAIServingEmbedding(*serving)
@@ -101,7 +111,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable):
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="kvserve", version=kvserve.__version__)
     app.state.kvserve = state
-    openapi.install(app, state.model_names)
+    openapi.install(app, state.model_names + list(state.lora_modules))
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -156,10 +166,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", **openapi.documented(None, openapi.ModelList, openapi.UNAUTHORIZED))
     async def models():
-        limit = state.config.model.max_model_len
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": state.created,
-                                            "owned_by": "kvserve", "max_model_len": limit}
-                                           for name in state.model_names]}
+        return {"object": "list", "data": state.models.cards(state.created, state.config.model.max_model_len)}
 
     async def respond(request: Request, work: Awaitable):
         result = await cancel_on_disconnect(request, work)
@@ -187,6 +194,8 @@ def build_app(state: ServerState) -> FastAPI:
         body = await parse(request, EmbeddingRequest)
         return await respond(request, state.embedding.create(body))
 
+    install_lora_routes(app, state.models, parse, lambda fn: state.ready_engine().on_engine_thread(fn))
+
     @app.post("/tokenize", **openapi.documented(TokenizeRequest, openapi.Tokens))
     async def tokenize(request: Request):
         body = await parse(request, TokenizeRequest)
@@ -206,11 +215,11 @@ def json_bytes(result: dict) -> bytes:
 
 def serve(config: EngineConfig, host: str, port: int, served_model_names: list[str], api_key: str | None,
           parsers: ReplyParsers = ReplyParsers(), limits: ServerLimits = ServerLimits(),
-          shutdown_timeout: float = 30.0) -> int:
+          shutdown_timeout: float = 30.0, lora_modules: dict[str, str] | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; returns the process exit code."""
     import uvicorn
 
-    state = ServerState(config, served_model_names, api_key, parsers, limits)
+    state = ServerState(config, served_model_names, api_key, parsers, limits, lora_modules)
     server = uvicorn.Server(uvicorn.Config(build_app(state), host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=shutdown_timeout))
     state.on_load_failure = lambda: setattr(server, "should_exit", True)

@@ -9,9 +9,11 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from kvserve.core.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                                      EmbeddingRequest, TokenizeRequest)
+                                                      EmbeddingRequest, LoadLoRAAdapterRequest, TokenizeRequest,
+                                                      UnloadLoRAAdapterRequest)
 
-REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest)
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest,
+                  LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest)
 
 
 class ErrorDetail(BaseModel):
@@ -125,6 +127,8 @@ class Model(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    root: str           # the base model's served name, or a LoRA adapter's folder
+    parent: str | None  # a LoRA adapter's base model
 
 
 class ModelList(BaseModel):
@@ -162,6 +166,11 @@ REQUEST_ERRORS = {400: _error("the request is invalid: the message names the fie
                   404: _error("the model is not served"),
                   413: _error("the body is larger than --max-request-bytes"),
                   500: _error("an engine step failed"), **UNAUTHORIZED, **NOT_READY}
+_LORA_ERRORS = {413: REQUEST_ERRORS[413], **UNAUTHORIZED, **NOT_READY}
+LORA_LOAD_ERRORS = {400: _error("LoRA is off (--enable-lora), the name is served already, or the adapter is "
+                                "missing or does not fit the model"), **_LORA_ERRORS}
+LORA_UNLOAD_ERRORS = {400: _error("LoRA is off (--enable-lora), or the body is invalid"),
+                      404: _error("no adapter of that name is loaded"), **_LORA_ERRORS}
 # Before OpenAPI 3.2, an event stream's schema is each event's: its data is a chunk's JSON, or [DONE] at the end.
 EVENT_STREAM = {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
                                                  "properties": {"data": {"type": "string"}}}}}
@@ -182,6 +191,14 @@ def documented(request: type[BaseModel] | None, reply: type[BaseModel], errors: 
     return arguments
 
 
+def documented_text(request: type[BaseModel], errors: dict) -> dict:
+    """Route arguments that document an endpoint whose reply is plain text."""
+    arguments = documented(request, Text, errors)
+    arguments["responses"][200] = {"description": "what was done",
+                                   "content": {"text/plain": {"schema": {"type": "string"}}}}
+    return arguments
+
+
 def install(app: FastAPI, model_names: list[str]) -> None:
     """Serve a schema that also holds the request bodies, which no route parameter declares, with the served
     model names as the values ``model`` may take."""
@@ -191,7 +208,8 @@ def install(app: FastAPI, model_names: list[str]) -> None:
             _, defs = models_json_schema([(m, "validation") for m in REQUEST_MODELS],
                                          ref_template="#/components/schemas/{model}")
             for model in REQUEST_MODELS:
-                defs["$defs"][model.__name__]["properties"]["model"]["anyOf"][0]["enum"] = model_names
+                if "model" in model.model_fields:
+                    defs["$defs"][model.__name__]["properties"]["model"]["anyOf"][0]["enum"] = model_names
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
             app.openapi_schema = schema
         return app.openapi_schema

@@ -241,3 +241,16 @@ class TokenizeRequest(Strict):
 class DetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[TokenId]
+
+
+class LoadLoRAAdapterRequest(Strict):
+    """vLLM's body for POST /v1/load_lora_adapter."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(Strict):
+    """vLLM's body for POST /v1/unload_lora_adapter."""
+
+    lora_name: str = Field(min_length=1)

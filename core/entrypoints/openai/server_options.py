@@ -19,9 +19,23 @@ class ServerOptions:
                                                   "--tool-call-parser")
     tool_call_parser: str | None = option(None, "how the model writes tool calls: hermes, llama3_json, mistral, "
                                                 "pythonic, or a plugin's")
+    lora_modules: list[str] | None = option(None, "LoRA adapters served from the start, each NAME=PATH (a PEFT "
+                                                  "folder): a request's model NAME runs it; needs --enable-lora")
 
     def __post_init__(self):
         check_int("port", self.port, 0, 65535)
+        self.lora_adapters()
+
+    def lora_adapters(self) -> dict[str, str]:
+        """{name: folder} of the --lora-modules."""
+        pairs = [module.partition("=") for module in self.lora_modules or ()]
+        wrong = [name + sep + path for name, sep, path in pairs if not (name and sep and path)]
+        if wrong:
+            raise ValueError(f"lora_modules must each be NAME=PATH, got {', '.join(map(repr, wrong))}")
+        names = [name for name, _, _ in pairs]
+        if len(set(names)) < len(names):
+            raise ValueError(f"lora_modules names each adapter once, got {', '.join(names)}")
+        return {name: path for name, _, path in pairs}
 
 
 def options_from(owner: type, args: argparse.Namespace):

@@ -74,7 +74,7 @@ class OpenAIServingChat(OpenAIServing):
         plan, ids, params = await self.offload(self.prepare, request)
         await self.check_constraint(request, params)
         request_id = new_id("chatcmpl")
-        outputs = self.run(request_id, [ids], [ids], [params])
+        outputs = self.run(request_id, [ids], [ids], [params], self.models.lora(model))
         if request.stream:
             return self._stream(request, model, request_id, outputs, len(ids), plan)
         final = None

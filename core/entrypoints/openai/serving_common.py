@@ -13,6 +13,8 @@ from kvserve.core.entrypoints.openai.errors import APIError, bad_request, unsupp
 from kvserve.core.entrypoints.openai.limits import Offload, ServerLimits
 from kvserve.core.entrypoints.openai.metrics import RequestTimer, ServerMetrics
 from kvserve.core.entrypoints.openai.protocol import SamplingFields
+from kvserve.core.entrypoints.openai.serving_models import ServedModels
+from kvserve.core.lora.request import LoRARequest
 from kvserve.core.outputs import RequestOutput
 from kvserve.core.sampling_params import BeamSearchParams, SamplingParams
 
@@ -23,19 +25,16 @@ class OpenAIServing:
     """A request's checks and preparation run in ``offload``'s worker threads (they may tokenize or render a long
     prompt); only awaiting the engine runs on the event loop."""
 
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], metrics: ServerMetrics,
+    def __init__(self, engine: AsyncLLMEngine, models: ServedModels, metrics: ServerMetrics,
                  limits: ServerLimits, offload: Offload):
         self.engine = engine
         self.inputs = engine.inputs
-        self.model_names = served_model_names
+        self.models = models
         self.metrics = metrics
         self.limits, self.offload = limits, offload
 
     def model_name(self, requested: str | None) -> str:
-        if requested is not None and requested not in self.model_names:
-            raise APIError(404, f"The model `{requested}` does not exist; served: {', '.join(self.model_names)}",
-                           "model")
-        return requested or self.model_names[0]
+        return self.models.resolve(requested)
 
     def sampling_params(self, request: SamplingFields, prompt_len: int, max_tokens: int | None,
                         explicit: bool) -> SamplingParams | BeamSearchParams:
@@ -85,14 +84,17 @@ class OpenAIServing:
             raise APIError(400, str(exc), field) from exc
 
     async def run(self, request_id: str, prompts: list[str | list[int]], token_ids: list[list[int]],
-                  params: list[SamplingParams | BeamSearchParams]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Run several engine requests at once; yields (prompt index, output) as outputs arrive."""
+                  params: list[SamplingParams | BeamSearchParams],
+                  lora_request: LoRARequest | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run several engine requests at once, with the LoRA adapter ``lora_request`` names if any; yields
+        (prompt index, output) as outputs arrive."""
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:
             timer = RequestTimer(self.metrics)
             try:
-                async for output in self.engine.generate(f"{request_id}-{i}", prompts[i], params[i], token_ids[i]):
+                async for output in self.engine.generate(f"{request_id}-{i}", prompts[i], params[i], token_ids[i],
+                                                         lora_request):
                     timer.on_output(output)
                     merged.put_nowait((i, output))
             except Exception as exc:

@@ -47,7 +47,8 @@ class OpenAIServingCompletion(OpenAIServing):
         prepared = await self.offload(self.prepare, request)
         await self.check_constraint(request, prepared.params[0])   # the prompts share it
         request_id = new_id("cmpl")
-        outputs = self.run(request_id, prepared.prompts, prepared.token_ids, prepared.params)
+        outputs = self.run(request_id, prepared.prompts, prepared.token_ids, prepared.params,
+                           self.models.lora(model))
         if request.max_tokens == 0:
             outputs = prompt_only(outputs)
         token_ids, echoes = prepared.token_ids, prepared.echoes

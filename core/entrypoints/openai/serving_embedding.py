@@ -6,7 +6,7 @@ import base64
 
 import numpy as np
 
-from kvserve.core.entrypoints.openai.errors import bad_request
+from kvserve.core.entrypoints.openai.errors import APIError, bad_request
 from kvserve.core.entrypoints.openai.protocol import EmbeddingRequest
 from kvserve.core.entrypoints.openai.serving_common import OpenAIServing, new_id, now
 from kvserve.core.entrypoints.openai.serving_completion import split_prompts
@@ -24,6 +24,9 @@ def encode(embedding: list[float], encoding_format: str) -> list[float] | str:
 class OpenAIServingEmbedding(OpenAIServing):
     async def create(self, request: EmbeddingRequest) -> dict:
         model = self.model_name(request.model)
+        if self.models.lora(model) is not None:
+            raise APIError(400, f"model {model!r} is a LoRA adapter, which serves completions and chat, not "
+                                f"embeddings", "model")
         token_ids, params = await self.offload(self.prepare, request, model)
         request_id = new_id("embd")
         outputs = await self.embed(request_id, token_ids, params)
