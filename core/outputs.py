@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvserve.core.lora.request import LoRARequest
 
 
 @dataclass
@@ -39,6 +43,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: list[PositionLogprobs | None] | None = None   # None for the first prompt token
+    lora_request: LoRARequest | None = None   # the adapter it ran with
 
 
 @dataclass

@@ -74,7 +74,8 @@ def test_each_adapter_gives_transformers_tokens_with_it_merged(llama, adapters):
     prompts, made = adapters
     llm = LLM(llama, max_loras=1, **ENGINE)
     for lora_id, (request, expected) in made.items():
-        assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=request)) == expected
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=request)
+        assert tokens(outputs) == expected and all(o.lora_request == request for o in outputs)
         assert lora_id == 0 or expected != made[0][1]   # the adapter changes what the model says
 
 

@@ -36,7 +36,7 @@ class RequestState:
         completions = self._beam_completions(tokenizer) if self.beam is not None else self._sampled_completions()
         prompt_logprobs = None if self.prompt_logprobs is None else list(self.prompt_logprobs)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions, self.finished,
-                             prompt_logprobs)
+                             prompt_logprobs, self.seqs[0].lora_request)
 
     def _sampled_completions(self) -> list[CompletionOutput]:
         completions, seqs = [], self.seqs

@@ -45,6 +45,7 @@ class LoRAManager:
             self.in_host.move_to_end(request.lora_int_id)
             return known
         adapter = read_adapter(request, self.targets, self.layers, self.config.max_lora_rank, self.dtype)
+        self.in_slot.pop(request.lora_int_id, None)   # a slot's copy may predate this read: copy it afresh
         self.in_host[request.lora_int_id] = adapter
         while len(self.in_host) > self.config.max_cpu_loras:
             self.in_host.popitem(last=False)
