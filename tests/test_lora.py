@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from lora_adapters import ALL_PROJECTIONS, save_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvserve import LLM, LoRARequest, SamplingParams
@@ -17,23 +17,10 @@ from kvserve.conformance.tiny_model import hf_greedy
 from kvserve.core.config import build_engine_config
 from kvserve.core.layers.ops import lora_expand, lora_shrink
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TEXTS = ["The quick brown fox jumps over the lazy dog. Paged attention stores keys and values in blocks.",
          "Once upon a time", "Continuous batching lets new requests join"]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 ENGINE = dict(dtype="float32", kv_cache_memory="8MiB", enable_lora=True)
-
-
-def save_adapter(base: str, folder: str, seed: int, targets: list[str] | str, rank: int = 8,
-                 **lora_options) -> tuple[str, torch.nn.Module]:
-    """A PEFT adapter of random, non-zero A and B over the checkpoint at ``base``, saved to ``folder``; returns the
-    folder and transformers' model with the adapter merged into its weights."""
-    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                                               init_lora_weights=False, **lora_options))
-    peft_model.save_pretrained(folder)
-    return folder, peft_model.merge_and_unload().eval()
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +154,10 @@ def test_smollm2_with_an_adapter_matches_transformers(smollm2_path, tmp_path):
     """SmolLM2's Q4_1 GGUF, its blocks dequantized by transformers for the reference."""
     folder, name = os.path.split(smollm2_path)
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    torch.manual_seed(0)
-    peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS,
-                                               init_lora_weights=False))
-    peft_model.save_pretrained(tmp_path)
+    _, merged = save_adapter(hf, str(tmp_path), 0, ALL_PROJECTIONS)
     llm = LLM(max_model_len=256, kv_cache_memory="64MiB", dtype="float32", enable_lora=True, max_lora_rank=8)
     prompts = [llm.get_tokenizer()(t)["input_ids"] for t in TEXTS[:2]]
-    expected = hf_greedy(peft_model.merge_and_unload(), prompts, 8)
+    expected = hf_greedy(merged, prompts, 8)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=LoRARequest("smol", 1, str(tmp_path)))
     assert tokens(outputs) == expected

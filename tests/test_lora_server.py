@@ -6,8 +6,8 @@ import httpx
 import openai
 import pytest
 import torch
+from lora_adapters import ALL_PROJECTIONS, save_adapter
 from server_utils import start_server, stop_server, tiny_args
-from test_lora import ALL_PROJECTIONS, save_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvserve.conformance.tiny_model import hf_greedy
