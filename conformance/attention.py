@@ -44,20 +44,20 @@ def check_against_reference(backend, shapes, head_size: int, block_size: int, dt
                             window: int | None, device: torch.device = torch.device("cpu"),
                             cache_dtype: torch.dtype | None = None) -> None:
     """Two steps, each compared with the reference: the first prefills each sequence's cached tokens, the second
-    runs ``shapes`` over them. With an FP8 ``cache_dtype``, the reference attends keys and values as that cache
+    runs ``shapes`` over them, with the backend's spec's heads. With an FP8 ``cache_dtype``, the reference attends keys and values as that cache
     holds them. The reference caps scores as ``backend.spec.logits_soft_cap`` says. Each step's metadata comes
     from a backend of the same class without window or cap, as another layer's may build it."""
     torch.manual_seed(0)
-    num_blocks = 40
+    num_blocks, num_heads, num_kv_heads = 40, backend.spec.num_heads, backend.spec.num_kv_heads
     fp8 = {} if cache_dtype is None else {"kv_scales": FP8_KV_SCALES}
-    cache = torch.zeros(backend.kv_cache_shape(num_blocks, block_size, NUM_KV_HEADS, head_size),
+    cache = torch.zeros(backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size),
                         dtype=cache_dtype or dtype, device=device)
     free = torch.randperm(num_blocks).tolist()
     sequences = []
     for cached, new in shapes:
         total = cached + new
-        k, v = (torch.randn(total, NUM_KV_HEADS, head_size, dtype=dtype, device=device) for _ in range(2))
-        q = torch.randn(total, NUM_HEADS, head_size, dtype=dtype, device=device)
+        k, v = (torch.randn(total, num_kv_heads, head_size, dtype=dtype, device=device) for _ in range(2))
+        q = torch.randn(total, num_heads, head_size, dtype=dtype, device=device)
         table = [free.pop() for _ in range(-(-total // block_size))]
         sequences.append((cached, total, q, k, v, table))
     earlier = [(0, cached, *rest) for cached, _, *rest in sequences if cached]

@@ -27,7 +27,9 @@ def spec(**overrides) -> AttentionSpec:
 
 @pytest.mark.parametrize("shapes", SHAPES)
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("head_size, block_size", [(8, 4), (64, 16)])
+# Heads of 64 and 128 (in blocks of 16 and 32 positions) take AMX tiles for prefill chunks on CPUs that have them;
+# 80 (not whole tile rows of 32) and blocks of 4 stay on vectors.
+@pytest.mark.parametrize("head_size, block_size", [(8, 4), (64, 16), (128, 32), (80, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("backend_cls", [TorchPagedAttention, NativePagedAttention])
 def test_paged_attention_matches_reference(shapes, window, head_size, block_size, dtype, backend_cls):
@@ -37,6 +39,17 @@ def test_paged_attention_matches_reference(shapes, window, head_size, block_size
                           block_size=block_size, sliding_window=window, dtype=dtype)
     check_against_reference(backend_cls(attention_spec, torch.device("cpu")), shapes, head_size, block_size, dtype,
                             window)
+
+
+@pytest.mark.parametrize("shapes", SHAPES)
+@pytest.mark.parametrize("window", [None, 5])
+def test_decodes_of_wide_head_groups_match_reference(shapes, window):
+    # 8 query heads a kv head: a decode's 8 rows take AMX tiles on CPUs that have them.
+    if native.load()[1]:
+        pytest.skip(f"native kernels unavailable: {native.load()[1]}")
+    attention_spec = spec(num_heads=16, num_kv_heads=2, sliding_window=window, dtype=torch.bfloat16)
+    check_against_reference(NativePagedAttention(attention_spec, torch.device("cpu")), shapes, 64, 16,
+                            torch.bfloat16, window)
 
 
 @pytest.mark.parametrize("shapes", SHAPES)
@@ -132,7 +145,9 @@ def test_a_load_names_the_kernels_it_runs_on(tiny_model, caplog):
     if not {"avx512_bf16", "avx512bw", "avx512vl"} <= flags:   # oneDNN's, or torch's linear without it
         assert not any("kvserve's bf16 kernel" in line for line in lines), lines
         return
-    amx = "AMX-BF16 from 16 rows, AVX512-BF16 below" if {"amx_bf16", "amx_tile"} <= flags else "AVX512-BF16"
+    amx_tiles = {"amx_bf16", "amx_tile"} <= flags
+    amx = "AMX-BF16 from 16 rows, AVX512-BF16 below" if amx_tiles else "AVX512-BF16"
     assert f"bfloat16 linear layers: kvserve's bf16 kernel ({amx})" in lines, lines
     assert f"bfloat16 gate-up layers: kvserve's bf16 kernel with SiLU-and-mul ({amx})" in lines, lines
-    assert "attention: kvserve's paged attention kernel (AVX512-BF16)" in lines, lines
+    attention = "AMX-BF16 for prefill chunks, AVX512-BF16 for decodes" if amx_tiles else "AVX512-BF16"
+    assert f"attention: kvserve's paged attention kernel ({attention})" in lines, lines

@@ -6,39 +6,22 @@
 // finish the outputs.
 #pragma once
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx_tiles.h"
 
+#ifdef KVSERVE_AMX
 #include <algorithm>
 #include <type_traits>
 
-#define KVSERVE_AMX 1
-
 namespace kvserve {
 
-constexpr int64_t kAmxRows = 16, kAmxRowBytes = 64;   // a tile's rows, and the bytes of one of its rows
 // Calls of fewer rows stay on AVX512: a tile's rows are multiplied whether or not they hold an input row, and one
 // or a few rows read the weight at memory speed either way.
 constexpr int64_t kAmxMinRows = 16;
-
-// Linux hands AMX's tile data to a process only on request (ARCH_REQ_XCOMP_PERM for XTILEDATA).
-inline bool amx_permitted() {
-  static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return permitted;
-}
 
 // Whether a call of `rows` rows of `input_bytes` bytes runs on tiles.
 inline bool runs_on_amx(int64_t rows, int64_t input_bytes) {
   return rows >= kAmxMinRows && input_bytes % kAmxRowBytes == 0 && amx_permitted();
 }
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // The tile shapes for `rows` (up to 32) rows: loaded where they change, since loading zeroes every tile.
 // Tiles 0-3: sums of (row half, block) as 2 * half + block; 4-5: the two halves' rows; 6-7: the two blocks' weights.

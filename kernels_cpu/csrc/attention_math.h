@@ -3,6 +3,9 @@
 // with bfloat16 dot products.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -13,12 +16,16 @@
 
 namespace kvserve {
 
+constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+
 // One task's rows: row r is query r / group (at position first_pos + r / group) under head r % group, with its
 // online-softmax state; and the current chunk of keys and values, converted to float32.
 struct Tile {
   std::vector<float> q, acc, top, total, keys, values;
   std::vector<int64_t> pos, from;
   std::vector<uint32_t> q_pairs;   // bfloat16 queries, unscaled, two dimensions a word (for dot products)
+  std::vector<uint16_t> key_pairs, value_pairs;   // a chunk in AMX's B layout (amx_attention.h)
+  bool amx_configured = false;
   float scale = 1.f;
   float soft_cap = 0.f;   // > 0: scores become soft_cap * tanh(score / soft_cap)
 };
@@ -60,6 +67,51 @@ void chunk_scores(float (&s)[NR][CW], const Tile& tile, int64_t row, const T* __
     for (int r = 0; r < NR; ++r) scores[r] += tile.q[(row + r) * head + d] * k;
   }
   for (int r = 0; r < NR; ++r) store(s[r], scores[r]);
+}
+
+// Rows row..row+n (n <= NR) take a chunk of CW positions from `base`: their scores s (soft-capped here) become
+// probabilities p under each row's causal and window mask, with the online softmax's running top and total
+// updated and the accumulators rescaled to the new top.
+template <int NR, int CW>
+void update_softmax(Tile& tile, int64_t row, int n, float (&s)[NR][CW], float (&p)[NR][CW], int64_t base,
+                    int64_t head) {
+  if (tile.soft_cap > 0.f) {
+    const float inverse_cap = 1.f / tile.soft_cap;
+    for (int r = 0; r < n; ++r)
+      for (int t = 0; t < CW; ++t) s[r][t] = tile.soft_cap * std::tanh(s[r][t] * inverse_cap);
+  }
+  constexpr int W = CW < 16 ? CW : 16, pieces = CW / W;   // a wide chunk in vectors of 16, which stay in registers
+  Ints<W> offsets;
+  for (int t = 0; t < W; ++t) offsets[t] = t;
+  for (int r = 0; r < n; ++r) {
+    // Positions past the row's own or before its window are masked; int32 offsets from `base` suffice.
+    const int32_t last = static_cast<int32_t>(std::clamp<int64_t>(tile.pos[row + r] - base, -1, CW));
+    const int32_t first = static_cast<int32_t>(std::clamp<int64_t>(tile.from[row + r] - base, -1, CW));
+    Floats<W> scores[pieces], top_of_pieces = splat<W>(kMinusInf);
+    for (int i = 0; i < pieces; ++i) {
+      const Ints<W> at = offsets + i * W;
+      scores[i] = (at <= last) & (at >= first) ? load<W>(s[r] + i * W) : splat<W>(kMinusInf);
+      top_of_pieces = top_of_pieces > scores[i] ? top_of_pieces : scores[i];
+    }
+    const float chunk_top = max_of<W>(top_of_pieces);
+    float* acc = tile.acc.data() + (row + r) * head;
+    if (chunk_top == kMinusInf) {   // nothing here for this row
+      for (int i = 0; i < pieces; ++i) store(p[r] + i * W, splat<W>(0.f));
+      continue;
+    }
+    const float top = std::max(tile.top[row + r], chunk_top);
+    const float rescale = fast_exp(tile.top[row + r] - top);   // ~0 on the row's first chunk, when top was -inf
+    Floats<W> sums = {};
+    for (int i = 0; i < pieces; ++i) {
+      const Floats<W> probs = scores[i] == kMinusInf ? splat<W>(0.f) : fast_exp<W>(scores[i] - top);
+      store(p[r] + i * W, probs);
+      sums += probs;
+    }
+    tile.top[row + r] = top;
+    tile.total[row + r] = tile.total[row + r] * rescale + sum_of<W>(sums);
+#pragma omp simd
+    for (int64_t d = 0; d < head; ++d) acc[d] *= rescale;
+  }
 }
 
 // acc[row + r] += sum over t < valid of p[r][t] * values[t].

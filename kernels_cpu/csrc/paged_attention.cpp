@@ -9,10 +9,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
+#include "amx_attention.h"
 #include "attention_math.h"
 
 namespace {
@@ -21,7 +23,6 @@ using namespace kvserve;
 
 constexpr int64_t kQueryTile = 16;   // queries of one sequence per task: their keys are converted once for all
 constexpr int kRowGroup = 4;         // rows whose scores are computed together, sharing each key load
-constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 
 struct Task {
   int64_t seq, kv_head, first_query, num_queries, cost;
@@ -37,33 +38,7 @@ void attend_chunk(Tile& tile, int64_t row, const T* __restrict__ keys, int64_t k
                   const T* __restrict__ values, int64_t base, int64_t valid, int64_t head) {
   float s[NR][CW], p[NR][CW];
   chunk_scores(s, tile, row, keys, key_stride, head);
-  if (tile.soft_cap > 0.f) {
-    const float inverse_cap = 1.f / tile.soft_cap;
-    for (int r = 0; r < NR; ++r)
-      for (int t = 0; t < CW; ++t) s[r][t] = tile.soft_cap * std::tanh(s[r][t] * inverse_cap);
-  }
-  Ints<CW> offsets;
-  for (int t = 0; t < CW; ++t) offsets[t] = t;
-  for (int r = 0; r < NR; ++r) {
-    // Positions past the row's own or before its window are masked; int32 offsets from `base` suffice.
-    const int32_t last = static_cast<int32_t>(std::clamp<int64_t>(tile.pos[row + r] - base, -1, CW));
-    const int32_t first = static_cast<int32_t>(std::clamp<int64_t>(tile.from[row + r] - base, -1, CW));
-    const Floats<CW> scores = (offsets <= last) & (offsets >= first) ? load<CW>(s[r]) : splat<CW>(kMinusInf);
-    const float chunk_top = max_of<CW>(scores);
-    float* acc = tile.acc.data() + (row + r) * head;
-    if (chunk_top == kMinusInf) {   // nothing here for this row
-      store(p[r], splat<CW>(0.f));
-      continue;
-    }
-    const float top = std::max(tile.top[row + r], chunk_top);
-    const float rescale = fast_exp(tile.top[row + r] - top);   // ~0 on the row's first chunk, when top was -inf
-    const Floats<CW> probs = scores == kMinusInf ? splat<CW>(0.f) : fast_exp<CW>(scores - top);
-    store(p[r], probs);
-    tile.top[row + r] = top;
-    tile.total[row + r] = tile.total[row + r] * rescale + sum_of<CW>(probs);
-#pragma omp simd
-    for (int64_t d = 0; d < head; ++d) acc[d] *= rescale;
-  }
+  update_softmax(tile, row, NR, s, p, base, head);
   add_weighted_values(tile, row, p, values, valid, head);
 }
 
@@ -78,30 +53,11 @@ void attend_rows(Tile& tile, int64_t row, int64_t num_rows, const T* keys, int64
   }
 }
 
-// One task: its queries (already offset to its first query and kv head's first head) over the cached positions
-// they attend, chunk by chunk of CW positions (CW divides the block size); T is the queries' storage type, C the
-// cache's.
+// A task's `rows` rows over the cached positions they attend (tile.from[0] to last_pos), chunk by chunk of CW
+// positions (CW divides the block size) on vectors.
 template <typename T, typename C, int CW>
-void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const C* key_cache, const C* value_cache,
-                 const int64_t* table, int64_t first_pos, int64_t num_queries, int64_t group, float scale,
-                 float value_scale, int64_t window, float soft_cap, int64_t block_size, int64_t head) {
-  const int64_t rows = num_queries * group;
-  tile.scale = scale;
-  tile.soft_cap = soft_cap;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* q_in = query + (r / group) * row_stride + (r % group) * head;
-    for (int64_t d = 0; d < head; ++d) tile.q[r * head + d] = to_f32(q_in[d]) * scale;
-    if constexpr (std::is_same<T, uint16_t>::value) {
-      for (int64_t d = 0; d + 1 < head; d += 2)
-        tile.q_pairs[(r * head + d) / 2] = q_in[d] | uint32_t{q_in[d + 1]} << 16;
-    }
-    for (int64_t d = 0; d < head; ++d) tile.acc[r * head + d] = 0.f;
-    tile.top[r] = kMinusInf;
-    tile.total[r] = 0.f;
-    tile.pos[r] = first_pos + r / group;
-    tile.from[r] = window > 0 ? std::max<int64_t>(0, tile.pos[r] - window + 1) : 0;
-  }
-  const int64_t last_pos = first_pos + num_queries - 1;
+void attend_chunks(Tile& tile, int64_t rows, const C* key_cache, const C* value_cache, const int64_t* table,
+                   int64_t last_pos, int64_t block_size, int64_t head) {
   for (int64_t base = tile.from[0] / CW * CW; base <= last_pos; base += CW) {
     const int64_t block = base / block_size, offset = base % block_size;
     const C* k_in = key_cache + table[block] * block_size * head + offset;
@@ -137,6 +93,50 @@ void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const C
       if (base > tile.pos[row + n - 1] || base + CW <= tile.from[row]) continue;   // masked for all n rows
       attend_rows<float, CW>(tile, row, n, tile.keys.data(), CW, tile.values.data(), base, valid, head);
     }
+  }
+}
+
+// Whether a task of `rows` rows runs on AMX tiles: a bfloat16 cache's, where the CPU has them and the shapes suit.
+template <typename T, typename C>
+bool on_amx(int64_t rows, int64_t block_size, int64_t head) {
+#ifdef KVSERVE_AMX_ATTENTION
+  if constexpr (std::is_same<T, uint16_t>::value && std::is_same<C, uint16_t>::value)
+    return attention_on_amx(rows, block_size, head);
+#endif
+  return false;
+}
+
+// One task: its queries (already offset to its first query and kv head's first head) over the cached positions
+// they attend; T is the queries' storage type, C the cache's.
+template <typename T, typename C, int CW>
+void attend_tile(Tile& tile, T* out, const T* query, int64_t row_stride, const C* key_cache, const C* value_cache,
+                 const int64_t* table, int64_t first_pos, int64_t num_queries, int64_t group, float scale,
+                 float value_scale, int64_t window, float soft_cap, int64_t block_size, int64_t head) {
+  const int64_t rows = num_queries * group;
+  tile.scale = scale;
+  tile.soft_cap = soft_cap;
+  const bool amx = on_amx<T, C>(rows, block_size, head);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* q_in = query + (r / group) * row_stride + (r % group) * head;
+    if (!amx)
+      for (int64_t d = 0; d < head; ++d) tile.q[r * head + d] = to_f32(q_in[d]) * scale;
+    if constexpr (std::is_same<T, uint16_t>::value) {   // pairs of bfloat16 are their bytes, little-endian
+      if (head % 2 == 0) std::memcpy(tile.q_pairs.data() + r * head / 2, q_in, head * sizeof(uint16_t));
+    }
+    for (int64_t d = 0; d < head; ++d) tile.acc[r * head + d] = 0.f;
+    tile.top[r] = kMinusInf;
+    tile.total[r] = 0.f;
+    tile.pos[r] = first_pos + r / group;
+    tile.from[r] = window > 0 ? std::max<int64_t>(0, tile.pos[r] - window + 1) : 0;
+  }
+  const int64_t last_pos = first_pos + num_queries - 1;
+  if (!amx) {
+    attend_chunks<T, C, CW>(tile, rows, key_cache, value_cache, table, last_pos, block_size, head);
+  } else {
+#ifdef KVSERVE_AMX_ATTENTION
+    if constexpr (std::is_same<C, uint16_t>::value)
+      amx_attend(tile, rows, key_cache, value_cache, table, last_pos, block_size, head);
+#endif
   }
   for (int64_t r = 0; r < rows; ++r) {
     T* o = out + (r / group) * row_stride + (r % group) * head;
@@ -181,7 +181,8 @@ void paged_attention_kernel(T* out, const T* query, const C* key_cache, const C*
     Tile tile{std::vector<float>(rows * head_size), std::vector<float>(rows * head_size), std::vector<float>(rows),
               std::vector<float>(rows), std::vector<float>(chunk * head_size),
               std::vector<float>(chunk * head_size), std::vector<int64_t>(rows), std::vector<int64_t>(rows),
-              std::vector<uint32_t>(rows * head_size / 2 + 1)};
+              std::vector<uint32_t>(rows * head_size / 2 + 1), std::vector<uint16_t>(64 * head_size),
+              std::vector<uint16_t>(64 * head_size)};
     for (int64_t i = next++; i < num_tasks; i = next++) {
       const Task& task = tasks[i];
       const int64_t token = query_start[task.seq] + task.first_query;
@@ -192,6 +193,9 @@ void paged_attention_kernel(T* out, const T* query, const C* key_cache, const C*
           value_cache + task.kv_head * head_stride, block_tables + task.seq * max_blocks, first_pos,
           task.num_queries, group, scale, value_scale, window, soft_cap, block_size, head_size);
     }
+#ifdef KVSERVE_AMX_ATTENTION
+    if (tile.amx_configured) _tile_release();
+#endif
   });
 }
 
@@ -289,6 +293,9 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cac
 }
 
 std::string paged_attention_isa() {   // how a bfloat16 cache's scores and values are multiplied
+#ifdef KVSERVE_AMX_ATTENTION
+  if (amx_permitted()) return "AMX-BF16 for prefill chunks, AVX512-BF16 for decodes";
+#endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   return "AVX512-BF16";
 #else
