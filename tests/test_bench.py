@@ -74,6 +74,8 @@ def test_throughput_against_transformers(tiny_model, tmp_path):
     (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
     (["--output-len", "0"], "--output-len must be >= 1, got 0"),
     (["--shared-prefix-len", "-3"], "--shared-prefix-len must be >= 0, got -3"),
+    (["--lora-adapters", "/no/such/adapter"], "add --enable-lora"),
+    (["--enable-lora", "--lora-adapters", "/no/such/adapter", "--breakdown"], "run it without --breakdown"),
 ])
 def test_bad_options_are_refused_before_the_model_loads(tiny_model, args, message):
     result = subprocess.run(["kvserve", "bench", "throughput", "--model", tiny_model("qwen2-big-vocab"),
@@ -91,3 +93,23 @@ def test_throughput_under_a_json_schema_beside_the_same_run_unconstrained(tiny_m
     assert result["json_schema_ratio"] == round(constrained["output_tok_s"] / result["output_tok_s"], 2)
     compile_s = constrained["compile_s"]
     assert set(compile_s) == {"backend_start", "cold", "cached"} and compile_s["cached"] < compile_s["cold"]
+
+
+def test_throughput_of_adapters_in_turn_against_the_base_model_alone(tiny_model, tmp_path):
+    from lora_adapters import ALL_PROJECTIONS, save_adapter
+
+    model = tiny_model("qwen2-big-vocab")
+    adapters = [save_adapter(model, str(tmp_path / f"adapter-{i}"), seed=i, targets=ALL_PROJECTIONS)[0]
+                for i in range(2)]
+    result = bench(tmp_path, "--model", model, "--dtype", "float32", "--kv-cache-memory", "64MiB",
+                   "--num-prompts", "4", "--input-len", "8:16", "--output-len", "4", "--enable-lora",
+                   "--max-loras", "2", "--lora-adapters", *adapters)
+    base = result["base_model_alone"]
+    assert result["adapters"] == 2 and result["output_tokens"] == base["output_tokens"] == 4 * 4
+    assert result["lora_ratio"] == pytest.approx(result["output_tok_s"] / base["output_tok_s"], rel=0.02)
+    # The prompts do run with the adapters: one that is not there stops the run, named.
+    missing = subprocess.run(["kvserve", "bench", "throughput", "--model", model, "--kv-cache-memory", "64MiB",
+                              "--num-prompts", "2", "--input-len", "8", "--output-len", "2", "--enable-lora",
+                              "--lora-adapters", adapters[0], str(tmp_path / "no-such-adapter")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "no-such-adapter" in missing.stderr, missing.stderr

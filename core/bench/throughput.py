@@ -1,6 +1,8 @@
 """`kvserve bench throughput`: offline throughput on a random token-id workload that other engines can replay."""
 from __future__ import annotations
 
+import argparse
+import gc
 import os
 import time
 
@@ -33,10 +35,10 @@ def random_workload(num_prompts: int, input_len: tuple[int, int], seed: int,
 
 
 def run(llm, model: str, prompts: list[list[int]], output_len: int, structured_outputs=None,
-        show_progress: bool = False, with_breakdown: bool = False) -> dict:
+        show_progress: bool = False, with_breakdown: bool = False, lora_requests: list | None = None) -> dict:
     """Greedy generation of exactly ``output_len`` tokens per prompt (each under ``structured_outputs``, if
-    given), timed once the KV cache is resident and after an untimed warm-up; ``with_breakdown`` adds where
-    the time went (see ``breakdown``)."""
+    given, and with its adapter of ``lora_requests``), timed once the KV cache is resident and after an untimed
+    warm-up, which runs the adapters too; ``with_breakdown`` adds where the time went (see ``breakdown``)."""
     from kvserve.core.bench.baselines import rates, warmup_prompts
     from kvserve.core.bench.breakdown import breakdown, machine_rates, time_steps
     from kvserve.core.bench.report import dtype_name
@@ -46,8 +48,9 @@ def run(llm, model: str, prompts: list[list[int]], output_len: int, structured_o
     engine = llm.llm_engine
     timed = time_steps(engine) if with_breakdown else None
     engine.runner.wait_for_kv_cache()
-    llm.generate(warmup_prompts(prompts), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
-                 use_tqdm=False)
+    warmup = warmup_prompts(prompts)
+    llm.generate(warmup, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False,
+                 lora_request=None if lora_requests is None else lora_requests[:len(warmup)])
     if timed is not None:
         machine = machine_rates(timed.dtype)
         timed.steps.clear()
@@ -55,7 +58,7 @@ def run(llm, model: str, prompts: list[list[int]], output_len: int, structured_o
                             structured_outputs=structured_outputs)
     before = engine_stats(engine)   # one engine's, or summed over a data-parallel engine's replicas
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=show_progress)
+    outputs = llm.generate(prompts, params, use_tqdm=show_progress, lora_request=lora_requests)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     if generated != len(prompts) * output_len:
@@ -91,6 +94,26 @@ def constrained_run(llm, model: str, prompts: list[list[int]], output_len: int, 
     return {**run(llm, model, uncached, output_len, constraint, show_progress), "compile_s": compile_s}
 
 
+def lora_run(args, model: str, prompts: list[list[int]]) -> dict:
+    """The workload with each prompt under one of ``args.lora_adapters`` in turn, on the engine ``args`` describe;
+    then on the base model alone, in an engine without LoRA; and the ratio of their output rates."""
+    from kvserve.core.entrypoints.cli import build_llm
+    from kvserve.core.lora.request import LoRARequest
+
+    if not args.enable_lora:
+        raise ValueError("--lora-adapters runs adapters: add --enable-lora (and --max-loras N to run N at once)")
+    adapters = [LoRARequest(f"adapter-{i}", i + 1, path) for i, path in enumerate(args.lora_adapters)]
+    requests = [adapters[i % len(adapters)] for i in range(len(prompts))]
+    llm = build_llm(args)
+    mixed = run(llm, model, prompts, args.output_len, show_progress=not args.disable_tqdm, lora_requests=requests)
+    del llm
+    gc.collect()
+    base = run(build_llm(argparse.Namespace(**{**vars(args), "enable_lora": False})), model, prompts,
+               args.output_len, show_progress=not args.disable_tqdm)
+    return {**mixed, "adapters": len(adapters), "base_model_alone": base,
+            "lora_ratio": round(mixed["output_tok_s"] / base["output_tok_s"], 2)}
+
+
 def add_parser(commands, add_engine_args) -> None:
     parser = commands.add_parser("throughput", help="offline throughput on a random token-id workload")
     parser.add_argument("--dataset", default="random", choices=["random"])
@@ -108,6 +131,9 @@ def add_parser(commands, add_engine_args) -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="also report the time in prefill steps, in decode steps and elsewhere, each kind of step "
                              "against its bound at this machine's matmul and memory-read rates, measured first")
+    parser.add_argument("--lora-adapters", nargs="+", default=None, metavar="PATH",
+                        help="run each prompt with one of these PEFT LoRA adapters in turn (with --enable-lora), then "
+                             "the base model alone in an engine without LoRA, and report the ratio")
     parser.add_argument("--output-json", default=None, help="also write the results to this file")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar for the timed run")
     add_engine_args(parser)   # its --seed seeds the workload too, as in vLLM's benchmarks
@@ -139,11 +165,16 @@ def add_parser(commands, add_engine_args) -> None:
         if args.breakdown and split:
             raise ValueError(f"--breakdown times the steps of one engine in this process; run it without "
                              f"{' and '.join(split)}")
+        others = [f"--{name}" for name in ("baseline", "json_schema", "breakdown") if getattr(args, name)]
+        if args.lora_adapters and others:
+            raise ValueError(f"--lora-adapters compares with the base model alone; run it without {', '.join(others)}")
+        workload = {"workload": {k: getattr(args, k) for k in (
+            "dataset", "num_prompts", "input_len", "output_len", "shared_prefix_len", "seed")}}
+        if args.lora_adapters:
+            return emit({**workload, **lora_run(args, model_path, prompts)}, args.output_json)
         llm = build_llm(args)
-        result = {"workload": {k: getattr(args, k) for k in (
-            "dataset", "num_prompts", "input_len", "output_len", "shared_prefix_len", "seed")},
-            **run(llm, model_path, prompts, args.output_len, show_progress=not args.disable_tqdm,
-                  with_breakdown=args.breakdown)}
+        result = {**workload, **run(llm, model_path, prompts, args.output_len, show_progress=not args.disable_tqdm,
+                                    with_breakdown=args.breakdown)}
         if args.json_schema:
             result["json_schema"] = constrained_run(llm, model_path, prompts, args.output_len, not args.disable_tqdm)
             result["json_schema_ratio"] = round(result["json_schema"]["output_tok_s"] / result["output_tok_s"], 2)
