@@ -30,8 +30,16 @@ def check_add_rms_norm(ops: dict, dtype: torch.dtype, device: torch.device, ulps
 
 
 def check_silu_and_mul(ops: dict, dtype: torch.dtype, device: torch.device, ulps: int = 1) -> None:
+    check_gated_activation(ops, "silu_and_mul", dtype, device, ulps)
+
+
+def check_gelu_tanh_and_mul(ops: dict, dtype: torch.dtype, device: torch.device, ulps: int = 1) -> None:
+    check_gated_activation(ops, "gelu_tanh_and_mul", dtype, device, ulps)
+
+
+def check_gated_activation(ops: dict, name: str, dtype: torch.dtype, device: torch.device, ulps: int = 1) -> None:
     x = torch.randn(5, 7, 200, dtype=dtype, device=device) * 6   # large gates reach exp's clamped range
-    torch.testing.assert_close(ops["silu_and_mul"](x), reference.silu_and_mul(x), **tolerance_of(dtype, ulps))
+    torch.testing.assert_close(ops[name](x), getattr(reference, name)(x), **tolerance_of(dtype, ulps))
 
 
 def check_rotary_on_strided_views(ops: dict, dtype: torch.dtype, device: torch.device, head_size: int,
@@ -89,7 +97,8 @@ def check_lora_shrink(ops: dict, dtype: torch.dtype, device: torch.device, ulps:
 def check_lora_expand(ops: dict, dtype: torch.dtype, device: torch.device, ulps: int = 2) -> None:
     _, _, slots = _lora_case(dtype, device)
     y = torch.randn(len(slots), 16, dtype=dtype, device=device)
-    lora_b = torch.randn(4, 96, 16, dtype=dtype, device=device) * 0.1
+    # The engine passes B as a [slots, out, rank] view of [out, slots, rank] storage.
+    lora_b = (torch.randn(96, 4, 16, dtype=dtype, device=device) * 0.1).transpose(0, 1)
     lora_b[0] = 0
     torch.testing.assert_close(ops["lora_expand"](y, lora_b, slots), reference.lora_expand(y, lora_b, slots),
                                **tolerance_of(dtype, ulps))

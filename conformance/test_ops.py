@@ -23,6 +23,7 @@ CHECKS = {
     "rms_norm": checks.check_rms_norm,
     "add_rms_norm": checks.check_add_rms_norm,
     "silu_and_mul": checks.check_silu_and_mul,
+    "gelu_tanh_and_mul": checks.check_gelu_tanh_and_mul,
     "rotary_embedding": check_rotary,
     "argmax": check_argmax,
     "fused_moe": checks.check_fused_moe,

@@ -71,7 +71,9 @@ class LoRALayer:
         self.step, self.ops, self.rank = step, ops, rank
         sizes = shard_sizes(layer)
         self.lora_a = torch.zeros(slots, len(sizes) * rank, layer.in_features, dtype=dtype, device=device)
-        self.lora_b = [torch.zeros(slots, size, rank, dtype=dtype, device=device) for size in sizes]
+        # Stored [size, slots, rank] and viewed as [slots, size, rank]: lora_expand's one matmul then reads B in
+        # place instead of copying it into [size, slots * rank] on every call.
+        self.lora_b = [torch.zeros(size, slots, rank, dtype=dtype, device=device).transpose(0, 1) for size in sizes]
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         slots = self.step.token_slots
