@@ -77,28 +77,3 @@ def check_fused_moe(ops: dict, dtype: torch.dtype, device: torch.device, ulps: i
     topk_ids[::3, 1] = -1
     torch.testing.assert_close(ops["fused_moe"](x, w13, w2, topk_weights, topk_ids),
                                reference.fused_moe(x, w13, w2, topk_weights, topk_ids), **tolerance_of(dtype, ulps))
-
-
-def _lora_case(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A step's tokens (9, of 64 inputs), each through one of 4 adapter slots of rank 16: slot 0, no adapter, holds
-    zeros; the last slot gets no token."""
-    x = torch.randn(9, 64, dtype=dtype, device=device)
-    lora_a = torch.randn(4, 16, 64, dtype=dtype, device=device) * 0.1
-    lora_a[0] = 0
-    return x, lora_a, torch.tensor([1, 0, 2, 2, 1, 0, 0, 1, 2], device=device)
-
-
-def check_lora_shrink(ops: dict, dtype: torch.dtype, device: torch.device, ulps: int = 2) -> None:
-    x, lora_a, slots = _lora_case(dtype, device)
-    torch.testing.assert_close(ops["lora_shrink"](x, lora_a, slots), reference.lora_shrink(x, lora_a, slots),
-                               **tolerance_of(dtype, ulps))
-
-
-def check_lora_expand(ops: dict, dtype: torch.dtype, device: torch.device, ulps: int = 2) -> None:
-    _, _, slots = _lora_case(dtype, device)
-    y = torch.randn(len(slots), 16, dtype=dtype, device=device)
-    # The engine passes B as a [slots, out, rank] view of [out, slots, rank] storage.
-    lora_b = (torch.randn(96, 4, 16, dtype=dtype, device=device) * 0.1).transpose(0, 1)
-    lora_b[0] = 0
-    torch.testing.assert_close(ops["lora_expand"](y, lora_b, slots), reference.lora_expand(y, lora_b, slots),
-                               **tolerance_of(dtype, ulps))

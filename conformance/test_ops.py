@@ -27,8 +27,6 @@ CHECKS = {
     "rotary_embedding": check_rotary,
     "argmax": check_argmax,
     "fused_moe": checks.check_fused_moe,
-    "lora_shrink": checks.check_lora_shrink,
-    "lora_expand": checks.check_lora_expand,
 }
 
 

@@ -120,8 +120,8 @@ def platform_communicator(rank: int, world_size: int, group: Any) -> Communicato
 def platform_ops() -> dict[str, Callable[..., Any]]:
     """Return fused implementations of named ops that replace the torch references in
     ``kvserve.core.layers.ops`` (``rms_norm``, ``add_rms_norm``, ``silu_and_mul``, ``gelu_tanh_and_mul``,
-    ``rotary_embedding``, ``argmax``, ``fused_moe``, ``lora_shrink``, ``lora_expand``). Names not returned keep the
-    reference; unknown names are an error.
+    ``rotary_embedding``, ``argmax``, ``fused_moe``). Names not returned keep the reference; unknown names are an
+    error.
     """
 
 
@@ -130,8 +130,9 @@ def platform_linear_kernel(weight: torch.Tensor) -> Callable[[torch.Tensor, torc
     """Prepare a faster matmul for one loaded, unquantized linear weight ([out, in], in the model dtype), such as
     the weight repacked into the blocked layout the device's matmul library prefers. Called once per linear
     layer after loading; the layer then calls ``kernel(x, bias)`` for ``x @ weight.T + bias`` (bias may be None)
-    and drops its own reference to ``weight``, so the kernel keeps whatever it needs. Return None to keep
-    torch's linear. Optional.
+    and drops its own reference to ``weight``, so the kernel keeps whatever it needs. With LoRA on, also called
+    for each layer's stacked adapters (small, often thin matrices), again whenever a step brings new adapters
+    into the device's slots. Return None to keep torch's linear. Optional.
 
     :param weight: the layer's weight on the platform's device.
     """

@@ -15,7 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kvserve import LLM, LoRARequest, SamplingParams
 from kvserve.conformance.tiny_model import hf_greedy
 from kvserve.core.config import build_engine_config
-from kvserve.core.layers.ops import lora_expand, lora_shrink
+from kvserve.core.layers.linear import MergedLinear
+from kvserve.core.lora.layers import LoRALayer, LoRAStep
+from kvserve.kernels_cpu.linear import packed_linear
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. Paged attention stores keys and values in blocks.",
          "Once upon a time", "Continuous batching lets new requests join"]
@@ -47,14 +49,32 @@ def tokens(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def test_the_reference_ops_take_each_token_through_its_own_slot():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("make_kernel", [lambda weight: None, packed_linear], ids=["torch", "cpu-platform"])
+def test_a_layer_takes_each_token_through_its_own_slot(make_kernel, dtype):
+    """A merged layer of three shards, its two slots holding adapters of different ranks and shards; tokens with
+    either adapter or none. The platform's kernels, prepared at start on zeros, are prepared again after loading."""
     generator = torch.Generator().manual_seed(0)
-    x, lora_a = torch.randn(5, 12, generator=generator), torch.randn(3, 4, 12, generator=generator)
-    lora_b, slots = torch.randn(3, 7, 4, generator=generator), torch.tensor([2, 0, 1, 2, 1])
-    shrunk = lora_shrink(x, lora_a, slots)
-    assert torch.allclose(shrunk, torch.stack([lora_a[s] @ row for s, row in zip(slots, x)]), atol=1e-5)
-    assert torch.allclose(lora_expand(shrunk, lora_b, slots),
-                          torch.stack([lora_b[s] @ row for s, row in zip(slots, shrunk)]), atol=1e-5)
+    sizes = {"q": 32, "k": 16, "v": 16}
+    layer, step = MergedLinear(64, sizes), LoRAStep()
+    lora = LoRALayer(layer, step, make_kernel, slots=2, rank=8, dtype=dtype, device=torch.device("cpu"))
+    adapters = [{0: 8, 2: 8}, {1: 4}]   # per slot: {shard: rank}
+    weights = [{shard: (torch.randn(rank, 64, generator=generator),
+                        torch.randn(list(sizes.values())[shard], rank, generator=generator) / 8)
+                for shard, rank in ranks.items()} for ranks in adapters]
+    for slot, adapter in enumerate(weights):
+        lora.load(slot, {shard: (a.to(dtype), b.to(dtype)) for shard, (a, b) in adapter.items()})
+    lora.prepare_kernels()
+    x, token_slots = torch.randn(5, 64, generator=generator), torch.tensor([1, -1, 0, 1, 0])
+    step.take(token_slots, 2, dtype, torch.device("cpu"))
+    out = torch.randn(5, 64, generator=generator)
+    expected = out.clone()
+    for token, slot in enumerate(token_slots.tolist()):
+        for shard, (a, b) in (weights[slot] if slot >= 0 else {}).items():
+            rows = slice(sum(list(sizes.values())[:shard]), sum(list(sizes.values())[:shard + 1]))
+            expected[token, rows] += b @ (a @ x[token])
+    got = lora(x.to(dtype), out.to(dtype)).float()
+    torch.testing.assert_close(got, expected, **({} if dtype == torch.float32 else dict(rtol=0.03, atol=0.05)))
 
 
 def test_each_adapter_gives_transformers_tokens_with_it_merged(llama, adapters):

@@ -91,8 +91,9 @@ class ModelRunner:
         self.populating_kv_cache = cache.populating
         built.bind(self.kv_cache)
         bind_kv_scales(layers, self.spec, config.cache.calculate_kv_scales)
-        self.lora = None if not config.lora.enable_lora else LoRAManager(config.lora, self.model, self.ops,
-                                                                         self.device, self.dtype)
+        self.lora = None if not config.lora.enable_lora else LoRAManager(config.lora, self.model,
+                                                                         platform.linear_kernel, self.device,
+                                                                         self.dtype)
         # A pooling step holds whole prompts, which a recording of one-token prompts could not replay; a recording
         # would replay the adapter slots of the step it recorded.
         self.graph_runner = built.graph_runner = (None if self.pooler is not None or self.lora is not None

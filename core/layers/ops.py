@@ -76,25 +76,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     return torch.zeros_like(x).index_add_(0, tokens, weighed.to(x.dtype))
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """Each token of ``x`` [tokens, in] through the A of its adapter slot: ``lora_a`` [slots, rank, in],
-    ``token_slots`` [tokens]; returns [tokens, rank] (punica's bgmv shrink). Here one matmul with every slot's A,
-    then each token's own rows picked: slots times a gathering kernel's work, no host sync."""
-    num_slots, rank, _ = lora_a.shape
-    every = F.linear(x, lora_a.flatten(0, 1)).view(-1, num_slots, rank)
-    return every.gather(1, token_slots.view(-1, 1, 1).expand(-1, 1, rank)).squeeze(1)
-
-
-def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """Each token's ``y`` [tokens, rank] through the B of its adapter slot: ``lora_b`` [slots, out, rank];
-    returns [tokens, out] (punica's bgmv expand). Here each token's ``y`` is placed in its slot's columns of a
-    [tokens, slots * rank] matrix of zeros, which one matmul takes through every slot's B."""
-    num_slots, out, rank = lora_b.shape
-    spread = y.new_zeros(y.shape[0], num_slots, rank)
-    spread.scatter_(1, token_slots.view(-1, 1, 1).expand(-1, 1, rank), y.unsqueeze(1))
-    return F.linear(spread.flatten(1), lora_b.transpose(0, 1).reshape(out, num_slots * rank))
-
-
 REFERENCE_OPS: dict[str, Callable] = {
     "rms_norm": rms_norm,
     "add_rms_norm": add_rms_norm,
@@ -103,8 +84,6 @@ REFERENCE_OPS: dict[str, Callable] = {
     "rotary_embedding": rotary_embedding,
     "argmax": argmax,
     "fused_moe": fused_moe,
-    "lora_shrink": lora_shrink,
-    "lora_expand": lora_expand,
 }
 
 

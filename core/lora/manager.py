@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from kvserve.core.config import LoRAConfig
-from kvserve.core.layers.ops import Ops
 from kvserve.core.lora.adapter import LoRAAdapter, read_adapter
-from kvserve.core.lora.layers import LoRALayer, LoRAStep, adaptable_layers, checkpoint_targets
+from kvserve.core.lora.layers import KernelMaker, LoRALayer, LoRAStep, adaptable_layers, checkpoint_targets
 from kvserve.core.lora.request import LoRARequest
 
 
@@ -17,9 +16,11 @@ class LoRAManager:
     """Gives every adaptable layer of ``model`` its LoRALayer. Adapters are read once into host memory (at most
     max_cpu_loras, the least recently used dropped first; a dropped one is read again when a request needs it)
     and copied into one of the max_loras device slots when a step runs them, replacing the least recently used
-    adapter that step does not run. The scheduler lets no step run more than max_loras adapters."""
+    adapter that step does not run. The scheduler lets no step run more than max_loras adapters. ``make_kernel``
+    is the platform's linear_kernel hook, which the layers' stacked adapters run on."""
 
-    def __init__(self, config: LoRAConfig, model: nn.Module, ops: Ops, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: LoRAConfig, model: nn.Module, make_kernel: KernelMaker, device: torch.device,
+                 dtype: torch.dtype):
         if not getattr(model, "supports_lora", False):
             raise ValueError(f"enable_lora: {type(model).__name__} does not take LoRA adapters yet; the models "
                              f"built on kvserve's Llama family code do (Llama, Mistral, Qwen2, Qwen3, ...)")
@@ -27,7 +28,7 @@ class LoRAManager:
         self.layers = adaptable_layers(model)
         self.targets = checkpoint_targets(model, self.layers)
         self.step = LoRAStep()
-        self.lora_layers = {name: LoRALayer(layer, self.step, ops, config.max_loras + 1, config.max_lora_rank,
+        self.lora_layers = {name: LoRALayer(layer, self.step, make_kernel, config.max_loras, config.max_lora_rank,
                                             dtype, device) for name, layer in self.layers.items()}
         for name, lora_layer in self.lora_layers.items():
             self.layers[name].lora = lora_layer
@@ -57,25 +58,28 @@ class LoRAManager:
         self.in_slot.pop(lora_int_id, None)
 
     def prepare(self, requests: list[LoRARequest | None], num_tokens: list[int]) -> None:
-        """Set the step's token slots for sequences running with ``requests`` (None: no adapter), each computing
+        """Set the step's slot mask for sequences running with ``requests`` (None: no adapter), each computing
         ``num_tokens`` tokens; the adapters not on the device yet are copied there first."""
         running = {r.lora_int_id: r for r in requests if r is not None}
         if not running:
-            self.step.token_slots = None
+            self.step.slot_mask = None
             return
-        for request in running.values():
-            self._to_slot(request, running)
-        slots = torch.tensor([0 if r is None else self.in_slot[r.lora_int_id] for r in requests])
-        per_token = torch.repeat_interleave(slots, torch.tensor(num_tokens))
-        self.step.token_slots = per_token.to(self.device, non_blocking=True)
+        copied = [self._to_slot(request, running) for request in running.values()]
+        if any(copied):
+            for lora_layer in self.lora_layers.values():
+                lora_layer.prepare_kernels()
+        slots = torch.tensor([-1 if r is None else self.in_slot[r.lora_int_id] for r in requests])
+        self.step.take(torch.repeat_interleave(slots, torch.tensor(num_tokens)), self.config.max_loras, self.dtype,
+                       self.device)
 
-    def _to_slot(self, request: LoRARequest, running: dict[int, LoRARequest]) -> None:
+    def _to_slot(self, request: LoRARequest, running: dict[int, LoRARequest]) -> bool:
+        """Whether the adapter had to be copied to a slot."""
         lora_int_id = request.lora_int_id
         if lora_int_id in self.in_slot:
             self.in_slot.move_to_end(lora_int_id)
-            return
+            return False
         taken = set(self.in_slot.values())
-        free = [slot for slot in range(1, self.config.max_loras + 1) if slot not in taken]
+        free = [slot for slot in range(self.config.max_loras) if slot not in taken]
         if free:
             slot = free[0]
         else:
@@ -87,3 +91,4 @@ class LoRAManager:
         for name, lora_layer in self.lora_layers.items():
             lora_layer.load(slot, adapter.weights.get(name, {}))
         self.in_slot[lora_int_id] = slot
+        return True
