@@ -44,9 +44,10 @@ def check_against_reference(backend, shapes, head_size: int, block_size: int, dt
                             window: int | None, device: torch.device = torch.device("cpu"),
                             cache_dtype: torch.dtype | None = None) -> None:
     """Two steps, each compared with the reference: the first prefills each sequence's cached tokens, the second
-    runs ``shapes`` over them, with the backend's spec's heads. With an FP8 ``cache_dtype``, the reference attends keys and values as that cache
-    holds them. The reference caps scores as ``backend.spec.logits_soft_cap`` says. Each step's metadata comes
-    from a backend of the same class without window or cap, as another layer's may build it."""
+    runs ``shapes`` over them, with the backend's spec's heads. With an FP8 ``cache_dtype``, the reference attends
+    keys and values as that cache holds them. The reference caps scores as ``backend.spec.logits_soft_cap`` says.
+    Each step's metadata comes from a backend of the same class without window or cap, as another layer's may
+    build it."""
     torch.manual_seed(0)
     num_blocks, num_heads, num_kv_heads = 40, backend.spec.num_heads, backend.spec.num_kv_heads
     fp8 = {} if cache_dtype is None else {"kv_scales": FP8_KV_SCALES}

@@ -52,17 +52,20 @@ class TritonOnCpu:
 
 
 def greedy_tokens(path: str, device: str, manager: PluginManager, kv_cache_dtype: str = "auto",
-                  quantization: str | None = None, speculative_config: dict | None = None) -> list[list[int]]:
+                  quantization: str | None = None, speculative_config: dict | None = None,
+                  adapters: list | None = None) -> list[list[int]]:
+    """``adapters``: each round's i-th prompt runs with adapters[i % len(adapters)] (None: the base model)."""
+    lora = dict(enable_lora=True, max_loras=len(adapters)) if adapters else {}
     config = build_engine_config(path, dtype="float32", device=device, kv_cache_memory="16MiB",
                                  max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True,
                                  kv_cache_dtype=kv_cache_dtype, quantization=quantization,
-                                 speculative_config=speculative_config)
+                                 speculative_config=speculative_config, **lora)
     engine = LLMEngine(config, plugins=manager)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     tokens = []
     for prompts in ROUNDS:
         for i, prompt in enumerate(prompts):
-            engine.add_request(str(i), prompt, params)
+            engine.add_request(str(i), prompt, params, lora_request=adapters[i % len(adapters)] if adapters else None)
         finished = {}
         while engine.has_unfinished_requests():
             finished.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
@@ -110,3 +113,20 @@ def test_verifying_speculated_tokens_gives_the_cpu_platforms_greedy_tokens(tiny_
     config = {"method": method, "num_speculative_tokens": 3, **({"model": path} if method == "draft_model" else {})}
     assert (greedy_tokens(path, "triton-cpu", manager, speculative_config=config)
             == greedy_tokens(path, "cpu", manager))
+
+
+def test_adapters_give_the_cpu_platforms_greedy_tokens(tiny_model, tmp_path):
+    """The base model and two adapters in the same steps: the adapters' stacked matmuls on torch's linear (the GPU
+    platforms leave platform_linear_kernel to torch) beside the Triton attention and fused ops."""
+    from lora_adapters import ALL_PROJECTIONS, save_adapter
+
+    from kvserve import LoRARequest
+
+    manager = PluginManager()
+    manager.register(TritonOnCpu(), "triton-cpu")
+    path = tiny_model("llama-tied-gqa")
+    adapters = [None, *(LoRARequest(f"a{i}", i, save_adapter(path, str(tmp_path / f"a{i}"), i, ALL_PROJECTIONS)[0])
+                        for i in (1, 2))]
+    with_adapters = greedy_tokens(path, "triton-cpu", manager, adapters=adapters)
+    assert with_adapters == greedy_tokens(path, "cpu", manager, adapters=adapters)
+    assert with_adapters != greedy_tokens(path, "cpu", manager)   # the adapters change what the model says
